@@ -1,0 +1,372 @@
+"""APNs authentication: one shared ES256 provider token (JWT) or a TLS client certificate.
+
+Token auth rules (APNS.md §4.1): the JWT is ``{"alg": "ES256", "kid": key_id}`` /
+``{"iss": team_id, "iat": now}``; APNs rejects an ``iat`` older than one hour
+(403 ``ExpiredProviderToken``) and answers 429 ``TooManyProviderTokenUpdates`` when a
+connection sees a new token more often than every 20 minutes. Minting per connection,
+per topic or per request is the most common cause of that 429 (ANCHORS.md §0, §12.2), so
+:class:`TokenAuth` holds exactly one token per (team, key) and every connection of a
+client shares it.
+
+Nothing here ever logs, prints or reprs a JWT or key material; error messages name the
+file and the problem, never the file's contents.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import ssl
+import stat
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jwt
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from .errors import ConfigError, KeyFileError
+
+__all__ = ["CertAuth", "TokenAuth", "MAX_TOKEN_AGE"]
+
+log = logging.getLogger("fanout.auth")
+
+#: APNs rejects a provider token whose ``iat`` is older than this (seconds).
+MAX_TOKEN_AGE = 3600.0
+
+# A .p8 key is ~250 bytes and a cert chain a few KiB; refuse to slurp anything huge.
+_MAX_FILE_SIZE = 1 << 20
+_PEM_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
+_ID_RE = re.compile(r"[A-Za-z0-9]+")
+
+
+def _read_file(path: str | os.PathLike[str], what: str) -> tuple[bytes, int]:
+    """Read a small key/cert file; returns (data, st_mode). Every failure is a KeyFileError."""
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as f:
+            st = os.fstat(f.fileno())
+            if stat.S_ISDIR(st.st_mode):  # some platforms let open() succeed on a directory
+                raise IsADirectoryError(name)
+            if st.st_size > _MAX_FILE_SIZE:
+                raise KeyFileError(
+                    f"{what} {name!r} is too large ({st.st_size} bytes) to be a {what}"
+                )
+            data = f.read(_MAX_FILE_SIZE + 1)
+    except FileNotFoundError:
+        raise KeyFileError(f"{what} {name!r} does not exist") from None
+    except IsADirectoryError:
+        raise KeyFileError(f"{what} {name!r} is a directory, not a file") from None
+    except PermissionError:
+        raise KeyFileError(f"{what} {name!r} is not readable (permission denied)") from None
+    except OSError as exc:
+        raise KeyFileError(
+            f"{what} {name!r} cannot be read: {exc.strerror or type(exc).__name__}"
+        ) from None
+    return data, st.st_mode
+
+
+def _pem_labels(data: bytes) -> list[str]:
+    return [m.decode("ascii") for m in _PEM_LABEL.findall(data)]
+
+
+def _load_private_key(data: bytes, source: str) -> ec.EllipticCurvePrivateKey:
+    """Parse PEM bytes into a P-256 private key, classifying every way it can be wrong.
+
+    ``source`` names the origin for messages ("key file '/x/AuthKey.p8'" or "key").
+    The data itself never appears in a message nor in a chained exception.
+    """
+    labels = _pem_labels(data)
+    if not labels:
+        raise KeyFileError(
+            f"{source} is not PEM (expected the .p8 text starting with "
+            "'-----BEGIN PRIVATE KEY-----')"
+        )
+    if "ENCRYPTED PRIVATE KEY" in labels or b"Proc-Type: 4,ENCRYPTED" in data:
+        raise KeyFileError(
+            f"{source} is encrypted; APNs .p8 keys are not, decrypt it with "
+            "'openssl pkcs8 -topk8 -nocrypt'"
+        )
+    if not any(label.endswith("PRIVATE KEY") for label in labels):
+        if "CERTIFICATE" in labels:
+            kind = "a certificate"
+        elif "PUBLIC KEY" in labels:
+            kind = "a public key"
+        else:
+            kind = "PEM of type " + ", ".join(sorted(set(labels)))
+        raise KeyFileError(
+            f"{source} contains {kind}, not a private key (token auth needs the .p8 signing key)"
+        )
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:  # "Password was not given but private key is encrypted"
+        raise KeyFileError(f"{source} is encrypted; APNs .p8 keys are not") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise KeyFileError(f"{source} is PEM but could not be parsed as a private key") from None
+    return _check_key(key, source)
+
+
+def _check_key(key: Any, source: str) -> ec.EllipticCurvePrivateKey:
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        kind = type(key).__name__.removeprefix("_").replace("PrivateKey", "") or "unknown"
+        raise KeyFileError(
+            f"{source} is a {kind} key; APNs token auth needs an EC P-256 (ES256) private key"
+        )
+    if not isinstance(key.curve, ec.SECP256R1):
+        raise KeyFileError(
+            f"{source} is an EC key on curve {key.curve.name}; "
+            "APNs token auth (ES256) needs P-256 (secp256r1)"
+        )
+    return key
+
+
+def _check_id(value: object, field: str) -> str:
+    if not isinstance(value, str) or not value.isascii() or not _ID_RE.fullmatch(value):
+        raise ConfigError(f"{field} must be a non-empty alphanumeric string, got {value!r}")
+    return value
+
+
+class TokenAuth:
+    """One ES256 provider token per (team, key), shared by every connection of a client.
+
+    The token is minted at construction and re-minted lazily by :meth:`header` once it is
+    ``refresh_after`` seconds old (default 50 min: inside Apple's 20-60 min window).
+
+    Forced refresh policy (:meth:`refresh`, after APNs answered ``ExpiredProviderToken``):
+
+    * single-flight: only the first caller that saw the current generation regenerates;
+      everyone else gets ``False`` and simply re-reads :meth:`header`;
+    * a token at least ``min_refresh_interval`` old, older than 1 h, or "from the future"
+      (the clock stepped back) is always regenerated;
+    * a *younger* token that APNs calls expired means the clocks disagree; re-minting
+      cannot fix that and risks 429 ``TooManyProviderTokenUpdates``, so such early
+      refreshes are allowed at most once per ``min_refresh_interval`` (one recovery
+      attempt, not a churn loop) and otherwise declined (``False``).
+
+    ``forced_refreshes`` counts regenerations done by :meth:`refresh`; ``rotations`` counts
+    every token minted. Not thread-safe on the hot path by design (trio is single-threaded);
+    regeneration itself takes a lock so threads cannot double-mint.
+    """
+
+    __slots__ = (
+        "_key",
+        "key_id",
+        "team_id",
+        "refresh_after",
+        "min_refresh_interval",
+        "_clock",
+        "_header",
+        "_deadline",
+        "_issued_at",
+        "_generation",
+        "_last_early_refresh",
+        "_lock",
+        "rotations",
+        "forced_refreshes",
+    )
+
+    def __init__(
+        self,
+        key: ec.EllipticCurvePrivateKey | bytes | str,
+        key_id: str,
+        team_id: str,
+        *,
+        refresh_after: float = 3000.0,
+        min_refresh_interval: float = 1200.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.key_id = _check_id(key_id, "key_id")
+        self.team_id = _check_id(team_id, "team_id")
+        if not 0 <= min_refresh_interval <= MAX_TOKEN_AGE:
+            raise ConfigError(
+                f"min_refresh_interval must be within [0, {MAX_TOKEN_AGE:g}] s, got {min_refresh_interval!r}"
+            )
+        if not min_refresh_interval <= refresh_after <= MAX_TOKEN_AGE or refresh_after <= 0:
+            raise ConfigError(
+                f"refresh_after must be > 0 and within [min_refresh_interval={min_refresh_interval:g}, "
+                f"{MAX_TOKEN_AGE:g}] s (APNs rejects tokens older than 1 h), got {refresh_after!r}"
+            )
+        if isinstance(key, str):
+            key = key.encode("utf-8", "replace")
+        if isinstance(key, bytes | bytearray | memoryview):
+            self._key = _load_private_key(bytes(key), "key")
+        else:
+            self._key = _check_key(key, "key")
+        self.refresh_after = float(refresh_after)
+        self.min_refresh_interval = float(min_refresh_interval)
+        self._clock = clock
+        self._generation = 0
+        self.rotations = 0
+        self.forced_refreshes = 0
+        self._last_early_refresh = float("-inf")
+        self._lock = threading.Lock()
+        self._header = b""
+        self._deadline = float("-inf")
+        self._issued_at = 0.0
+        self._mint(self._clock())
+
+    @classmethod
+    def from_file(
+        cls, path: str | os.PathLike[str], key_id: str, team_id: str, **kw: Any
+    ) -> TokenAuth:
+        """Load the .p8 key at ``path``. Warns (``fanout.auth`` logger) if group/others can read it."""
+        name = os.fspath(path)
+        data, mode = _read_file(name, "key file")
+        key = _load_private_key(data, f"key file {name!r}")
+        del data
+        if os.name == "posix" and mode & 0o077:
+            log.warning(
+                "key file %r is readable by group/others (mode %03o); run 'chmod 600 %s'",
+                name,
+                stat.S_IMODE(mode),
+                name,
+            )
+        return cls(key, key_id, team_id, **kw)
+
+    def _mint(self, now: float) -> None:
+        token = jwt.encode(
+            {"iss": self.team_id, "iat": int(now)},
+            self._key,
+            algorithm="ES256",
+            headers={"kid": self.key_id},
+        )
+        self._header = b"bearer " + token.encode("ascii")
+        self._issued_at = now
+        self._deadline = now + self.refresh_after
+        self._generation += 1
+        self.rotations += 1
+
+    def header(self) -> bytes:
+        """The ``authorization`` header value, ``b"bearer <jwt>"``; cheap unless due for renewal."""
+        if self._clock() < self._deadline:
+            return self._header
+        with self._lock:
+            now = self._clock()
+            if now >= self._deadline:
+                self._mint(now)
+            return self._header
+
+    @property
+    def generation(self) -> int:
+        """Increments on every regeneration; pass it back to :meth:`refresh`."""
+        return self._generation
+
+    @property
+    def issued_at(self) -> float:
+        """Clock time at which the current token was minted."""
+        return self._issued_at
+
+    def age(self) -> float:
+        return self._clock() - self._issued_at
+
+    def refresh(self, seen_generation: int) -> bool:
+        """Force a new token after ``ExpiredProviderToken``; True if this call regenerated.
+
+        ``seen_generation`` is :attr:`generation` as read when the rejected request was sent;
+        see the class docstring for the policy on young tokens.
+        """
+        with self._lock:
+            if seen_generation != self._generation:
+                return False
+            now = self._clock()
+            age = now - self._issued_at
+            if not (age >= self.min_refresh_interval or age < 0):
+                # Young token called expired: allow one early refresh per interval.
+                if now - self._last_early_refresh < self.min_refresh_interval:
+                    return False
+                self._last_early_refresh = now
+            self._mint(now)
+            self.forced_refreshes += 1
+            return True
+
+    def __repr__(self) -> str:
+        return f"TokenAuth(key_id={self.key_id!r}, team_id={self.team_id!r}, generation={self._generation})"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> Any:  # never let a key travel through pickle by accident
+        raise TypeError("TokenAuth holds a private key and cannot be pickled")
+
+
+def _no_password() -> str:
+    # Without a callback OpenSSL would prompt on the terminal for an encrypted key.
+    raise KeyFileError("private key is encrypted; pass password=")
+
+
+class CertAuth:
+    """Certificate (mTLS) auth: the client cert goes in the TLS handshake, no authorization header.
+
+    ``cert_file`` is a PEM certificate (chain), optionally with the key appended; ``key_file``
+    is the PEM key when separate. Files are loaded once into a throwaway context at
+    construction so a bad path, format or password fails early.
+    """
+
+    def __init__(
+        self,
+        cert_file: str | os.PathLike[str],
+        key_file: str | os.PathLike[str] | None = None,
+        password: str | None = None,
+    ) -> None:
+        self.cert_file = os.fspath(cert_file)
+        self.key_file = os.fspath(key_file) if key_file is not None else None
+        self._password = password
+        data, _ = _read_file(self.cert_file, "certificate file")
+        if "CERTIFICATE" not in _pem_labels(data):
+            hint = ""
+            if not _pem_labels(data):
+                hint = (
+                    " (a .p12/.pfx export? convert it with "
+                    "'openssl pkcs12 -in cert.p12 -out cert.pem -nodes')"
+                )
+            raise KeyFileError(
+                f"certificate file {self.cert_file!r} contains no PEM certificate{hint}"
+            )
+        if self.key_file is not None:
+            data, _ = _read_file(self.key_file, "key file")
+        if not any(label.endswith("PRIVATE KEY") for label in _pem_labels(data)):
+            where = (
+                f"key file {self.key_file!r}"
+                if self.key_file
+                else f"certificate file {self.cert_file!r}"
+            )
+            hint = "" if self.key_file else " (pass key_file=)"
+            raise KeyFileError(f"{where} contains no PEM private key{hint}")
+        del data
+        self.apply(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+
+    def apply(self, ctx: ssl.SSLContext) -> None:
+        """Install the client certificate and key into ``ctx``."""
+        password: Callable[[], str] | str = (
+            self._password if self._password is not None else _no_password
+        )
+        files = repr(self.cert_file) + (f" / {self.key_file!r}" if self.key_file else "")
+        try:
+            ctx.load_cert_chain(self.cert_file, self.key_file, password=password)
+        except KeyFileError as exc:
+            raise KeyFileError(f"{files}: {exc}") from None
+        except ssl.SSLError as exc:
+            reason = exc.reason or (
+                "wrong password, or malformed PEM"
+                if self._password is not None
+                else "malformed PEM certificate or key"
+            )
+            if reason == "BAD_DECRYPT":
+                reason = "wrong password for the private key"
+            elif reason == "KEY_VALUES_MISMATCH":
+                reason = "the private key does not match the certificate"
+            raise KeyFileError(f"cannot load certificate/key {files}: {reason}") from None
+        except OSError as exc:
+            raise KeyFileError(
+                f"cannot read certificate/key {files}: {exc.strerror or type(exc).__name__}"
+            ) from None
+
+    def header(self) -> None:
+        """No ``authorization`` header with certificate auth."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"CertAuth(cert_file={self.cert_file!r}, key_file={self.key_file!r})"

@@ -1,0 +1,485 @@
+"""The library API: ``async with Client(...) as client`` and the outcome of every push.
+
+A push is validated and encoded before any I/O, paced by the limiter, started on a pool
+connection, and ends in exactly one :class:`~fanout.outcome.Result`. What APNs answers is
+classified by :func:`~fanout.outcome.classify`; transport trouble is typed apart from it:
+a stream the server never saw (GOAWAY above last-stream-id, REFUSED_STREAM) is resent
+freely, a stream that may have been delivered (connection lost, no answer by the deadline)
+is resent under the default at-least-once policy or reported ``maybe_delivered`` under
+at-most-once.
+
+Concurrency: the client owns one nursery. The pool's connection tasks, one retry task and
+one feeder task per ``send_many`` run in it; nothing outlives ``async with``. There is no
+task per push: responses are handled synchronously in each connection's reader task.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import ssl
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from typing import Any, Literal
+
+import trio
+
+from .connection import Exchange
+from .errors import ConfigError, TransportError, ValidationError, redact
+from .events import Events
+from .limiter import Backoff, Limiter, parse_retry_after
+from .outcome import Action, Outcome, Result, classify, parse_error_body
+from .payload import Notification, Payload, Prepared, PushTemplate, PushType, prepare
+from .pool import Pool
+
+log = logging.getLogger("fanout")
+
+HOSTS = {"production": "api.push.apple.com", "sandbox": "api.sandbox.push.apple.com"}
+MAX_RESENDS = 20          # resends of never-processed streams (not counted as attempts)
+INVALID_MEMORY = 1_000_000  # invalidated tokens remembered for once-only notification
+
+
+class Push(Exchange):
+    """One notification on its way: the connection's exchange plus the engine's bookkeeping."""
+
+    __slots__ = ("id", "attempts", "resends", "sink", "maybe", "abandoned")
+
+    def __init__(self, prepared: Prepared, sink: Any) -> None:
+        super().__init__(prepared)
+        self.id = prepared.id
+        self.attempts = 0
+        self.resends = 0
+        self.sink = sink
+        self.maybe = False
+        self.abandoned = False
+
+
+class _Waiter:
+    """Sink of a single ``send``."""
+
+    __slots__ = ("event", "result")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.result: Result | None = None
+
+    def deliver(self, push: Push | None, result: Result) -> None:
+        self.result = result
+        self.event.set()
+
+
+class _Batch:
+    """Sink of a ``send_many``: results wait here for the consumer; input is pulled only
+    while fewer than ``window`` pushes are in flight or unconsumed (bounded memory)."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.results: deque[Result] = deque()
+        self.outstanding = 0
+        self.live: set[Push] = set()
+        self.readable = trio.Event()
+        self.space = trio.Event()
+        self.done_feeding = False
+        self.error: BaseException | None = None
+
+    def deliver(self, push: Push | None, result: Result) -> None:
+        if push is not None:
+            self.live.discard(push)
+        self.results.append(result)
+        self.readable.set()
+
+
+def _header(headers: list[tuple[bytes, bytes]] | None, name: bytes) -> bytes | None:
+    if headers:
+        for k, v in headers:
+            if k == name:
+                return v
+    return None
+
+
+class Client:
+    """Sends pushes to APNs over a few long-lived HTTP/2 connections.
+
+    ``auth`` is a :class:`fanout.auth.TokenAuth` (one JWT shared by every connection) or a
+    :class:`fanout.auth.CertAuth`. ``topic`` is the default bundle id. Point ``host``/
+    ``port``/``ca_file`` at a mock to test without Apple.
+    """
+
+    def __init__(
+        self,
+        *,
+        auth: Any = None,
+        topic: str | None = None,
+        environment: Literal["production", "sandbox"] = "production",
+        host: str | None = None,
+        port: int = 443,
+        ca_file: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        connections: int = 2,
+        timeout: float = 10.0,
+        connect_timeout: float = 10.0,
+        unavailable_timeout: float = 30.0,
+        ping_interval: float = 60.0,
+        max_attempts: int = 5,
+        delivery: Literal["at_least_once", "at_most_once"] = "at_least_once",
+        rate: float | None = None,
+        topic_rates: dict[str, float] | None = None,
+        max_in_flight: int = 8192,
+        backoff: Backoff | None = None,
+        on_invalid_token: Callable[[str, str | None, int | None], Any] | None = None,
+        events: Events | None = None,
+        max_streams_cap: int = 4000,
+        first_stream_id: int = 1,
+    ) -> None:
+        if environment not in HOSTS:
+            raise ConfigError(f"environment must be production or sandbox, not {environment!r}")
+        if delivery not in ("at_least_once", "at_most_once"):
+            raise ConfigError(f"delivery must be at_least_once or at_most_once, not {delivery!r}")
+        if max_attempts < 1:
+            raise ConfigError("max_attempts must be at least 1")
+        self.environment = environment
+        self.host = host or HOSTS[environment]
+        self.port = port
+        self.topic = topic
+        self.auth = auth
+        self.delivery = delivery
+        self.max_attempts = max_attempts
+        self.max_in_flight = max_in_flight
+        self.events = events or Events()
+        self._on_invalid = on_invalid_token
+        self._invalid_seen: OrderedDict[str, None] = OrderedDict()
+        self._backoff = backoff or Backoff(base=0.5, cap=60.0)
+        self.limiter = Limiter(rate, topic_rates)
+        self._limited = bool(rate or topic_rates)
+        self.config_error: str | None = None
+        self._ssl = ssl_context or self._make_ssl_context(ca_file)
+        if auth is not None and hasattr(auth, "apply"):
+            auth.apply(self._ssl)
+        header_auth = auth if auth is not None and hasattr(auth, "generation") else None
+        self.pool = Pool(self.host, port, self._ssl, self, auth=header_auth, size=connections,
+                         timeout=timeout, connect_timeout=connect_timeout,
+                         unavailable_timeout=unavailable_timeout, ping_interval=ping_interval,
+                         max_streams_cap=max_streams_cap, first_stream_id=first_stream_id,
+                         events=self.events)
+        self._retry_heap: list[tuple[float, int, Push]] = []
+        self._retry_seq = itertools.count()
+        self._retry_wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._nursery_cm: Any = None
+        self.outstanding = 0
+        self._drained = trio.Event()
+
+    @staticmethod
+    def _make_ssl_context(ca_file: str | None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=ca_file)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_alpn_protocols(["h2"])
+        return ctx
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Client:
+        self._nursery_cm = trio.open_nursery()
+        self._nursery = await self._nursery_cm.__aenter__()
+        try:
+            await self._nursery.start(self.pool.run)
+            self._nursery.start_soon(self._retry_loop)
+        except BaseException as exc:
+            self._nursery.cancel_scope.cancel()
+            await self._nursery_cm.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        self._nursery.cancel_scope.cancel()
+        return await self._nursery_cm.__aexit__(*exc_info)
+
+    # ------------------------------------------------------------------ public API
+
+    async def send(self, notification: Notification | Prepared) -> Result:
+        """Send one push and return its result. Raises ValidationError on bad input."""
+        prepared = notification if isinstance(notification, Prepared) \
+            else prepare(notification, default_topic=self.topic)
+        waiter = _Waiter()
+        push = Push(prepared, waiter)
+        self.outstanding += 1
+        try:
+            await self._dispatch(push)
+            await waiter.event.wait()
+        except BaseException:
+            self._abandon(push)
+            raise
+        return waiter.result
+
+    def send_many(
+        self,
+        notifications: Iterable[Notification | Prepared] | AsyncIterable[Notification | Prepared],
+        *,
+        window: int | None = None,
+    ) -> AsyncIterator[Result]:
+        """Stream one result per notification, in completion order.
+
+        Input is pulled only as pushes complete; a notification that fails validation
+        yields a ``rejected`` result with the problem in ``error`` and the rest go on.
+        """
+        return self._stream(notifications, self._convert, window)
+
+    def fan_out(
+        self,
+        payload: Payload | dict | bytes,
+        tokens: Iterable[str] | AsyncIterable[str],
+        *,
+        window: int | None = None,
+        **options: Any,
+    ) -> AsyncIterator[Result]:
+        """One payload to many tokens: encoded and validated once, then streamed."""
+        template = PushTemplate(payload, default_topic=self.topic, **options)
+        return self._stream(tokens, template.for_token, window)
+
+    # ------------------------------------------------------------------ streaming
+
+    def _convert(self, item: Notification | Prepared) -> Prepared:
+        if isinstance(item, Prepared):
+            return item
+        if isinstance(item, Notification):
+            return prepare(item, default_topic=self.topic)
+        raise ValidationError("notification", f"expected a Notification, got {type(item).__name__}")
+
+    async def _stream(self, items: Any, convert: Callable[[Any], Prepared],
+                      window: int | None) -> AsyncIterator[Result]:
+        if self._nursery is None:
+            raise RuntimeError("use the client inside 'async with Client(...)'")
+        batch = _Batch(window or self.max_in_flight)
+        scope = trio.CancelScope()
+        self._nursery.start_soon(self._feed, items, convert, batch, scope)
+        try:
+            while True:
+                if batch.results:
+                    result = batch.results.popleft()
+                    batch.outstanding -= 1
+                    if batch.outstanding < batch.window:
+                        batch.space.set()
+                    yield result
+                elif batch.error is not None:
+                    raise batch.error
+                elif batch.done_feeding and batch.outstanding == 0:
+                    return
+                else:
+                    batch.readable = trio.Event()
+                    await batch.readable.wait()
+        finally:
+            scope.cancel()
+            for push in list(batch.live):
+                self._abandon(push)
+
+    async def _feed(self, items: Any, convert: Callable[[Any], Prepared], batch: _Batch,
+                    scope: trio.CancelScope) -> None:
+        with scope:
+            try:
+                if hasattr(items, "__aiter__"):
+                    async for item in items:
+                        await self._feed_one(item, convert, batch)
+                else:
+                    for item in items:
+                        await self._feed_one(item, convert, batch)
+            except Exception as exc:  # the caller's iterable failed: surface it
+                batch.error = exc
+            finally:
+                batch.done_feeding = True
+                batch.readable.set()
+
+    async def _feed_one(self, item: Any, convert: Callable[[Any], Prepared], batch: _Batch) -> None:
+        while batch.outstanding >= batch.window:
+            batch.space = trio.Event()
+            await batch.space.wait()
+        batch.outstanding += 1
+        try:
+            prepared = convert(item)
+        except ValidationError as exc:
+            token = getattr(item, "token", item if isinstance(item, str) else None)
+            batch.deliver(None, Result(outcome=Outcome.REJECTED, id=getattr(item, "id", None),
+                                       token=token if isinstance(token, str) else None,
+                                       error=str(exc)))
+            return
+        push = Push(prepared, batch)
+        batch.live.add(push)
+        self.outstanding += 1
+        await self._dispatch(push)
+
+    # ------------------------------------------------------------------ dispatch and retry
+
+    async def _dispatch(self, push: Push) -> None:
+        if self.config_error is not None:
+            self._finish(push, Outcome.CONFIG_ERROR, error=self.config_error)
+            return
+        p = push.prepared
+        limiter = self.limiter
+        if not limiter._idle:
+            await limiter.acquire(p.topic.decode())
+        wait = limiter.token_ready_in(p.token) if limiter._token_until else 0.0
+        if wait > 0:
+            self._schedule(push, wait)
+            return
+        push.attempts += 1
+        try:
+            await self.pool.submit(push)
+        except (TransportError, ConfigError) as exc:
+            push.attempts -= 1
+            outcome = Outcome.CONFIG_ERROR if isinstance(exc, ConfigError) \
+                else Outcome.RETRIES_EXHAUSTED
+            self._finish(push, outcome, error=str(exc))
+
+    def _schedule(self, push: Push, delay: float) -> None:
+        heapq.heappush(self._retry_heap, (trio.current_time() + delay, next(self._retry_seq), push))
+        self._retry_wake.set()
+
+    async def _retry_loop(self) -> None:
+        heap = self._retry_heap
+        while True:
+            if not heap:
+                self._retry_wake = trio.Event()
+                await self._retry_wake.wait()
+                continue
+            due = heap[0][0]
+            if due > trio.current_time():
+                self._retry_wake = trio.Event()
+                with trio.move_on_at(due):
+                    await self._retry_wake.wait()
+                continue
+            push = heapq.heappop(heap)[2]
+            if not push.abandoned:
+                await self._dispatch(push)
+
+    def _retry(self, push: Push, cause: str, delay: float = 0.0, *, status: int | None = None,
+               reason: str | None = None, counts: bool = True) -> None:
+        if counts and push.attempts >= self.max_attempts:
+            self._finish(push, Outcome.RETRIES_EXHAUSTED, status=status, reason=reason,
+                         error=f"gave up after {push.attempts} attempts (last: {cause})")
+            return
+        self.events.retry(cause)
+        self._schedule(push, delay)
+
+    def _abandon(self, push: Push) -> None:
+        """The caller went away: reset the stream if it is in flight, never resend it."""
+        if push.abandoned:
+            return
+        push.abandoned = True
+        if push.conn is not None:
+            push.conn.cancel(push)
+        self.outstanding -= 1
+
+    def _finish(self, push: Push, outcome: Outcome, *, status: int | None = None,
+                reason: str | None = None, apns_id: bytes | None = None,
+                timestamp: int | None = None, latency: float | None = None,
+                error: str | None = None) -> None:
+        if push.abandoned:
+            return
+        push.abandoned = True  # finished: never again
+        self.outstanding -= 1
+        p = push.prepared
+        result = Result(
+            outcome=outcome, id=push.id, token=p.token, status=status, reason=reason,
+            apns_id=apns_id.decode() if apns_id else (p.apns_id.decode() if p.apns_id else None),
+            timestamp=timestamp, attempts=push.attempts,
+            latency_ms=round(latency * 1000, 3) if latency is not None else None, error=error)
+        self.events.push_finished(result, p.push_type, latency)
+        push.sink.deliver(push, result)
+
+    # ------------------------------------------------------------------ connection events
+
+    def on_response(self, conn: Any, push: Push, status: int, headers: list, body: bytes) -> None:
+        latency = trio.current_time() - push.sent_at
+        if status == 200:
+            self._finish(push, Outcome.DELIVERED, status=200,
+                         apns_id=_header(headers, b"apns-id"), latency=latency)
+            return
+        reason, timestamp = parse_error_body(body)
+        action = classify(status, reason)
+        apns_id = _header(headers, b"apns-id")
+        if action is Action.DROP_TOKEN:
+            self._invalidated(push.prepared.token, reason, timestamp)
+            self._finish(push, Outcome.INVALID_TOKEN, status=status, reason=reason,
+                         apns_id=apns_id, timestamp=timestamp, latency=latency)
+        elif action in (Action.FIX, Action.CHANNEL_GONE):
+            self._finish(push, Outcome.REJECTED, status=status, reason=reason, apns_id=apns_id,
+                         latency=latency)
+        elif action is Action.CONFIG:
+            self._config_failed(status, reason)
+            self._finish(push, Outcome.CONFIG_ERROR, status=status, reason=reason,
+                         apns_id=apns_id, latency=latency, error=self.config_error)
+        elif action is Action.RETRY_TOKEN:
+            after = parse_retry_after(_header(headers, b"retry-after"))
+            delay = self._backoff.delay(push.attempts, after)
+            self.limiter.token_backoff(push.prepared.token, delay)
+            self._retry(push, "429", delay, status=status, reason=reason)
+        elif action is Action.RETRY_BACKOFF:
+            after = parse_retry_after(_header(headers, b"retry-after"))
+            delay = self._backoff.delay(push.attempts, after)
+            self.limiter.pause(delay)
+            self._retry(push, "5xx", delay, status=status, reason=reason)
+        elif action is Action.REFRESH_AUTH:
+            if self.auth is not None and hasattr(self.auth, "refresh"):
+                self.auth.refresh(push.auth_generation)
+            conn.retire(f"APNs answered {reason}")  # Apple wedges such a connection
+            self._retry(push, "auth", 0.0, status=status, reason=reason)
+        elif action is Action.RECONNECT:
+            conn.retire(f"APNs answered {reason}")
+            self._retry(push, "reconnect", 0.0, status=status, reason=reason)
+        else:  # pragma: no cover - classify() is total
+            self._finish(push, Outcome.REJECTED, status=status, reason=reason, latency=latency)
+
+    def on_unprocessed(self, conn: Any, push: Push, why: str) -> None:
+        push.attempts -= 1  # the server never saw it
+        push.resends += 1
+        if push.resends > MAX_RESENDS:
+            self._finish(push, Outcome.RETRIES_EXHAUSTED, error=f"resent {MAX_RESENDS} times: {why}")
+            return
+        self._retry(push, "unprocessed", 0.0, counts=False)
+
+    def on_lost(self, conn: Any, push: Push, why: str) -> None:
+        self._maybe(push, f"connection lost: {why}", "lost")
+
+    def on_timeout(self, conn: Any, push: Push) -> None:
+        self._maybe(push, f"no answer within {conn.timeout:g} s", "timeout")
+
+    def _maybe(self, push: Push, why: str, cause: str) -> None:
+        push.maybe = True
+        if self.delivery == "at_most_once":
+            self._finish(push, Outcome.MAYBE_DELIVERED, error=why)
+        elif push.attempts >= self.max_attempts:
+            self._finish(push, Outcome.MAYBE_DELIVERED, error=f"{why}; gave up after "
+                                                              f"{push.attempts} attempts")
+        else:
+            self._retry(push, cause, self._backoff.delay(push.attempts) if cause == "lost" else 0.0)
+
+    def _config_failed(self, status: int, reason: str | None) -> None:
+        if self.config_error is not None:
+            return
+        who = ""
+        if self.auth is not None and hasattr(self.auth, "key_id"):
+            who = f" (key id {self.auth.key_id}, team {self.auth.team_id})"
+        self.config_error = (f"APNs refused the credentials or topic: {status} {reason}{who}; "
+                             f"sending stopped")
+        log.error("%s", self.config_error)
+
+    def _invalidated(self, token: str, reason: str | None, timestamp: int | None) -> None:
+        seen = self._invalid_seen
+        if token in seen:
+            return
+        seen[token] = None
+        if len(seen) > INVALID_MEMORY:
+            seen.popitem(last=False)
+        self.events.invalid_token(token, reason, timestamp)
+        if self._on_invalid is not None:
+            try:
+                self._on_invalid(token, reason, timestamp)
+            except Exception:  # a sink's bug must not lose the push's result
+                log.exception("on_invalid_token callback failed for %s", redact(token))
+
+    def reset_config_error(self) -> None:
+        """Resume sending after the operator fixed the credentials."""
+        self.config_error = None
+
+
+__all__ = ["Client", "Notification", "Payload", "PushType", "Result", "Outcome"]

@@ -1,0 +1,614 @@
+"""One long-lived HTTP/2 connection to APNs: the hot path, top to bottom.
+
+A connection is a state machine driven by one reader task (h2's model): it parses frames,
+decodes response headers with hpack's Decoder and hands each finished exchange to its
+listener (the pool). Streams are started synchronously by :meth:`Connection.start`, which
+encodes the request and appends its frames to an output list; a writer task encrypts all
+pending frames in one TLS write per scheduler turn. There is no task per push.
+
+Lifecycle: ``run`` connects (fresh DNS, TLS, ALPN h2), waits for the server's SETTINGS,
+reports ready, then serves until it is retired (GOAWAY, stream ids exhausted, error,
+close) and its remaining streams have ended. Every stream leaves through exactly one
+listener call: ``on_response``, ``on_unprocessed`` (never seen by the server: safe to
+resend), ``on_lost`` (may have been delivered) or ``on_timeout``.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections import deque
+from typing import Any, Protocol
+
+import hpack
+import trio
+
+from . import framer as fr
+from .errors import ConfigError, ProtocolError, TransportError
+from .tls import TLSStream
+
+log = logging.getLogger("fanout.connection")
+
+MAX_HEADER_BLOCK = 64 * 1024     # a response header block larger than this is an attack
+MAX_BODY = 64 * 1024             # APNs error bodies are ~50 bytes
+RECV_WINDOW = 1 << 30            # we credit the server generously: bodies are tiny
+STREAM_RECV_WINDOW = 1 << 20
+ID_MARGIN = 1000                 # roll to a new connection this many ids before 2**31
+
+
+class Listener(Protocol):
+    def on_response(self, conn: Connection, job: Any, status: int,
+                    headers: list[tuple[bytes, bytes]], body: bytes) -> None: ...
+    def on_unprocessed(self, conn: Connection, job: Any, why: str) -> None: ...
+    def on_lost(self, conn: Connection, job: Any, why: str) -> None: ...
+    def on_timeout(self, conn: Connection, job: Any) -> None: ...
+    def on_capacity(self, conn: Connection) -> None: ...
+    def on_retired(self, conn: Connection, why: str) -> None: ...
+    def on_closed(self, conn: Connection) -> None: ...
+
+
+class Exchange:
+    """Per-stream state the connection keeps on the job object (the engine's push)."""
+
+    __slots__ = ("prepared", "sid", "conn", "sent_at", "window", "body_off", "status",
+                 "resp_headers", "resp_body", "auth_generation")
+
+    def __init__(self, prepared: Any) -> None:
+        self.prepared = prepared
+        self.sid = 0
+        self.conn: Connection | None = None
+        self.sent_at = 0.0
+        self.window = 0
+        self.body_off = 0
+        self.status = 0
+        self.resp_headers: list[tuple[bytes, bytes]] | None = None
+        self.resp_body: bytearray | None = None
+        self.auth_generation = 0
+
+
+class Connection:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext,
+        listener: Listener,
+        *,
+        auth: Any = None,
+        index: int = 0,
+        timeout: float = 10.0,
+        connect_timeout: float = 10.0,
+        ping_interval: float = 60.0,
+        ping_timeout: float = 10.0,
+        max_streams_cap: int = 4000,
+        first_stream_id: int = 1,
+        authority: str | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.index = index
+        self._ctx = ssl_context
+        self._listener = listener
+        self._auth = auth
+        self.timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._cap = max_streams_cap
+        self._authority = (authority or (host if port == 443 else f"{host}:{port}")).encode()
+
+        self.streams: dict[int, Any] = {}
+        self.remote_max_streams = 0          # 0 until the server's first SETTINGS arrives
+        self.ready = False
+        self.retiring = False
+        self.closed = False
+        self.retire_reason = ""
+        self.goaway_last_id: int | None = None
+        self.goaway_reason: str | None = None
+        self.streams_started = 0
+
+        self._next_sid = first_stream_id | 1
+        self._encoder = fr.RequestEncoder(4096)
+        self._decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_BLOCK)
+        self._reader = fr.FrameReader(fr.DEFAULT_MAX_FRAME)
+        self._send_window = 65535
+        self._initial_window = 65535
+        self._max_frame_out = fr.DEFAULT_MAX_FRAME
+        self._recv_unacked = 0
+        self._blocked: deque[Any] = deque()
+        self._cont_sid = 0
+        self._cont_flags = 0
+        self._cont_buf: list[bytes] = []
+        self._cont_len = 0
+
+        self._out: list[bytes] = []
+        self._wake = trio.Event()
+        self._wake_pending = False
+        self._ready_event = trio.Event()
+        self._finished = trio.Event()
+        self._ping_ack = trio.Event()
+        self._last_recv = 0.0
+        self._tls: TLSStream | None = None
+        self.retired_event = trio.Event()
+        self.opened_at = 0.0
+
+    # ------------------------------------------------------------------ capacity
+
+    @property
+    def capacity(self) -> int:
+        if not self.ready or self.retiring:
+            return 0
+        return min(self.remote_max_streams, self._cap) - len(self.streams)
+
+    @property
+    def stream_limit(self) -> int:
+        return min(self.remote_max_streams, self._cap)
+
+    # ------------------------------------------------------------------ sending
+
+    def _send(self, data: bytes) -> None:
+        self._out.append(data)
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._wake.set()
+
+    def start(self, job: Any) -> None:
+        """Open a stream for ``job`` and queue its frames. Requires ``capacity > 0``."""
+        p = job.prepared
+        sid = self._next_sid
+        self._next_sid = sid + 2
+        auth = self._auth
+        enc = self._encoder
+        if auth is not None:
+            token = auth.header()
+            job.auth_generation = auth.generation
+            consts = (b":authority", self._authority, b"authorization", token,
+                      b"apns-topic", p.topic, b"apns-push-type", p.push_type,
+                      b"apns-priority", p.priority)
+        else:
+            consts = (b":authority", self._authority, b"apns-topic", p.topic,
+                      b"apns-push-type", p.push_type, b"apns-priority", p.priority)
+        block = fr.METHOD_POST + fr.SCHEME_HTTPS + enc.constant(consts) \
+            + fr.literal_never_indexed(b":path", p.path)
+        if p.apns_id is not None:
+            block += fr.literal_never_indexed(b"apns-id", p.apns_id)
+        if p.expiration is not None:
+            block += fr.literal_never_indexed(b"apns-expiration", p.expiration)
+        if p.collapse_id is not None:
+            block += fr.literal_never_indexed(b"apns-collapse-id", p.collapse_id)
+        extra = getattr(p, "extra", None)
+        if extra:
+            for name, value in extra:
+                block += fr.literal_never_indexed(name, value)
+
+        job.sid = sid
+        job.conn = self
+        job.sent_at = trio.current_time()
+        job.status = 0
+        job.resp_headers = None
+        job.resp_body = None
+        self.streams[sid] = job
+        self.streams_started += 1
+        if self._next_sid > fr.MAX_STREAM_ID - ID_MARGIN:
+            self.retire("stream ids exhausted")
+
+        body = p.body
+        n = len(body)
+        if len(block) > self._max_frame_out:
+            self._send_headers_split(sid, block, end_stream=not n)
+        elif n == 0:
+            self._send(fr.frame_header(len(block), fr.HEADERS, fr.END_HEADERS | fr.END_STREAM,
+                                       sid) + block)
+            return
+        else:
+            hdr = fr.frame_header(len(block), fr.HEADERS, fr.END_HEADERS, sid) + block
+            if n <= self._send_window and n <= self._initial_window and n <= self._max_frame_out \
+                    and not self._blocked:
+                self._send_window -= n
+                job.window = self._initial_window - n
+                job.body_off = n
+                self._send(hdr + fr.frame_header(n, fr.DATA, fr.END_STREAM, sid) + body)
+                return
+            self._send(hdr)
+        if n:
+            job.window = self._initial_window
+            job.body_off = 0
+            self._blocked.append(job)
+            self._pump_blocked()
+
+    def _send_headers_split(self, sid: int, block: bytes, end_stream: bool) -> None:
+        size = self._max_frame_out
+        chunks = [block[i:i + size] for i in range(0, len(block), size)]
+        flags = fr.END_STREAM if end_stream else 0
+        parts = [fr.frame(fr.HEADERS, flags | (fr.END_HEADERS if len(chunks) == 1 else 0),
+                          sid, chunks[0])]
+        for i, chunk in enumerate(chunks[1:], 2):
+            parts.append(fr.frame(fr.CONTINUATION,
+                                  fr.END_HEADERS if i == len(chunks) else 0, sid, chunk))
+        self._send(b"".join(parts))
+
+    def _pump_blocked(self) -> None:
+        """Send body bytes of flow-controlled streams, oldest first, as windows allow."""
+        keep: deque[Any] = deque()
+        blocked = self._blocked
+        while blocked:
+            job = blocked.popleft()
+            if self.streams.get(job.sid) is not job:
+                continue  # cancelled or reset meanwhile
+            body = job.prepared.body
+            while job.body_off < len(body):
+                n = min(len(body) - job.body_off, self._send_window, job.window,
+                        self._max_frame_out)
+                if n <= 0:
+                    break
+                end = job.body_off + n
+                flags = fr.END_STREAM if end == len(body) else 0
+                self._send(fr.frame(fr.DATA, flags, job.sid, body[job.body_off:end]))
+                job.body_off = end
+                job.window -= n
+                self._send_window -= n
+            if job.body_off < len(body):
+                keep.append(job)
+                if self._send_window <= 0:
+                    keep.extend(blocked)
+                    break
+        self._blocked = keep
+
+    def cancel(self, job: Any, code: int = fr.CANCEL) -> bool:
+        """Reset ``job``'s stream (RST_STREAM) and free its slot. False if not in flight here."""
+        if self.streams.get(job.sid) is not job:
+            return False
+        del self.streams[job.sid]
+        job.conn = None
+        if not self.closed:
+            self._send(fr.rst_stream(job.sid, code))
+        self._after_stream_end()
+        return True
+
+    def retire(self, why: str) -> None:
+        """No new streams; close once the open ones have ended."""
+        if not self.retiring:
+            self.retiring = True
+            self.retire_reason = why
+            self.retired_event.set()
+            self._listener.on_retired(self, why)
+        if not self.streams:
+            self._finished.set()
+
+    def _after_stream_end(self) -> None:
+        if self.retiring and not self.streams:
+            self._finished.set()
+        else:
+            self._listener.on_capacity(self)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, serve until retired and drained. Errors before ready are raised."""
+        try:
+            with trio.fail_after(self._connect_timeout):
+                try:
+                    sock = await trio.open_tcp_stream(self.host, self.port)
+                except OSError as exc:
+                    raise TransportError(f"connect to {self.host}:{self.port} failed: {exc}") \
+                        from None
+                tls = TLSStream(sock, self._ctx, self.host)
+                try:
+                    await tls.handshake()
+                    if tls.alpn != "h2":
+                        raise ConfigError(
+                            f"{self.host}:{self.port} did not negotiate HTTP/2 via ALPN "
+                            f"(got {tls.alpn!r}); APNs requires h2")
+                except BaseException:
+                    await tls.aclose()
+                    raise
+        except trio.TooSlowError:
+            raise TransportError(f"connect to {self.host}:{self.port} timed out") from None
+        self._tls = tls
+        tls.write(fr.PREFACE + fr.settings_frame({
+            fr.S_ENABLE_PUSH: 0,
+            fr.S_MAX_CONCURRENT_STREAMS: 100,
+            fr.S_INITIAL_WINDOW_SIZE: STREAM_RECV_WINDOW,
+            fr.S_HEADER_TABLE_SIZE: 4096,
+        }) + fr.window_update(0, RECV_WINDOW - 65535))
+        started = False
+        error: BaseException | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_loop)
+                nursery.start_soon(self._write_loop)
+                self._wake.set()
+                with trio.fail_after(self._connect_timeout):
+                    await self._ready_event.wait()
+                started = True
+                self.opened_at = trio.current_time()
+                task_status.started()
+                nursery.start_soon(self._reaper)
+                nursery.start_soon(self._pinger)
+                await self._finished.wait()
+                # say goodbye politely, then stop the tasks
+                self._send(fr.goaway(0, fr.NO_ERROR))
+                with trio.move_on_after(1):
+                    await self._flush_now()
+                nursery.cancel_scope.cancel()
+        except trio.TooSlowError:
+            error = TransportError(f"{self.host}:{self.port}: no SETTINGS from the server")
+        except (TransportError, ProtocolError, ConfigError) as exc:
+            error = exc
+        except Exception as exc:  # a bug or an unexpected library error: fail this connection
+            log.exception("connection %d failed unexpectedly", self.index)
+            error = TransportError(f"internal error: {exc!r}")
+        finally:
+            self.closed = True
+            self.ready = False
+            await tls.aclose()
+            why = str(error) if error else "closed"
+            if not self.retiring:
+                self.retiring = True
+                self.retire_reason = why
+                self._listener.on_retired(self, why)
+            self.retired_event.set()
+            self._fail_all(why)
+            self._listener.on_closed(self)
+        if error is not None and not started:
+            raise error
+        if error is not None:
+            log.warning("connection %d to %s:%d closed: %s", self.index, self.host, self.port,
+                        error)
+
+    async def _flush_now(self) -> None:
+        if self._out:
+            data = b"".join(self._out)
+            self._out.clear()
+            self._tls.write(data)
+        await self._tls.flush()
+
+    def _fail_all(self, why: str) -> None:
+        streams, self.streams = self.streams, {}
+        self._blocked.clear()
+        last = self.goaway_last_id
+        for sid, job in streams.items():
+            job.conn = None
+            if last is not None and sid > last:
+                self._listener.on_unprocessed(self, job, "GOAWAY: above last-stream-id")
+            else:
+                self._listener.on_lost(self, job, why)
+
+    async def _write_loop(self) -> None:
+        tls = self._tls
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            self._wake_pending = False
+            if self._out:
+                data = b"".join(self._out)
+                self._out.clear()
+                tls.write(data)
+            await tls.flush()
+
+    async def _reaper(self) -> None:
+        """Reset streams that outlive the per-push deadline (APNs sometimes never answers)."""
+        while True:
+            if not self.streams:
+                await trio.sleep(self.timeout)
+                continue
+            now = trio.current_time()
+            first = next(iter(self.streams.values()))
+            due = first.sent_at + self.timeout
+            if due > now:
+                await trio.sleep_until(due)
+                continue
+            expired = []
+            for job in self.streams.values():
+                if job.sent_at + self.timeout > now:
+                    break
+                expired.append(job)
+            for job in expired:
+                if self.cancel(job, fr.CANCEL):
+                    self._listener.on_timeout(self, job)
+
+    async def _pinger(self) -> None:
+        while True:
+            await trio.sleep(self._ping_interval)
+            if trio.current_time() - self._last_recv < self._ping_interval:
+                continue
+            self._ping_ack = trio.Event()
+            self._send(fr.ping(b"fanout\x00\x00"))
+            with trio.move_on_after(self._ping_timeout):
+                await self._ping_ack.wait()
+                continue
+            raise TransportError(f"no PING answer within {self._ping_timeout} s")
+
+    # ------------------------------------------------------------------ receiving
+
+    async def _read_loop(self) -> None:
+        tls = self._tls
+        reader = self._reader
+        handle = self._handle
+        while True:
+            data = await tls.receive()
+            if not data:
+                if self.retiring and not self.streams:
+                    self._finished.set()
+                    return
+                raise TransportError("connection closed by the server")
+            self._last_recv = trio.current_time()
+            for f in reader.feed(data):
+                handle(*f)
+
+    def _handle(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
+        if self._cont_sid and ftype != fr.CONTINUATION:
+            raise ProtocolError("expected CONTINUATION")
+        if ftype == fr.HEADERS:
+            if sid == 0:
+                raise ProtocolError("HEADERS on stream 0")
+            payload = fr.strip_padding(flags, payload, ftype)
+            if flags & fr.END_HEADERS:
+                self._on_headers(sid, flags, payload)
+            else:
+                self._cont_sid, self._cont_flags = sid, flags
+                self._cont_buf = [payload]
+                self._cont_len = len(payload)
+        elif ftype == fr.DATA:
+            self._on_data(sid, flags, payload)
+        elif ftype == fr.CONTINUATION:
+            if sid != self._cont_sid or not sid:
+                raise ProtocolError("unexpected CONTINUATION")
+            self._cont_len += len(payload)
+            if self._cont_len > MAX_HEADER_BLOCK:
+                raise ProtocolError(f"header block over {MAX_HEADER_BLOCK} bytes")
+            self._cont_buf.append(payload)
+            if flags & fr.END_HEADERS:
+                block = b"".join(self._cont_buf)
+                self._cont_sid, self._cont_buf = 0, []
+                self._on_headers(sid, self._cont_flags, block)
+        elif ftype == fr.SETTINGS:
+            if sid:
+                raise ProtocolError("SETTINGS on a stream")
+            if flags & fr.ACK:
+                if payload:
+                    raise ProtocolError("SETTINGS ACK with a payload")
+                return
+            self._on_settings(fr.parse_settings(payload))
+        elif ftype == fr.WINDOW_UPDATE:
+            inc = fr.parse_u32(payload, "WINDOW_UPDATE")
+            if inc == 0:
+                raise ProtocolError("WINDOW_UPDATE with zero increment")
+            if sid == 0:
+                self._send_window += inc
+                if self._send_window > fr.MAX_WINDOW:
+                    raise ProtocolError("connection flow-control window over 2**31-1")
+            else:
+                job = self.streams.get(sid)
+                if job is None:
+                    return
+                job.window += inc
+            if self._blocked:
+                self._pump_blocked()
+        elif ftype == fr.PING:
+            if len(payload) != 8 or sid:
+                raise ProtocolError("malformed PING")
+            if flags & fr.ACK:
+                self._ping_ack.set()
+            else:
+                self._send(fr.ping(payload, ack=True))
+        elif ftype == fr.RST_STREAM:
+            code = fr.parse_u32(payload, "RST_STREAM")
+            job = self.streams.pop(sid, None)
+            if job is not None:
+                job.conn = None
+                if code == fr.REFUSED_STREAM:
+                    self._listener.on_unprocessed(self, job, "RST_STREAM(REFUSED_STREAM)")
+                else:
+                    self._listener.on_lost(self, job, f"RST_STREAM(code {code})")
+                self._after_stream_end()
+        elif ftype == fr.GOAWAY:
+            self._on_goaway(payload)
+        elif ftype == fr.PUSH_PROMISE:
+            raise ProtocolError("PUSH_PROMISE received though push is disabled")
+        # PRIORITY and unknown frame types are ignored (RFC 9113 §4.1, §5.5)
+
+    def _on_settings(self, settings: dict[int, int]) -> None:
+        for key, value in settings.items():
+            if key == fr.S_MAX_CONCURRENT_STREAMS:
+                self.remote_max_streams = value
+            elif key == fr.S_INITIAL_WINDOW_SIZE:
+                if value > fr.MAX_WINDOW:
+                    raise ProtocolError("SETTINGS_INITIAL_WINDOW_SIZE over 2**31-1")
+                delta = value - self._initial_window
+                self._initial_window = value
+                for job in self.streams.values():
+                    job.window += delta
+            elif key == fr.S_MAX_FRAME_SIZE:
+                if not 16384 <= value <= 16777215:
+                    raise ProtocolError(f"SETTINGS_MAX_FRAME_SIZE {value} out of range")
+                self._max_frame_out = value
+            elif key == fr.S_HEADER_TABLE_SIZE:
+                self._encoder.set_max_size(value)
+        if fr.S_MAX_CONCURRENT_STREAMS not in settings and not self.ready:
+            self.remote_max_streams = self._cap  # RFC default: unlimited
+        self._send(fr.SETTINGS_ACK)
+        if self._blocked:
+            self._pump_blocked()
+        if not self.ready:
+            self.ready = True
+            self._ready_event.set()
+        self._listener.on_capacity(self)
+
+    def _on_goaway(self, payload: bytes) -> None:
+        last, code, debug = fr.parse_goaway(payload)
+        self.goaway_last_id = last
+        reason = None
+        if debug:
+            try:
+                import msgspec
+
+                reason = msgspec.json.decode(debug).get("reason")
+            except Exception:  # noqa: BLE001 - debug data is free-form
+                reason = debug[:100].decode("utf-8", "replace")
+        self.goaway_reason = str(reason) if reason else None
+        for sid in [s for s in self.streams if s > last]:
+            job = self.streams.pop(sid)
+            job.conn = None
+            self._listener.on_unprocessed(self, job, "GOAWAY: above last-stream-id")
+        self.retire(f"GOAWAY (code {code}, reason {self.goaway_reason or '-'})")
+
+    def _on_headers(self, sid: int, flags: int, block: bytes) -> None:
+        try:
+            headers = self._decoder.decode(block, raw=True)
+        except hpack.HPACKError as exc:
+            raise ProtocolError(f"HPACK decoding failed: {exc}") from None
+        job = self.streams.get(sid)
+        if job is None:
+            if sid >= self._next_sid:
+                raise ProtocolError(f"HEADERS on idle stream {sid}")
+            return  # a stream we reset: the block still had to be decoded
+        if job.status == 0:
+            status = 0
+            for name, value in headers:
+                if name == b":status":
+                    try:
+                        status = int(value)
+                    except ValueError:
+                        raise ProtocolError("non-numeric :status") from None
+                    break
+            if status == 0:
+                raise ProtocolError("response without :status")
+            if status < 200:
+                return  # informational
+            job.status = status
+            job.resp_headers = headers
+        if flags & fr.END_STREAM:
+            self._complete(sid, job)
+
+    def _on_data(self, sid: int, flags: int, payload: bytes) -> None:
+        self._recv_unacked += len(payload)
+        if self._recv_unacked >= RECV_WINDOW // 2:
+            self._send(fr.window_update(0, self._recv_unacked))
+            self._recv_unacked = 0
+        if sid == 0:
+            raise ProtocolError("DATA on stream 0")
+        job = self.streams.get(sid)
+        if job is None:
+            return
+        if job.status == 0:
+            raise ProtocolError("DATA before response HEADERS")
+        data = fr.strip_padding(flags, payload, fr.DATA)
+        if data:
+            if job.resp_body is None:
+                job.resp_body = bytearray(data)
+            else:
+                job.resp_body += data
+            if len(job.resp_body) > MAX_BODY:
+                self.cancel(job, fr.CANCEL)
+                self._listener.on_lost(self, job, "response body too large")
+                return
+        if flags & fr.END_STREAM:
+            self._complete(sid, job)
+
+    def _complete(self, sid: int, job: Any) -> None:
+        del self.streams[sid]
+        job.conn = None
+        body = bytes(job.resp_body) if job.resp_body else b""
+        self._listener.on_response(self, job, job.status, job.resp_headers, body)
+        self._after_stream_end()

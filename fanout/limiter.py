@@ -1,0 +1,285 @@
+"""Pacing: token buckets, retry backoff, Retry-After parsing, and the push limiter.
+
+Time comes from ``trio.current_time()`` unless a ``clock`` callable is injected (tests).
+
+APNs policy this encodes (APNS.md §5, §7.1): 5xx means back off globally; 429
+``TooManyRequests`` is about one device token, so only that token waits; Apple documents no
+``Retry-After`` but honouring one when present costs nothing.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import re
+import time
+from collections.abc import Callable
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+
+import trio
+
+__all__ = ["Backoff", "Limiter", "TokenBucket", "parse_retry_after"]
+
+Clock = Callable[[], float]
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` banked (starts full).
+
+    :meth:`take` works by reservation: a caller takes its tokens at once, driving the balance
+    negative if need be, and sleeps exactly until the debt it joined is repaid. Waiters are
+    therefore served in arrival order (no starvation) and each wakes once at its own slot
+    (no thundering herd, no overshoot). A cancelled waiter gives its tokens back.
+    """
+
+    __slots__ = ("rate", "burst", "_clock", "_tokens", "_last")
+
+    def __init__(self, rate: float, burst: float | None = None, *, clock: Clock | None = None):
+        if not (rate > 0 and math.isfinite(rate)):
+            raise ValueError(f"rate must be a positive finite number, got {rate!r}")
+        if burst is None:
+            burst = max(1.0, rate)
+        if not (burst > 0 and math.isfinite(burst)):
+            raise ValueError(f"burst must be a positive finite number, got {burst!r}")
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self._clock: Clock = clock or trio.current_time
+        self._tokens = self.burst
+        self._last: float | None = None  # first refill happens on first use (clock may need trio)
+
+    def _refill(self) -> float:
+        now = self._clock()
+        if self._last is None:
+            self._last = now
+        elif now > self._last:
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+        return self._tokens
+
+    def _check(self, n: float) -> None:
+        if not 0 <= n <= self.burst:
+            raise ValueError(f"n must be within [0, burst={self.burst:g}], got {n!r}")
+
+    @property
+    def tokens(self) -> float:
+        """Current balance; negative while waiters hold reservations."""
+        return self._refill()
+
+    def try_take(self, n: float = 1) -> float:
+        """Take ``n`` and return 0.0 if available now; else take nothing and return the wait.
+
+        The wait accounts for reservations already queued by :meth:`take`.
+        """
+        self._check(n)
+        tokens = self._refill()
+        if tokens >= n:
+            self._tokens = tokens - n
+            return 0.0
+        return (n - tokens) / self.rate
+
+    async def take(self, n: float = 1) -> float:
+        """Take ``n`` tokens, sleeping until they are ours; returns the seconds waited.
+
+        Not a checkpoint when the tokens are available at once (hot path).
+        """
+        self._check(n)
+        tokens = self._refill() - n
+        self._tokens = tokens
+        if tokens >= 0:
+            return 0.0
+        wait = -tokens / self.rate
+        try:
+            await trio.sleep(wait)
+        except BaseException:
+            # Give the reservation back. Later waiters keep their (now conservative) slots.
+            self._tokens = min(self.burst, self._refill() + n)
+            raise
+        return wait
+
+
+class Backoff:
+    """Exponential backoff with full jitter: ``delay(k)`` is uniform in ``[0, min(cap, base*factor**(k-1))]``."""
+
+    __slots__ = ("base", "cap", "factor", "jitter", "_rng")
+
+    def __init__(
+        self,
+        base: float = 0.5,
+        cap: float = 60.0,
+        factor: float = 2.0,
+        jitter: bool = True,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not (base >= 0 and cap >= 0 and factor >= 1):
+            raise ValueError("need base >= 0, cap >= 0 and factor >= 1")
+        self.base = float(base)
+        self.cap = float(cap)
+        self.factor = float(factor)
+        self.jitter = jitter
+        self._rng = rng or random.Random()
+
+    def ceiling(self, attempt: int) -> float:
+        """The un-jittered delay for ``attempt`` (>= 1)."""
+        if attempt < 1:
+            raise ValueError(f"attempt starts at 1, got {attempt!r}")
+        try:
+            return min(self.cap, self.base * self.factor ** (attempt - 1))
+        except OverflowError:
+            return self.cap
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before retry number ``attempt`` (1-based).
+
+        A server-supplied ``retry_after`` wins over the schedule (clamped to ``[0, cap]``).
+        """
+        if retry_after is not None and not math.isnan(retry_after):
+            return min(self.cap, max(0.0, float(retry_after)))
+        ceiling = self.ceiling(attempt)
+        return self._rng.uniform(0.0, ceiling) if self.jitter else ceiling
+
+
+_DELTA_RE = re.compile(r"\d+(?:\.\d+)?")
+
+
+def parse_retry_after(value: bytes | str | None, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` value (delta-seconds or HTTP-date); None if absent/garbage.
+
+    ``now`` is wall-clock epoch seconds for the HTTP-date form (default ``time.time()``).
+    A date in the past gives 0.0; the result is never negative.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bytes | bytearray):
+        value = bytes(value).decode("latin-1")
+    value = value.strip()
+    if not value:
+        return None
+    if _DELTA_RE.fullmatch(value):
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when is None:  # older Pythons returned None on garbage
+        return None
+    if when.tzinfo is None:  # "-0000" / asctime: HTTP-dates are always GMT
+        when = when.replace(tzinfo=UTC)
+    if now is None:
+        now = time.time()
+    return max(0.0, when.timestamp() - now)
+
+
+class Limiter:
+    """Global and per-topic push rate, global pause after 5xx, per-token backoff after 429.
+
+    ``rate`` (pushes/s, None = unlimited) applies to every push; ``per_topic`` maps an
+    ``apns-topic`` to its own rate. With neither configured and no pause, :meth:`acquire`
+    returns at once without a checkpoint.
+
+    Per-token deadlines live in a dict plus a min-heap of ``(deadline, token)``; expired
+    entries are dropped lazily, so memory is bounded by the tokens still backing off.
+    """
+
+    def __init__(
+        self,
+        rate: float | None = None,
+        per_topic: dict[str, float] | None = None,
+        *,
+        clock: Clock | None = None,
+    ) -> None:
+        self._clock: Clock = clock or trio.current_time
+        self._global = TokenBucket(rate, clock=self._clock) if rate is not None else None
+        self._topics = {t: TokenBucket(r, clock=self._clock) for t, r in (per_topic or {}).items()}
+        self._limited = self._global is not None or bool(self._topics)
+        self._idle = not self._limited  # fast path flag: no buckets and no pause pending
+        self._paused_until = -math.inf
+        self._token_until: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+        self.waiting = 0
+
+    async def acquire(self, topic: str) -> float:
+        """Wait for the global pause, then the topic bucket, then the global bucket.
+
+        Returns the seconds waited. The topic bucket is taken before the global one so a
+        slow topic does not hold global capacity while it waits.
+        """
+        if self._idle:
+            return 0.0
+        waited = 0.0
+        self.waiting += 1
+        try:
+            waited += await self._wait_pause()
+            bucket = self._topics.get(topic)
+            if bucket is not None:
+                waited += await bucket.take()
+            if self._global is not None:
+                waited += await self._global.take()
+            if waited:  # a 5xx may have paused everyone while we queued
+                waited += await self._wait_pause()
+        finally:
+            self.waiting -= 1
+        return waited
+
+    async def _wait_pause(self) -> float:
+        waited = 0.0
+        while True:
+            delay = self._paused_until - self._clock()
+            if delay <= 0:
+                if not self._limited:
+                    self._idle = True
+                return waited
+            await trio.sleep(delay)
+            waited += delay
+
+    def pause(self, seconds: float) -> None:
+        """Global backoff: nobody acquires before now+seconds (extends, never shortens)."""
+        if not math.isfinite(seconds):
+            raise ValueError(f"pause needs a finite number of seconds, got {seconds!r}")
+        if seconds <= 0:
+            return
+        until = self._clock() + seconds
+        if until > self._paused_until:
+            self._paused_until = until
+            self._idle = False
+
+    def pause_remaining(self) -> float:
+        """Seconds left in the global pause (0 if none)."""
+        return max(0.0, self._paused_until - self._clock())
+
+    def token_backoff(self, token: str, seconds: float) -> None:
+        """Per-token backoff: ``token`` is not sent before now+seconds (extends, never shortens)."""
+        if not math.isfinite(seconds):
+            raise ValueError(f"backoff needs a finite number of seconds, got {seconds!r}")
+        now = self._clock()
+        self._prune(now)
+        if seconds <= 0:
+            return
+        until = now + seconds
+        if until > self._token_until.get(token, -math.inf):
+            self._token_until[token] = until
+            heapq.heappush(self._heap, (until, token))
+
+    def token_ready_in(self, token: str) -> float:
+        """Seconds until ``token`` may be sent again (0 if free)."""
+        until = self._token_until.get(token)
+        if until is None:
+            return 0.0
+        now = self._clock()
+        self._prune(now)
+        return max(0.0, until - now)
+
+    @property
+    def tracked_tokens(self) -> int:
+        """Device tokens currently backing off (after dropping expired ones)."""
+        self._prune(self._clock())
+        return len(self._token_until)
+
+    def _prune(self, now: float) -> None:
+        # Each heap entry is pushed once and popped once: amortised O(log n) per backoff.
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            until, token = heapq.heappop(heap)
+            if self._token_until.get(token) == until:  # else superseded by a later deadline
+                del self._token_until[token]

@@ -1,0 +1,555 @@
+"""Notification model, validation and encoding (APNS.md §2, §3).
+
+Everything is checked before any network I/O and raises
+:class:`fanout.errors.ValidationError` naming the field. ``PushTemplate`` validates and
+encodes everything but the token once, so the per-token cost of a fan-out is a hex check
+and one ``bytes`` concatenation.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import uuid
+from functools import lru_cache
+from typing import Any
+
+import msgspec
+
+from .errors import ValidationError, redact
+
+__all__ = [
+    "DEFAULT_PAYLOAD_LIMIT",
+    "INTERRUPTION_LEVELS",
+    "LIVE_ACTIVITY_EVENTS",
+    "MAX_COLLAPSE_ID_BYTES",
+    "MAX_TOKEN_LENGTH",
+    "PRIORITIES",
+    "TOPIC_SUFFIX",
+    "VOIP_PAYLOAD_LIMIT",
+    "Alert",
+    "Aps",
+    "CriticalSound",
+    "Notification",
+    "Payload",
+    "Prepared",
+    "PushTemplate",
+    "PushType",
+    "decode_payload",
+    "encode_payload",
+    "payload_limit",
+    "prepare",
+    "topic_for",
+]
+
+DEFAULT_PAYLOAD_LIMIT = 4096
+VOIP_PAYLOAD_LIMIT = 5120
+MAX_COLLAPSE_ID_BYTES = 64
+MAX_TOKEN_LENGTH = 512
+MAX_TOPIC_LENGTH = 255
+PRIORITIES = frozenset({10, 5, 1})
+INTERRUPTION_LEVELS = frozenset({"passive", "active", "time-sensitive", "critical"})
+LIVE_ACTIVITY_EVENTS = frozenset({"start", "update", "end"})
+# Beyond year 5000: such an expiration is almost surely milliseconds, not epoch seconds.
+_MAX_EXPIRATION = 10**11
+
+
+class PushType(enum.StrEnum):
+    ALERT = "alert"
+    BACKGROUND = "background"
+    LOCATION = "location"
+    VOIP = "voip"
+    COMPLICATION = "complication"
+    FILEPROVIDER = "fileprovider"
+    MDM = "mdm"
+    LIVEACTIVITY = "liveactivity"
+    PUSHTOTALK = "pushtotalk"
+    WIDGETS = "widgets"
+    CONTROLS = "controls"
+
+
+TOPIC_SUFFIX: dict[PushType, str | None] = {
+    PushType.ALERT: "",
+    PushType.BACKGROUND: "",
+    PushType.LOCATION: ".location-query",
+    PushType.VOIP: ".voip",
+    PushType.COMPLICATION: ".complication",
+    PushType.FILEPROVIDER: ".pushkit.fileprovider",
+    PushType.MDM: None,  # the UID from the MDM push certificate, used as is
+    PushType.LIVEACTIVITY: ".push-type.liveactivity",
+    PushType.PUSHTOTALK: ".voip-ptt",
+    PushType.WIDGETS: ".push-type.widgets",
+    PushType.CONTROLS: ".push-type.controls",
+}
+_SUFFIXES: tuple[tuple[PushType, str], ...] = tuple((pt, s) for pt, s in TOPIC_SUFFIX.items() if s)
+
+
+def payload_limit(push_type: PushType) -> int:
+    return VOIP_PAYLOAD_LIMIT if push_type is PushType.VOIP else DEFAULT_PAYLOAD_LIMIT
+
+
+def _push_type(value: PushType | str) -> PushType:
+    if type(value) is PushType:
+        return value
+    try:
+        return PushType(str(value).lower())
+    except ValueError:
+        raise ValidationError(
+            "push_type", f"unknown push type {value!r}; expected one of {', '.join(PushType)}"
+        ) from None
+
+
+def topic_for(bundle_or_topic: str, push_type: PushType) -> str:
+    """The ``apns-topic`` for ``push_type``: append its suffix unless already present.
+
+    A topic carrying another push type's suffix is refused rather than double-suffixed.
+    """
+    push_type = _push_type(push_type)
+    t = bundle_or_topic
+    if not isinstance(t, str) or not t:
+        raise ValidationError("topic", "required: a bundle id or apns-topic")
+    if len(t) > MAX_TOPIC_LENGTH or not t.isascii() or not t.isprintable() or " " in t:
+        raise ValidationError(
+            "topic", f"must be printable ASCII without spaces, at most {MAX_TOPIC_LENGTH} chars"
+        )
+    suffix = TOPIC_SUFFIX[push_type]
+    if suffix is None:
+        return t
+    if suffix and t.endswith(suffix):
+        if len(t) == len(suffix):
+            raise ValidationError("topic", f"{t!r} has no bundle id before the suffix")
+        return t
+    for other, other_suffix in _SUFFIXES:
+        if other is not push_type and t.endswith(other_suffix):
+            raise ValidationError(
+                "topic",
+                f"{t!r} ends with the {other} suffix {other_suffix!r} but the push type is "
+                f"{push_type} (expected {'no suffix' if not suffix else repr(suffix)})",
+            )
+    return t + suffix
+
+
+@lru_cache(maxsize=1024)
+def _topic_bytes(topic: str, push_type: PushType) -> bytes:
+    return topic_for(topic, push_type).encode("ascii")
+
+
+# --------------------------------------------------------------------------- payload model
+
+
+class CriticalSound(msgspec.Struct, rename="kebab", forbid_unknown_fields=True):
+    # No omit_defaults: a critical sound dict must carry all three keys.
+    critical: int = 1
+    name: str = "default"
+    volume: float = 1.0
+
+    def __post_init__(self) -> None:
+        v = self.volume
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= v <= 1.0:
+            raise ValidationError("payload", f"aps.sound.volume must be 0..1, got {self.volume}")
+        if self.critical not in (0, 1):
+            raise ValidationError(
+                "payload", f"aps.sound.critical must be 0 or 1, got {self.critical}"
+            )
+
+
+class Alert(msgspec.Struct, omit_defaults=True, rename="kebab", forbid_unknown_fields=True):
+    title: str | dict | None = None
+    subtitle: str | dict | None = None
+    body: str | dict | None = None
+    launch_image: str | None = None
+    title_loc_key: str | None = None
+    title_loc_args: list[str] | None = None
+    subtitle_loc_key: str | None = None
+    subtitle_loc_args: list[str] | None = None
+    loc_key: str | None = None
+    loc_args: list[str] | None = None
+    sound: str | CriticalSound | None = None  # Apple's Live Activity samples put it here
+    # Legacy keys still emitted by some clients (APNS.md §3.2).
+    action_loc_key: str | None = None
+    summary_arg: str | None = None
+    summary_arg_count: int | None = None
+
+
+class Aps(msgspec.Struct, omit_defaults=True, rename="kebab", forbid_unknown_fields=True):
+    alert: str | Alert | None = None
+    badge: int | None = None
+    sound: str | CriticalSound | None = None
+    thread_id: str | None = None
+    category: str | None = None
+    content_available: int | None = None
+    mutable_content: int | None = None
+    target_content_id: str | None = None
+    interruption_level: str | None = None
+    relevance_score: float | None = None
+    filter_criteria: str | None = None
+    stale_date: int | None = None
+    content_state: dict | None = None
+    timestamp: int | None = None
+    event: str | None = None
+    dismissal_date: int | None = None
+    attributes_type: str | None = None
+    attributes: dict | None = None
+    input_push_token: int | None = None
+    input_push_channel: str | None = None
+    content_changed: bool | None = None
+    url_args: list[str] | None = None  # legacy (Safari)
+
+
+_encode = msgspec.json.Encoder().encode
+_EMPTY_APS = b"{}"
+
+
+def _encode_or_raise(obj: Any) -> bytes:
+    try:
+        return _encode(obj)
+    except (TypeError, ValueError, OverflowError, RecursionError, msgspec.MsgspecError) as e:
+        raise ValidationError("payload", f"cannot be encoded as JSON: {e}") from None
+
+
+class Payload(msgspec.Struct, omit_defaults=True):
+    """``aps`` plus custom keys, which are encoded *beside* ``aps`` at the top level.
+
+    Encode with :meth:`encode`, not ``msgspec.json.encode`` (which would nest ``custom``).
+    """
+
+    aps: Aps = msgspec.field(default_factory=Aps)
+    custom: dict[str, Any] = {}
+
+    def encode(self) -> bytes:
+        aps = _encode_or_raise(self.aps)
+        custom = self.custom
+        if not custom:
+            return b'{"aps":' + aps + b"}"
+        if "aps" in custom:
+            raise ValidationError("payload", "custom keys may not include 'aps'")
+        rest = _encode_or_raise(custom)
+        if aps == _EMPTY_APS:
+            # e.g. MDM's {"mdm": "<PushMagic>"}: an empty aps carries nothing.
+            return rest
+        return b'{"aps":' + aps + b"," + rest[1:]
+
+
+def encode_payload(p: Payload | dict | bytes | str) -> bytes:
+    """Body bytes: ``bytes`` pass through unchanged (pre-encoded), ``str`` -> UTF-8."""
+    if type(p) is bytes:
+        return p
+    if isinstance(p, bytes | bytearray | memoryview):
+        return bytes(p)
+    if isinstance(p, Payload):
+        return p.encode()
+    if isinstance(p, dict):
+        return _encode_or_raise(p)
+    if isinstance(p, str):
+        try:
+            return p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValidationError("payload", f"is not valid UTF-8 text: {e.reason}") from None
+    raise ValidationError(
+        "payload", f"must be a Payload, dict, bytes or str, not {type(p).__name__}"
+    )
+
+
+def decode_payload(obj: dict) -> Payload:
+    """``{"aps": {...}, **custom}`` -> :class:`Payload`; unknown ``aps`` keys or wrong types fail."""
+    if not isinstance(obj, dict):
+        raise ValidationError("payload", f"must be a JSON object, not {type(obj).__name__}")
+    custom = {k: v for k, v in obj.items() if k != "aps"}
+    raw = obj.get("aps")
+    if raw is None:
+        return Payload(custom=custom)
+    if not isinstance(raw, dict):
+        raise ValidationError("payload", f"aps must be an object, not {type(raw).__name__}")
+    try:
+        aps = msgspec.convert(raw, Aps)
+    except msgspec.ValidationError as e:
+        msg = str(e)
+        msg = msg.replace("`$", "`$.aps") if "`$" in msg else f"{msg} - in `$.aps`"
+        raise ValidationError("payload", msg) from None
+    return Payload(aps=aps, custom=custom)
+
+
+def _check_aps(aps: Aps, push_type: PushType) -> None:
+    if push_type is PushType.BACKGROUND and aps.content_available != 1:
+        raise ValidationError("payload", "background pushes need aps.content-available = 1")
+    level = aps.interruption_level
+    if level is not None and (not isinstance(level, str) or level not in INTERRUPTION_LEVELS):
+        raise ValidationError(
+            "payload",
+            f"aps.interruption-level {level!r} is not one of "
+            f"{', '.join(sorted(INTERRUPTION_LEVELS))}",
+        )
+    score = aps.relevance_score
+    if score is not None:
+        if (
+            isinstance(score, bool)
+            or not isinstance(score, int | float)
+            or not math.isfinite(score)
+        ):
+            raise ValidationError("payload", "aps.relevance-score must be a finite number")
+        if push_type is not PushType.LIVEACTIVITY and not 0.0 <= score <= 1.0:
+            raise ValidationError("payload", f"aps.relevance-score must be 0..1, got {score}")
+    if push_type is PushType.LIVEACTIVITY:
+        event = aps.event
+        if not isinstance(event, str) or event not in LIVE_ACTIVITY_EVENTS:
+            raise ValidationError(
+                "payload", f"liveactivity pushes need aps.event start/update/end, got {event!r}"
+            )
+        if event == "start":
+            missing = [
+                key
+                for key, value in (
+                    ("attributes-type", aps.attributes_type),
+                    ("attributes", aps.attributes),
+                    ("content-state", aps.content_state),
+                    ("alert", aps.alert),
+                )
+                if value is None
+            ]
+            if missing:
+                raise ValidationError(
+                    "payload", f"liveactivity start needs aps.{', aps.'.join(missing)}"
+                )
+        elif event == "update" and aps.content_state is None:
+            raise ValidationError("payload", "liveactivity update needs aps.content-state")
+
+
+# --------------------------------------------------------------------------- notifications
+
+
+class Notification(msgspec.Struct, kw_only=True):
+    token: str
+    payload: Payload | dict | bytes | str
+    push_type: PushType = PushType.ALERT
+    topic: str | None = None
+    priority: int | None = None
+    expiration: int | None = None
+    collapse_id: str | None = None
+    apns_id: str | None = None
+    id: Any = None
+
+
+class Prepared:
+    """One push ready for the HTTP/2 hot path: every header value is already bytes."""
+
+    __slots__ = (
+        "token",
+        "path",
+        "body",
+        "push_type",
+        "topic",
+        "priority",
+        "expiration",
+        "collapse_id",
+        "apns_id",
+        "id",
+        "limit",
+    )
+
+    def __init__(
+        self,
+        token: str,
+        path: bytes,
+        body: bytes,
+        push_type: bytes,
+        topic: bytes,
+        priority: bytes,
+        expiration: bytes | None,
+        collapse_id: bytes | None,
+        apns_id: bytes | None,
+        id: Any,
+        limit: int,
+    ) -> None:
+        self.token = token  # normalised lowercase hex
+        self.path = path
+        self.body = body
+        self.push_type = push_type
+        self.topic = topic
+        self.priority = priority
+        self.expiration = expiration
+        self.collapse_id = collapse_id
+        self.apns_id = apns_id
+        self.id = id
+        self.limit = limit
+
+    def __repr__(self) -> str:
+        return (
+            f"Prepared(token={redact(self.token)}, push_type={self.push_type!r}, "
+            f"topic={self.topic!r}, body={len(self.body)}B, id={self.id!r})"
+        )
+
+
+_DEVICE_PATH = b"/3/device/"
+_PRIORITY_BYTES = {p: str(p).encode() for p in PRIORITIES}
+
+
+def _check_token(token: str) -> str:
+    """Lowercase hex token; tokens are variable length, so only parity and a cap are checked."""
+    if type(token) is not str:
+        raise ValidationError("token", f"must be a hex string, not {type(token).__name__}")
+    n = len(token)
+    if n == 0:
+        raise ValidationError("token", "required")
+    if n & 1 or n > MAX_TOKEN_LENGTH:
+        raise ValidationError(
+            "token",
+            f"{redact(token)} has {n} chars; need an even number of hex digits, "
+            f"at most {MAX_TOKEN_LENGTH}",
+        )
+    try:
+        bytes.fromhex(token)  # C speed; skips whitespace, which isalnum() then rules out
+    except ValueError:
+        ok = False
+    else:
+        ok = token.isalnum()
+    if not ok:
+        raise ValidationError("token", f"{redact(token)} is not hexadecimal")
+    return token if token.islower() or token.isdigit() else token.lower()
+
+
+def _check_priority(priority: int | None, push_type: PushType) -> bytes:
+    if priority is None:
+        priority = 5 if push_type is PushType.BACKGROUND else 10
+    elif type(priority) is not int or priority not in PRIORITIES:
+        raise ValidationError("priority", f"must be 10, 5 or 1, got {priority!r}")
+    if push_type is PushType.BACKGROUND and priority != 5:
+        raise ValidationError("priority", f"background pushes must use priority 5, got {priority}")
+    return _PRIORITY_BYTES[priority]
+
+
+def _check_expiration(expiration: int | None) -> bytes | None:
+    if expiration is None:
+        return None
+    if type(expiration) is not int or expiration < 0:
+        raise ValidationError(
+            "expiration", f"must be an int >= 0 (absolute epoch seconds), got {expiration!r}"
+        )
+    if expiration >= _MAX_EXPIRATION:
+        raise ValidationError(
+            "expiration", f"{expiration} looks like milliseconds; use absolute epoch seconds"
+        )
+    return str(expiration).encode()
+
+
+def _check_collapse_id(collapse_id: str | None) -> bytes | None:
+    if collapse_id is None:
+        return None
+    if not isinstance(collapse_id, str) or not collapse_id:
+        raise ValidationError("collapse_id", "must be a non-empty string")
+    raw = collapse_id.encode("utf-8", "surrogatepass")
+    if len(raw) > MAX_COLLAPSE_ID_BYTES:
+        raise ValidationError(
+            "collapse_id",
+            f"is {len(raw)} bytes UTF-8; the limit is {MAX_COLLAPSE_ID_BYTES} bytes",
+        )
+    if not collapse_id.isprintable():
+        raise ValidationError("collapse_id", "must not contain control characters")
+    return raw
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _check_apns_id(apns_id: str | uuid.UUID | None) -> bytes | None:
+    if apns_id is None:
+        return None
+    if isinstance(apns_id, uuid.UUID):
+        return str(apns_id).encode()
+    if isinstance(apns_id, str) and len(apns_id) == 36:
+        s = apns_id.lower()
+        if (
+            s[8] == s[13] == s[18] == s[23] == "-"
+            and s.count("-") == 4
+            and _HEX.issuperset(s.replace("-", ""))
+        ):
+            return s.encode()
+    raise ValidationError(
+        "apns_id", f"must be a canonical UUID (8-4-4-4-12 hex digits), got {apns_id!r}"
+    )
+
+
+class PushTemplate:
+    """Everything about a push except the token, validated and encoded ONCE (fan-out path)."""
+
+    __slots__ = (
+        "payload",
+        "body",
+        "push_type",
+        "topic",
+        "priority",
+        "expiration",
+        "collapse_id",
+        "apns_id",
+        "limit",
+        "_push_type_b",
+    )
+
+    def __init__(
+        self,
+        payload: Payload | dict | bytes | str,
+        *,
+        push_type: PushType | str = PushType.ALERT,
+        topic: str | None = None,
+        default_topic: str | None = None,
+        priority: int | None = None,
+        expiration: int | None = None,
+        collapse_id: str | None = None,
+        apns_id: str | uuid.UUID | None = None,
+    ) -> None:
+        pt = _push_type(push_type)
+        base = topic or default_topic
+        if not base or not isinstance(base, str):
+            raise ValidationError(
+                "topic", "required: pass topic= or configure a default topic (bundle id)"
+            )
+        self.topic: bytes = _topic_bytes(base, pt)
+        self.priority: bytes = _check_priority(priority, pt)
+        self.expiration = _check_expiration(expiration)
+        self.collapse_id = _check_collapse_id(collapse_id)
+        self.apns_id = _check_apns_id(apns_id)
+        if isinstance(payload, Payload):
+            _check_aps(payload.aps, pt)
+        body = encode_payload(payload)
+        limit = payload_limit(pt)
+        if not body:
+            raise ValidationError("payload", "is empty")
+        if len(body) > limit:
+            raise ValidationError(
+                "payload", f"is {len(body)} bytes; the limit for {pt} pushes is {limit} bytes"
+            )
+        self.payload = payload
+        self.body: bytes = body
+        self.push_type = pt
+        self.limit = limit
+        self._push_type_b = pt.value.encode()
+
+    def for_token(self, token: str, id: Any = None) -> Prepared:
+        tok = _check_token(token)
+        return Prepared(
+            tok,
+            _DEVICE_PATH + tok.encode(),
+            self.body,
+            self._push_type_b,
+            self.topic,
+            self.priority,
+            self.expiration,
+            self.collapse_id,
+            self.apns_id,
+            id,
+            self.limit,
+        )
+
+
+def prepare(n: Notification, *, default_topic: str | None = None) -> Prepared:
+    """Fully validate one notification; raises ValidationError naming the field."""
+    _check_token(n.token)  # cheapest check first
+    return PushTemplate(
+        n.payload,
+        push_type=n.push_type,
+        topic=n.topic,
+        default_topic=default_topic,
+        priority=n.priority,
+        expiration=n.expiration,
+        collapse_id=n.collapse_id,
+        apns_id=n.apns_id,
+    ).for_token(n.token, n.id)

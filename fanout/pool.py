@@ -1,0 +1,179 @@
+"""A few long-lived connections to one APNs host, and the wait for a free stream slot.
+
+Each connection slot has a supervisor task: it opens a connection (fresh DNS, exponential
+backoff with jitter on failure), publishes it once the server's SETTINGS arrive, and opens
+the replacement as soon as the connection is retired (GOAWAY, id exhaustion, error) while
+the old one drains in the background. :meth:`Pool.submit` starts a job on the connection
+with the most free slots, or parks until a slot frees: capacity follows each server's live
+SETTINGS_MAX_CONCURRENT_STREAMS.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Any
+
+import trio
+
+from .connection import Connection
+from .errors import ConfigError, TransportError
+from .limiter import Backoff
+
+log = logging.getLogger("fanout.pool")
+
+MIN_HEALTHY_LIFETIME = 1.0  # a connection that dies sooner counts as a failed attempt
+
+
+class Pool:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext,
+        handler: Any,
+        *,
+        auth: Any = None,
+        size: int = 2,
+        timeout: float = 10.0,
+        connect_timeout: float = 10.0,
+        unavailable_timeout: float = 30.0,
+        ping_interval: float = 60.0,
+        max_streams_cap: int = 4000,
+        first_stream_id: int = 1,
+        backoff: Backoff | None = None,
+        events: Any = None,
+    ) -> None:
+        if size < 1:
+            raise ConfigError("connections must be at least 1")
+        self.host = host
+        self.port = port
+        self.size = size
+        self._ctx = ssl_context
+        self._handler = handler
+        self._auth = auth
+        self._events = events
+        self._conn_kw = dict(auth=auth, timeout=timeout, connect_timeout=connect_timeout,
+                             ping_interval=ping_interval, max_streams_cap=max_streams_cap,
+                             first_stream_id=first_stream_id)
+        self._unavailable_timeout = unavailable_timeout
+        self._backoff = backoff or Backoff(base=0.1, cap=30.0)
+        self.conns: list[Connection] = []       # ready and accepting streams
+        self.draining: set[Connection] = set()  # retired, finishing their streams
+        self.last_error: BaseException | None = None
+        self.fatal_error: ConfigError | None = None
+        self.opened = 0
+        self._lot = trio.lowlevel.ParkingLot()
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for i in range(self.size):
+                nursery.start_soon(self._supervise, i)
+            task_status.started()
+
+    def close(self) -> None:
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(c.streams) for c in self.conns) + sum(len(c.streams) for c in self.draining)
+
+    async def _supervise(self, index: int) -> None:
+        failures = 0
+        while True:
+            conn = Connection(self.host, self.port, self._ctx, self, index=index, **self._conn_kw)
+            try:
+                await self._nursery.start(conn.run)
+            except (TransportError, ConfigError) as exc:
+                failures += 1
+                self.last_error = exc
+                if isinstance(exc, ConfigError):
+                    self.fatal_error = exc
+                    self._lot.unpark_all()
+                if self._events:
+                    self._events.connection_failed(index, exc)
+                delay = self._backoff.delay(failures)
+                log.warning("connection %d to %s:%d failed (attempt %d, retry in %.1f s): %s",
+                            index, self.host, self.port, failures, delay, exc)
+                await trio.sleep(delay)
+                continue
+            self.opened += 1
+            self.fatal_error = None
+            if self._events:
+                self._events.connection_opened(conn)
+            self.conns.append(conn)
+            self._lot.unpark_all()
+            await conn.retired_event.wait()
+            lived = trio.current_time() - conn.opened_at
+            if lived < MIN_HEALTHY_LIFETIME and conn.retire_reason.startswith(("connection", "send", "receive", "TLS", "internal", "no PING")):
+                failures += 1
+                await trio.sleep(self._backoff.delay(failures))
+            else:
+                failures = 0
+
+    async def submit(self, job: Any) -> None:
+        """Start ``job`` on the connection with the most free slots, waiting for one."""
+        deadline = None
+        while True:
+            best = None
+            room = 0
+            for conn in self.conns:
+                cap = conn.capacity
+                if cap > room:
+                    best, room = conn, cap
+            if best is not None:
+                best.start(job)
+                return
+            if self.fatal_error is not None and not self.conns:
+                raise self.fatal_error
+            if not self.conns:
+                now = trio.current_time()
+                if deadline is None:
+                    deadline = now + self._unavailable_timeout
+                elif now >= deadline:
+                    raise TransportError(
+                        f"no connection to {self.host}:{self.port} for "
+                        f"{self._unavailable_timeout:g} s; last error: {self.last_error}")
+                with trio.move_on_at(deadline):
+                    await self._lot.park()
+            else:
+                deadline = None
+                await self._lot.park()
+
+    # ------------------------------------------------------------ connection listener
+
+    def on_capacity(self, conn: Connection) -> None:
+        n = conn.capacity
+        if n > 0 and self._lot:
+            self._lot.unpark(count=n)
+
+    def on_retired(self, conn: Connection, why: str) -> None:
+        if conn in self.conns:
+            self.conns.remove(conn)
+            if not conn.closed:
+                self.draining.add(conn)
+        else:
+            self.draining.discard(conn)
+        if self._events:
+            self._events.connection_retired(conn, why)
+        log.info("connection %d retired: %s", conn.index, why)
+
+    def on_closed(self, conn: Connection) -> None:
+        self.draining.discard(conn)
+        if self._events:
+            self._events.connection_closed(conn)
+
+    def on_response(self, conn: Connection, job: Any, status: int, headers: list, body: bytes) -> None:
+        self._handler.on_response(conn, job, status, headers, body)
+
+    def on_unprocessed(self, conn: Connection, job: Any, why: str) -> None:
+        self._handler.on_unprocessed(conn, job, why)
+
+    def on_lost(self, conn: Connection, job: Any, why: str) -> None:
+        self._handler.on_lost(conn, job, why)
+
+    def on_timeout(self, conn: Connection, job: Any) -> None:
+        self._handler.on_timeout(conn, job)
