@@ -283,6 +283,10 @@ class TokenAuth:
             self.forced_refreshes += 1
             return True
 
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        """The public half, for a server (the mock) that verifies our tokens."""
+        return self._key.public_key()
+
     def __repr__(self) -> str:
         return f"TokenAuth(key_id={self.key_id!r}, team_id={self.team_id!r}, generation={self._generation})"
 

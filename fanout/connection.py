@@ -168,8 +168,9 @@ class Connection:
         else:
             consts = (b":authority", self._authority, b"apns-topic", p.topic,
                       b"apns-push-type", p.push_type, b"apns-priority", p.priority)
-        block = fr.METHOD_POST + fr.SCHEME_HTTPS + enc.constant(consts) \
-            + fr.literal_never_indexed(b":path", p.path)
+        lead, rest = enc.constant(consts)
+        block = lead + fr.METHOD_POST + fr.SCHEME_HTTPS \
+            + fr.literal_never_indexed(b":path", p.path) + rest
         if p.apns_id is not None:
             block += fr.literal_never_indexed(b"apns-id", p.apns_id)
         if p.expiration is not None:

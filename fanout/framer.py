@@ -188,10 +188,13 @@ class RequestEncoder:
         self.size += size
         return out
 
-    def constant(self, pairs: tuple[bytes, ...]) -> bytes:
-        """Block fragment for the constant headers ``(name, value, name, value, ...)``.
+    def constant(self, pairs: tuple[bytes, ...]) -> tuple[bytes, bytes]:
+        """Encode the constant headers ``(":authority", value, name, value, ...)``.
 
-        Cached; the cache is dropped whenever the table changes, because indexes shift.
+        Returns ``(lead, rest)``: ``lead`` opens the block (a pending table size update,
+        then the :authority pseudo-header), ``rest`` holds the regular headers, which must
+        follow every pseudo-header. Cached; the cache is dropped whenever the table
+        changes, because dynamic indexes shift.
         """
         out = self._cache.get(pairs)
         if out is not None:
@@ -201,16 +204,14 @@ class RequestEncoder:
         if self._pending_update is not None:
             prefix = encode_int(self._pending_update, 5, 0x20)
             self._pending_update = None
-        out = b"".join(self._indexed(pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2))
+        lead = prefix + self._indexed(pairs[0], pairs[1])
+        rest = b"".join(self._indexed(pairs[i], pairs[i + 1]) for i in range(2, len(pairs), 2))
         if self._inserted != before or prefix:
-            self._cache.clear()
-            # encode again so the cached bytes are pure indexes into the current table
-            if prefix:
-                return prefix + out
-            return out
+            self._cache.clear()  # the next call caches pure indexes into the new table
+            return lead, rest
         if len(self._cache) > 64:
             self._cache.clear()
-        self._cache[pairs] = out
+        out = self._cache[pairs] = (lead, rest)
         return out
 
 

@@ -1,0 +1,339 @@
+"""Command line: ``fanout demo``, ``fanout send``, ``fanout mock``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .errors import ConfigError, FanoutError, ValidationError
+
+log = logging.getLogger("fanout")
+
+
+# --------------------------------------------------------------------------- progress
+
+class Progress:
+    """Counts results; draws a live line on a TTY (stderr), stays quiet otherwise."""
+
+    def __init__(self, total: int | None, stream: Any = sys.stderr) -> None:
+        self.total = total
+        self.counts: dict[str, int] = {}
+        self.latencies: list[float] = []
+        self.done = 0
+        self.start = time.perf_counter()
+        self.cpu_start = time.process_time()
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._last_draw = 0.0
+
+    def add(self, result: Any) -> None:
+        key = str(result.outcome)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        self.done += 1
+        if result.latency_ms is not None:
+            self.latencies.append(result.latency_ms)
+        if self._tty and self.done & 255 == 0:
+            now = time.perf_counter()
+            if now - self._last_draw > 0.2:
+                self._last_draw = now
+                self.draw(now)
+
+    def draw(self, now: float | None = None) -> None:
+        now = now or time.perf_counter()
+        rate = self.done / max(now - self.start, 1e-9)
+        total = f"/{self.total:,}" if self.total else ""
+        counts = " ".join(f"{k}={v:,}" for k, v in sorted(self.counts.items()))
+        self._stream.write(f"\r{self.done:,}{total} pushes  {rate:,.0f}/s  {counts}\x1b[K")
+        self._stream.flush()
+
+    def summary(self) -> dict[str, Any]:
+        seconds = time.perf_counter() - self.start
+        cpu = time.process_time() - self.cpu_start
+        if self._tty:
+            self.draw()
+            self._stream.write("\n")
+        lat = sorted(self.latencies)
+
+        def pct(p: float) -> float | None:
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))], 3) if lat else None
+        return {
+            "pushes": self.done,
+            "counts": dict(sorted(self.counts.items())),
+            "seconds": round(seconds, 3),
+            "pushes_per_s": round(self.done / seconds, 1) if seconds else None,
+            "client_cpu_us_per_push": round(cpu / self.done * 1e6, 1) if self.done else None,
+            "latency_ms_p50": pct(0.50),
+            "latency_ms_p99": pct(0.99),
+        }
+
+
+# --------------------------------------------------------------------------- common options
+
+def _env(name: str, default: Any = None) -> Any:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def add_connection_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("APNs connection (flags override APNS_* environment variables)")
+    g.add_argument("--key-path", default=_env("APNS_KEY_PATH"), help=".p8 signing key (APNS_KEY_PATH)")
+    g.add_argument("--key-id", default=_env("APNS_KEY_ID"), help="key id (APNS_KEY_ID)")
+    g.add_argument("--team-id", default=_env("APNS_TEAM_ID"), help="team id (APNS_TEAM_ID)")
+    g.add_argument("--cert", default=_env("APNS_CERT"), help="client certificate PEM for mTLS auth")
+    g.add_argument("--cert-key", default=_env("APNS_CERT_KEY"), help="key of --cert if separate")
+    g.add_argument("--topic", default=_env("APNS_TOPIC"), help="bundle id (APNS_TOPIC)")
+    g.add_argument("--environment", choices=["production", "sandbox"],
+                   default=_env("APNS_ENVIRONMENT", "production"))
+    g.add_argument("--host", default=_env("APNS_HOST"), help="override the APNs host (mock)")
+    g.add_argument("--port", type=int, default=int(_env("APNS_PORT", 443)))
+    g.add_argument("--ca-file", default=_env("APNS_CA_FILE"), help="CA bundle (for a mock)")
+    g.add_argument("--connections", type=int, default=int(_env("APNS_CONNECTIONS", 2)))
+    g.add_argument("--timeout", type=float, default=10.0, help="per-push deadline, seconds")
+    g.add_argument("--rate", type=float, default=None, help="global pushes/s limit")
+    g.add_argument("--max-attempts", type=int, default=5)
+    g.add_argument("--delivery", choices=["at_least_once", "at_most_once"], default="at_least_once")
+
+
+def make_auth(args: argparse.Namespace) -> Any:
+    from .auth import CertAuth, TokenAuth
+
+    if args.cert:
+        return CertAuth(args.cert, args.cert_key)
+    missing = [flag for flag, value in (("--key-path", args.key_path), ("--key-id", args.key_id),
+                                        ("--team-id", args.team_id)) if not value]
+    if missing:
+        raise ConfigError(f"token auth needs {', '.join(missing)} (or the APNS_* variables), "
+                          f"or --cert for certificate auth")
+    return TokenAuth.from_file(args.key_path, args.key_id, args.team_id)
+
+
+def make_client(args: argparse.Namespace, **extra: Any) -> Any:
+    from .client import Client
+
+    return Client(auth=make_auth(args), topic=args.topic, environment=args.environment,
+                  host=args.host, port=args.port, ca_file=args.ca_file,
+                  connections=args.connections, timeout=args.timeout, rate=args.rate,
+                  max_attempts=args.max_attempts, delivery=args.delivery, **extra)
+
+
+# --------------------------------------------------------------------------- send
+
+def _payload_from_args(args: argparse.Namespace) -> Any:
+    if args.payload:
+        data = sys.stdin.buffer.read() if args.payload == "-" else Path(args.payload).read_bytes()
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise ValidationError("payload", f"{args.payload} is not JSON: {exc}") from None
+    aps: dict[str, Any] = {}
+    if args.title or args.body:
+        aps["alert"] = {k: v for k, v in (("title", args.title), ("body", args.body)) if v}
+    if args.badge is not None:
+        aps["badge"] = args.badge
+    if args.sound:
+        aps["sound"] = args.sound
+    if args.content_available:
+        aps["content-available"] = 1
+    if not aps:
+        raise ValidationError("payload", "give --payload FILE or --title/--body/--badge/--sound")
+    return {"aps": aps}
+
+
+def _read_tokens(path: str):
+    stream = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
+    with stream:
+        for line in stream:
+            token = line.strip()
+            if token and not token.startswith("#"):
+                yield token
+
+
+async def _send_main(args: argparse.Namespace) -> int:
+    payload = _payload_from_args(args)
+    progress = Progress(None)
+    options = {k: v for k, v in (("push_type", args.push_type), ("priority", args.priority),
+                                 ("expiration", args.expiration),
+                                 ("collapse_id", args.collapse_id)) if v is not None}
+    invalid_out = open(args.invalid_tokens, "a", encoding="utf-8") if args.invalid_tokens else None  # noqa: SIM115
+
+    def on_invalid(token: str, reason: str | None, timestamp: int | None) -> None:
+        if invalid_out:
+            invalid_out.write(json.dumps({"token": token, "reason": reason,
+                                          "timestamp": timestamp}) + "\n")
+
+    try:
+        async with make_client(args, on_invalid_token=on_invalid) as client:
+            async for result in client.fan_out(payload, _read_tokens(args.tokens), **options):
+                progress.add(result)
+            config_error = client.config_error
+    finally:
+        if invalid_out:
+            invalid_out.close()
+    summary = progress.summary()
+    if config_error:
+        summary["config_error"] = config_error
+    print(json.dumps(summary), flush=True)
+    return 2 if config_error else 0
+
+
+# --------------------------------------------------------------------------- demo
+
+async def _demo_main(args: argparse.Namespace) -> int:
+    from .auth import TokenAuth
+    from .client import Client
+    from .devcerts import make_pki, make_signing_key
+
+    with tempfile.TemporaryDirectory(prefix="fanout-demo-") as tmp:
+        tmpdir = Path(tmp)
+        pki = make_pki(tmpdir)
+        key = make_signing_key(tmpdir)
+        port_file = tmpdir / "port"
+        cmd = [sys.executable, "-m", "fanout", "mock", "--pki-dir", str(tmpdir),
+               "--key-path", str(key.path), "--key-id", key.key_id, "--team-id", key.team_id,
+               "--port", "0", "--port-file", str(port_file),
+               "--latency", str(args.latency), "--unregistered-fraction", str(args.unregistered)]
+        print(f"fanout demo: starting the mock APNs (TLS + HTTP/2 on 127.0.0.1, "
+              f"{args.latency * 1000:g} ms latency, {args.unregistered:.0%} unregistered tokens)",
+              file=sys.stderr)
+        mock = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        try:
+            with trio.fail_after(30):
+                while not port_file.exists() or not port_file.read_text().strip():
+                    if mock.poll() is not None:
+                        raise FanoutError(f"the mock exited with code {mock.returncode}")
+                    await trio.sleep(0.05)
+            port = int(port_file.read_text())
+            auth = TokenAuth.from_file(key.path, key.key_id, key.team_id)
+            progress = Progress(args.count)
+            tokens = (os.urandom(32).hex() for _ in range(args.count))
+            print(f"fanout demo: {args.count:,} pushes over {args.connections} connections "
+                  f"to 127.0.0.1:{port}", file=sys.stderr)
+            async with Client(auth=auth, topic="com.example.fanout.demo", host="127.0.0.1",
+                              port=port, ca_file=str(pki.ca_file),
+                              connections=args.connections) as client:
+                async for result in client.fan_out({"aps": {"alert": {"title": "fanout",
+                                                                      "body": "Hello!"}}},
+                                                   tokens):
+                    progress.add(result)
+            summary = progress.summary()
+        finally:
+            mock.terminate()
+            try:
+                mock.wait(5)
+            except subprocess.TimeoutExpired:
+                mock.kill()
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- mock
+
+async def _mock_main(args: argparse.Namespace) -> int:
+    from .auth import TokenAuth
+    from .devcerts import TestPKI, make_pki
+    from .mock import MockAPNs, MockConfig
+
+    pki_dir = Path(args.pki_dir)
+    pki_dir.mkdir(parents=True, exist_ok=True)
+    ca, cert, keyf = pki_dir / "ca.pem", pki_dir / "server.pem", pki_dir / "server-key.pem"
+    pki = make_pki(pki_dir) if not (ca.exists() and cert.exists() and keyf.exists()) \
+        else TestPKI(ca, cert, keyf)
+    keys = {}
+    if args.key_path:
+        auth = TokenAuth.from_file(args.key_path, args.key_id or "KEY0000000",
+                                   args.team_id or "TEAM000000")
+        keys[auth.key_id] = auth.public_key()
+    config = MockConfig(team_id=args.team_id, keys=keys, validate=not args.accept_all,
+                        latency=args.latency, jitter=args.jitter,
+                        unregistered_fraction=args.unregistered_fraction,
+                        p429=args.p429, p500=args.p500, p503=args.p503,
+                        goaway_after=args.goaway_after, close_after=args.close_after,
+                        max_streams=args.max_streams)
+    mock = MockAPNs(config, pki)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(mock.serve, args.host, args.port)
+        if args.port_file:
+            tmp = Path(args.port_file + ".tmp")
+            tmp.write_text(str(port))
+            tmp.replace(args.port_file)
+        print(f"mock APNs listening on {args.host}:{port} (CA {pki.ca_file})", file=sys.stderr,
+              flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fanout", description="High-volume APNs sender")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="fan out to the embedded mock APNs (no Apple account)")
+    demo.add_argument("--count", type=int, default=100_000)
+    demo.add_argument("--connections", type=int, default=2)
+    demo.add_argument("--latency", type=float, default=0.0, help="mock latency, seconds")
+    demo.add_argument("--unregistered", type=float, default=0.01,
+                      help="fraction of tokens the mock reports unregistered")
+
+    send = sub.add_parser("send", help="one payload to a file of tokens")
+    add_connection_args(send)
+    send.add_argument("--tokens", required=True, help="file with one token per line, or -")
+    send.add_argument("--payload", help="JSON payload file, or - for stdin")
+    send.add_argument("--title")
+    send.add_argument("--body")
+    send.add_argument("--badge", type=int)
+    send.add_argument("--sound")
+    send.add_argument("--content-available", action="store_true")
+    send.add_argument("--push-type", default=None)
+    send.add_argument("--priority", type=int)
+    send.add_argument("--expiration", type=int)
+    send.add_argument("--collapse-id")
+    send.add_argument("--invalid-tokens", help="append invalidated tokens here as NDJSON")
+
+    mock = sub.add_parser("mock", help="run the mock APNs server")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=8443)
+    mock.add_argument("--port-file", help="write the bound port here once listening")
+    mock.add_argument("--pki-dir", default="./mock-pki", help="CA and server cert (made if absent)")
+    mock.add_argument("--key-path", help=".p8 key whose public half verifies JWTs")
+    mock.add_argument("--key-id")
+    mock.add_argument("--team-id")
+    mock.add_argument("--accept-all", action="store_true", help="no validation (benchmarks)")
+    mock.add_argument("--latency", type=float, default=0.0)
+    mock.add_argument("--jitter", type=float, default=0.0)
+    mock.add_argument("--unregistered-fraction", type=float, default=0.0)
+    mock.add_argument("--p429", type=float, default=0.0)
+    mock.add_argument("--p500", type=float, default=0.0)
+    mock.add_argument("--p503", type=float, default=0.0)
+    mock.add_argument("--goaway-after", type=int)
+    mock.add_argument("--close-after", type=int)
+    mock.add_argument("--max-streams", type=int, default=1000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    runner = {"demo": _demo_main, "send": _send_main, "mock": _mock_main}[args.command]
+    try:
+        return trio.run(runner, args)
+    except KeyboardInterrupt:
+        return 130
+    except (FanoutError, OSError) as exc:
+        print(f"fanout {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

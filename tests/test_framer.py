@@ -1,0 +1,236 @@
+"""Differential tests: our hand-written HTTP/2 framer against independent implementations.
+
+hpack's Decoder checks every header block we encode; h2 acting as a strict server checks
+every frame on a real TLS connection, under flow-control, HPACK-size and JWT-rotation
+pressure. The same engine is run against nginx in test_nginx.py.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import hpack
+import jwt
+import pytest
+import trio
+from h2.settings import SettingCodes
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fanout import framer as fr
+from fanout.auth import TokenAuth
+from fanout.client import Client
+from fanout.errors import ProtocolError
+from fanout.payload import Notification, PushType
+
+from .h2server import StrictH2Server
+
+# ---------------------------------------------------------------- HPACK encoder (unit)
+
+def _decode_all(blocks, decoder):
+    return [decoder.decode(b, raw=True) for b in blocks]
+
+
+def test_encoder_blocks_decode_with_hpack_through_rotation_and_resizes():
+    rng = random.Random(7)
+    enc = fr.RequestEncoder(4096)
+    dec = hpack.Decoder()
+    expected, blocks = [], []
+    jwt_value = b"bearer " + b"a" * 180
+    for i in range(2000):
+        if i % 97 == 0:
+            jwt_value = b"bearer " + bytes(rng.choice(b"abcdefgh") for _ in range(180))
+        if i == 700:
+            enc.set_max_size(256)
+            dec.max_allowed_table_size = 256
+        if i == 1400:
+            enc.set_max_size(0)
+        if i == 1600:
+            enc.set_max_size(4096)
+            dec.max_allowed_table_size = 4096
+        topic = rng.choice([b"com.a", b"com.b.voip", b"com.c.push-type.liveactivity"])
+        consts = (b":authority", b"api.push.apple.com", b"authorization", jwt_value,
+                  b"apns-topic", topic, b"apns-push-type", b"alert", b"apns-priority",
+                  rng.choice([b"10", b"5"]))
+        path = b"/3/device/" + bytes(rng.randrange(256) for _ in range(32)).hex().encode()
+        apns_id = b"x" * rng.randrange(0, 300)
+        lead, rest = enc.constant(consts)
+        block = lead + fr.METHOD_POST + fr.SCHEME_HTTPS \
+            + fr.literal_never_indexed(b":path", path) + rest \
+            + fr.literal_never_indexed(b"apns-id", apns_id)
+        blocks.append(block)
+        expected.append([(b":authority", consts[1]), (b":method", b"POST"), (b":scheme", b"https"),
+                         (b":path", path)]
+                        + [(consts[j], consts[j + 1]) for j in range(2, len(consts), 2)]
+                        + [(b"apns-id", apns_id)])
+    for block, exp in zip(blocks, expected, strict=False):
+        assert dec.decode(block, raw=True) == exp
+
+
+def test_steady_state_constant_headers_are_one_byte_indexes():
+    enc = fr.RequestEncoder()
+    consts = (b":authority", b"h", b"authorization", b"bearer x", b"apns-topic", b"t",
+              b"apns-push-type", b"alert", b"apns-priority", b"10")
+    first = b"".join(enc.constant(consts))
+    second = b"".join(enc.constant(consts))
+    assert len(second) == 5 and all(b & 0x80 for b in second)
+    assert len(first) > len(second)
+    dec = hpack.Decoder()
+    assert dec.decode(first, raw=True) == dec.decode(second, raw=True)
+
+
+def test_integer_encoding_matches_rfc_examples():
+    # RFC 7541 C.1: 10 with a 5-bit prefix, 1337 with a 5-bit prefix, 42 with 8 bits
+    assert fr.encode_int(10, 5, 0) == bytes([0b01010])
+    assert fr.encode_int(1337, 5, 0) == bytes([31, 154, 10])
+    assert fr.encode_int(42, 8, 0) == bytes([42])
+
+
+# ---------------------------------------------------------------- frame reader (unit)
+
+def test_frame_reader_splits_across_reads():
+    data = fr.ping(b"12345678") + fr.settings_frame({1: 4096, 3: 100}) + fr.window_update(0, 5)
+    reader = fr.FrameReader()
+    frames = []
+    for i in range(len(data)):
+        frames += reader.feed(data[i:i + 1])
+    assert [f[0] for f in frames] == [fr.PING, fr.SETTINGS, fr.WINDOW_UPDATE]
+    assert fr.parse_settings(frames[1][3]) == {1: 4096, 3: 100}
+
+
+def test_frame_reader_rejects_oversized_frame():
+    reader = fr.FrameReader(16384)
+    with pytest.raises(ProtocolError):
+        reader.feed(fr.frame_header(16385, fr.DATA, 0, 1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_frame_reader_random_bytes_never_crash(data):
+    reader = fr.FrameReader()
+    try:
+        for ftype, flags, _sid, payload in reader.feed(data):
+            if ftype == fr.SETTINGS and not flags & fr.ACK:
+                fr.parse_settings(payload)
+            elif ftype == fr.GOAWAY:
+                fr.parse_goaway(payload)
+            elif ftype in (fr.DATA, fr.HEADERS):
+                fr.strip_padding(flags, payload, ftype)
+    except ProtocolError:
+        pass
+
+
+# ---------------------------------------------------------------- h2 as the server (wire)
+
+def _check_request(rec, auth_key, team, topic):
+    h = dict(rec.headers)
+    assert len(h) == len(rec.headers), "duplicate header"
+    assert h[b":method"] == b"POST" and h[b":scheme"] == b"https"
+    assert h[b":path"].startswith(b"/3/device/")
+    assert h[b"apns-topic"] == topic
+    scheme, token = h[b"authorization"].split(b" ")
+    claims = jwt.decode(token, auth_key, algorithms=["ES256"])
+    assert claims["iss"] == team
+    assert json.loads(rec.body)["aps"]
+    return h
+
+
+async def test_framer_frames_accepted_by_strict_h2_server(server_ssl, pki, signing_key):
+    """Tiny flow-control window (bodies split across DATA frames), small HPACK table,
+    JWT rotation every 50 ms, 4 KB payloads: h2 must see every request intact."""
+    server = StrictH2Server(server_ssl, settings={
+        SettingCodes.INITIAL_WINDOW_SIZE: 1000,
+        SettingCodes.HEADER_TABLE_SIZE: 256,
+        SettingCodes.MAX_CONCURRENT_STREAMS: 50,
+    })
+    auth = TokenAuth.from_file(signing_key.path, signing_key.key_id, signing_key.team_id,
+                               refresh_after=0.05, min_refresh_interval=0)
+    rng = random.Random(3)
+    sent = {}
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve)
+        async with Client(auth=auth, topic="com.example.app", host="127.0.0.1", port=port,
+                          ca_file=str(pki.ca_file), connections=2) as client:
+            notes = []
+            for i in range(600):
+                token = f"{i:064x}"
+                size = rng.choice([10, 300, 1500, 3900])
+                body = {"aps": {"alert": "x" * size}, "i": i}
+                sent[token] = body
+                notes.append(Notification(
+                    token=token, payload=body, id=i,
+                    apns_id=f"00000000-0000-4000-8000-{i:012d}" if i % 3 == 0 else None,
+                    collapse_id=f"c{i}" if i % 5 == 0 else None,
+                    expiration=1_900_000_000 if i % 7 == 0 else None,
+                    push_type=PushType.ALERT))
+            results = []
+            async for r in client.send_many(notes):
+                results.append(r)
+                if len(results) % 100 == 0:
+                    await trio.sleep(0.06)  # let the JWT rotate between bursts
+        nursery.cancel_scope.cancel()
+    assert server.errors == []
+    assert sorted(r.outcome for r in results) == ["delivered"] * 600
+    assert len(server.requests) == 600
+    assert auth.rotations > 1
+    for rec in server.requests:
+        h = _check_request(rec, signing_key.public_key, signing_key.team_id, b"com.example.app")
+        token = h[b":path"].rsplit(b"/", 1)[1].decode()
+        assert json.loads(rec.body) == sent[token]
+        i = sent[token]["i"]
+        assert (b"apns-id" in h) == (i % 3 == 0)
+        assert (b"apns-collapse-id" in h) == (i % 5 == 0)
+        assert (h.get(b"apns-expiration") == b"1900000000") == (i % 7 == 0)
+    assert server.max_open <= 50
+
+
+async def test_huge_header_block_is_split_into_continuation(server_ssl, pki, signing_key):
+    """A header block over the peer's max frame size goes out as HEADERS + CONTINUATION."""
+    server = StrictH2Server(server_ssl)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve)
+        async with Client(auth=None, topic="com.example.app", host="127.0.0.1", port=port,
+                          ca_file=str(pki.ca_file), connections=1) as client:
+            from fanout.payload import prepare
+            p = prepare(Notification(token="ab" * 32, payload={"aps": {}}), default_topic="com.example.app")
+            big = prepare(Notification(token="cd" * 32, payload={"aps": {}}),
+                          default_topic="com.example.app")
+            big.topic = b"com.example." + b"t" * 20000  # larger than 16384: must be split
+            r1 = await client.send(p)
+            r2 = await client.send(big)
+        nursery.cancel_scope.cancel()
+    assert server.errors == []
+    assert r1.ok and r2.ok
+    assert dict(server.requests[1].headers)[b"apns-topic"].endswith(b"t" * 100)
+
+
+async def test_stream_limit_followed_live(server_ssl, pki):
+    """The server moves its limit 1 -> 1000 -> 1 -> 1000 mid-run: no protocol error."""
+    server = StrictH2Server(server_ssl, settings={SettingCodes.MAX_CONCURRENT_STREAMS: 1},
+                            answer_delay=0.002)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve)
+        async with Client(topic="com.example.app", host="127.0.0.1", port=port,
+                          ca_file=str(pki.ca_file), connections=1) as client:
+            seen_limits = []
+
+            async def flip():
+                for limit in (1000, 1, 1000):
+                    await trio.sleep(0.15)
+                    server.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: limit})
+                    await trio.sleep(0.05)
+                    seen_limits.append(client.pool.conns[0].remote_max_streams)
+
+            nursery.start_soon(flip)
+            count = 0
+            with trio.fail_after(20):
+                async for r in client.fan_out({"aps": {"alert": "x"}},
+                                              (f"{i:064x}" for i in range(3000))):
+                    assert r.ok, r
+                    count += 1
+        nursery.cancel_scope.cancel()
+    assert count == 3000
+    assert server.errors == []
+    assert seen_limits == [1000, 1, 1000]
+    assert server.max_open > 100
