@@ -275,17 +275,20 @@ async def _mock_main(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fanout", description="High-volume APNs sender")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="fan out to the embedded mock APNs (no Apple account)")
+    demo = sub.add_parser("demo", parents=[common], help="fan out to the embedded mock APNs (no Apple account)")
     demo.add_argument("--count", type=int, default=100_000)
     demo.add_argument("--connections", type=int, default=2)
     demo.add_argument("--latency", type=float, default=0.0, help="mock latency, seconds")
     demo.add_argument("--unregistered", type=float, default=0.01,
                       help="fraction of tokens the mock reports unregistered")
 
-    send = sub.add_parser("send", help="one payload to a file of tokens")
+    send = sub.add_parser("send", parents=[common], help="one payload to a file of tokens")
     add_connection_args(send)
     send.add_argument("--tokens", required=True, help="file with one token per line, or -")
     send.add_argument("--payload", help="JSON payload file, or - for stdin")
@@ -300,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--collapse-id")
     send.add_argument("--invalid-tokens", help="append invalidated tokens here as NDJSON")
 
-    mock = sub.add_parser("mock", help="run the mock APNs server")
+    mock = sub.add_parser("mock", parents=[common], help="run the mock APNs server")
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8443)
     mock.add_argument("--port-file", help="write the bound port here once listening")

@@ -419,9 +419,12 @@ class Client:
             self.limiter.pause(delay)
             self._retry(push, "5xx", delay, status=status, reason=reason)
         elif action is Action.REFRESH_AUTH:
-            if self.auth is not None and hasattr(self.auth, "refresh"):
+            # Apple wedges a connection after ExpiredProviderToken: its later answers say
+            # nothing about the token, so only the first answer on a connection may refresh
+            # (and only if nobody refreshed since this push's token was minted).
+            if not conn.retiring and self.auth is not None and hasattr(self.auth, "refresh"):
                 self.auth.refresh(push.auth_generation)
-            conn.retire(f"APNs answered {reason}")  # Apple wedges such a connection
+            conn.retire(f"APNs answered {reason}")
             self._retry(push, "auth", 0.0, status=status, reason=reason)
         elif action is Action.RECONNECT:
             conn.retire(f"APNs answered {reason}")
@@ -461,6 +464,7 @@ class Client:
             who = f" (key id {self.auth.key_id}, team {self.auth.team_id})"
         self.config_error = (f"APNs refused the credentials or topic: {status} {reason}{who}; "
                              f"sending stopped")
+        self.pool.halt_error = ConfigError(self.config_error)
         log.error("%s", self.config_error)
 
     def _invalidated(self, token: str, reason: str | None, timestamp: int | None) -> None:
@@ -480,6 +484,7 @@ class Client:
     def reset_config_error(self) -> None:
         """Resume sending after the operator fixed the credentials."""
         self.config_error = None
+        self.pool.halt_error = None
 
 
 __all__ = ["Client", "Notification", "Payload", "PushType", "Result", "Outcome"]

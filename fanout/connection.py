@@ -36,6 +36,13 @@ STREAM_RECV_WINDOW = 1 << 20
 ID_MARGIN = 1000                 # roll to a new connection this many ids before 2**31
 
 
+def _first_leaf(exc: BaseException) -> BaseException:
+    """The first non-group exception inside (possibly nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
 class Listener(Protocol):
     def on_response(self, conn: Connection, job: Any, status: int,
                     headers: list[tuple[bytes, bytes]], body: bytes) -> None: ...
@@ -106,6 +113,7 @@ class Connection:
         self.goaway_last_id: int | None = None
         self.goaway_reason: str | None = None
         self.streams_started = 0
+        self.pings_sent = 0
 
         self._next_sid = first_stream_id | 1
         self._encoder = fr.RequestEncoder(4096)
@@ -332,13 +340,15 @@ class Connection:
                 with trio.move_on_after(1):
                     await self._flush_now()
                 nursery.cancel_scope.cancel()
-        except trio.TooSlowError:
-            error = TransportError(f"{self.host}:{self.port}: no SETTINGS from the server")
-        except (TransportError, ProtocolError, ConfigError) as exc:
-            error = exc
-        except Exception as exc:  # a bug or an unexpected library error: fail this connection
-            log.exception("connection %d failed unexpectedly", self.index)
-            error = TransportError(f"internal error: {exc!r}")
+        except Exception as exc:
+            leaf = _first_leaf(exc)
+            if isinstance(leaf, trio.TooSlowError):
+                error = TransportError(f"{self.host}:{self.port}: no SETTINGS from the server")
+            elif isinstance(leaf, TransportError | ConfigError):
+                error = leaf
+            else:  # a bug or an unexpected library error: fail this connection, loudly
+                log.error("connection %d failed unexpectedly", self.index, exc_info=exc)
+                error = TransportError(f"internal error: {leaf!r}")
         finally:
             self.closed = True
             self.ready = False
@@ -414,6 +424,7 @@ class Connection:
             if trio.current_time() - self._last_recv < self._ping_interval:
                 continue
             self._ping_ack = trio.Event()
+            self.pings_sent += 1
             self._send(fr.ping(b"fanout\x00\x00"))
             with trio.move_on_after(self._ping_timeout):
                 await self._ping_ack.wait()

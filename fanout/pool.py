@@ -62,6 +62,7 @@ class Pool:
         self.draining: set[Connection] = set()  # retired, finishing their streams
         self.last_error: BaseException | None = None
         self.fatal_error: ConfigError | None = None
+        self.halt_error: ConfigError | None = None  # set by the client: send nothing more
         self.opened = 0
         self._lot = trio.lowlevel.ParkingLot()
         self._nursery: trio.Nursery | None = None
@@ -118,6 +119,8 @@ class Pool:
         """Start ``job`` on the connection with the most free slots, waiting for one."""
         deadline = None
         while True:
+            if self.halt_error is not None:
+                raise self.halt_error
             best = None
             room = 0
             for conn in self.conns:

@@ -39,6 +39,7 @@ http {{
     keepalive_requests 500;
     ssl_certificate {cert};
     ssl_certificate_key {key};
+    {extra}
     location ~ ^/3/device/dead {{
       default_type application/json;
       return 410 '{{"reason":"Unregistered","timestamp":1700000000000}}';
@@ -49,8 +50,7 @@ http {{
 """
 
 
-@pytest.fixture
-def nginx(tmp_path, pki):
+def start_nginx(tmp_path, pki, extra=""):
     if NGINX is None:
         if os.environ.get("CI"):
             pytest.fail("nginx is not installed; .ci/run installs it")
@@ -61,7 +61,8 @@ def nginx(tmp_path, pki):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     conf = tmp_path / "nginx.conf"
-    conf.write_text(CONF.format(d=tmp_path, port=port, cert=pki.cert_file, key=pki.key_file))
+    conf.write_text(CONF.format(d=tmp_path, port=port, cert=pki.cert_file, key=pki.key_file,
+                                extra=extra))
     proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 10
@@ -72,9 +73,50 @@ def nginx(tmp_path, pki):
         if proc.poll() is not None:
             pytest.fail(f"nginx exited: {proc.stdout.read().decode()}")
         time.sleep(0.05)
+    return proc, port
+
+
+@pytest.fixture
+def nginx(tmp_path, pki):
+    proc, port = start_nginx(tmp_path, pki)
     yield port
     proc.terminate()
     proc.wait(5)
+
+
+def make_client_cert(directory: Path) -> tuple[Path, Path, Path]:
+    """A client CA and a client certificate + key signed by it (for mTLS)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "client CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=2))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.USER_ID, "com.example.app"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, "Apple Push Services: com.example.app")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(ca_name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=2))
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    ca_path, cert_path, key_path = directory / "client-ca.pem", directory / "client.pem", \
+        directory / "client-key.pem"
+    ca_path.write_bytes(ca.public_bytes(pem))
+    cert_path.write_bytes(cert.public_bytes(pem))
+    key_path.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return ca_path, cert_path, key_path
 
 
 async def test_engine_against_nginx(nginx, pki):
@@ -98,3 +140,29 @@ async def test_engine_against_nginx(nginx, pki):
     assert len(invalid) == 200 and all(t.startswith("dead") for t, _, _ in invalid)
     # 4200 requests at 500 per connection: nginx's GOAWAYs forced at least 8 new connections
     assert opened >= 9
+
+
+async def test_certificate_auth_verified_by_nginx(tmp_path, pki):
+    """mTLS: nginx requires a client certificate signed by the client CA."""
+    from fanout.auth import CertAuth
+    from fanout.payload import Notification
+
+    client_ca, cert, key = make_client_cert(tmp_path)
+    proc, port = start_nginx(tmp_path, pki, extra=f"ssl_client_certificate {client_ca}; "
+                                                 f"ssl_verify_client on;")
+    try:
+        note = Notification(token="ab" * 32, payload={"aps": {"alert": "hi"}})
+        async with Client(auth=CertAuth(str(cert), str(key)), topic="com.example.app",
+                          host="127.0.0.1", port=port, ca_file=str(pki.ca_file),
+                          connections=1) as client:
+            with trio.fail_after(10):
+                ok = await client.send(note)
+        async with Client(topic="com.example.app", host="127.0.0.1", port=port,
+                          ca_file=str(pki.ca_file), connections=1) as client:
+            with trio.fail_after(10):
+                refused = await client.send(note)
+    finally:
+        proc.terminate()
+        proc.wait(5)
+    assert ok.outcome == "delivered"
+    assert refused.outcome == "rejected" and refused.status == 400
