@@ -211,8 +211,16 @@ async def test_stream_limit_followed_live(server_ssl, pki):
                             answer_delay=0.002)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.serve)
+        from fanout.events import Events
+
+        class Retries(Events):
+            causes: list[str] = []
+
+            def retry(self, cause):
+                self.causes.append(cause)
+        events = Retries()
         async with Client(topic="com.example.app", host="127.0.0.1", port=port,
-                          ca_file=str(pki.ca_file), connections=1) as client:
+                          ca_file=str(pki.ca_file), connections=1, events=events) as client:
             seen_limits = []
 
             async def flip():
@@ -234,3 +242,4 @@ async def test_stream_limit_followed_live(server_ssl, pki):
     assert server.errors == []
     assert seen_limits == [1000, 1, 1000]
     assert server.max_open > 100
+    assert events.causes == []  # no refused stream, no resend

@@ -1,0 +1,123 @@
+"""The real ``fanout`` executable as subprocesses: demo, mock and send, and no secret in
+any byte they write."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fanout.auth import TokenAuth
+
+FANOUT = [sys.executable, "-m", "fanout"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mock_process(tmp_path, signing_key):
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen(
+        FANOUT + ["mock", "--pki-dir", str(tmp_path / "pki"), "--port", "0",
+                  "--port-file", str(port_file), "--key-path", str(signing_key.path),
+                  "--key-id", signing_key.key_id, "--team-id", signing_key.team_id,
+                  "--unregistered-fraction", "0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while not (port_file.exists() and port_file.read_text().strip()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"mock did not start: {proc.stderr.read().decode()}")
+        time.sleep(0.05)
+    yield int(port_file.read_text()), tmp_path / "pki" / "ca.pem"
+    proc.terminate()
+    proc.wait(10)
+
+
+def _send(args, env_extra=None, input_=None, timeout=60):
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    return subprocess.run(FANOUT + args, capture_output=True, timeout=timeout, env=env,
+                          input=input_)
+
+
+def test_send_command_against_mock_process(mock_process, signing_key, tmp_path):
+    port, ca = mock_process
+    tokens = [f"{i:064x}" for i in range(500)]
+    tok_file = tmp_path / "tokens.txt"
+    tok_file.write_text("\n".join(tokens[:250]) + "\n\n  " + "\n".join(tokens[250:]) + "\n")
+    invalid = tmp_path / "invalid.ndjson"
+    env = {"APNS_KEY_PATH": str(signing_key.path), "APNS_KEY_ID": signing_key.key_id,
+           "APNS_TEAM_ID": signing_key.team_id, "APNS_TOPIC": "com.example.app"}
+    out = _send(["send", "--tokens", str(tok_file), "--title", "Hi", "--body", "there",
+                 "--host", "127.0.0.1", "--port", str(port), "--ca-file", str(ca),
+                 "--invalid-tokens", str(invalid), "-v"], env)
+    assert out.returncode == 0, out.stderr.decode()
+    summary = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    assert summary["pushes"] == 500
+    assert summary["counts"]["delivered"] + summary["counts"]["invalid_token"] == 500
+    assert 20 < summary["counts"]["invalid_token"] < 90
+    assert summary["pushes_per_s"] > 0 and summary["seconds"] > 0
+    lines = [json.loads(x) for x in invalid.read_text().splitlines()]
+    assert len(lines) == summary["counts"]["invalid_token"]
+    assert all(x["reason"] == "Unregistered" and x["timestamp"] for x in lines)
+
+    # no secret in any byte written to stdout/stderr (verbose logging on)
+    auth = TokenAuth.from_file(signing_key.path, signing_key.key_id, signing_key.team_id)
+    written = out.stdout + out.stderr
+    key_body = b"".join(Path(signing_key.path).read_bytes().splitlines()[1:-1])
+    assert key_body[:40] not in written
+    assert auth.header().split()[1][:60] not in written  # any JWT of this key starts alike
+    for token in tokens:
+        assert token.encode() not in written
+
+
+def test_send_reports_a_wrong_key_clearly_and_exits_nonzero(mock_process, signing_key, tmp_path):
+    from fanout.devcerts import make_signing_key
+
+    port, ca = mock_process
+    other = make_signing_key(tmp_path / "other", key_id=signing_key.key_id,
+                             team_id=signing_key.team_id)
+    (tmp_path / "t.txt").write_text("ab" * 32 + "\n")
+    out = _send(["send", "--tokens", str(tmp_path / "t.txt"), "--title", "x", "--host",
+                 "127.0.0.1", "--port", str(port), "--ca-file", str(ca), "--key-path",
+                 str(other.path), "--key-id", other.key_id, "--team-id", other.team_id,
+                 "--topic", "com.example.app"])
+    assert out.returncode == 2
+    summary = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    assert "InvalidProviderToken" in summary["config_error"]
+    assert b"InvalidProviderToken" in out.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--key-path", "/nonexistent/key.p8", "--key-id", "ABC", "--team-id", "T"], b"/nonexistent/key.p8"),
+    (["--key-id", "ABC", "--team-id", "T"], b"--key-path"),
+])
+def test_send_config_errors_name_the_problem(tmp_path, args, needle):
+    (tmp_path / "t.txt").write_text("ab" * 32 + "\n")
+    env = {k: "" for k in ("APNS_KEY_PATH", "APNS_KEY_ID", "APNS_TEAM_ID")}
+    out = _send(["send", "--tokens", str(tmp_path / "t.txt"), "--title", "x", "--topic",
+                 "com.example.app", "--host", "127.0.0.1", "--port", str(_free_port())] + args,
+                env)
+    assert out.returncode == 2
+    assert needle in out.stderr
+    assert b"Traceback" not in out.stderr
+
+
+def test_demo_runs_end_to_end():
+    out = _send(["demo", "--count", "3000"], timeout=120)
+    assert out.returncode == 0, out.stderr.decode()
+    summary = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    assert summary["pushes"] == 3000
+    assert summary["counts"]["delivered"] + summary["counts"].get("invalid_token", 0) == 3000
+    assert summary["latency_ms_p50"] is not None and summary["latency_ms_p99"] is not None

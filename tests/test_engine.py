@@ -1,0 +1,340 @@
+"""Acceptance tests of the engine against the mock APNs, over real TLS with real ES256 JWTs.
+
+Each test proves exactly-once from both sides: the client's results and the mock's counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+
+import pytest
+import trio
+
+from fanout.auth import TokenAuth
+from fanout.client import Client
+from fanout.devcerts import make_signing_key
+from fanout.errors import ValidationError
+from fanout.mock import MockAPNs, MockConfig
+from fanout.payload import Notification, PushType
+
+TOPIC = "com.example.app"
+PAYLOAD = {"aps": {"alert": {"title": "t", "body": "hello"}}}
+
+
+def tokens(n: int, prefix: str = "") -> list[str]:
+    return [f"{prefix}{i:0{64 - len(prefix)}x}" for i in range(n)]
+
+
+@contextlib.asynccontextmanager
+async def running(pki, key, *, auth=None, client_kw=None, **config):
+    config.setdefault("keys", {key.key_id: key.public_key})
+    config.setdefault("team_id", key.team_id)
+    mock = MockAPNs(MockConfig(**config), pki)
+    auth = auth or TokenAuth.from_file(key.path, key.key_id, key.team_id)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(mock.serve)
+        kw = dict(auth=auth, topic=TOPIC, host="127.0.0.1", port=port,
+                  ca_file=str(pki.ca_file), connections=2, timeout=5.0)
+        kw.update(client_kw or {})
+        async with Client(**kw) as client:
+            yield mock, client
+        nursery.cancel_scope.cancel()
+
+
+async def collect(aiter) -> list:
+    out = []
+    with trio.fail_after(60):
+        async for r in aiter:
+            out.append(r)
+    return out
+
+
+def by_outcome(results) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.outcome] = counts.get(r.outcome, 0) + 1
+    return counts
+
+
+async def test_20k_pushes_two_connections_exactly_once(pki, signing_key):
+    toks = tokens(20_000)
+    async with running(pki, signing_key, latency=0.25) as (mock, client):
+        results = await collect(client.fan_out(PAYLOAD, toks))
+    assert by_outcome(results) == {"delivered": 20_000}
+    assert sorted(r.token for r in results) == sorted(toks)
+    assert set(mock.stats.delivered.values()) == {1} and len(mock.stats.delivered) == 20_000
+    assert mock.stats.protocol_errors == []
+    assert mock.stats.connections == 2
+    assert max(mock.stats.max_concurrent) > 500
+    assert len(mock.stats.jwts) == 1  # one JWT shared by both connections
+
+
+async def test_stream_limit_one_then_raised_then_dropped_on_rejection(pki, signing_key,
+                                                                     monkeypatch):
+    """1 until the first valid token, ~1000 after, 1 after each rejection, back up after."""
+    notes = []
+    for i in range(3000):
+        bad = i % 500 == 250  # a rejected push every 500: the mock drops the limit to 1
+        # raw bytes are only size-checked by the client: the mock answers 400 BadRequestPayload
+        notes.append(Notification(token=f"{i:064x}", payload=b"[1, 2]" if bad else PAYLOAD,
+                                  id=i, priority=10, push_type=PushType.ALERT))
+    from fanout.connection import Connection
+
+    history: list[int] = []
+    original = Connection._on_settings
+
+    def record(self, settings):
+        original(self, settings)
+        history.append(self.remote_max_streams)
+    monkeypatch.setattr(Connection, "_on_settings", record)
+    async with running(pki, signing_key, topics={TOPIC}, latency=0.01) as (mock, client):
+        results = await collect(client.send_many(notes))
+    counts = by_outcome(results)
+    assert counts == {"delivered": 3000 - 6, "rejected": 6}
+    assert {r.reason for r in results if r.outcome == "rejected"} == {"BadRequestPayload"}
+    # per connection: 1 at connect, 1000 after auth; 1 after each rejection, 1000 again
+    assert history[:2] == [1, 1]
+    drops = sum(1 for a, b in zip(history, history[1:], strict=False) if a == 1000 and b == 1)
+    assert drops == 6 and history[-1] == 1000
+    assert mock.stats.protocol_errors == []
+    assert mock.stats.by_status[200] == 3000 - 6
+    assert max(mock.stats.max_concurrent) > 100
+
+
+async def test_goaway_and_abrupt_close_lose_nothing(pki, signing_key):
+    toks = tokens(6000)
+    async with running(pki, signing_key, goaway_after=1000, goaway_last_stream_low=True,
+                       close_after=1500, latency=0.002) as (mock, client):
+        results = await collect(client.fan_out(PAYLOAD, toks))
+    assert len(results) == 6000
+    assert sorted(r.token for r in results) == sorted(toks)
+    assert by_outcome(results) == {"delivered": 6000}
+    assert all(mock.stats.delivered[t] >= 1 for t in toks)
+    assert mock.stats.goaways_sent >= 2
+    assert mock.stats.streams_after_goaway == 0
+    assert mock.stats.protocol_errors == []
+    resent = [r for r in results if r.attempts > 1]
+    # only pushes in flight when a connection died abruptly may be sent twice
+    assert sum(mock.stats.delivered.values()) - 6000 <= len(resent)
+
+
+async def test_unregistered_tokens_typed_with_timestamp_and_sink_hears_each_once(pki, signing_key):
+    heard = []
+    toks = tokens(3000)
+    async with running(pki, signing_key, unregistered_fraction=0.10,
+                       client_kw={"on_invalid_token": lambda t, r, ts: heard.append((t, r, ts))}) \
+            as (mock, client):
+        results = await collect(client.fan_out(PAYLOAD, toks))
+        # sending the dead ones again: the sink must not hear them twice
+        dead = [r.token for r in results if r.outcome == "invalid_token"]
+        again = await collect(client.fan_out(PAYLOAD, dead))
+    counts = by_outcome(results)
+    assert 200 < counts["invalid_token"] < 400
+    assert counts["delivered"] == 3000 - counts["invalid_token"]
+    for r in results:
+        if r.outcome == "invalid_token":
+            assert r.status == 410 and r.reason == "Unregistered" and r.timestamp > 1e12
+    assert all(r.outcome == "invalid_token" for r in again)
+    assert len(heard) == counts["invalid_token"] == len({t for t, _, _ in heard})
+    assert mock.stats.protocol_errors == []
+
+
+async def test_jwt_rotation_at_configured_age(pki, signing_key):
+    auth = TokenAuth.from_file(signing_key.path, signing_key.key_id, signing_key.team_id,
+                               refresh_after=0.2, min_refresh_interval=0.0)
+    async with running(pki, signing_key, auth=auth) as (mock, client):
+        for _ in range(3):
+            results = await collect(client.fan_out(PAYLOAD, tokens(200)))
+            assert by_outcome(results) == {"delivered": 200}
+            await trio.sleep(0.25)
+    assert len(mock.stats.jwts) == 3
+    assert auth.rotations == 3
+
+
+async def test_expired_provider_token_recovers(pki, signing_key):
+    """The mock calls tokens older than 1.5 s expired (iat has whole seconds) and wedges the
+    connection: the client refreshes the JWT, moves to a new connection, delivers everything."""
+    auth = TokenAuth.from_file(signing_key.path, signing_key.key_id, signing_key.team_id,
+                               refresh_after=3000, min_refresh_interval=0.0)
+    async with running(pki, signing_key, auth=auth, token_max_age=1.5,
+                       expired_token_wedge=True) as (mock, client):
+        first = await collect(client.fan_out(PAYLOAD, tokens(500)))
+        await trio.sleep(2.6)
+        second = await collect(client.fan_out(PAYLOAD, tokens(500, "b")))
+    assert by_outcome(first) == {"delivered": 500}
+    assert by_outcome(second) == {"delivered": 500}
+    assert mock.stats.by_reason["ExpiredProviderToken"] >= 1
+    # one refresh; at most one more if the second connection wedged on the fresh token first
+    assert 1 <= auth.forced_refreshes <= 2
+    assert mock.stats.connections >= 3
+
+
+async def test_wrong_key_stops_the_flood_with_a_clear_error(pki, signing_key, tmp_path, caplog):
+    other = make_signing_key(tmp_path, key_id=signing_key.key_id, team_id=signing_key.team_id)
+    auth = TokenAuth.from_file(other.path, other.key_id, other.team_id)
+    async with running(pki, signing_key, auth=auth) as (mock, client):
+        results = await collect(client.fan_out(PAYLOAD, tokens(2000)))
+        error = client.config_error
+    assert by_outcome(results) == {"config_error": 2000}
+    assert mock.stats.requests <= 2  # stream limit 1 before auth: the flood never started
+    assert "InvalidProviderToken" in error and signing_key.key_id in error
+    jwt_text = auth.header().decode().split()[1]
+    everything = caplog.text + error + "".join(str(r) for r in results)
+    assert jwt_text not in everything
+    assert "PRIVATE KEY" not in everything
+
+
+async def test_wrong_team_is_a_config_error(pki, signing_key):
+    auth = TokenAuth.from_file(signing_key.path, signing_key.key_id, "OTHERTEAM1")
+    async with running(pki, signing_key, auth=auth) as (mock, client):
+        result = await client.send(Notification(token="ab" * 32, payload=PAYLOAD))
+    assert result.outcome == "config_error" and result.reason == "InvalidProviderToken"
+
+
+def _task_count(client) -> int:
+    def walk(task):
+        return 1 + sum(walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
+    return sum(walk(t) for t in client._nursery.child_tasks)
+
+
+async def test_cancellation_mid_flight_frees_every_slot_and_task(pki, signing_key):
+    async with running(pki, signing_key, latency=30.0) as (mock, client):
+        await trio.sleep(0.05)
+        with trio.move_on_after(0.5):  # warm-up: the first answer would take 30 s
+            await client.send(Notification(token="ab" * 32, payload=PAYLOAD))
+        baseline = _task_count(client)
+        mock.config.latency = 30.0
+        with trio.move_on_after(0.5) as scope:
+            async for _ in client.fan_out(PAYLOAD, tokens(5000)):
+                pass
+        assert scope.cancelled_caught
+        await trio.sleep(0.1)
+        assert sum(len(c.streams) for c in client.pool.conns) == 0
+        assert client.outstanding == 0
+        assert client._retry_heap == []
+        assert _task_count(client) == baseline
+        # single sends too
+        with trio.move_on_after(0.2):
+            await client.send(Notification(token="cd" * 32, payload=PAYLOAD))
+        assert sum(len(c.streams) for c in client.pool.conns) == 0
+        assert client.outstanding == 0
+        await trio.sleep(0.05)
+    assert mock.stats.protocol_errors == []  # h2 accepted our RST_STREAM frames
+
+
+async def test_per_push_deadline_resets_the_stream(pki, signing_key):
+    async with running(pki, signing_key, never_answer=1.0,
+                       client_kw={"timeout": 0.3, "max_attempts": 2,
+                                  "delivery": "at_least_once"}) as (mock, client):
+        result = await client.send(Notification(token="ab" * 32, payload=PAYLOAD))
+        assert sum(len(c.streams) for c in client.pool.conns) == 0
+    assert result.outcome == "maybe_delivered"
+    assert result.attempts == 2
+    assert "no answer" in result.error
+
+
+async def test_at_most_once_reports_maybe_delivered(pki, signing_key):
+    async with running(pki, signing_key, never_answer=1.0,
+                       client_kw={"timeout": 0.2, "delivery": "at_most_once"}) as (mock, client):
+        result = await client.send(Notification(token="ab" * 32, payload=PAYLOAD))
+    assert result.outcome == "maybe_delivered" and result.attempts == 1
+    assert mock.stats.requests == 1
+
+
+@pytest.mark.parametrize("note, field", [
+    (Notification(token="xyz", payload=PAYLOAD), "token"),
+    (Notification(token="abc", payload=PAYLOAD), "token"),
+    (Notification(token="ab" * 32, payload={"aps": {"alert": "x" * 5000}}), "payload"),
+    (Notification(token="ab" * 32, payload={"aps": {"alert": "x"}}, collapse_id="c" * 65),
+     "collapse_id"),
+    (Notification(token="ab" * 32, payload={"aps": {"content-available": 1}},
+                  push_type=PushType.BACKGROUND, priority=10), "priority"),
+    (Notification(token="ab" * 32, payload=PAYLOAD, topic="com.x.voip"), "topic"),
+    (Notification(token="ab" * 32, payload=PAYLOAD, apns_id="not-a-uuid"), "apns_id"),
+    (Notification(token="ab" * 32, payload=b""), "payload"),
+])
+async def test_validation_rejects_before_any_network_io(pki, signing_key, note, field):
+    async with running(pki, signing_key) as (mock, client):
+        with pytest.raises(ValidationError) as info:
+            await client.send(note)
+        results = await collect(client.send_many([note]))
+    assert info.value.field == field
+    assert results[0].outcome == "rejected" and results[0].error.startswith(field)
+    assert mock.stats.requests == 0
+
+
+async def test_429_and_5xx_are_retried_with_backoff(pki, signing_key):
+    from fanout.limiter import Backoff
+
+    async with running(pki, signing_key, p429=0.1, p503=0.05, retry_after=0, seed=3,
+                       client_kw={"backoff": Backoff(base=0.01, cap=0.05),
+                                  "max_attempts": 8}) as (mock, client):
+        results = await collect(client.fan_out(PAYLOAD, tokens(1000)))
+    assert by_outcome(results) == {"delivered": 1000}
+    assert mock.stats.by_status[429] > 0 and mock.stats.by_status[503] > 0
+    assert any(r.attempts > 1 for r in results)
+
+
+async def test_stream_ids_near_the_limit_roll_to_a_new_connection(pki, signing_key):
+    async with running(pki, signing_key,
+                       client_kw={"first_stream_id": 2**31 - 1 - 1200,
+                                  "connections": 1}) as (mock, client):
+        results = await collect(client.fan_out(PAYLOAD, tokens(1000)))
+    assert by_outcome(results) == {"delivered": 1000}
+    assert mock.stats.connections >= 2
+    assert mock.stats.protocol_errors == []
+
+
+async def test_no_alpn_h2_is_a_clear_config_error(pki, signing_key):
+    async with running(pki, signing_key, alpn=False,
+                       client_kw={"unavailable_timeout": 2.0}) as (mock, client):
+        result = await client.send(Notification(token="ab" * 32, payload=PAYLOAD))
+    assert result.outcome == "config_error"
+    assert "ALPN" in result.error
+
+
+async def test_memory_is_released_after_a_run(pki, signing_key):
+    async with running(pki, signing_key) as (mock, client):
+        await collect(client.fan_out(PAYLOAD, tokens(2000)))
+        gc.collect()
+        from fanout.client import Push
+        live = [o for o in gc.get_objects() if isinstance(o, Push)]
+    assert live == []
+
+
+async def test_server_restarted_on_the_same_port_sending_resumes(pki, signing_key):
+    config = dict(keys={signing_key.key_id: signing_key.public_key}, team_id=signing_key.team_id)
+    auth = TokenAuth.from_file(signing_key.path, signing_key.key_id, signing_key.team_id)
+    async with trio.open_nursery() as nursery:
+        first = MockAPNs(MockConfig(**config), pki)
+        scope = trio.CancelScope()
+
+        async def serve_first(task_status=trio.TASK_STATUS_IGNORED):
+            with scope:
+                await first.serve(task_status=task_status)
+        port = await nursery.start(serve_first)
+        async with Client(auth=auth, topic=TOPIC, host="127.0.0.1", port=port,
+                          ca_file=str(pki.ca_file), connections=2) as client:
+            before = await collect(client.fan_out(PAYLOAD, tokens(300)))
+            scope.cancel()  # the server dies, its connections with it
+            await trio.sleep(0.2)
+            second = MockAPNs(MockConfig(**config), pki)
+            await nursery.start(second.serve, "127.0.0.1", port)
+            after = await collect(client.fan_out(PAYLOAD, tokens(300, "b")))
+        nursery.cancel_scope.cancel()
+    assert by_outcome(before) == {"delivered": 300}
+    assert by_outcome(after) == {"delivered": 300}
+    assert second.stats.connections >= 1 and len(second.stats.delivered) == 300
+
+
+async def test_idle_connection_is_pinged_and_kept(pki, signing_key):
+    async with running(pki, signing_key, client_kw={"ping_interval": 0.1}) as (mock, client):
+        await collect(client.fan_out(PAYLOAD, tokens(10)))
+        conns = list(client.pool.conns)
+        await trio.sleep(0.5)
+        assert client.pool.conns == conns
+        assert all(c.pings_sent >= 2 for c in conns)
+        result = await client.send(Notification(token="ab" * 32, payload=PAYLOAD))
+    assert result.ok and mock.stats.connections == 2
+    assert mock.stats.protocol_errors == []
