@@ -35,37 +35,6 @@ TOPIC = "com.example.bench"
 PAYLOAD = {"aps": {"alert": {"title": "bench", "body": "x" * 60}}}
 WORKER_TIMEOUT = 300
 
-NGINX_CONF = """
-worker_processes 1;
-daemon off;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  client_body_temp_path {d}/body;
-  proxy_temp_path {d}/proxy;
-  fastcgi_temp_path {d}/fastcgi;
-  uwsgi_temp_path {d}/uwsgi;
-  scgi_temp_path {d}/scgi;
-  server {{
-    listen 127.0.0.1:{port} ssl http2;
-    http2_max_concurrent_streams 1000;
-    keepalive_requests 10000000;
-    ssl_certificate {cert};
-    ssl_certificate_key {key};
-    location / {{ add_header apns-id $http_apns_id always; return 200; }}
-  }}
-}}
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pin(core: int) -> list[str]:
     if shutil.which("taskset") and (os.cpu_count() or 1) > core:
         return ["taskset", "-c", str(core)]
@@ -107,19 +76,21 @@ def _wait_port(port: int, proc: subprocess.Popen, what: str) -> None:
 
 
 def start_sink(kind: str, tmp: Path, pki, key) -> tuple[subprocess.Popen, int]:
-    port = _free_port()
     if kind == "nginx":
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        if not Path(nginx).exists():
-            raise SystemExit("nginx not found: apt-get install nginx-light (or use --server mock)")
-        conf = tmp / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(d=tmp, port=port, cert=pki.cert_file, key=pki.key_file))
-        proc = subprocess.Popen(_pin(1) + [nginx, "-c", str(conf), "-p", str(tmp)])
-    else:
-        proc = subprocess.Popen(_pin(1) + [
-            sys.executable, "-m", "fanout", "mock", "--accept-all", "--pki-dir", str(tmp),
-            "--port", str(port), "--key-path", str(key.path), "--key-id", key.key_id,
-            "--team-id", key.team_id], cwd=ROOT)
+        from fanout.errors import ConfigError
+        from fanout.nginx import start_nginx
+
+        try:
+            return start_nginx(tmp, pki.cert_file, pki.key_file, prefix=_pin(1))
+        except ConfigError as exc:
+            raise SystemExit(f"{exc} (or use --server mock)") from None
+    from fanout.nginx import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(_pin(1) + [
+        sys.executable, "-m", "fanout", "mock", "--accept-all", "--pki-dir", str(tmp),
+        "--port", str(port), "--key-path", str(key.path), "--key-id", key.key_id,
+        "--team-id", key.team_id], cwd=ROOT)
     _wait_port(port, proc, kind)
     return proc, port
 

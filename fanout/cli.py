@@ -240,14 +240,10 @@ async def _demo_main(args: argparse.Namespace) -> int:
 
 async def _mock_main(args: argparse.Namespace) -> int:
     from .auth import TokenAuth
-    from .devcerts import TestPKI, make_pki
+    from .devcerts import ensure_pki
     from .mock import MockAPNs, MockConfig
 
-    pki_dir = Path(args.pki_dir)
-    pki_dir.mkdir(parents=True, exist_ok=True)
-    ca, cert, keyf = pki_dir / "ca.pem", pki_dir / "server.pem", pki_dir / "server-key.pem"
-    pki = make_pki(pki_dir) if not (ca.exists() and cert.exists() and keyf.exists()) \
-        else TestPKI(ca, cert, keyf)
+    pki = ensure_pki(Path(args.pki_dir))
     keys = {}
     if args.key_path:
         auth = TokenAuth.from_file(args.key_path, args.key_id or "KEY0000000",

@@ -191,9 +191,15 @@ class Client:
             raise
         return self
 
-    async def __aexit__(self, *exc_info: Any) -> bool | None:
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool | None:
         self._nursery.cancel_scope.cancel()
-        return await self._nursery_cm.__aexit__(*exc_info)
+        try:
+            return await self._nursery_cm.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            # our own tasks never raise: give the caller back their own exception, unwrapped
+            if exc is not None and len(group.exceptions) == 1 and group.exceptions[0] is exc:
+                raise exc from None
+            raise
 
     # ------------------------------------------------------------------ public API
 

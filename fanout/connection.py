@@ -114,6 +114,7 @@ class Connection:
         self.goaway_reason: str | None = None
         self.streams_started = 0
         self.pings_sent = 0
+        self.error: BaseException | None = None   # why the connection failed, if it did
 
         self._next_sid = first_stream_id | 1
         self._encoder = fr.RequestEncoder(4096)
@@ -352,6 +353,7 @@ class Connection:
         finally:
             self.closed = True
             self.ready = False
+            self.error = error
             await tls.aclose()
             why = str(error) if error else "closed"
             if not self.retiring:

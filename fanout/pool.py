@@ -108,8 +108,13 @@ class Pool:
             self.conns.append(conn)
             self._lot.unpark_all()
             await conn.retired_event.wait()
-            lived = trio.current_time() - conn.opened_at
-            if lived < MIN_HEALTHY_LIFETIME and conn.retire_reason.startswith(("connection", "send", "receive", "TLS", "internal", "no PING")):
+            if not conn.closed:
+                failures = 0  # retired cleanly (GOAWAY, ids, wedge): replace it at once
+                continue
+            # died with an error: back off if it did not live long (Apple treats rapid
+            # reconnects as a DoS)
+            if conn.error is not None and \
+                    trio.current_time() - conn.opened_at < MIN_HEALTHY_LIFETIME:
                 failures += 1
                 await trio.sleep(self._backoff.delay(failures))
             else:

@@ -338,3 +338,21 @@ async def test_idle_connection_is_pinged_and_kept(pki, signing_key):
         result = await client.send(Notification(token="ab" * 32, payload=PAYLOAD))
     assert result.ok and mock.stats.connections == 2
     assert mock.stats.protocol_errors == []
+
+
+async def test_callers_exception_comes_back_unwrapped(pki, signing_key):
+    class Boom(Exception):
+        pass
+
+    mock = MockAPNs(MockConfig(), pki)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(mock.serve)
+        with pytest.raises(Boom):
+            async with Client(topic=TOPIC, host="127.0.0.1", port=port,
+                              ca_file=str(pki.ca_file)):
+                raise Boom()
+        with pytest.raises(ValidationError):
+            async with Client(topic=TOPIC, host="127.0.0.1", port=port,
+                              ca_file=str(pki.ca_file)) as client:
+                await client.send(Notification(token="xyz", payload=PAYLOAD))
+        nursery.cancel_scope.cancel()

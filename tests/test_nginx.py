@@ -8,72 +8,22 @@ connection rollover is exercised by an independent implementation too.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import trio
 
 from fanout.client import Client
-
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-
-CONF = """
-worker_processes 1;
-daemon off;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-  access_log off;
-  client_body_temp_path {d}/body;
-  proxy_temp_path {d}/proxy;
-  fastcgi_temp_path {d}/fastcgi;
-  uwsgi_temp_path {d}/uwsgi;
-  scgi_temp_path {d}/scgi;
-  server {{
-    listen 127.0.0.1:{port} ssl http2;
-    http2_max_concurrent_streams 1000;
-    keepalive_requests 500;
-    ssl_certificate {cert};
-    ssl_certificate_key {key};
-    {extra}
-    location ~ ^/3/device/dead {{
-      default_type application/json;
-      return 410 '{{"reason":"Unregistered","timestamp":1700000000000}}';
-    }}
-    location / {{ return 200; }}
-  }}
-}}
-"""
+from fanout.nginx import nginx_binary
+from fanout.nginx import start_nginx as _start
 
 
 def start_nginx(tmp_path, pki, extra=""):
-    if NGINX is None:
+    if nginx_binary() is None:
         if os.environ.get("CI"):
             pytest.fail("nginx is not installed; .ci/run installs it")
         pytest.skip("nginx not installed (apt-get install nginx-light)")
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(CONF.format(d=tmp_path, port=port, cert=pki.cert_file, key=pki.key_file,
-                                extra=extra))
-    proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        if proc.poll() is not None:
-            pytest.fail(f"nginx exited: {proc.stdout.read().decode()}")
-        time.sleep(0.05)
-    return proc, port
+    return _start(tmp_path, pki.cert_file, pki.key_file, extra=extra, keepalive_requests=500)
 
 
 @pytest.fixture
