@@ -311,6 +311,12 @@ class Client:
         push = Push(prepared, batch)
         batch.live.add(push)
         self.outstanding += 1
+        # fast path: nothing to wait for, a slot is free: start without awaiting
+        if self.config_error is None and self.limiter._idle and not self.limiter._token_until:
+            push.attempts = 1
+            if self.pool.try_start(push):
+                return
+            push.attempts = 0
         await self._dispatch(push)
 
     # ------------------------------------------------------------------ dispatch and retry
@@ -388,7 +394,7 @@ class Client:
             outcome=outcome, id=push.id, token=p.token, status=status, reason=reason,
             apns_id=apns_id.decode() if apns_id else (p.apns_id.decode() if p.apns_id else None),
             timestamp=timestamp, attempts=push.attempts,
-            latency_ms=round(latency * 1000, 3) if latency is not None else None, error=error)
+            latency_ms=latency * 1000.0 if latency is not None else None, error=error)
         self.events.push_finished(result, p.push_type, latency)
         push.sink.deliver(push, result)
 

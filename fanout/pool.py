@@ -120,6 +120,21 @@ class Pool:
             else:
                 failures = 0
 
+    def try_start(self, job: Any) -> bool:
+        """Start ``job`` now if a slot is free and nobody is queued before it."""
+        if self._lot or self.halt_error is not None:
+            return False
+        best = None
+        room = 0
+        for conn in self.conns:
+            cap = conn.capacity
+            if cap > room:
+                best, room = conn, cap
+        if best is None:
+            return False
+        best.start(job)
+        return True
+
     async def submit(self, job: Any) -> None:
         """Start ``job`` on the connection with the most free slots, waiting for one."""
         deadline = None
@@ -154,9 +169,10 @@ class Pool:
     # ------------------------------------------------------------ connection listener
 
     def on_capacity(self, conn: Connection) -> None:
-        n = conn.capacity
-        if n > 0 and self._lot:
-            self._lot.unpark(count=n)
+        if self._lot:  # anybody waiting for a slot?
+            n = conn.capacity
+            if n > 0:
+                self._lot.unpark(count=n)
 
     def on_retired(self, conn: Connection, why: str) -> None:
         if conn in self.conns:

@@ -35,6 +35,7 @@ class StrictH2Server:
     connections: list[h2.connection.H2Connection] = field(default_factory=list)
     max_open: int = 0
     answer_delay: float = 0.0
+    response_headers: list = field(default_factory=list)
     port: int = 0
     _wakes: list = field(default_factory=list)
 
@@ -86,8 +87,8 @@ class StrictH2Server:
                 await trio.sleep(self.answer_delay)
             try:
                 conn.send_headers(sid, [(b":status", str(self.status).encode()),
-                                        (b"apns-id", b"00000000-0000-0000-0000-%012d" % sid)],
-                                  end_stream=True)
+                                        (b"apns-id", b"00000000-0000-0000-0000-%012d" % sid)]
+                                  + self.response_headers, end_stream=True)
             except h2.exceptions.StreamClosedError:
                 return
             await flush()

@@ -243,3 +243,44 @@ async def test_stream_limit_followed_live(server_ssl, pki):
     assert seen_limits == [1000, 1, 1000]
     assert server.max_open > 100
     assert events.causes == []  # no refused stream, no resend
+
+
+async def test_response_split_into_continuation_frames_is_reassembled(server_ssl, pki):
+    """h2 splits a 40 KB response header block into HEADERS + CONTINUATION frames."""
+    server = StrictH2Server(server_ssl, response_headers=[(b"x-big", b"v" * 40_000)])
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve)
+        async with Client(topic="com.example.app", host="127.0.0.1", port=port,
+                          ca_file=str(pki.ca_file), connections=1) as client:
+            results = []
+            with trio.fail_after(10):
+                async for r in client.fan_out({"aps": {"alert": "x"}},
+                                              (f"{i:064x}" for i in range(20))):
+                    results.append(r)
+        nursery.cancel_scope.cancel()
+    assert [r.outcome for r in results] == ["delivered"] * 20
+    assert server.errors == []
+
+
+async def test_rate_limited_sends_all_arrive(server_ssl, pki):
+    server = StrictH2Server(server_ssl)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve)
+        async with Client(topic="com.example.app", host="127.0.0.1", port=port,
+                          ca_file=str(pki.ca_file), rate=300.0,
+                          topic_rates={"com.example.app": 1000.0}) as client:
+            waited = []
+            original = client.limiter.acquire
+
+            async def spy(topic):
+                waited.append(await original(topic))
+                return waited[-1]
+            client.limiter.acquire = spy
+            results = []
+            with trio.fail_after(20):
+                async for r in client.fan_out({"aps": {"alert": "x"}},
+                                              (f"{i:064x}" for i in range(600))):
+                    results.append(r)
+        nursery.cancel_scope.cancel()
+    assert [r.outcome for r in results] == ["delivered"] * 600
+    assert len(waited) == 600 and sum(1 for w in waited if w > 0) > 100
