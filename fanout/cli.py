@@ -1,4 +1,5 @@
-"""Command line: ``fanout demo``, ``fanout send``, ``fanout mock``."""
+"""Command line: ``fanout demo``, ``send``, ``check``, ``mock`` (and ``run``, from
+:mod:`fanout.daemon`). APNs settings come from :mod:`fanout.config`."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import Any
 
 import trio
 
-from .errors import ConfigError, FanoutError, ValidationError
+from .config import add_settings_args, check, load_settings, make_client
+from .errors import FanoutError, ValidationError
 
 log = logging.getLogger("fanout")
 
@@ -77,55 +79,6 @@ class Progress:
         }
 
 
-# --------------------------------------------------------------------------- common options
-
-def _env(name: str, default: Any = None) -> Any:
-    value = os.environ.get(name)
-    return value if value not in (None, "") else default
-
-
-def add_connection_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("APNs connection (flags override APNS_* environment variables)")
-    g.add_argument("--key-path", default=_env("APNS_KEY_PATH"), help=".p8 signing key (APNS_KEY_PATH)")
-    g.add_argument("--key-id", default=_env("APNS_KEY_ID"), help="key id (APNS_KEY_ID)")
-    g.add_argument("--team-id", default=_env("APNS_TEAM_ID"), help="team id (APNS_TEAM_ID)")
-    g.add_argument("--cert", default=_env("APNS_CERT"), help="client certificate PEM for mTLS auth")
-    g.add_argument("--cert-key", default=_env("APNS_CERT_KEY"), help="key of --cert if separate")
-    g.add_argument("--topic", default=_env("APNS_TOPIC"), help="bundle id (APNS_TOPIC)")
-    g.add_argument("--environment", choices=["production", "sandbox"],
-                   default=_env("APNS_ENVIRONMENT", "production"))
-    g.add_argument("--host", default=_env("APNS_HOST"), help="override the APNs host (mock)")
-    g.add_argument("--port", type=int, default=int(_env("APNS_PORT", 443)))
-    g.add_argument("--ca-file", default=_env("APNS_CA_FILE"), help="CA bundle (for a mock)")
-    g.add_argument("--connections", type=int, default=int(_env("APNS_CONNECTIONS", 2)))
-    g.add_argument("--timeout", type=float, default=10.0, help="per-push deadline, seconds")
-    g.add_argument("--rate", type=float, default=None, help="global pushes/s limit")
-    g.add_argument("--max-attempts", type=int, default=5)
-    g.add_argument("--delivery", choices=["at_least_once", "at_most_once"], default="at_least_once")
-
-
-def make_auth(args: argparse.Namespace) -> Any:
-    from .auth import CertAuth, TokenAuth
-
-    if args.cert:
-        return CertAuth(args.cert, args.cert_key)
-    missing = [flag for flag, value in (("--key-path", args.key_path), ("--key-id", args.key_id),
-                                        ("--team-id", args.team_id)) if not value]
-    if missing:
-        raise ConfigError(f"token auth needs {', '.join(missing)} (or the APNS_* variables), "
-                          f"or --cert for certificate auth")
-    return TokenAuth.from_file(args.key_path, args.key_id, args.team_id)
-
-
-def make_client(args: argparse.Namespace, **extra: Any) -> Any:
-    from .client import Client
-
-    return Client(auth=make_auth(args), topic=args.topic, environment=args.environment,
-                  host=args.host, port=args.port, ca_file=args.ca_file,
-                  connections=args.connections, timeout=args.timeout, rate=args.rate,
-                  max_attempts=args.max_attempts, delivery=args.delivery, **extra)
-
-
 # --------------------------------------------------------------------------- send
 
 def _payload_from_args(args: argparse.Namespace) -> Any:
@@ -159,6 +112,7 @@ def _read_tokens(path: str):
 
 
 async def _send_main(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
     payload = _payload_from_args(args)
     progress = Progress(None)
     options = {k: v for k, v in (("push_type", args.push_type), ("priority", args.priority),
@@ -172,7 +126,7 @@ async def _send_main(args: argparse.Namespace) -> int:
                                           "timestamp": timestamp}) + "\n")
 
     try:
-        async with make_client(args, on_invalid_token=on_invalid) as client:
+        async with make_client(settings, on_invalid_token=on_invalid) as client:
             async for result in client.fan_out(payload, _read_tokens(args.tokens), **options):
                 progress.add(result)
             config_error = client.config_error
@@ -184,6 +138,17 @@ async def _send_main(args: argparse.Namespace) -> int:
         summary["config_error"] = config_error
     print(json.dumps(summary), flush=True)
     return 2 if config_error else 0
+
+
+# --------------------------------------------------------------------------- check
+
+async def _check_main(args: argparse.Namespace) -> int:
+    report = await check(load_settings(args))
+    print(json.dumps(report), flush=True)
+    if not report["ok"]:
+        print(f"fanout check: not ok: {report['error']}", file=sys.stderr, flush=True)
+        return 2
+    return 0
 
 
 # --------------------------------------------------------------------------- demo
@@ -285,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fraction of tokens the mock reports unregistered")
 
     send = sub.add_parser("send", parents=[common], help="one payload to a file of tokens")
-    add_connection_args(send)
+    add_settings_args(send)
     send.add_argument("--tokens", required=True, help="file with one token per line, or -")
     send.add_argument("--payload", help="JSON payload file, or - for stdin")
     send.add_argument("--title")
@@ -317,6 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--goaway-after", type=int)
     mock.add_argument("--close-after", type=int)
     mock.add_argument("--max-streams", type=int, default=1000)
+
+    check_p = sub.add_parser("check", parents=[common],
+                             help="one harmless push: are the credentials, topic and path good?")
+    add_settings_args(check_p)
+
+    # ---- hook: the `run` daemon registers itself from fanout/daemon.py (sets run_main=)
+    try:
+        from .daemon import add_run_parser
+    except ImportError:  # the daemon module is being written
+        add_run_parser = None
+    if add_run_parser is not None:
+        # returns nothing; sets set_defaults(run_main=<async fn(args) -> int>), see main()
+        add_run_parser(sub, settings_args=add_settings_args)
     return parser
 
 
@@ -324,7 +302,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    runner = {"demo": _demo_main, "send": _send_main, "mock": _mock_main}[args.command]
+    # `run` (fanout/daemon.py) sets run_main; `func` is accepted too, as an async fn(args) -> int
+    run_main = getattr(args, "run_main", None) or getattr(args, "func", None)
+    if run_main is not None:
+        # the daemon (fanout/daemon.py) handles its own signals: no KeyboardInterrupt here
+        try:
+            return trio.run(run_main, args)
+        except (FanoutError, OSError) as exc:
+            print(f"fanout {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+    runner = {"demo": _demo_main, "send": _send_main, "check": _check_main,
+              "mock": _mock_main}[args.command]
     try:
         return trio.run(runner, args)
     except KeyboardInterrupt:

@@ -387,7 +387,16 @@ class Client:
                 error: str | None = None) -> None:
         if push.abandoned:
             return
-        push.abandoned = True  # finished: never again
+        result = self._close(push, outcome, status=status, reason=reason, apns_id=apns_id,
+                             timestamp=timestamp, latency=latency, error=error)
+        push.sink.deliver(push, result)
+
+    def _close(self, push: Push, outcome: Outcome, *, status: int | None = None,
+               reason: str | None = None, apns_id: bytes | None = None,
+               timestamp: int | None = None, latency: float | None = None,
+               error: str | None = None) -> Result:
+        """Mark ``push`` finished (never again) and build its result."""
+        push.abandoned = True
         self.outstanding -= 1
         p = push.prepared
         result = Result(
@@ -396,7 +405,22 @@ class Client:
             timestamp=timestamp, attempts=push.attempts,
             latency_ms=latency * 1000.0 if latency is not None else None, error=error)
         self.events.push_finished(result, p.push_type, latency)
-        push.sink.deliver(push, result)
+        return result
+
+    def abort_in_flight(self, why: str) -> list[Result]:
+        """Reset every stream in flight and return their ``maybe_delivered`` results.
+
+        For a forced stop: the results are returned here, not streamed; pushes not yet sent
+        get no result (the caller did not see them go out, so it may send them again)."""
+        results = []
+        for conn in [*self.pool.conns, *self.pool.draining]:
+            for push in list(conn.streams.values()):
+                conn.cancel(push)
+                if isinstance(push, Push) and not push.abandoned:
+                    if isinstance(push.sink, _Batch):
+                        push.sink.live.discard(push)
+                    results.append(self._close(push, Outcome.MAYBE_DELIVERED, error=why))
+        return results
 
     # ------------------------------------------------------------------ connection events
 

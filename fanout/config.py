@@ -1,0 +1,448 @@
+"""One configuration layer for every command: ``send``, ``check`` and the ``run`` daemon.
+
+Each :class:`Settings` field can come from four places; the first one that sets it wins:
+
+1. a command-line flag (``--connections 4``; :func:`add_settings_args` adds one per field),
+2. an ``APNS_*`` environment variable (:data:`ENV`; a variable set to ``""`` counts as unset),
+3. the TOML file named by ``--config`` (or ``APNS_CONFIG``), keys at top level or under an
+   ``[apns]`` table (not both), relative paths resolved against the file's directory,
+4. the defaults below.
+
+Precedence is per field: ``topic_rates`` given on the command line replaces the whole table
+from the environment or the file, it is not merged topic by topic. The whole file is checked
+(unknown keys, types) even where flags override it; an environment variable is parsed only
+when no flag overrides it.
+
+Every problem raises :class:`fanout.errors.ConfigError` with a message naming where the bad
+value came from. Nothing here reads, logs or prints key material or a JWT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+import trio
+
+from .auth import CertAuth, TokenAuth
+from .errors import ConfigError, FanoutError
+
+__all__ = [
+    "CHECK_TOKEN",
+    "ENV",
+    "FLAGS",
+    "Settings",
+    "add_settings_args",
+    "check",
+    "load_settings",
+    "make_auth",
+    "make_client",
+]
+
+
+class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Everything needed to talk to APNs; see the module docstring for where values come from."""
+
+    key_path: str | None = None
+    key_id: str | None = None
+    team_id: str | None = None
+    cert: str | None = None  # certificate (mTLS) auth instead of a key
+    cert_key: str | None = None
+    topic: str | None = None
+    environment: str = "production"  # production | sandbox
+    host: str | None = None
+    port: int = 443
+    ca_file: str | None = None
+    connections: int = 2
+    timeout: float = 10.0
+    connect_timeout: float = 10.0
+    rate: float | None = None  # pushes/s, all topics
+    topic_rates: dict[str, float] = {}  # pushes/s per topic
+    max_attempts: int = 5
+    delivery: str = "at_least_once"  # at_least_once | at_most_once
+    max_in_flight: int = 8192
+    refresh_after: float = 3000.0  # JWT age at which it is renewed (s)
+
+
+_FIELDS = {f.name: f for f in msgspec.structs.fields(Settings)}
+
+#: Settings field -> environment variable.
+ENV: dict[str, str] = {name: "APNS_" + name.upper() for name in _FIELDS}
+#: Environment variable naming the config file when ``--config`` is not given.
+CONFIG_ENV = "APNS_CONFIG"
+
+#: Settings field -> command-line flag.
+FLAGS: dict[str, str] = {name: "--" + name.replace("_", "-") for name in _FIELDS}
+FLAGS["topic_rates"] = "--topic-rate"
+
+_PATHS = ("key_path", "cert", "cert_key", "ca_file")
+_ENVIRONMENTS = ("production", "sandbox")
+_DELIVERIES = ("at_least_once", "at_most_once")
+
+_HELP = {
+    "key_path": ".p8 signing key for token auth",
+    "key_id": "key id of the .p8 key (10 characters)",
+    "team_id": "Apple developer team id",
+    "cert": "client certificate PEM: certificate (mTLS) auth instead of a key",
+    "cert_key": "private key of --cert, if not in the same file",
+    "topic": "bundle id (default apns-topic)",
+    "environment": "production (default) or sandbox",
+    "host": "override the APNs host (a mock)",
+    "port": "APNs port (default 443)",
+    "ca_file": "CA bundle to verify the server with (a mock)",
+    "connections": "HTTP/2 connections (default 2)",
+    "timeout": "per-push deadline, seconds (default 10)",
+    "connect_timeout": "connect + TLS handshake deadline, seconds (default 10)",
+    "rate": "global limit, pushes/s (default none)",
+    "topic_rates": "per-topic limit, pushes/s; repeatable",
+    "max_attempts": "attempts per push for 429/5xx/transport failures (default 5)",
+    "delivery": "at_least_once (default) or at_most_once",
+    "max_in_flight": "pushes in flight or unconsumed per stream of results (default 8192)",
+    "refresh_after": "JWT age in seconds at which it is renewed (default 3000)",
+}
+
+
+# --------------------------------------------------------------------------- argparse
+
+
+def add_settings_args(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE`` plus one flag per :class:`Settings` field, all ``default=None``."""
+    g = parser.add_argument_group(
+        "APNs settings (precedence: flag > APNS_* environment variable > --config file > default)"
+    )
+    g.add_argument("--config", metavar="FILE", default=None,
+                   help=f"TOML settings file, top level or [apns] table ({CONFIG_ENV})")
+    for name, field in _FIELDS.items():
+        help_ = f"{_HELP[name]} ({ENV[name]})"
+        if name == "topic_rates":
+            g.add_argument(FLAGS[name], dest=name, action="append", default=None,
+                           metavar="TOPIC=RATE", help=help_)
+            continue
+        kind = _base_type(field.type)
+        arg_type = kind if kind in (int, float) else None
+        metavar = {"environment": "{production,sandbox}",
+                   "delivery": "{at_least_once,at_most_once}"}.get(name)
+        g.add_argument(FLAGS[name], dest=name, type=arg_type, default=None, metavar=metavar,
+                       help=help_)
+
+
+def _base_type(tp: Any) -> Any:
+    """``int | None`` -> ``int``; other types unchanged."""
+    args = getattr(tp, "__args__", None)
+    if args is not None and type(None) in args and len(args) == 2:
+        return next(a for a in args if a is not type(None))
+    return tp
+
+
+def _expected(tp: Any) -> str:
+    base = _base_type(tp)
+    if base is int:
+        return "an integer"
+    if base is float:
+        return "a number"
+    if base is str:
+        return "a string"
+    return "a table of topic = pushes/s" if getattr(base, "__origin__", None) is dict else str(tp)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _convert(name: str, value: Any, source: str, *, strict: bool) -> Any:
+    tp = _FIELDS[name].type
+    try:
+        return msgspec.convert(value, tp, strict=strict)
+    except msgspec.ValidationError as exc:
+        detail = str(exc)
+        if name == "topic_rates" and "$[" in detail:
+            detail = f"every rate must be a number ({detail})"
+        else:
+            detail = f"expected {_expected(tp)}, got {value!r}"
+        raise ConfigError(f"{source}: {detail}") from None
+
+
+def _parse_topic_rates(items: list[str], source: str) -> dict[str, float]:
+    rates: dict[str, float] = {}
+    for item in items:
+        topic, sep, rate = item.strip().rpartition("=")
+        topic = topic.strip()
+        if not sep or not topic:
+            raise ConfigError(
+                f"{source}: expected TOPIC=RATE (pushes/s), e.g. com.example.app=100, got {item!r}"
+            )
+        try:
+            rates[topic] = msgspec.convert(rate.strip(), float, strict=False)
+        except msgspec.ValidationError:
+            raise ConfigError(
+                f"{source}: rate of topic {topic!r} must be a number, got {rate.strip()!r}"
+            ) from None
+    return rates
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    where = f"config file {path}"
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{where} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{where} is a directory, not a file") from None
+    except PermissionError:
+        raise ConfigError(f"{where} is not readable (permission denied)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: not valid TOML: not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{where} cannot be read: {exc.strerror or type(exc).__name__}") from None
+
+    if "apns" in data:
+        table = data["apns"]
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: 'apns' must be a table ([apns]), got {table!r}")
+        others = [k for k in data if k != "apns"]
+        if others:
+            known = [k for k in others if k in _FIELDS]
+            if known:
+                raise ConfigError(
+                    f"{where}: settings are both at top level ({', '.join(known)}) and under "
+                    f"[apns]; use one or the other")
+            _unknown(where, others[0])
+        data = table
+    for key in data:
+        if key not in _FIELDS:
+            _unknown(where, key)
+
+    values: dict[str, Any] = {}
+    base = os.path.dirname(os.path.abspath(path))
+    for key, raw in data.items():
+        value = _convert(key, raw, f"{where}: {key}", strict=True)
+        if key in _PATHS and value:
+            value = os.path.join(base, os.path.expanduser(value))
+        values[key] = value
+    return values
+
+
+def _unknown(where: str, key: str) -> None:
+    close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(f"{where}: unknown key {key!r} ({hint}known: {', '.join(_FIELDS)})")
+
+
+def load_settings(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Settings:
+    """Merge command-line flags > ``APNS_*`` environment > ``--config`` TOML > defaults.
+
+    ``args`` may lack any of the flags (they then count as not given). Raises ConfigError.
+    """
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    config = getattr(args, "config", None) or environ.get(CONFIG_ENV) or None
+    if config:
+        where = f"config file {config}"
+        for name, value in _read_file(config).items():
+            values[name], sources[name] = value, where
+
+    for name, var in ENV.items():
+        raw = environ.get(var)
+        if raw is None or raw == "" or getattr(args, name, None) is not None:
+            continue  # unset, or overridden by a flag (then not even parsed)
+        if name == "topic_rates":
+            value = _parse_topic_rates(raw.replace(",", " ").split(), var)
+        else:
+            value = _convert(name, raw, var, strict=False)
+            if name in _PATHS:
+                value = os.path.expanduser(value)
+        values[name], sources[name] = value, var
+
+    for name, flag in FLAGS.items():
+        raw = getattr(args, name, None)
+        if raw is None:
+            continue
+        if name == "topic_rates":
+            value = _parse_topic_rates(list(raw), flag)
+        else:
+            value = _convert(name, raw, flag, strict=False)
+        values[name], sources[name] = value, flag
+
+    settings = Settings(**values)
+    _validate(settings, sources)
+    return settings
+
+
+def _validate(s: Settings, sources: dict[str, str]) -> None:
+    def fail(name: str, message: str) -> None:
+        where = sources.get(name)
+        raise ConfigError(f"{message} (from {where})" if where else message)
+
+    if s.environment not in _ENVIRONMENTS:
+        fail("environment", f"environment must be production or sandbox, got {s.environment!r}")
+    if s.delivery not in _DELIVERIES:
+        fail("delivery", f"delivery must be at_least_once or at_most_once, got {s.delivery!r}")
+    if not 1 <= s.port <= 65535:
+        fail("port", f"port must be within 1..65535, got {s.port}")
+    for name in ("connections", "max_attempts", "max_in_flight"):
+        if getattr(s, name) < 1:
+            fail(name, f"{name} must be >= 1, got {getattr(s, name)}")
+    for name in ("timeout", "connect_timeout", "refresh_after"):
+        value = getattr(s, name)
+        if not (math.isfinite(value) and value > 0):
+            fail(name, f"{name} must be a positive number of seconds, got {value!r}")
+    if s.rate is not None and not (math.isfinite(s.rate) and s.rate > 0):
+        fail("rate", f"rate must be a positive number of pushes/s, got {s.rate!r}")
+    for topic, rate in s.topic_rates.items():
+        if not topic:
+            fail("topic_rates", "topic_rates: a topic must not be empty")
+        if not (math.isfinite(rate) and rate > 0):
+            fail("topic_rates",
+                 f"topic_rates: rate of {topic!r} must be a positive number of pushes/s, "
+                 f"got {rate!r}")
+    if s.cert_key and not s.cert:
+        fail("cert_key", "cert_key is set but cert is not: certificate auth needs --cert")
+
+
+# --------------------------------------------------------------------------- building
+
+
+def make_auth(settings: Settings) -> TokenAuth | CertAuth:
+    """Certificate auth if ``cert`` is set, else token auth from key_path/key_id/team_id."""
+    if settings.cert:
+        return CertAuth(settings.cert, settings.cert_key)
+    missing = [name for name in ("key_path", "key_id", "team_id") if not getattr(settings, name)]
+    if missing:
+        flags = ", ".join(FLAGS[n] for n in missing)
+        envs = ", ".join(ENV[n] for n in missing)
+        keys = ", ".join(missing)
+        raise ConfigError(
+            f"token auth needs {flags} (or {envs}, or {keys} in the --config file), "
+            f"or --cert for certificate auth")
+    return TokenAuth.from_file(settings.key_path, settings.key_id, settings.team_id,
+                               refresh_after=settings.refresh_after)
+
+
+def make_client(settings: Settings, **extra: Any) -> Any:
+    """A :class:`fanout.client.Client` from ``settings``; ``extra`` adds or overrides kwargs."""
+    from .client import Client
+
+    kwargs: dict[str, Any] = {
+        "topic": settings.topic,
+        "environment": settings.environment,
+        "host": settings.host,
+        "port": settings.port,
+        "ca_file": settings.ca_file,
+        "connections": settings.connections,
+        "timeout": settings.timeout,
+        "connect_timeout": settings.connect_timeout,
+        "rate": settings.rate,
+        "topic_rates": dict(settings.topic_rates) or None,
+        "max_attempts": settings.max_attempts,
+        "delivery": settings.delivery,
+        "max_in_flight": settings.max_in_flight,
+    }
+    kwargs.update(extra)
+    if "auth" not in kwargs:
+        kwargs["auth"] = make_auth(settings)
+    return Client(**kwargs)
+
+
+# --------------------------------------------------------------------------- check
+
+#: The all-zero token: well formed, belongs to no device, so APNs answers 400 BadDeviceToken.
+CHECK_TOKEN = "00" * 32
+_LIMIT_WAIT = 1.0  # how long to wait for the SETTINGS frame that raises the stream limit
+
+
+async def check(settings: Settings) -> dict[str, Any]:
+    """One background push to :data:`CHECK_TOKEN` over one connection: are the credentials,
+    topic and network path good? Never raises for a configuration or transport problem:
+    ``ok`` is False and ``error`` says why."""
+    from .client import HOSTS
+    from .payload import Notification, PushType
+
+    token_auth = not settings.cert
+    report: dict[str, Any] = {
+        "ok": False,
+        "environment": settings.environment,
+        "host": settings.host or HOSTS.get(settings.environment),
+        "port": settings.port,
+        "auth": "token" if token_auth else "certificate",
+        "key_id": settings.key_id if token_auth else None,
+        "team_id": settings.team_id if token_auth else None,
+        "topic": settings.topic,
+        "answer": {"status": None, "reason": None, "outcome": None},
+        "stream_limit": None,
+        "jwt_age_s": None,
+        "error": None,
+    }
+    if not settings.topic:
+        report["error"] = (f"check needs a topic: {FLAGS['topic']} (or {ENV['topic']}, "
+                           f"or topic in the --config file)")
+        return report
+    try:
+        client = make_client(settings, connections=1, max_attempts=1, rate=None,
+                             topic_rates=None, unavailable_timeout=settings.connect_timeout)
+    except (FanoutError, OSError) as exc:
+        report["error"] = str(exc)
+        return report
+
+    note = Notification(token=CHECK_TOKEN, payload={"aps": {"content-available": 1}},
+                        push_type=PushType.BACKGROUND, priority=5, expiration=0)
+    budget = settings.connect_timeout + settings.timeout + _LIMIT_WAIT + 5.0
+    result = None
+    try:
+        with trio.fail_after(budget):
+            async with client:
+                result = await client.send(note)
+                status, reason = result.status, result.reason
+                ok = status == 200 or (status == 400 and reason == "BadDeviceToken") \
+                    or status == 410
+                if ok:
+                    await _wait_for_limit(client)
+                report["stream_limit"] = _stream_limit(client)
+    except trio.TooSlowError:
+        report["error"] = f"no answer from {report['host']}:{settings.port} within {budget:g} s"
+    except (FanoutError, OSError) as exc:
+        report["error"] = str(exc)
+    if hasattr(client.auth, "age"):
+        report["jwt_age_s"] = round(client.auth.age(), 3)
+    if result is None:
+        return report
+    report["answer"] = {"status": result.status, "reason": result.reason,
+                        "outcome": str(result.outcome)}
+    if ok:
+        report["ok"] = report["error"] is None
+    elif report["error"] is None:
+        if result.status is not None:
+            report["error"] = client.config_error or result.error or \
+                f"APNs answered {result.status} {result.reason or ''}".rstrip()
+        else:
+            report["error"] = result.error or f"no answer ({result.outcome})"
+    return report
+
+
+def _conn(client: Any) -> Any:
+    conns = list(client.pool.conns) or list(client.pool.draining)
+    return conns[0] if conns else None
+
+
+def _stream_limit(client: Any) -> int | None:
+    conn = _conn(client)
+    return conn.remote_max_streams if conn is not None else None
+
+
+async def _wait_for_limit(client: Any) -> None:
+    """After the first authenticated answer APNs raises the limit from 1 with a SETTINGS
+    frame that may arrive just after the answer: give it a moment."""
+    with trio.move_on_after(_LIMIT_WAIT):
+        while True:
+            limit = _stream_limit(client)
+            if limit is not None and limit > 1:
+                return
+            await trio.sleep(0.01)

@@ -1,0 +1,502 @@
+"""``fanout run``: the long-running daemon fed by stdin or NDJSON files.
+
+Every input line is accounted for exactly once: one result per push (a fan-out line yields
+one per token), one ``malformed`` result for a line that cannot be understood. For a file
+input, a checkpoint records the byte offset up to which every line has its result written
+and flushed; after a kill -9 a restart resumes there, and lines that may already have been
+sent (up to the recorded high-water line) come out marked ``resent``.
+
+Tasks (one nursery): a reader turns lines into prepared pushes and feeds them through a
+small channel to ``Client.send_many`` (input is read only as fast as pushes complete); the
+main task writes each result; a checkpointer flushes results and then advances the
+checkpoint; a signal task handles SIGTERM/SIGINT (drain, then force) and SIGHUP (reopen
+output files); a status task reports progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import signal
+import stat
+import sys
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
+
+import trio
+
+from . import checkpoint as ckpt
+from .errors import ConfigError, FanoutError, ValidationError
+from .lines import LineError, ResultLine, decode_line, result_encoder
+from .payload import Prepared, PushTemplate
+
+log = logging.getLogger("fanout.daemon")
+
+HIGH_WATER_STEP = 1024    # lines: how far ahead the "may have been sent" mark is moved
+CHANNEL_SIZE = 256
+EXIT_OK, EXIT_USAGE, EXIT_CONFIG, EXIT_FORCED = 0, 2, 3, 130
+
+
+# --------------------------------------------------------------------------- bookkeeping
+
+class InputState:
+    """One input: its lines still waiting for results, and its checkpoint."""
+
+    def __init__(self, path: str, label: str | None, checkpoint_path: str | None) -> None:
+        self.path = path
+        self.label = label
+        self.checkpoint_path = checkpoint_path
+        self.pending: OrderedDict[int, LineState] = OrderedDict()
+        self.last_line = 0
+        self.last_end = 0
+        self.dev = 0
+        self.ino = 0
+        self.high_water = 0        # persisted: lines up to here may have been sent
+        self.resend_until = 0      # from the previous run's checkpoint
+        self.last_sent_line = 0    # the last line with a push handed to the engine
+        self.saved: tuple[int, int, int] | None = None
+
+    def prefix(self) -> tuple[int, int]:
+        """(line, offset) up to which every line is done."""
+        if self.pending:
+            first = next(iter(self.pending.values()))
+            return first.number - 1, first.start
+        return self.last_line, self.last_end
+
+    def save(self) -> None:
+        if self.checkpoint_path is None:
+            return
+        line, offset = self.prefix()
+        key = (line, offset, self.high_water)
+        if key == self.saved:
+            return
+        ckpt.save(self.checkpoint_path, ckpt.Checkpoint(
+            input=self.path, dev=self.dev, ino=self.ino, offset=offset, line=line,
+            high_water=self.high_water))
+        self.saved = key
+
+
+class LineState:
+    __slots__ = ("input", "number", "start", "pending", "closed", "resend")
+
+    def __init__(self, inp: InputState, number: int, start: int, resend: bool) -> None:
+        self.input = inp
+        self.number = number
+        self.start = start
+        self.pending = 0
+        self.closed = False
+        self.resend = resend
+
+    def done(self) -> None:
+        self.input.pending.pop(self.number, None)
+
+
+class Tag:
+    """What a push carries as its id: the caller's id and the line it came from."""
+
+    __slots__ = ("line", "id")
+
+    def __init__(self, line: LineState, id: Any) -> None:
+        self.line = line
+        self.id = id
+
+
+class Output:
+    """An append-only NDJSON output: stdout or a file reopened on SIGHUP."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._fh: BinaryIO = self._open()
+        self._fsync = False
+        self._check_fsync()
+
+    def _check_fsync(self) -> None:
+        # fsync only regular files (a pipe, a tty or /dev/null cannot be synced)
+        try:
+            self._fsync = stat.S_ISREG(os.fstat(self._fh.fileno()).st_mode)
+        except (OSError, ValueError):
+            self._fsync = False
+
+    def _open(self) -> BinaryIO:
+        if self.path is None or self.path == "-":
+            return sys.stdout.buffer
+        try:
+            return open(self.path, "ab", buffering=1 << 16)  # noqa: SIM115 - lives with the daemon
+        except OSError as exc:
+            raise ConfigError(f"cannot open {self.path} for writing: {exc.strerror}") from None
+
+    def write(self, data: bytes) -> None:
+        self._fh.write(data)
+
+    def flush(self) -> None:
+        self._fh.flush()
+        if self._fsync:
+            os.fsync(self._fh.fileno())
+
+    def reopen(self) -> None:
+        if self.path in (None, "-"):
+            return
+        self.flush()
+        self._fh.close()
+        self._fh = self._open()
+        self._check_fsync()
+
+    def close(self) -> None:
+        self.flush()
+        if self.path not in (None, "-"):
+            self._fh.close()
+
+
+# --------------------------------------------------------------------------- the daemon
+
+class Daemon:
+    def __init__(self, settings: Any, args: argparse.Namespace, inputs: list[str],
+                 make_client: Callable[..., Any]) -> None:
+        self.settings = settings
+        self.args = args
+        self.inputs = inputs
+        self._make_client = make_client
+        self.results = Output(args.results)
+        self.invalid = Output(args.invalid_tokens) if args.invalid_tokens else None
+        self.counts: Counter[str] = Counter()
+        self.lines_read = 0
+        self.results_written = 0
+        self.states: list[InputState] = []
+        self.stopping = False
+        self.forced = False
+        self.config_stopped = False
+        self.exit_code = EXIT_OK
+        self.client: Any = None
+        self._nursery: trio.Nursery | None = None
+        self._reader_scope = trio.CancelScope()
+        self._consume_scope = trio.CancelScope()
+        self._started = time.monotonic()
+        self._status_tty = sys.stderr.isatty()
+
+    # ----------------------------------------------------------------- main
+
+    async def run(self) -> int:
+        send, recv = trio.open_memory_channel[Prepared](CHANNEL_SIZE)
+        client = self._make_client(self.settings, on_invalid_token=self._on_invalid)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._signals)
+                async with client:
+                    self.client = client
+                    nursery.start_soon(self._read_all, send)
+                    nursery.start_soon(self._checkpointer)
+                    nursery.start_soon(self._status_loop)
+                    with self._consume_scope:
+                        async for result in client.send_many(recv):
+                            self._write(result)
+                    if self.forced:
+                        for result in client.abort_in_flight("stopped before APNs answered"):
+                            self._write(result)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._finish()
+        if self.client is not None and self.client.config_error:
+            print(f"fanout run: {self.client.config_error}", file=sys.stderr)
+            return EXIT_CONFIG
+        return EXIT_FORCED if self.forced else self.exit_code
+
+    def _finish(self) -> None:
+        """Flush results, then record the checkpoints (in that order)."""
+        self.results.close()
+        if self.invalid is not None:
+            self.invalid.close()
+        for state in self.states:
+            # nothing past the last line handed to the engine can have been sent
+            state.high_water = max(state.prefix()[0],
+                                   min(state.high_water, state.last_sent_line))
+            state.save()
+        self._status(final=True)
+
+    # ----------------------------------------------------------------- input
+
+    async def _read_all(self, send: trio.MemorySendChannel[Prepared]) -> None:
+        from .reader import input_identity, read_lines
+
+        async with send:
+            with self._reader_scope:
+                labelled = len(self.inputs) > 1
+                for path in self.inputs:
+                    state = self._open_input(path, labelled)
+                    if state is None:
+                        continue
+                    self.states.append(state)
+                    start_line, start_offset = state.last_line, state.last_end
+                    async for line in read_lines(
+                            None if path == "-" else path, start_offset=start_offset,
+                            start_line=start_line, follow=self.args.follow,
+                            max_line_bytes=self.args.max_line_bytes):
+                        identity = getattr(line, "identity", None)
+                        if identity and identity != (state.dev, state.ino):
+                            state.dev, state.ino = identity  # rotated (follow mode)
+                        await self._line(state, line, send)
+                    if path != "-":
+                        try:
+                            state.dev, state.ino = input_identity(path)
+                        except OSError:
+                            pass
+
+    def _open_input(self, path: str, labelled: bool) -> InputState | None:
+        from .reader import input_identity
+
+        label = path if labelled else None
+        if path == "-" or self.args.no_checkpoint:
+            return InputState(path, label, None)
+        cp_path = self.args.checkpoint or ckpt.default_path(path)
+        state = InputState(path, label, cp_path)
+        try:
+            state.dev, state.ino = input_identity(path)
+            size = os.path.getsize(path)
+        except OSError as exc:
+            raise ConfigError(f"input {path}: {exc.strerror}") from None
+        cp = ckpt.load(cp_path)
+        if cp is None:
+            return state
+        if (cp.dev, cp.ino) != (state.dev, state.ino) or cp.offset > size:
+            log.warning("checkpoint %s belongs to another file than %s now: starting from "
+                        "the beginning", cp_path, path)
+            return state
+        state.last_line, state.last_end = cp.line, cp.offset
+        state.high_water = state.resend_until = cp.high_water
+        state.saved = (cp.line, cp.offset, cp.high_water)
+        if cp.line:
+            log.info("%s: resuming after line %d (byte %d); lines up to %d may be resent",
+                     path, cp.line, cp.offset, cp.high_water)
+        return state
+
+    async def _line(self, inp: InputState, line: Any,
+                    send: trio.MemorySendChannel[Prepared]) -> None:
+        number = line.number
+        self.lines_read += 1
+        state = LineState(inp, number, line.start, number <= inp.resend_until)
+        inp.pending[number] = state
+        inp.last_line, inp.last_end = number, line.end
+        if number > inp.high_water and inp.checkpoint_path is not None:
+            # lines beyond the persisted high-water mark may now be sent: move it first
+            inp.high_water = number + max(HIGH_WATER_STEP, self.settings.max_in_flight)
+            inp.save()
+        if line.error:
+            self._malformed(state, line.error)
+            return
+        try:
+            push = decode_line(line.data)
+            template = PushTemplate(
+                push.payload, push_type=push.push_type or "alert", topic=push.topic,
+                default_topic=self.settings.topic, priority=push.priority,
+                expiration=push.expiration, collapse_id=push.collapse_id, apns_id=push.apns_id)
+            tokens = self._tokens(push)
+        except (LineError, ValidationError, ConfigError) as exc:
+            self._malformed(state, str(exc))
+            return
+        try:
+            for token in tokens:
+                try:
+                    prepared = template.for_token(token, Tag(state, push.id))
+                except ValidationError as exc:
+                    self._emit(ResultLine(id=push.id, line=number, outcome="rejected",
+                                          token=token if len(token) < 600 else None,
+                                          error=str(exc), input=inp.label), state)
+                    continue
+                state.pending += 1
+                await send.send(prepared)
+                inp.last_sent_line = number
+        except OSError as exc:  # tokens_file unreadable midway
+            self._emit(ResultLine(id=push.id, line=number, outcome="malformed",
+                                  error=f"tokens_file {push.tokens_file}: {exc.strerror}",
+                                  input=inp.label), state)
+        state.closed = True
+        if not state.pending:
+            state.done()
+
+    @staticmethod
+    def _tokens(push: Any) -> Iterator[str] | list[str]:
+        if push.token is not None:
+            return [push.token]
+        if push.tokens is not None:
+            return push.tokens
+        path = push.tokens_file
+        try:
+            fh = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
+        except OSError as exc:
+            raise ConfigError(f"tokens_file {path}: {exc.strerror}") from None
+
+        def lines() -> Iterator[str]:
+            with fh:
+                for raw in fh:
+                    token = raw.strip()
+                    if token:
+                        yield token
+        return lines()
+
+    # ----------------------------------------------------------------- output
+
+    def _malformed(self, state: LineState, error: str) -> None:
+        self._emit(ResultLine(id=None, line=state.number, outcome="malformed", error=error,
+                              input=state.input.label), state)
+        state.closed = True
+        state.done()
+
+    def _emit(self, record: ResultLine, state: LineState) -> None:
+        if state.resend:
+            record.resent = True
+        self.results.write(result_encoder.encode(record) + b"\n")
+        self.counts[record.outcome] += 1
+        self.results_written += 1
+
+    def _write(self, result: Any) -> None:
+        tag = result.id
+        state = tag.line
+        latency = result.latency_ms
+        self._emit(ResultLine(
+            id=tag.id, line=state.number, outcome=str(result.outcome), token=result.token,
+            status=result.status, reason=result.reason, apns_id=result.apns_id,
+            timestamp=result.timestamp, attempts=result.attempts,
+            latency_ms=round(latency, 3) if latency is not None else None, error=result.error,
+            input=state.input.label), state)
+        state.pending -= 1
+        if state.closed and not state.pending:
+            state.done()
+        if self.client.config_error and not self.config_stopped:
+            self.config_stopped = True
+            if self.args.on_config_error == "stop":
+                log.error("stopping: %s", self.client.config_error)
+                self._reader_scope.cancel()
+            else:
+                log.error("%s; marking the remaining lines config_error",
+                          self.client.config_error)
+
+    def _on_invalid(self, token: str, reason: str | None, timestamp: int | None) -> None:
+        if self.invalid is not None:
+            self.invalid.write(json.dumps({"token": token, "reason": reason,
+                                           "timestamp": timestamp}).encode() + b"\n")
+
+    async def _checkpointer(self) -> None:
+        while True:
+            await trio.sleep(self.args.checkpoint_interval)
+            snapshot = [(s, s.prefix()) for s in self.states if s.checkpoint_path]
+            self.results.flush()         # results first ...
+            if self.invalid is not None:
+                self.invalid.flush()
+            for state, (line, offset) in snapshot:   # ... then the checkpoint that covers them
+                key = (line, offset, state.high_water)
+                if key != state.saved:
+                    ckpt.save(state.checkpoint_path, ckpt.Checkpoint(
+                        input=state.path, dev=state.dev, ino=state.ino, offset=offset,
+                        line=line, high_water=state.high_water))
+                    state.saved = key
+
+    # ----------------------------------------------------------------- control
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for sig in sigs:
+                if sig == signal.SIGHUP:
+                    log.info("SIGHUP: reopening output files")
+                    self.results.reopen()
+                    if self.invalid is not None:
+                        self.invalid.reopen()
+                elif not self.stopping:
+                    self.stopping = True
+                    log.warning("%s: no more input; draining pushes in flight (up to %g s)",
+                                signal.Signals(sig).name, self.args.drain_timeout)
+                    self._reader_scope.cancel()
+                    self._nursery.start_soon(self._drain_deadline)
+                else:
+                    self._force(f"second {signal.Signals(sig).name}")
+
+    def _force(self, why: str) -> None:
+        if self.forced:
+            return
+        log.warning("%s: stopping now; pushes in flight are reported maybe_delivered", why)
+        self.forced = True
+        self._reader_scope.cancel()
+        self._consume_scope.cancel()
+
+    async def _drain_deadline(self) -> None:
+        await trio.sleep(self.args.drain_timeout)
+        self._force(f"drain timeout ({self.args.drain_timeout:g} s)")
+
+    async def _status_loop(self) -> None:
+        interval = 1.0 if self._status_tty else self.args.status_interval
+        if interval <= 0:
+            return
+        while True:
+            await trio.sleep(interval)
+            self._status()
+
+    def _status(self, final: bool = False) -> None:
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        in_flight = self.client.pool.in_flight if self.client is not None else 0
+        info = {"lines": self.lines_read, "results": self.results_written,
+                "per_s": round(self.results_written / elapsed, 1), "in_flight": in_flight,
+                "counts": dict(sorted(self.counts.items())),
+                "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        if self._status_tty and not final:
+            counts = " ".join(f"{k}={v:,}" for k, v in info["counts"].items())
+            sys.stderr.write(f"\r{info['lines']:,} lines  {info['per_s']:,.0f}/s  "
+                             f"in flight {in_flight}  {counts}\x1b[K")
+            sys.stderr.flush()
+            return
+        if self._status_tty:
+            sys.stderr.write("\n")
+        if self.args.log_format == "json":
+            print(json.dumps({"event": "final" if final else "status", **info}),
+                  file=sys.stderr, flush=True)
+        else:
+            log.warning("%s: %s", "final" if final else "status",
+                        " ".join(f"{k}={v}" for k, v in info.items()))
+
+
+# --------------------------------------------------------------------------- command line
+
+def add_run_parser(sub: Any, settings_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    p = sub.add_parser("run", help="daemon: NDJSON pushes from stdin or files, NDJSON results")
+    settings_args(p)
+    p.add_argument("inputs", nargs="*", default=["-"],
+                   help="NDJSON files or globs; - or nothing for stdin")
+    p.add_argument("--follow", action="store_true", help="tail a growing file (like tail -F)")
+    p.add_argument("--results", help="append results here (default stdout)")
+    p.add_argument("--invalid-tokens", help="append invalidated tokens here as NDJSON")
+    p.add_argument("--checkpoint", help="checkpoint file (default: INPUT.checkpoint)")
+    p.add_argument("--no-checkpoint", action="store_true")
+    p.add_argument("--checkpoint-interval", type=float, default=0.5)
+    p.add_argument("--drain-timeout", type=float, default=30.0)
+    p.add_argument("--on-config-error", choices=["stop", "drain"], default="stop",
+                   help="stop reading (default), or mark every remaining line config_error")
+    p.add_argument("--max-line-bytes", type=int, default=16 * 1024 * 1024)
+    p.add_argument("--status-interval", type=float, default=10.0,
+                   help="seconds between status log lines when not on a TTY (0: none)")
+    p.add_argument("--log-format", choices=["text", "json"], default="text")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+    p.set_defaults(run_main=run_main)
+
+
+async def run_main(args: argparse.Namespace) -> int:
+    from .config import load_settings, make_client
+    from .reader import expand_inputs
+
+    try:
+        settings = load_settings(args)
+        inputs = expand_inputs(args.inputs or ["-"])
+        if args.follow and (len(inputs) != 1 or inputs[0] == "-"):
+            raise ConfigError("--follow takes exactly one input file")
+        if args.checkpoint and len(inputs) != 1:
+            raise ConfigError("--checkpoint takes exactly one input file "
+                              "(each input otherwise gets INPUT.checkpoint)")
+        return await Daemon(settings, args, inputs, make_client).run()
+    except FanoutError as exc:
+        print(f"fanout run: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if not isinstance(exc, ConfigError) else EXIT_CONFIG
+    except OSError as exc:
+        print(f"fanout run: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,446 @@
+"""Input side of ``fanout run``: split NDJSON input into lines with exact byte offsets.
+
+Nothing here looks at line content (JSON decoding and blank-line reporting happen in the
+caller). What this module guarantees is accounting: every byte of the input belongs to
+exactly one :class:`InputLine`, and ``line.end`` is the byte offset to checkpoint so that a
+restart with ``start_offset=line.end, start_line=line.number`` continues with the next line.
+Together with ``line.identity`` (the file's ``(st_dev, st_ino)``) the caller can tell on
+restart whether the checkpointed file is still the one at the path.
+
+Memory stays flat whatever the input size: one chunk plus at most one partial line, itself
+capped at ``max_line_bytes`` (longer lines are counted, skipped and reported, never held).
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import os
+import stat
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TypeVar
+
+import trio
+
+from fanout.errors import ConfigError
+
+__all__ = ["InputLine", "expand_inputs", "input_identity", "read_lines"]
+
+Identity = tuple[int, int]
+_T = TypeVar("_T")
+
+_NL = b"\n"
+_CR = 13
+
+
+class InputLine:
+    """One input line and where it sits in its file.
+
+    ``number`` is 1-based and continues across resumes, rotations and truncations.
+    ``start``/``end`` are byte offsets in the file the line came from: ``end`` is just past
+    the ``\\n`` (or past the last byte of a final line without one), so
+    ``file[start:end]`` is the raw line. ``data`` is the line without the ``\\n`` and one
+    trailing ``\\r``. ``error`` is ``None`` or a message (then ``data`` is ``b""``).
+    ``identity`` is ``(st_dev, st_ino)`` of the file the line came from: store it with the
+    offset, it changes when the input was rotated.
+    """
+
+    __slots__ = ("number", "start", "end", "data", "error", "identity")
+
+    def __init__(
+        self,
+        number: int,
+        start: int,
+        end: int,
+        data: bytes,
+        error: str | None = None,
+        identity: Identity | None = None,
+    ) -> None:
+        self.number = number
+        self.start = start
+        self.end = end
+        self.data = data
+        self.error = error
+        self.identity = identity
+
+    def __repr__(self) -> str:
+        data = self.data if len(self.data) <= 60 else self.data[:57] + b"..."
+        return (
+            f"InputLine(number={self.number}, start={self.start}, end={self.end}, "
+            f"data={data!r}, error={self.error!r}, identity={self.identity!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, InputLine):
+            return NotImplemented
+        return (
+            self.number == other.number
+            and self.start == other.start
+            and self.end == other.end
+            and self.data == other.data
+            and self.error == other.error
+            and self.identity == other.identity
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+
+class _Splitter:
+    """Incremental line splitter over a byte stream; tracks offsets and line numbers.
+
+    ``offset`` is the stream position just past the last fed byte. A partial line is kept in
+    ``pending`` until its newline arrives; once it exceeds ``max_line_bytes + 1`` (the +1
+    leaves room for a ``\\r`` that is not part of the data) it is dropped and only its
+    length is counted (``skipping``).
+    """
+
+    __slots__ = (
+        "max_line_bytes",
+        "number",
+        "identity",
+        "offset",
+        "line_start",
+        "pending",
+        "pending_len",
+        "skipping",
+        "too_long",
+    )
+
+    def __init__(self, max_line_bytes: int, offset: int, number: int) -> None:
+        self.max_line_bytes = max_line_bytes
+        self.too_long = f"line is longer than {max_line_bytes} bytes"
+        self.number = number
+        self.identity: Identity | None = None
+        self.offset = offset
+        self.line_start = offset
+        self.pending = bytearray()
+        self.pending_len = 0
+        self.skipping = False
+
+    def restart(self, offset: int, identity: Identity | None) -> None:
+        """Continue at ``offset`` of a (possibly different) file; call after :meth:`finish`."""
+        self.offset = self.line_start = offset
+        self.identity = identity
+
+    def feed(self, chunk: bytes) -> Iterator[InputLine]:
+        """Yield the lines completed by ``chunk``; keep its unterminated tail.
+
+        Must be exhausted before the next call.
+        """
+        pos = 0
+        base = self.offset
+        limit = self.max_line_bytes
+        find = chunk.find
+        nl = find(_NL)
+        while nl != -1:
+            self.number += 1
+            end = base + nl + 1
+            error = None
+            if self.pending_len == 0:
+                # fast path: the whole line is inside this chunk (one copy, no buffer)
+                stop = nl - 1 if nl > pos and chunk[nl - 1] == _CR else nl
+                if stop - pos > limit:
+                    data, error = b"", self.too_long
+                else:
+                    data = chunk[pos:stop]
+            elif self.skipping or self.pending_len + nl - pos > limit + 1:
+                data, error = b"", self.too_long
+            else:
+                self.pending += memoryview(chunk)[pos:nl]
+                data = self._take_pending()
+                if data is None:
+                    data, error = b"", self.too_long
+            yield InputLine(self.number, self.line_start, end, data, error, self.identity)
+            self.line_start = end
+            self._reset_pending()
+            pos = nl + 1
+            nl = find(_NL, pos)
+        self.offset = base + len(chunk)
+        rest = len(chunk) - pos
+        if rest:
+            self.pending_len += rest
+            if self.skipping:
+                pass
+            elif self.pending_len > limit + 1:
+                self.skipping = True
+                self.pending = bytearray()  # release the memory, not just the length
+            else:
+                self.pending += memoryview(chunk)[pos:]
+
+    def finish(self) -> InputLine | None:
+        """The pending unterminated line as a final line (``end`` = current offset), if any."""
+        if self.pending_len == 0:
+            return None
+        self.number += 1
+        error = None
+        data = None if self.skipping else self._take_pending()
+        if data is None:
+            data, error = b"", self.too_long
+        line = InputLine(self.number, self.line_start, self.offset, data, error, self.identity)
+        self.line_start = self.offset
+        self._reset_pending()
+        return line
+
+    def _take_pending(self) -> bytes | None:
+        """The pending bytes without one trailing ``\\r``; None if that is still too long."""
+        pending = self.pending
+        n = len(pending)
+        if n and pending[-1] == _CR:
+            n -= 1
+        if n > self.max_line_bytes:
+            return None
+        return bytes(memoryview(pending)[:n])
+
+    def _reset_pending(self) -> None:
+        if self.pending_len:
+            self.pending_len = 0
+            self.skipping = False
+            if len(self.pending) > 65536:
+                self.pending = bytearray()  # do not keep a huge allocation around
+            else:
+                self.pending.clear()
+
+
+class _Source:
+    """An open input: the fd (owned by ``stream``), its identity and kind."""
+
+    __slots__ = ("stream", "identity", "regular", "seekable")
+
+    def __init__(self, fd: int, st: os.stat_result) -> None:
+        self.identity: Identity = (st.st_dev, st.st_ino)
+        self.regular = stat.S_ISREG(st.st_mode)
+        self.seekable = self.regular
+        # FdStream never has to wait on a regular file (reads do not raise BlockingIOError),
+        # so it is safe for files too, and for pipes/ttys it waits without blocking the loop.
+        self.stream = trio.lowlevel.FdStream(fd)
+
+    @property
+    def fd(self) -> int:
+        return self.stream.fileno()
+
+    async def receive(self, max_bytes: int) -> bytes:
+        try:
+            return await self.stream.receive_some(max_bytes)
+        except trio.BrokenResourceError as exc:
+            # FdStream wraps the OSError (EIO, EISDIR ...): surface the real one
+            if isinstance(exc.__cause__, OSError):
+                raise exc.__cause__ from None
+            raise
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        except RuntimeError:  # finalised outside trio: close without notifying trio
+            os.close(self.stream.fileno())
+
+
+def _open_path(path: str) -> tuple[int, os.stat_result]:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _open_stdin() -> tuple[int, os.stat_result]:
+    # a duplicate, so closing our stream never closes the process's fd 0. FdStream makes
+    # the shared open file description non-blocking until it is closed (trio issue #174).
+    fd = os.dup(0)
+    try:
+        return fd, os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _probe(path: str | None, fd: int) -> tuple[Identity | None, int]:
+    """(identity of what ``path`` names now or None if missing, size of our open file)."""
+    size = os.fstat(fd).st_size
+    if path is None:
+        return None, size
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None, size
+    return (st.st_dev, st.st_ino), size
+
+
+async def _in_thread(fn: Callable[..., _T], *args: object) -> _T:
+    # stat/open may hang on a network filesystem or a FIFO without writer: keep the loop free
+    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+
+
+async def _open_when_present(
+    path: str, follow: bool, poll_interval: float, *, rotated: bool = False
+) -> _Source:
+    """Open ``path``; with ``follow`` wait for it to exist.
+
+    After a rotation a permission error is retried too: ``logrotate``'s ``create`` makes
+    the new file and only then sets its owner and mode.
+    """
+    while True:
+        try:
+            fd, st = await _in_thread(_open_path, path)
+        except FileNotFoundError as exc:
+            if not follow:
+                raise ConfigError(f"input {path!r} does not exist") from exc
+        except PermissionError as exc:
+            if not rotated:
+                raise ConfigError(f"cannot open input {path!r}: {exc.strerror}") from exc
+        except IsADirectoryError as exc:
+            raise ConfigError(f"input {path!r} is a directory") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot open input {path!r}: {exc.strerror or exc}") from exc
+        else:
+            return _Source(fd, st)
+        await trio.sleep(poll_interval)
+
+
+async def read_lines(
+    path: str | None,
+    *,
+    start_offset: int = 0,
+    start_line: int = 0,
+    follow: bool = False,
+    max_line_bytes: int = 16 * 1024 * 1024,
+    poll_interval: float = 0.25,
+    chunk_size: int = 256 * 1024,
+) -> AsyncIterator[InputLine]:
+    """Yield the lines of ``path`` (``None``/``"-"``: stdin) with exact byte offsets.
+
+    Reading starts at ``start_offset``; line numbers continue from ``start_line`` (the number
+    of the last line already handled). Offsets always count from the start of the file; for
+    a non-seekable stdin the first ``start_offset`` bytes are read and discarded. If a file
+    is shorter than ``start_offset`` it was truncated or replaced while we were away: it is
+    read from 0 (visible as ``line.start < start_offset``).
+
+    Without ``follow`` the iterator ends at EOF, yielding a final unterminated line. With
+    ``follow`` it behaves like ``tail -F`` and ends only when cancelled: at EOF it polls
+    every ``poll_interval``; an unterminated last line is held back (it may be a partial
+    write) unless the file is rotated or truncated. Rotation (the path names another file)
+    drains the old file then continues with the new one from offset 0 (``line.identity``
+    changes); truncation below our offset restarts at 0. A missing path is waited for.
+    Stdin that is a pipe or tty ends at its EOF even with ``follow`` (nothing can follow).
+
+    Use ``contextlib.aclosing`` (or exhaust the iterator) so the file is closed promptly.
+    Raises :class:`ConfigError` if the file cannot be opened (missing only without
+    ``follow``) and ``OSError`` for read errors.
+    """
+    if start_offset < 0 or start_line < 0:
+        raise ValueError("start_offset and start_line must be >= 0")
+    if max_line_bytes < 1 or chunk_size < 1:
+        raise ValueError("max_line_bytes and chunk_size must be >= 1")
+    if not poll_interval > 0:
+        raise ValueError("poll_interval must be > 0")
+    if path == "-":
+        path = None
+
+    if path is None:
+        fd, st = await _in_thread(_open_stdin)
+        src = _Source(fd, st)
+        try:
+            os.lseek(fd, 0, os.SEEK_CUR)
+        except OSError:
+            src.seekable = False
+    else:
+        src = await _open_when_present(path, follow, poll_interval)
+
+    sp = _Splitter(max_line_bytes, start_offset, start_line)
+    to_discard = 0
+    try:
+        if start_offset:
+            if not src.seekable:
+                to_discard = start_offset
+            elif os.fstat(src.fd).st_size < start_offset:
+                sp.restart(0, None)
+            else:
+                os.lseek(src.fd, start_offset, os.SEEK_SET)
+        sp.identity = src.identity
+        # a stdin pipe/tty can never grow again after EOF
+        can_follow = follow and (path is not None or src.regular)
+
+        while True:
+            chunk = await src.receive(chunk_size)
+            if chunk:
+                if to_discard:
+                    if len(chunk) <= to_discard:
+                        to_discard -= len(chunk)
+                        continue
+                    chunk = chunk[to_discard:]
+                    to_discard = 0
+                for line in sp.feed(chunk):
+                    yield line
+                continue
+
+            # EOF
+            if not can_follow:
+                last = sp.finish()
+                if last is not None:
+                    yield last
+                return
+            now, size = await _in_thread(_probe, path, src.fd)
+            if now is not None and now != src.identity:
+                # rotated: first drain what was written to the old file before the switch
+                # (the next EOF re-probes, so a still-growing old file is read to its end)
+                chunk = await src.receive(chunk_size)
+                if chunk:
+                    for line in sp.feed(chunk):
+                        yield line
+                    continue
+                last = sp.finish()
+                if last is not None:
+                    yield last
+                src.close()
+                assert path is not None
+                src = await _open_when_present(path, True, poll_interval, rotated=True)
+                sp.restart(0, src.identity)
+            elif src.regular and size < sp.offset:
+                # truncated in place: the unterminated tail (if any) will never be completed
+                last = sp.finish()
+                if last is not None:
+                    yield last
+                os.lseek(src.fd, 0, os.SEEK_SET)
+                sp.restart(0, src.identity)
+            else:
+                await trio.sleep(poll_interval)
+    finally:
+        src.close()
+
+
+def input_identity(path: str) -> Identity:
+    """``(st_dev, st_ino)`` of ``path`` (``"-"``: stdin), to tell if a file was replaced."""
+    st = os.fstat(0) if path == "-" else os.stat(path)
+    return (st.st_dev, st.st_ino)
+
+
+def expand_inputs(patterns: list[str]) -> list[str]:
+    """Expand input patterns to paths: ``"-"`` stays, globs expand sorted, order kept, no dups.
+
+    Raises :class:`ConfigError` for a pattern that matches nothing and is not an existing
+    path, and for a directory.
+    """
+    out: list[str] = []
+    seen: set[str] = set()
+    for pattern in patterns:
+        if pattern == "-":
+            matches = ["-"]
+        else:
+            matches = []
+            if glob.escape(pattern) != pattern:  # has glob magic
+                matches = sorted(glob.glob(pattern))
+            if not matches and os.path.lexists(pattern):
+                matches = [pattern]  # a literal name such as "a[1].log"
+            if not matches:
+                raise ConfigError(f"input {pattern!r} matches no file")
+        for path in matches:
+            if path != "-" and os.path.isdir(path):
+                raise ConfigError(f"input {path!r} is a directory, not a file")
+            key = path if path == "-" else os.path.abspath(path)
+            if key not in seen:
+                seen.add(key)
+                out.append(path)
+    return out

@@ -1,0 +1,220 @@
+"""``fanout run`` as a real process (signals, kill -9, restarts) against the mock APNs.
+
+The mock runs in the test process (its counts are the ground truth); the daemon runs as a
+subprocess of the real executable, on the other core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import trio
+
+from fanout.mock import MockAPNs, MockConfig
+
+FANOUT = [sys.executable, "-m", "fanout"]
+PAYLOAD = {"aps": {"alert": {"title": "t", "body": "hello"}}}
+MALFORMED = [b"not json at all", b'{"token": 5, "payload": {}}', b'{"payload": {"aps": {}}}',
+             b"", b'{"token": "ab", "tokens": ["cd"], "payload": {}}', b'{"token": "ab"',
+             b'{"token": "abcd", "payload": {"aps": {}}, "colour": "red"}', b"\xff\xfe{bad utf8"]
+
+
+def write_input(path: Path, n: int, *, malformed_every: int = 0, seed: int = 1) -> dict[int, str]:
+    """n lines; returns line number -> token for the push lines."""
+    rng = random.Random(seed)
+    tokens = {}
+    with open(path, "wb") as fh:
+        for i in range(1, n + 1):
+            if malformed_every and i % malformed_every == 0:
+                fh.write(rng.choice(MALFORMED) + b"\n")
+                continue
+            token = f"{i:064x}"
+            tokens[i] = token
+            fh.write(json.dumps({"id": f"p{i}", "token": token, "payload": PAYLOAD}).encode()
+                     + b"\n")
+    return tokens
+
+
+@contextlib.asynccontextmanager
+async def mock_server(pki, key, **config):
+    config.setdefault("keys", {key.key_id: key.public_key})
+    config.setdefault("team_id", key.team_id)
+    mock = MockAPNs(MockConfig(**config), pki)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mock.serve)
+        yield mock
+        nursery.cancel_scope.cancel()
+
+
+def daemon_cmd(mock, pki, key, *args: str) -> list[str]:
+    return FANOUT + ["run", "--host", "127.0.0.1", "--port", str(mock.port), "--ca-file",
+                     str(pki.ca_file), "--key-path", str(key.path), "--key-id", key.key_id,
+                     "--team-id", key.team_id, "--topic", "com.example.app",
+                     "--log-format", "json", *args]
+
+
+async def run_daemon(cmd: list[str], *, stdin: bytes | None = None, timeout: float = 120):
+    with trio.fail_after(timeout):
+        return await trio.run_process(cmd, stdin=stdin, capture_stdout=True,
+                                      capture_stderr=True, check=False)
+
+
+def read_results(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_bytes().splitlines() if x.strip()]
+
+
+async def test_100k_lines_exactly_one_result_per_push(tmp_path, pki, signing_key):
+    inp = tmp_path / "in.ndjson"
+    tokens = write_input(inp, 100_000, malformed_every=100)
+    out = tmp_path / "results.ndjson"
+    invalid = tmp_path / "invalid.ndjson"
+    async with mock_server(pki, signing_key, unregistered_fraction=0.05) as mock:
+        proc = await run_daemon(daemon_cmd(mock, pki, signing_key, str(inp), "--results",
+                                           str(out), "--invalid-tokens", str(invalid)),
+                                timeout=240)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    results = read_results(out)
+    by_line = Counter(r["line"] for r in results)
+    assert len(results) == 100_000 and set(by_line.values()) == {1}
+    counts = Counter(r["outcome"] for r in results)
+    assert counts["malformed"] == 1000
+    assert counts["invalid_token"] == mock.stats.by_status[410]
+    assert counts["delivered"] == mock.stats.by_status[200] == len(mock.stats.delivered)
+    assert counts["delivered"] + counts["invalid_token"] == len(tokens)
+    assert 4000 < counts["invalid_token"] < 6000
+    for r in results:
+        if r["outcome"] == "malformed":
+            assert r["error"] and r["line"] % 100 == 0
+        else:
+            assert r["id"] == f"p{r['line']}" and r["token"] == tokens[r["line"]]
+    dead = [json.loads(x) for x in invalid.read_text().splitlines()]
+    assert len(dead) == counts["invalid_token"] and all(d["timestamp"] for d in dead)
+    cp = json.loads((tmp_path / "in.ndjson.checkpoint").read_text())
+    assert cp["line"] == 100_000 and cp["offset"] == inp.stat().st_size
+    # no secret and no whole token in the logs
+    assert signing_key.path.read_bytes().splitlines()[1][:30] not in proc.stderr
+    assert not any(t.encode() in proc.stderr for t in list(tokens.values())[:2000])
+
+
+async def test_kill9_three_times_then_finish(tmp_path, pki, signing_key):
+    inp = tmp_path / "in.ndjson"
+    write_input(inp, 20_000)
+    out = tmp_path / "results.ndjson"
+    window = 200
+    rng = random.Random(5)
+    async with mock_server(pki, signing_key, latency=0.005) as mock:
+        cmd = daemon_cmd(mock, pki, signing_key, str(inp), "--results", str(out),
+                         "--max-in-flight", str(window), "--checkpoint-interval", "0.05")
+        for _ in range(3):
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            await trio.sleep(rng.uniform(0.8, 2.0))
+            proc.kill()  # kill -9
+            proc.wait()
+        final = await run_daemon(cmd, timeout=180)
+    assert final.returncode == 0, final.stderr.decode()[-2000:]
+    results = read_results(out)
+    per_line = defaultdict(list)
+    for r in results:
+        per_line[r["line"]].append(r)
+    assert set(per_line) == set(range(1, 20_001))  # every line has a result
+    duplicates = [rs for rs in per_line.values() if len(rs) > 1]
+    # a resend is marked; at most the in-flight window (plus the high-water step) per crash
+    assert all(any(r.get("resent") for r in rs[1:]) for rs in duplicates)
+    assert len(duplicates) <= 3 * (window + 1024)
+    # the mock saw every token, and no more resends than three crashes' windows: pushes in
+    # flight at a kill reached APNs though their results died with the process
+    assert len(mock.stats.delivered) == 20_000
+    assert sum(mock.stats.delivered.values()) - 20_000 <= 3 * (window + 1024)
+
+
+async def test_sigterm_drains_and_exits_zero_then_resumes(tmp_path, pki, signing_key):
+    inp = tmp_path / "in.ndjson"
+    write_input(inp, 5000)
+    out = tmp_path / "results.ndjson"
+    async with mock_server(pki, signing_key, latency=0.3) as mock:
+        cmd = daemon_cmd(mock, pki, signing_key, str(inp), "--results", str(out),
+                         "--max-in-flight", "300")
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        await trio.sleep(2.0)
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            while proc.poll() is None:
+                await trio.sleep(0.05)
+        stderr = proc.stderr.read().decode()
+        assert proc.returncode == 0, stderr[-2000:]
+        first = read_results(out)
+        cp = json.loads((tmp_path / "in.ndjson.checkpoint").read_text())
+        assert 0 < len(first) < 5000
+        assert sorted(r["line"] for r in first) == list(range(1, cp["line"] + 1))
+        assert cp["high_water"] == cp["line"]  # nothing beyond was sent
+        again = await run_daemon(cmd)
+    assert again.returncode == 0
+    results = read_results(out)
+    assert sorted(r["line"] for r in results) == list(range(1, 5001))
+    assert not any(r.get("resent") for r in results)
+    assert sum(mock.stats.delivered.values()) == 5000
+
+
+async def test_stdin_input_ends_cleanly_at_eof(tmp_path, pki, signing_key):
+    inp = tmp_path / "in.ndjson"
+    write_input(inp, 1000, malformed_every=50)
+    async with mock_server(pki, signing_key) as mock:
+        proc = await run_daemon(daemon_cmd(mock, pki, signing_key), stdin=inp.read_bytes())
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    results = [json.loads(x) for x in proc.stdout.splitlines()]
+    assert sorted(r["line"] for r in results) == list(range(1, 1001))
+    assert Counter(r["outcome"] for r in results) == {"delivered": 980, "malformed": 20}
+    final = [json.loads(x) for x in proc.stderr.splitlines() if x.startswith(b"{")]
+    assert final[-1]["event"] == "final" and final[-1]["results"] == 1000
+
+
+async def test_fan_out_lines_and_tokens_file(tmp_path, pki, signing_key):
+    tokfile = tmp_path / "tokens.txt"
+    tokfile.write_text("\n".join(f"{i:064x}" for i in range(300)) + "\n\n  \n")
+    lines = [
+        {"id": "a", "tokens": [f"{i:064x}" for i in range(1000, 1100)] + ["zz"], "payload": PAYLOAD},
+        {"id": "b", "tokens_file": str(tokfile), "payload": PAYLOAD, "priority": 5},
+        {"id": "c", "tokens_file": str(tmp_path / "missing.txt"), "payload": PAYLOAD},
+        {"id": "d", "token": "ab" * 32, "payload": {"aps": {"alert": "x" * 5000}}},
+    ]
+    data = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+    async with mock_server(pki, signing_key) as mock:
+        proc = await run_daemon(daemon_cmd(mock, pki, signing_key), stdin=data)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    results = [json.loads(x) for x in proc.stdout.splitlines()]
+    by_id = defaultdict(Counter)
+    for r in results:
+        by_id[r["id"]][r["outcome"]] += 1
+    assert by_id["a"] == {"delivered": 100, "rejected": 1}
+    assert by_id["b"] == {"delivered": 300}
+    assert by_id[None] == {"malformed": 2}  # missing tokens_file, oversized payload
+    errors = [r["error"] for r in results if r["outcome"] == "malformed"]
+    assert any("missing.txt" in e for e in errors) and any("4096" in e for e in errors)
+    assert len(mock.stats.delivered) == 400
+
+
+def _max_rss_mb(stderr: bytes) -> float:
+    final = [json.loads(x) for x in stderr.splitlines() if x.startswith(b'{"event": "final"')]
+    return final[-1]["max_rss_mb"]
+
+
+async def test_rss_does_not_grow_with_input_length(tmp_path, pki, signing_key):
+    small, large = tmp_path / "small.ndjson", tmp_path / "large.ndjson"
+    write_input(small, 10_000)
+    write_input(large, 60_000)
+    async with mock_server(pki, signing_key, validate=False) as mock:
+        a = await run_daemon(daemon_cmd(mock, pki, signing_key, str(small), "--results",
+                                        os.devnull, "--no-checkpoint"), timeout=180)
+        b = await run_daemon(daemon_cmd(mock, pki, signing_key, str(large), "--results",
+                                        os.devnull, "--no-checkpoint"), timeout=180)
+    assert a.returncode == 0 and b.returncode == 0, b.stderr.decode()[-2000:]
+    # six times the input, the same memory: only the in-flight window is held
+    assert _max_rss_mb(b.stderr) - _max_rss_mb(a.stderr) < 15
