@@ -40,6 +40,7 @@ log = logging.getLogger("fanout.daemon")
 HIGH_WATER_STEP = 1024    # lines: how far ahead the "may have been sent" mark is moved
 CHANNEL_SIZE = 256
 EXIT_OK, EXIT_USAGE, EXIT_CONFIG, EXIT_FORCED = 0, 2, 3, 130
+CHILD_SETTINGS_ENV = "FANOUT_CHILD_SETTINGS"
 
 
 # --------------------------------------------------------------------------- bookkeeping
@@ -60,6 +61,7 @@ class InputState:
         self.resend_until = 0      # from the previous run's checkpoint
         self.last_sent_line = 0    # the last line with a push handed to the engine
         self.saved: tuple[int, int, int] | None = None
+        self.on_done: Callable[[int], None] | None = None
 
     def prefix(self) -> tuple[int, int]:
         """(line, offset) up to which every line is done."""
@@ -94,6 +96,8 @@ class LineState:
 
     def done(self) -> None:
         self.input.pending.pop(self.number, None)
+        if self.input.on_done is not None:
+            self.input.on_done(self.number)
 
 
 class Tag:
@@ -195,9 +199,6 @@ class Daemon:
                     with self._consume_scope:
                         async for result in client.send_many(recv):
                             self._write(result)
-                    if self.forced:
-                        for result in client.abort_in_flight("stopped before APNs answered"):
-                            self._write(result)
                 nursery.cancel_scope.cancel()
         finally:
             self._finish()
@@ -216,7 +217,8 @@ class Daemon:
             state.high_water = max(state.prefix()[0],
                                    min(state.high_water, state.last_sent_line))
             state.save()
-        self._status(final=True)
+        if not self.args.child:
+            self._status(final=True)
 
     # ----------------------------------------------------------------- input
 
@@ -225,6 +227,9 @@ class Daemon:
 
         async with send:
             with self._reader_scope:
+                if self.args.child:
+                    await self._read_child(send)
+                    return
                 labelled = len(self.inputs) > 1
                 for path in self.inputs:
                     state = self._open_input(path, labelled)
@@ -245,6 +250,28 @@ class Daemon:
                             state.dev, state.ino = input_identity(path)
                         except OSError:
                             pass
+
+    async def _read_child(self, send: trio.MemorySendChannel[Prepared]) -> None:
+        """Worker mode: lines come from the coordinator as ``NUMBER\tRESENT\tLINE``, and
+        ``I\tLABEL`` when the input changes; results go back as ``R\t<json>`` and
+        ``D\tNUMBER`` once a line is complete."""
+        from .reader import InputLine, read_lines
+
+        state = InputState("-", None, None)
+        state.on_done = self._child_done
+        self.states.append(state)
+        async for raw in read_lines(None, max_line_bytes=self.args.max_line_bytes + 64):
+            head, _, rest = raw.data.partition(b"\t")
+            if head == b"I":
+                state.label = rest.decode("utf-8", "replace") or None
+                continue
+            resent, _, data = rest.partition(b"\t")
+            number = int(head)
+            state.resend_until = number if resent == b"1" else 0
+            await self._line(state, InputLine(number, 0, 0, data), send)
+
+    def _child_done(self, number: int) -> None:
+        self.results.write(b"D\t%d\n" % number)
 
     def _open_input(self, path: str, labelled: bool) -> InputState | None:
         from .reader import input_identity
@@ -349,7 +376,10 @@ class Daemon:
     def _emit(self, record: ResultLine, state: LineState) -> None:
         if state.resend:
             record.resent = True
-        self.results.write(result_encoder.encode(record) + b"\n")
+        if self.args.child:
+            self.results.write(b"R\t" + result_encoder.encode(record) + b"\n")
+        else:
+            self.results.write(result_encoder.encode(record) + b"\n")
         self.counts[record.outcome] += 1
         self.results_written += 1
 
@@ -400,11 +430,13 @@ class Daemon:
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for sig in sigs:
+                if self.args.child and sig != signal.SIGHUP:
+                    if sig == signal.SIGTERM:
+                        self._force("stopped by the coordinator")
+                    continue
                 if sig == signal.SIGHUP:
                     log.info("SIGHUP: reopening output files")
-                    self.results.reopen()
-                    if self.invalid is not None:
-                        self.invalid.reopen()
+                    self._reopen()
                 elif not self.stopping:
                     self.stopping = True
                     log.warning("%s: no more input; draining pushes in flight (up to %g s)",
@@ -420,7 +452,15 @@ class Daemon:
         log.warning("%s: stopping now; pushes in flight are reported maybe_delivered", why)
         self.forced = True
         self._reader_scope.cancel()
+        if self.client is not None:  # report them before send_many's cleanup resets them
+            for result in self.client.abort_in_flight("stopped before APNs answered"):
+                self._write(result)
         self._consume_scope.cancel()
+
+    def _reopen(self) -> None:
+        self.results.reopen()
+        if self.invalid is not None:
+            self.invalid.reopen()
 
     async def _drain_deadline(self) -> None:
         await trio.sleep(self.args.drain_timeout)
@@ -428,7 +468,7 @@ class Daemon:
 
     async def _status_loop(self) -> None:
         interval = 1.0 if self._status_tty else self.args.status_interval
-        if interval <= 0:
+        if interval <= 0 or self.args.child:
             return
         while True:
             await trio.sleep(interval)
@@ -477,6 +517,9 @@ def add_run_parser(sub: Any, settings_args: Callable[[argparse.ArgumentParser], 
     p.add_argument("--status-interval", type=float, default=10.0,
                    help="seconds between status log lines when not on a TTY (0: none)")
     p.add_argument("--log-format", choices=["text", "json"], default="text")
+    p.add_argument("--workers", type=int, default=1,
+                   help="engine processes over one input (one results stream, one checkpoint)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(run_main=run_main)
 
@@ -486,6 +529,13 @@ async def run_main(args: argparse.Namespace) -> int:
     from .reader import expand_inputs
 
     try:
+        if args.child:
+            import msgspec
+
+            from .config import Settings
+
+            settings = msgspec.json.decode(os.environ[CHILD_SETTINGS_ENV], type=Settings)
+            return await Daemon(settings, args, ["-"], make_client).run()
         settings = load_settings(args)
         inputs = expand_inputs(args.inputs or ["-"])
         if args.follow and (len(inputs) != 1 or inputs[0] == "-"):
@@ -493,6 +543,10 @@ async def run_main(args: argparse.Namespace) -> int:
         if args.checkpoint and len(inputs) != 1:
             raise ConfigError("--checkpoint takes exactly one input file "
                               "(each input otherwise gets INPUT.checkpoint)")
+        if args.workers > 1:
+            from .workers import Coordinator
+
+            return await Coordinator(settings, args, inputs).run()
         return await Daemon(settings, args, inputs, make_client).run()
     except FanoutError as exc:
         print(f"fanout run: error: {exc}", file=sys.stderr)

@@ -218,3 +218,96 @@ async def test_rss_does_not_grow_with_input_length(tmp_path, pki, signing_key):
     assert a.returncode == 0 and b.returncode == 0, b.stderr.decode()[-2000:]
     # six times the input, the same memory: only the in-flight window is held
     assert _max_rss_mb(b.stderr) - _max_rss_mb(a.stderr) < 15
+
+
+async def test_workers_2_on_100k_lines(tmp_path, pki, signing_key):
+    inp = tmp_path / "in.ndjson"
+    write_input(inp, 100_000, malformed_every=100)
+    out = tmp_path / "results.ndjson"
+    async with mock_server(pki, signing_key, unregistered_fraction=0.05) as mock:
+        proc = await run_daemon(daemon_cmd(mock, pki, signing_key, str(inp), "--results",
+                                           str(out), "--workers", "2"), timeout=240)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    results = read_results(out)
+    assert len(results) == 100_000
+    assert sorted(r["line"] for r in results) == list(range(1, 100_001))
+    counts = Counter(r["outcome"] for r in results)
+    assert counts["malformed"] == 1000
+    assert counts["delivered"] == len(mock.stats.delivered) == mock.stats.by_status[200]
+    assert counts["invalid_token"] == mock.stats.by_status[410]
+    # both processes busy: 2 connections each, every connection carried a fair share
+    assert mock.stats.connections == 4
+    assert min(mock.stats.streams_per_connection) > 99_000 / 4 * 0.5
+    cp = json.loads((tmp_path / "in.ndjson.checkpoint").read_text())
+    assert cp["line"] == 100_000 and cp["offset"] == inp.stat().st_size
+
+
+async def test_second_sigint_stops_at_once_with_maybe_delivered(tmp_path, pki, signing_key):
+    inp = tmp_path / "in.ndjson"
+    write_input(inp, 2000)
+    out = tmp_path / "results.ndjson"
+    async with mock_server(pki, signing_key, latency=0.2) as mock:
+        cmd = daemon_cmd(mock, pki, signing_key, str(inp), "--results", str(out),
+                         "--max-in-flight", "100", "--drain-timeout", "60")
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        await trio.sleep(1.5)
+        mock.config.latency = 30.0  # what is in flight now will not be answered soon
+        await trio.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        await trio.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        with trio.fail_after(20):
+            while proc.poll() is None:
+                await trio.sleep(0.05)
+        assert proc.returncode == 130, proc.stderr.read().decode()[-2000:]
+        first = read_results(out)
+        maybe = [r for r in first if r["outcome"] == "maybe_delivered"]
+        assert 0 < len(maybe) <= 100 and all("stopped" in r["error"] for r in maybe)
+        mock.config.latency = 0.0
+        again = await run_daemon(cmd)
+    assert again.returncode == 0, again.stderr.decode()[-2000:]
+    results = read_results(out)
+    assert set(r["line"] for r in results) == set(range(1, 2001))
+    # a line reported maybe_delivered is done: never sent again
+    assert Counter(r["line"] for r in results).most_common(1)[0][1] == 1
+
+
+async def test_sighup_reopens_the_results_file(tmp_path, pki, signing_key):
+    inp = tmp_path / "in.ndjson"
+    write_input(inp, 3000)
+    out = tmp_path / "results.ndjson"
+    async with mock_server(pki, signing_key, latency=0.05) as mock:
+        cmd = daemon_cmd(mock, pki, signing_key, str(inp), "--results", str(out),
+                         "--max-in-flight", "50")
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        await trio.sleep(1.5)
+        rotated = tmp_path / "results.ndjson.1"
+        out.rename(rotated)  # what logrotate does, then it sends SIGHUP
+        proc.send_signal(signal.SIGHUP)
+        with trio.fail_after(60):
+            while proc.poll() is None:
+                await trio.sleep(0.05)
+    assert proc.returncode == 0
+    old, new = read_results(rotated), read_results(out)
+    assert old and new
+    assert sorted(r["line"] for r in old + new) == list(range(1, 3001))
+
+
+async def test_config_error_stops_or_drains_and_exits_nonzero(tmp_path, pki, signing_key):
+    from fanout.devcerts import make_signing_key
+
+    other = make_signing_key(tmp_path / "other", key_id=signing_key.key_id,
+                             team_id=signing_key.team_id)
+    inp = tmp_path / "in.ndjson"
+    write_input(inp, 3000)
+    async with mock_server(pki, signing_key) as mock:
+        stop = await run_daemon(daemon_cmd(mock, pki, other, str(inp), "--no-checkpoint"))
+        drain = await run_daemon(daemon_cmd(mock, pki, other, str(inp), "--no-checkpoint",
+                                            "--on-config-error", "drain"))
+    assert stop.returncode == 3 and drain.returncode == 3
+    assert b"InvalidProviderToken" in stop.stderr
+    stopped = [json.loads(x) for x in stop.stdout.splitlines()]
+    drained = [json.loads(x) for x in drain.stdout.splitlines()]
+    assert 0 < len(stopped) < 3000
+    assert len(drained) == 3000 and {r["outcome"] for r in drained} == {"config_error"}
+    assert mock.stats.requests <= 4  # the flood never started
