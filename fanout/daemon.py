@@ -25,7 +25,7 @@ import stat
 import sys
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, BinaryIO
 
 import trio
@@ -70,10 +70,11 @@ class InputState:
             return first.number - 1, first.start
         return self.last_line, self.last_end
 
-    def save(self) -> None:
+    def record(self, line: int, offset: int) -> None:
+        """Persist (line, offset) with the high-water mark. The caller has flushed the
+        results of every line up to ``line`` first."""
         if self.checkpoint_path is None:
             return
-        line, offset = self.prefix()
         key = (line, offset, self.high_water)
         if key == self.saved:
             return
@@ -81,6 +82,13 @@ class InputState:
             input=self.path, dev=self.dev, ino=self.ino, offset=offset, line=line,
             high_water=self.high_water))
         self.saved = key
+
+    def raise_high_water(self, line: int) -> None:
+        """Lines up to ``line`` may be sent from now on: persist that before sending them
+        (with the last recorded position: results since then may not be flushed yet)."""
+        self.high_water = line
+        last_line, last_offset = self.saved[:2] if self.saved else (0, 0)
+        self.record(last_line, last_offset)
 
 
 class LineState:
@@ -197,7 +205,7 @@ class Daemon:
                     nursery.start_soon(self._checkpointer)
                     nursery.start_soon(self._status_loop)
                     with self._consume_scope:
-                        async for result in client.send_many(recv):
+                        async for result in client.send_many(_drain(recv)):
                             self._write(result)
                 nursery.cancel_scope.cancel()
         finally:
@@ -214,9 +222,9 @@ class Daemon:
             self.invalid.close()
         for state in self.states:
             # nothing past the last line handed to the engine can have been sent
-            state.high_water = max(state.prefix()[0],
-                                   min(state.high_water, state.last_sent_line))
-            state.save()
+            line, offset = state.prefix()
+            state.high_water = max(line, min(state.high_water, state.last_sent_line))
+            state.record(line, offset)
         if not self.args.child:
             self._status(final=True)
 
@@ -309,9 +317,7 @@ class Daemon:
         inp.pending[number] = state
         inp.last_line, inp.last_end = number, line.end
         if number > inp.high_water and inp.checkpoint_path is not None:
-            # lines beyond the persisted high-water mark may now be sent: move it first
-            inp.high_water = number + max(HIGH_WATER_STEP, self.settings.max_in_flight)
-            inp.save()
+            inp.raise_high_water(number + max(HIGH_WATER_STEP, self.settings.max_in_flight))
         if line.error:
             self._malformed(state, line.error)
             return
@@ -335,7 +341,10 @@ class Daemon:
                                           error=str(exc), input=inp.label), state)
                     continue
                 state.pending += 1
-                await send.send(prepared)
+                try:  # no checkpoint while the channel has room: pushes travel in batches
+                    send.send_nowait(prepared)
+                except trio.WouldBlock:
+                    await send.send(prepared)
                 inp.last_sent_line = number
         except OSError as exc:  # tokens_file unreadable midway
             self._emit(ResultLine(id=push.id, line=number, outcome="malformed",
@@ -418,12 +427,7 @@ class Daemon:
             if self.invalid is not None:
                 self.invalid.flush()
             for state, (line, offset) in snapshot:   # ... then the checkpoint that covers them
-                key = (line, offset, state.high_water)
-                if key != state.saved:
-                    ckpt.save(state.checkpoint_path, ckpt.Checkpoint(
-                        input=state.path, dev=state.dev, ino=state.ino, offset=offset,
-                        line=line, high_water=state.high_water))
-                    state.saved = key
+                state.record(line, offset)
 
     # ----------------------------------------------------------------- control
 
@@ -495,6 +499,22 @@ class Daemon:
         else:
             log.warning("%s: %s", "final" if final else "status",
                         " ".join(f"{k}={v}" for k, v in info.items()))
+
+
+async def _drain(recv: trio.MemoryReceiveChannel[Prepared]) -> AsyncIterator[Prepared]:
+    """The channel's items, taking whatever is buffered without a checkpoint: the engine
+    then starts a whole batch of streams in one scheduler turn and one TLS write."""
+    while True:
+        try:
+            item = recv.receive_nowait()
+        except trio.WouldBlock:
+            try:
+                item = await recv.receive()
+            except trio.EndOfChannel:
+                return
+        except trio.EndOfChannel:
+            return
+        yield item
 
 
 # --------------------------------------------------------------------------- command line

@@ -136,8 +136,7 @@ class Coordinator(Daemon):
         inp.pending[number] = state
         inp.last_line, inp.last_end = number, line.end
         if number > inp.high_water and inp.checkpoint_path is not None:
-            inp.high_water = number + max(1024, MAX_LINES_PER_WORKER * len(self.workers))
-            inp.save()
+            inp.raise_high_water(number + max(1024, MAX_LINES_PER_WORKER * len(self.workers)))
         if line.error:
             self._malformed(state, line.error)
             return
