@@ -311,3 +311,47 @@ async def test_config_error_stops_or_drains_and_exits_nonzero(tmp_path, pki, sig
     assert 0 < len(stopped) < 3000
     assert len(drained) == 3000 and {r["outcome"] for r in drained} == {"config_error"}
     assert mock.stats.requests <= 4  # the flood never started
+
+
+async def test_follow_picks_up_appended_lines_and_rotation(tmp_path, pki, signing_key):
+    inp = tmp_path / "in.ndjson"
+    write_input(inp, 100)
+    out = tmp_path / "results.ndjson"
+
+    def line(i: int) -> bytes:
+        return json.dumps({"id": f"x{i}", "token": f"{i:064x}", "payload": PAYLOAD}).encode() \
+            + b"\n"
+
+    async def wait_results(n: int) -> list[dict]:
+        with trio.fail_after(20):
+            while True:
+                rs = read_results(out) if out.exists() else []
+                if len(rs) >= n:
+                    return rs
+                await trio.sleep(0.05)
+
+    async with mock_server(pki, signing_key) as mock:
+        proc = subprocess.Popen(daemon_cmd(mock, pki, signing_key, str(inp), "--follow",
+                                           "--results", str(out), "--checkpoint-interval",
+                                           "0.05"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            await wait_results(100)
+            with open(inp, "ab") as fh:  # a producer appends
+                for i in range(101, 151):
+                    fh.write(line(i))
+            await wait_results(150)
+            inp.rename(tmp_path / "in.ndjson.1")  # rotation, then a new file at the path
+            inp.write_bytes(b"".join(line(i) for i in range(1000, 1020)))
+            results = await wait_results(170)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(20):
+                while proc.poll() is None:
+                    await trio.sleep(0.05)
+    assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+    assert len(results) == 170
+    assert {r["id"] for r in results} == ({f"p{i}" for i in range(1, 101)}
+                                          | {f"x{i}" for i in range(101, 151)}
+                                          | {f"x{i}" for i in range(1000, 1020)})
+    assert len(mock.stats.delivered) == 170
