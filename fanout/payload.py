@@ -344,6 +344,7 @@ class Prepared:
         "apns_id",
         "id",
         "limit",
+        "stamp",
     )
 
     def __init__(
@@ -371,6 +372,7 @@ class Prepared:
         self.apns_id = apns_id
         self.id = id
         self.limit = limit
+        self.stamp: Any = None  # Live Activities: rebuilds the body with the send time
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,117 @@
+"""Live Activity builders, send-time timestamps, budget and ordering (unit level)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fanout.errors import ValidationError
+from fanout.liveactivity import (
+    ActivityTracker,
+    Stamper,
+    end_payload,
+    notification,
+    prepare_stamped,
+    start_payload,
+    update_payload,
+)
+
+
+def aps_of(prepared) -> dict:
+    return json.loads(prepared.body)["aps"]
+
+
+def test_start_payload_push_to_start_with_input_push_channel():
+    p = start_payload(attributes_type="OrderAttributes", attributes={"order": "42"},
+                      content_state={"status": "placed"},
+                      alert={"title": "Order placed", "body": "We got it"},
+                      input_push_channel="dHJpYWw=")
+    prepared = prepare_stamped(notification("ab" * 32, p, "com.example.app"),
+                               clock=lambda: 1_700_000_000)
+    aps = aps_of(prepared)
+    assert aps["event"] == "start" and aps["attributes-type"] == "OrderAttributes"
+    assert aps["attributes"] == {"order": "42"} and aps["content-state"] == {"status": "placed"}
+    assert aps["input-push-channel"] == "dHJpYWw=" and "input-push-token" not in aps
+    assert aps["alert"]["title"] == "Order placed"
+    assert aps["timestamp"] == 1_700_000_000
+    assert prepared.topic == b"com.example.app.push-type.liveactivity"
+    assert prepared.push_type == b"liveactivity"
+
+
+def test_start_requires_its_keys_and_exclusive_inputs():
+    with pytest.raises(ValidationError):
+        start_payload(attributes_type="A", attributes={}, content_state={}, alert="x",
+                      input_push_token=True, input_push_channel="c")
+    with pytest.raises(TypeError):
+        start_payload(attributes_type="A", attributes={}, content_state={})  # no alert
+
+
+def test_update_and_end_payloads():
+    up = prepare_stamped(notification("ab" * 32, update_payload(
+        {"score": "1-0"}, stale_date=1_700_000_600, relevance_score=50.0, alert="Goal!"),
+        "com.x"), clock=lambda: 1_700_000_001)
+    aps = aps_of(up)
+    assert aps == {"event": "update", "content-state": {"score": "1-0"},
+                   "stale-date": 1_700_000_600, "relevance-score": 50.0, "alert": "Goal!",
+                   "timestamp": 1_700_000_001}
+    end = prepare_stamped(notification("ab" * 32, end_payload(
+        {"score": "2-1"}, dismissal_date=1_700_003_600), "com.x"), clock=lambda: 5)
+    assert aps_of(end)["event"] == "end" and aps_of(end)["dismissal-date"] == 1_700_003_600
+
+
+def test_timestamp_is_restamped_at_every_send():
+    now = [1_700_000_000]
+    prepared = prepare_stamped(notification("ab" * 32, update_payload({"s": 1}), "com.x"),
+                               clock=lambda: now[0])
+    assert prepared.stamp is not None
+    first = prepared.stamp()
+    now[0] += 30
+    second = prepared.stamp()
+    assert json.loads(first)["aps"]["timestamp"] == 1_700_000_000
+    assert json.loads(second)["aps"]["timestamp"] == 1_700_000_030
+    assert len(first) == len(second)
+
+
+def test_explicit_timestamp_is_kept():
+    prepared = prepare_stamped(notification("ab" * 32, update_payload({"s": 1},
+                                                                      timestamp=123), "com.x"))
+    assert prepared.stamp is None and aps_of(prepared)["timestamp"] == 123
+
+
+def test_stamper_needs_its_marker():
+    with pytest.raises(ValueError):
+        Stamper(b'{"aps":{}}')
+
+
+def test_budget_lowers_priority_then_recovers_after_an_hour():
+    now = [0.0]
+    tracker = ActivityTracker(50, clock=lambda: now[0])
+    priorities = [tracker.decide("act", t).priority for t in range(300)]
+    assert priorities[:50] == [10] * 50 and set(priorities[50:]) == {5}
+    now[0] = 3601.0
+    assert tracker.decide("act", 301).priority == 10
+    assert tracker.decide("other", 0).priority == 10  # budgets are per activity
+
+
+def test_budget_wait_policy():
+    now = [0.0]
+    tracker = ActivityTracker(2, over_budget="wait", clock=lambda: now[0])
+    assert tracker.decide("a", 1).wait == 0 and tracker.decide("a", 2).wait == 0
+    d = tracker.decide("a", 3)
+    assert d.wait == pytest.approx(3600.0)
+
+
+def test_out_of_order_update_is_superseded():
+    tracker = ActivityTracker(50)
+    assert not tracker.decide("a", 10.0).superseded
+    assert tracker.decide("a", 9.0).superseded
+    assert not tracker.decide("a", 10.0).superseded  # same time is not older
+    assert not tracker.decide("b", 1.0).superseded
+
+
+def test_activity_memory_is_bounded():
+    tracker = ActivityTracker(5, max_activities=1000)
+    for i in range(5000):
+        tracker.decide(f"a{i}", 1.0)
+    assert len(tracker._activities) == 1000
