@@ -8,6 +8,18 @@ token, back to 1 after a rejection), latency and jitter, random 429/500/503, 410
 GOAWAY (optionally with a last-stream-id below streams it received), abrupt closes, streams that
 are never answered, and "wedged" connections after ``ExpiredProviderToken``.
 
+The same listener also plays Apple's *broadcast* side (APNS.md §6), so one mock serves a whole
+test: the channel management API (``POST/GET/DELETE /1/apps/<bundleId>/channels``,
+``GET /1/apps/<bundleId>/all-channels``; on APNs a separate host on port 2195/2196) and broadcast
+sends (``POST /4/broadcasts/apps/<bundleId>``; on APNs port 443). Both verify the JWT like device
+pushes and answer Apple's §6.3 reasons with an ``apns-request-id`` header (echoed if the request
+carried a valid UUID, else generated). Channels live in ``stats.channels``; 200 broadcasts are
+counted per channel in ``stats.broadcasts``. Broadcast rules the docs leave open are settled
+strictly here: a No-Message-Stored (policy 0) channel accepts only ``apns-expiration: 0``, an
+*absent* header included (absent means APNs' default storage, which such a channel refuses), and a
+suffixed bundle id (``com.example.app.push-type.liveactivity``) is ``400 TopicDisallowed``. These
+paths always validate (``validate=False`` only affects device pushes).
+
 Everything the mock saw is counted in :class:`MockStats`, so tests can assert exactly-once
 delivery (``stats.delivered``) and protocol hygiene (``stats.protocol_errors == []``,
 ``stats.streams_after_goaway == 0``).
@@ -24,12 +36,15 @@ Typical use in a trio test::
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import dataclasses
 import hashlib
 import ipaddress
 import logging
 import random
 import re
+import secrets
 import time
 import uuid
 from collections import Counter
@@ -98,8 +113,14 @@ _MAX_CLOCK_SKEW = 300.0  # seconds a JWT's iat may lie in the future
 _JWT_CACHE_MAX = 4_096
 _JWS = jwt.PyJWS(algorithms=["ES256"])
 _STATUS_BYTES = {
-    code: str(code).encode() for code in (200, 400, 403, 404, 405, 410, 413, 429, 500, 503)
+    code: str(code).encode()
+    for code in (200, 201, 204, 400, 403, 404, 405, 410, 413, 429, 500, 503)
 }
+_BROADCAST_PAYLOAD_LIMIT = 5120
+_CHANNEL_ID_MAX = 128  # characters of base64; Apple: "bad base64 or too long", size not fixed
+_BROADCAST_PREFIX = b"/4/broadcasts/apps/"
+_MANAGE_PREFIX = b"/1/apps/"
+_CHANNEL_FIELDS = frozenset({"message-storage-policy", "push-type"})
 
 
 @dataclass
@@ -164,6 +185,11 @@ class MockConfig:
     """Seed of the random faults (p429, p500, p503, never_answer, jitter)."""
     alpn: bool = True
     """``False``: serve TLS without ALPN ``h2`` (a correct client refuses to talk)."""
+    broadcast_enabled: bool = True
+    """``False``: the app's Broadcast Capability is off: every channel-management request and
+    broadcast send gets 400 FeatureNotEnabled."""
+    max_channels: int = 10_000
+    """Channels per bundle id; creating one more gets 400 CannotCreateChannelConfig."""
 
 
 @dataclass
@@ -192,13 +218,19 @@ class MockStats:
     """New streams opened after the client acknowledged a PING sent right behind our GOAWAY."""
     protocol_errors: list[str] = field(default_factory=list)
     """HTTP/2 violations by the client (stream-limit excess, h2 ProtocolError)."""
+    broadcasts: Counter[str] = field(default_factory=Counter)
+    """Channel id -> number of broadcast pushes answered 200."""
+    channels: dict[str, dict[str, int]] = field(default_factory=dict)
+    """The live broadcast channels: bundle id -> {channel id: message-storage-policy}. This is
+    the mock's channel registry (server state): tests may edit it, and :meth:`reset` keeps it."""
 
     def reset(self) -> None:
-        """Forget everything (connections already open keep counting into the new numbers,
-        except their per-connection entries)."""
+        """Forget everything but :attr:`channels` (connections already open keep counting into
+        the new numbers, except their per-connection entries)."""
         fresh = MockStats()
         for f in dataclasses.fields(self):
-            setattr(self, f.name, getattr(fresh, f.name))
+            if f.name != "channels":
+                setattr(self, f.name, getattr(fresh, f.name))
 
 
 @dataclass(slots=True)
@@ -281,16 +313,85 @@ class _Stream:
 
 
 class _Answer:
-    __slots__ = ("status", "reason", "apns_id", "token", "auth_ok")
+    __slots__ = ("status", "reason", "apns_id", "token", "auth_ok", "extra", "body")
 
     def __init__(
-        self, status: int, reason: str | None, apns_id: bytes, token: str | None, auth_ok: bool
+        self,
+        status: int,
+        reason: str | None,
+        apns_id: bytes,
+        token: str | None,
+        auth_ok: bool,
+        extra: list[tuple[bytes, bytes]] | None = None,
+        body: bytes = b"",
     ) -> None:
         self.status = status
         self.reason = reason
         self.apns_id = apns_id
         self.token = token
         self.auth_ok = auth_ok
+        # Broadcast / channel answers: headers after :status (apns-request-id first) and the
+        # success body; device answers leave ``extra`` None.
+        self.extra = extra
+        self.body = body
+
+
+def _request_id(fields: dict[bytes, bytes]) -> tuple[bytes, bool]:
+    """The ``apns-request-id`` to answer with, and whether the request's one was malformed."""
+    given = fields.get(b"apns-request-id")
+    if given is not None and _UUID.fullmatch(given) is not None:
+        return given, False
+    return str(uuid.uuid4()).encode(), given is not None
+
+
+def _channel_id_reason(value: bytes | None) -> str | None:
+    """MissingChannelId / BadChannelId for an ``apns-channel-id`` header, or ``None``."""
+    if not value:
+        return "MissingChannelId"
+    if len(value) > _CHANNEL_ID_MAX:
+        return "BadChannelId"
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return "BadChannelId"
+    return None
+
+
+def _bundle_reason(bundle: str) -> str | None:
+    """Why a bundle id in a broadcast/channel path is refused: a push-type suffix
+    (TopicDisallowed) or a malformed id (BadPath), else ``None``."""
+    if _TOPIC.fullmatch(bundle) is None:
+        return "BadPath"
+    if ".push-type." in bundle or any(s and bundle.endswith(s) for s in _SUFFIXES):
+        return "TopicDisallowed"
+    return None
+
+
+def _json_headers(body: bytes) -> list[tuple[bytes, bytes]]:
+    return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+
+
+def _channel_body_reason(body: bytearray) -> str | None:
+    """Why a create-channel body is refused (APNS.md §6.1/§6.3), or ``None``."""
+    if not body:
+        return "PayloadEmpty"
+    try:
+        parsed = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return "BadRequestPayload"
+    if not isinstance(parsed, dict):
+        return "BadRequestPayload"
+    if set(parsed) - _CHANNEL_FIELDS or not _CHANNEL_FIELDS <= set(parsed):
+        return "BadRequestParams"  # unknown or missing attribute
+    policy = parsed["message-storage-policy"]
+    if type(policy) is not int or policy not in (0, 1):
+        return "BadRequestParams"
+    push_type = parsed["push-type"]
+    if not isinstance(push_type, str):
+        return "BadRequestParams"
+    if push_type != "LiveActivity":
+        return "InvalidPushType"  # §6.3: only LiveActivity is allowed
+    return None
 
 
 class _Connection:
@@ -657,7 +758,9 @@ class _Connection:
             log.exception("connection %d: evaluating stream %d failed", self.index, stream.id)
             answer = _Answer(500, "InternalServerError", str(uuid.uuid4()).encode(), None, False)
         status, reason = answer.status, answer.reason
-        if status == 200:
+        if answer.extra is not None:  # broadcast / channel management
+            headers, body = self._broadcast_response(answer)
+        elif status == 200:
             headers = [(b":status", b"200"), (b"apns-id", answer.apns_id)]
             body = b""
         else:
@@ -707,7 +810,7 @@ class _Connection:
         cfg = mock.config
         if answer.auth_ok:
             self._authenticated = True
-        if status == 200:
+        if status < 300:  # 200, or 201/204 from channel management
             self._penalized = False
         elif 400 <= status < 500 and status != 410 and cfg.drop_to_one_on_reject:
             self._penalized = True
@@ -715,6 +818,20 @@ class _Connection:
         if stream.abort_after:
             self._close("abort")
         self._check_drain()
+
+    def _broadcast_response(self, answer: _Answer) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        status = answer.status
+        headers = [(b":status", _STATUS_BYTES.get(status) or str(status).encode())]
+        assert answer.extra is not None
+        headers += answer.extra
+        body = answer.body
+        if answer.reason is not None:
+            body = msgspec.json.encode({"reason": answer.reason})
+            headers += _json_headers(body)
+            retry_after = self.mock.config.retry_after
+            if retry_after is not None and status in (429, 503):
+                headers.append((b"retry-after", str(retry_after).encode()))
+        return headers, body
 
     def _forget(self, stream_id: int) -> None:
         self._streams.pop(stream_id, None)
@@ -757,6 +874,8 @@ class _Connection:
         apns_id = given_id if id_ok else str(uuid.uuid4()).encode()  # type: ignore[assignment]
         token_b = path[10:] if path is not None and path.startswith(b"/3/device/") else b""
         token = token_b.decode("ascii", "replace") if token_b else None
+        if not token_b and path is not None and path[:3] in (b"/1/", b"/4/"):
+            return self._evaluate_broadcast(method, path, fields, duplicate, stream.body)
 
         def fail(status: int, reason: str, auth_ok: bool = False) -> _Answer:
             return _Answer(status, reason, apns_id, token, auth_ok)
@@ -801,6 +920,147 @@ class _Connection:
         if cfg.p429 and rng.random() < cfg.p429:
             return fail(429, "TooManyRequests", auth_ok)
         return _Answer(200, None, apns_id, token, auth_ok)
+
+    def _evaluate_broadcast(
+        self,
+        method: bytes | None,
+        path: bytes,
+        fields: dict[bytes, bytes],
+        duplicate: bool,
+        body: bytearray,
+    ) -> _Answer:
+        """Channel management (``/1/apps/...``) and broadcast sends (``/4/broadcasts/...``)."""
+        mock = self.mock
+        cfg = mock.config
+        request_id, bad_request_id = _request_id(fields)
+        auth_ok = False
+
+        def answer(
+            status: int,
+            reason: str | None = None,
+            extra: list[tuple[bytes, bytes]] | None = None,
+            body: bytes = b"",
+        ) -> _Answer:
+            headers = [(b"apns-request-id", request_id)]
+            if extra:
+                headers += extra
+            return _Answer(status, reason, request_id, None, auth_ok, headers, body)
+
+        if self._wedged:
+            return answer(403, "ExpiredProviderToken")
+        if cfg.p500 and mock.rng.random() < cfg.p500:
+            return answer(500, "InternalServerError")
+        if cfg.p503 and mock.rng.random() < cfg.p503:
+            return answer(503, "ServiceUnavailable")
+
+        # Route: (operation, bundle id)
+        path = path.partition(b"?")[0]
+        if path.startswith(_BROADCAST_PREFIX):
+            bundle_b, op = path[len(_BROADCAST_PREFIX) :], "broadcast"
+            allowed = (b"POST",)
+        elif path.startswith(_MANAGE_PREFIX):
+            bundle_b, _, tail = path[len(_MANAGE_PREFIX) :].partition(b"/")
+            if tail == b"channels":
+                op = {b"POST": "create", b"GET": "read", b"DELETE": "delete"}.get(
+                    method or b"", "channels"
+                )
+                allowed = (b"POST", b"GET", b"DELETE")
+            elif tail == b"all-channels":
+                op, allowed = "list", (b"GET",)
+            else:
+                return answer(404, "BadPath")
+        else:
+            return answer(404, "BadPath")
+        if not bundle_b or b"/" in bundle_b:
+            return answer(404, "BadPath")
+        if method not in allowed:
+            return answer(405, "MethodNotAllowed")
+        if duplicate:
+            return answer(400, "DuplicateHeaders")
+        reason = self._check_authorization(fields.get(b"authorization"))
+        if reason is not None:
+            if reason == "ExpiredProviderToken" and cfg.expired_token_wedge:
+                self._wedged = True
+            return answer(429 if reason == "TooManyProviderTokenUpdates" else 403, reason)
+        auth_ok = True
+        bundle = bundle_b.decode("ascii", "replace")
+        reason = _bundle_reason(bundle)
+        if reason is not None:
+            return answer(404 if reason == "BadPath" else 400, reason)
+        if cfg.topics is not None and bundle not in cfg.topics:
+            return answer(403, "TopicMismatch")
+        if not cfg.broadcast_enabled:
+            return answer(400, "FeatureNotEnabled")
+        if bad_request_id:
+            return answer(400, "BadMessageId")
+        apns_id = fields.get(b"apns-id")
+        if apns_id is not None and _UUID.fullmatch(apns_id) is None:
+            return answer(400, "BadMessageId")
+        channels = mock.stats.channels.get(bundle) or {}
+
+        if op == "list":
+            listing = msgspec.json.encode({"channels": list(channels)})
+            return answer(200, None, _json_headers(listing), listing)
+        if op == "create":
+            reason = _channel_body_reason(body)
+            if reason is not None:
+                return answer(400, reason)
+            if len(channels) >= cfg.max_channels:
+                return answer(400, "CannotCreateChannelConfig")
+            channel_id = base64.b64encode(secrets.token_bytes(16)).decode("ascii")
+            channels = mock.stats.channels.setdefault(bundle, channels)
+            channels[channel_id] = msgspec.json.decode(body)["message-storage-policy"]
+            return answer(201, None, [(b"apns-channel-id", channel_id.encode("ascii"))])
+
+        channel_b = fields.get(b"apns-channel-id")
+        reason = _channel_id_reason(channel_b)
+        if reason is not None:
+            return answer(400, reason)
+        assert channel_b is not None
+        channel_id = channel_b.decode("ascii")
+        policy = channels.get(channel_id)
+        if op == "read":
+            if policy is None:
+                return answer(400, "ChannelNotRegistered")
+            info = msgspec.json.encode(
+                {"message-storage-policy": policy, "push-type": "LiveActivity"}
+            )
+            return answer(200, None, _json_headers(info), info)
+        if op == "delete":
+            if channels.pop(channel_id, None) is None:
+                return answer(400, "ChannelNotRegistered")
+            return answer(204)
+
+        # op == "broadcast"
+        push_type = fields.get(b"apns-push-type")
+        if push_type is None:
+            return answer(400, "MissingPushType")
+        if push_type.lower() != b"liveactivity":
+            return answer(400, "InvalidPushType")
+        if policy is None:
+            return answer(400, "ChannelNotRegistered")
+        priority = fields.get(b"apns-priority")
+        if priority is not None and priority not in _PRIORITIES:
+            return answer(400, "BadPriority")
+        expiration = fields.get(b"apns-expiration")
+        if expiration is not None and not expiration.isdigit():
+            return answer(400, "BadExpirationDate")
+        if policy == 0 and (expiration is None or int(expiration) != 0):
+            return answer(400, "BadExpirationDate")  # No Message Stored: only 0 (see module doc)
+        if not body:
+            return answer(400, "PayloadEmpty")
+        if len(body) > _BROADCAST_PAYLOAD_LIMIT:
+            return answer(413, "PayloadTooLarge")
+        try:
+            payload = msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            return answer(400, "BadRequestPayload")
+        if not isinstance(payload, dict):
+            return answer(400, "BadRequestPayload")
+        if cfg.p429 and mock.rng.random() < cfg.p429:
+            return answer(429, "TooManyRequests")
+        mock.stats.broadcasts[channel_id] += 1
+        return answer(200)
 
     def _check_authorization(self, value: bytes | None) -> str | None:
         """The 403/429 reason for an ``authorization`` header, or ``None`` if it is good."""
