@@ -328,7 +328,9 @@ class Client:
         p = push.prepared
         limiter = self.limiter
         if not limiter._idle:
-            await limiter.acquire(p.topic.decode())
+            waited = await limiter.acquire(p.topic.decode())
+            if waited:
+                self.events.limiter_wait(waited)
         wait = limiter.token_ready_in(p.token) if limiter._token_until else 0.0
         if wait > 0:
             self._schedule(push, wait)
@@ -432,6 +434,8 @@ class Client:
             return
         reason, timestamp = parse_error_body(body)
         action = classify(status, reason)
+        if status == 403 or reason == "TooManyProviderTokenUpdates":
+            self.events.auth_failure(reason)
         apns_id = _header(headers, b"apns-id")
         if action is Action.DROP_TOKEN:
             self._invalidated(push.prepared.token, reason, timestamp)

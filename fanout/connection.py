@@ -115,6 +115,7 @@ class Connection:
         max_streams_cap: int = 4000,
         first_stream_id: int = 1,
         authority: str | None = None,
+        events: Any = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -122,6 +123,7 @@ class Connection:
         self._ctx = ssl_context
         self._listener = listener
         self._auth = auth
+        self._events = events  # fanout.events.Events or None: stream_reset, goaway
         self.timeout = timeout
         self._connect_timeout = connect_timeout
         self._ping_interval = ping_interval
@@ -297,6 +299,8 @@ class Connection:
         job.conn = None
         if not self.closed:
             self._send(fr.rst_stream(job.sid, code))
+        if self._events is not None:
+            self._events.stream_reset(self)
         self._after_stream_end()
         return True
 
@@ -536,6 +540,8 @@ class Connection:
             job = self.streams.pop(sid, None)
             if job is not None:
                 job.conn = None
+                if self._events is not None:
+                    self._events.stream_reset(self)
                 if code == fr.REFUSED_STREAM:
                     self._listener.on_unprocessed(self, job, "RST_STREAM(REFUSED_STREAM)")
                 else:
@@ -586,6 +592,8 @@ class Connection:
             except Exception:  # noqa: BLE001 - debug data is free-form
                 reason = debug[:100].decode("utf-8", "replace")
         self.goaway_reason = str(reason) if reason else None
+        if self._events is not None:
+            self._events.goaway(self, self.goaway_reason)
         for sid in [s for s in self.streams if s > last]:
             job = self.streams.pop(sid)
             job.conn = None

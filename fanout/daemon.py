@@ -41,6 +41,7 @@ HIGH_WATER_STEP = 1024    # lines: how far ahead the "may have been sent" mark i
 CHANNEL_SIZE = 256
 EXIT_OK, EXIT_USAGE, EXIT_CONFIG, EXIT_FORCED = 0, 2, 3, 130
 CHILD_SETTINGS_ENV = "FANOUT_CHILD_SETTINGS"
+METRICS_INTERVAL = 1.0    # seconds between samples of the metrics' gauges and line counts
 
 
 # --------------------------------------------------------------------------- bookkeeping
@@ -189,12 +190,20 @@ class Daemon:
         self._consume_scope = trio.CancelScope()
         self._started = time.monotonic()
         self._status_tty = sys.stderr.isatty()
+        self.metrics: Any = None           # fanout.metrics.Metrics (--metrics)
+        self.daemon_metrics: Any = None    # fanout.metrics.DaemonMetrics
+        self._metrics_stop: Callable[[], None] | None = None
 
     # ----------------------------------------------------------------- main
 
     async def run(self) -> int:
         send, recv = trio.open_memory_channel[Prepared](CHANNEL_SIZE)
-        client = self._make_client(self.settings, on_invalid_token=self._on_invalid)
+        extra = self._start_metrics()
+        try:
+            client = self._make_client(self.settings, on_invalid_token=self._on_invalid, **extra)
+        except BaseException:
+            self._stop_metrics()
+            raise
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -204,12 +213,15 @@ class Daemon:
                     nursery.start_soon(self._read_all, send)
                     nursery.start_soon(self._checkpointer)
                     nursery.start_soon(self._status_loop)
+                    if self.metrics is not None:
+                        nursery.start_soon(self._metrics_loop)
                     with self._consume_scope:
                         async for result in client.send_many(_drain(recv)):
                             self._write(result)
                 nursery.cancel_scope.cancel()
         finally:
             self._finish()
+            self._stop_metrics()
         if self.client is not None and self.client.config_error:
             print(f"fanout run: {self.client.config_error}", file=sys.stderr)
             return EXIT_CONFIG
@@ -217,6 +229,7 @@ class Daemon:
 
     def _finish(self) -> None:
         """Flush results, then record the checkpoints (in that order)."""
+        self._sample_metrics()
         self.results.close()
         if self.invalid is not None:
             self.invalid.close()
@@ -227,6 +240,54 @@ class Daemon:
             state.record(line, offset)
         if not self.args.child:
             self._status(final=True)
+
+    # ----------------------------------------------------------------- metrics
+
+    def _start_metrics(self) -> dict[str, Any]:
+        """--metrics: Metrics as the client's events and the HTTP endpoint; a --workers
+        child (--metrics-child) records into PROMETHEUS_MULTIPROC_DIR and serves nothing."""
+        child = getattr(self.args, "metrics_child", False)
+        listen = getattr(self.args, "metrics", None)
+        if not (child or listen) or self._make_client is None:
+            return {}
+        from .metrics import Metrics
+
+        self.metrics = Metrics(daemon=not child)
+        self.daemon_metrics = self.metrics.daemon
+        if listen and not child:
+            self._serve_metrics(listen, self.metrics.registry)
+        return {"events": self.metrics}
+
+    def _serve_metrics(self, listen: str, registry: Any) -> None:
+        from .metrics import serve
+
+        try:
+            _, self._metrics_stop = serve(listen, registry)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def _stop_metrics(self) -> None:
+        if self._metrics_stop is not None:
+            self._metrics_stop()
+            self._metrics_stop = None
+
+    def _sample_metrics(self) -> None:
+        if self.metrics is not None and self.client is not None:
+            self.metrics.sample(self.client)
+        if self.daemon_metrics is not None:
+            lag = 0
+            for state in self.states:
+                if state.checkpoint_path is not None:
+                    lag += state.last_line - (state.saved[0] if state.saved else 0)
+                else:  # no checkpoint: the lines whose results are not all written
+                    lag += state.last_line - state.prefix()[0]
+            self.daemon_metrics.update(self.lines_read, self.counts["malformed"],
+                                       self.results_written, lag)
+
+    async def _metrics_loop(self) -> None:
+        while True:
+            self._sample_metrics()
+            await trio.sleep(METRICS_INTERVAL)
 
     # ----------------------------------------------------------------- input
 
@@ -539,7 +600,11 @@ def add_run_parser(sub: Any, settings_args: Callable[[argparse.ArgumentParser], 
     p.add_argument("--log-format", choices=["text", "json"], default="text")
     p.add_argument("--workers", type=int, default=1,
                    help="engine processes over one input (one results stream, one checkpoint)")
+    p.add_argument("--metrics", metavar="[HOST:]PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics "
+                        "(HOST defaults to 127.0.0.1)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--metrics-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(run_main=run_main)
 

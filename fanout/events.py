@@ -27,6 +27,18 @@ class Events:
 
     def invalid_token(self, token: str, reason: str | None, timestamp: int | None) -> None: ...
 
+    def stream_reset(self, conn: Any) -> None:
+        """A stream was reset: by us (deadline, cancel) or by the server (RST_STREAM)."""
+
+    def goaway(self, conn: Any, reason: str | None) -> None:
+        """A GOAWAY frame arrived; ``reason`` from its debug data (free-form, may be None)."""
+
+    def auth_failure(self, reason: str | None) -> None:
+        """APNs answered 403, or 429 TooManyProviderTokenUpdates."""
+
+    def limiter_wait(self, seconds: float) -> None:
+        """A push waited ``seconds`` in the limiter's token buckets / global pause."""
+
 
 class MultiEvents(Events):
     """Fans every hook out to several backends."""

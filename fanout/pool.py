@@ -55,7 +55,7 @@ class Pool:
         self._events = events
         self._conn_kw = dict(auth=auth, timeout=timeout, connect_timeout=connect_timeout,
                              ping_interval=ping_interval, max_streams_cap=max_streams_cap,
-                             first_stream_id=first_stream_id)
+                             first_stream_id=first_stream_id, events=events)
         self._unavailable_timeout = unavailable_timeout
         self._backoff = backoff or Backoff(base=0.1, cap=30.0)
         self.conns: list[Connection] = []       # ready and accepting streams

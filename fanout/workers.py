@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,6 +71,7 @@ class Coordinator(Daemon):
                "--on-config-error", self.args.on_config_error]
         if self.args.invalid_tokens:
             cmd += ["--invalid-tokens", self.args.invalid_tokens]
+        metrics_dir = self._start_worker_metrics(env, cmd)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -84,6 +86,8 @@ class Coordinator(Daemon):
                 nursery.start_soon(self._checkpointer)
                 nursery.start_soon(self._status_loop)
                 nursery.start_soon(self._flusher)
+                if self.daemon_metrics is not None:
+                    nursery.start_soon(self._metrics_loop)
                 await self._distribute()
                 for worker in self.workers:  # drain: no more input
                     await self._flush(worker)
@@ -91,18 +95,59 @@ class Coordinator(Daemon):
                 with trio.CancelScope(shield=True):
                     for worker in self.workers:
                         await worker.proc.wait()
+                        self._worker_dead(worker, metrics_dir)
                 nursery.cancel_scope.cancel()
         finally:
             for worker in self.workers:
                 if worker.proc.returncode is None:
                     worker.proc.kill()
             self._finish()
+            self._stop_metrics()
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
         codes = [w.proc.returncode for w in self.workers]
         if EXIT_CONFIG in codes:
             print("fanout run: a worker stopped on a configuration error (see above)",
                   file=sys.stderr)
             return EXIT_CONFIG
         return EXIT_FORCED if self.forced else EXIT_OK
+
+    # ----------------------------------------------------------------- metrics
+
+    def _start_worker_metrics(self, env: dict[str, str], cmd: list[str]) -> str | None:
+        """--metrics: the workers record into a fresh PROMETHEUS_MULTIPROC_DIR (set in
+        their environment only: this process keeps ordinary in-memory values, so its own
+        line counters are not counted twice); one endpoint here serves their sum plus
+        the coordinator's line counters."""
+        if not getattr(self.args, "metrics", None):
+            return None
+        import tempfile
+
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        from .metrics import DaemonMetrics
+
+        path = tempfile.mkdtemp(prefix="fanout-metrics-")
+        env["PROMETHEUS_MULTIPROC_DIR"] = path
+        cmd.append("--metrics-child")
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=path)
+        self.daemon_metrics = DaemonMetrics(registry)
+        try:
+            self._serve_metrics(self.args.metrics, registry)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        return path
+
+    @staticmethod
+    def _worker_dead(worker: Worker, metrics_dir: str | None) -> None:
+        """Drop an exited worker's live gauges (its counters keep counting in the sum)."""
+        if metrics_dir is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(worker.proc.pid, metrics_dir)
 
     # ----------------------------------------------------------------- input
 
