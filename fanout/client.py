@@ -98,6 +98,62 @@ def _header(headers: list[tuple[bytes, bytes]] | None, name: bytes) -> bytes | N
     return None
 
 
+class _OpenOnUse:
+    """Channels opened on first use and closed with the client."""
+
+    def __init__(self, channels: Any) -> None:
+        self._channels = channels
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._channels, name)
+        if not callable(method) or name.startswith("_"):
+            return method
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            if getattr(self._channels, "_client", None) is None:
+                await self._channels.__aenter__()
+            return await method(*args, **kwargs)
+        return call
+
+
+def prepare_broadcast(channel_id: str, payload: Payload | dict | bytes, *, bundle_id: str | None,
+                      priority: int = 10, expiration: int | None = 0,
+                      apns_id: str | None = None, id: Any = None) -> Prepared:
+    """Validate and encode a broadcast push (5120-byte limit, bare bundle id)."""
+    from .channels import check_bundle_id
+    from .payload import encode_payload
+
+    if not isinstance(channel_id, str) or not channel_id.strip() or not channel_id.isascii():
+        raise ValidationError("channel_id", "must be a non-empty base64 channel id")
+    bundle = check_bundle_id(bundle_id)
+    if priority not in (10, 5, 1):
+        raise ValidationError("priority", f"must be 10, 5 or 1, not {priority!r}")
+    if expiration is not None and (not isinstance(expiration, int) or expiration < 0):
+        raise ValidationError("expiration", "must be a non-negative epoch in seconds")
+    body = encode_payload(payload)
+    if not body:
+        raise ValidationError("payload", "is empty")
+    if len(body) > 5120:
+        raise ValidationError("payload", f"is {len(body)} bytes; the limit for broadcast "
+                                         f"pushes is 5120 bytes")
+    if apns_id is not None:
+        import uuid
+
+        try:
+            apns_id = str(uuid.UUID(apns_id))
+        except ValueError:
+            raise ValidationError("apns_id", "must be a UUID") from None
+    prepared = Prepared(channel_id, b"/4/broadcasts/apps/" + bundle.encode(), body,
+                        b"liveactivity", None, str(priority).encode(),
+                        None if expiration is None else str(expiration).encode(), None,
+                        None, id, 5120)
+    prepared.extra = [(b"apns-channel-id", channel_id.encode())]
+    if apns_id is not None:
+        prepared.extra.append((b"apns-request-id", apns_id.encode()))
+    prepared.channel_id = channel_id
+    return prepared
+
+
 class Client:
     """Sends pushes to APNs over a few long-lived HTTP/2 connections.
 
@@ -131,6 +187,8 @@ class Client:
         events: Events | None = None,
         max_streams_cap: int = 4000,
         first_stream_id: int = 1,
+        manage_host: str | None = None,
+        manage_port: int | None = None,
     ) -> None:
         if environment not in HOSTS:
             raise ConfigError(f"environment must be production or sandbox, not {environment!r}")
@@ -169,6 +227,12 @@ class Client:
         self._nursery_cm: Any = None
         self.outstanding = 0
         self._drained = trio.Event()
+        self._ca_file = ca_file
+        # channel management: Apple's own host, or the push host when pointed at a mock
+        custom = host is not None and host not in HOSTS.values()
+        self._manage = (manage_host or (self.host if custom else None),
+                        manage_port or (port if custom else None))
+        self._channels: Any = None
 
     @staticmethod
     def _make_ssl_context(ca_file: str | None) -> ssl.SSLContext:
@@ -192,6 +256,9 @@ class Client:
         return self
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool | None:
+        if self._channels is not None:
+            with trio.CancelScope(shield=True):
+                await self._channels.aclose()
         self._nursery.cancel_scope.cancel()
         try:
             return await self._nursery_cm.__aexit__(exc_type, exc, tb)
@@ -230,6 +297,34 @@ class Client:
         yields a ``rejected`` result with the problem in ``error`` and the rest go on.
         """
         return self._stream(notifications, self._convert, window)
+
+    @property
+    def channels(self) -> Any:
+        """Broadcast channel management for ``topic`` (:class:`fanout.channels.Channels`):
+        ``await client.channels.create(storage_policy)``, ``read``, ``list``, ``delete``."""
+        if self._channels is None:
+            from .channels import Channels
+
+            if not self.topic:
+                raise ConfigError("channel management needs the client's topic (bundle id)")
+            self._channels = Channels(auth=self.auth, bundle_id=self.topic.split(".push-type.")[0],
+                                      environment=self.environment, host=self._manage[0],
+                                      port=self._manage[1], ca_file=self._ca_file,
+                                      ssl_context=None)
+        return _OpenOnUse(self._channels)
+
+    async def broadcast(self, channel_id: str, payload: Payload | dict | bytes, *,
+                        bundle_id: str | None = None, priority: int = 10,
+                        expiration: int | None = 0, apns_id: str | None = None,
+                        id: Any = None) -> Result:
+        """One Live Activity push to every device subscribed to ``channel_id`` (iOS 18).
+
+        ``POST /4/broadcasts/apps/<bundle id>`` with ``apns-channel-id`` through the same
+        connections, limiter and metrics. ``expiration`` defaults to 0, the only value a
+        No-Message-Stored (policy 0) channel accepts; pass None to let APNs store it."""
+        return await self.send(prepare_broadcast(
+            channel_id, payload, bundle_id=bundle_id or self.topic, priority=priority,
+            expiration=expiration, apns_id=apns_id, id=id))
 
     def fan_out(
         self,
@@ -401,8 +496,10 @@ class Client:
         push.abandoned = True
         self.outstanding -= 1
         p = push.prepared
+        channel = p.channel_id
         result = Result(
-            outcome=outcome, id=push.id, token=p.token, status=status, reason=reason,
+            outcome=outcome, id=push.id, token=p.token if channel is None else None,
+            channel_id=channel, status=status, reason=reason,
             apns_id=apns_id.decode() if apns_id else (p.apns_id.decode() if p.apns_id else None),
             timestamp=timestamp, attempts=push.attempts,
             latency_ms=latency * 1000.0 if latency is not None else None, error=error)
@@ -430,7 +527,8 @@ class Client:
         latency = trio.current_time() - push.sent_at
         if status == 200:
             self._finish(push, Outcome.DELIVERED, status=200,
-                         apns_id=_header(headers, b"apns-id"), latency=latency)
+                         apns_id=_header(headers, b"apns-id")
+                         or _header(headers, b"apns-request-id"), latency=latency)
             return
         reason, timestamp = parse_error_body(body)
         action = classify(status, reason)

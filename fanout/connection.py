@@ -204,6 +204,9 @@ class Connection:
         else:
             consts = (b":authority", self._authority, b"apns-topic", p.topic,
                       b"apns-push-type", p.push_type, b"apns-priority", p.priority)
+        if p.topic is None:  # broadcasts: no apns-topic
+            i = consts.index(b"apns-topic")
+            consts = consts[:i] + consts[i + 2:]
         lead, rest = enc.constant(consts)
         block = lead + fr.METHOD_POST + fr.SCHEME_HTTPS \
             + fr.literal_never_indexed(b":path", p.path) + rest
@@ -213,7 +216,7 @@ class Connection:
             block += fr.literal_never_indexed(b"apns-expiration", p.expiration)
         if p.collapse_id is not None:
             block += fr.literal_never_indexed(b"apns-collapse-id", p.collapse_id)
-        extra = getattr(p, "extra", None)
+        extra = p.extra
         if extra:
             for name, value in extra:
                 block += fr.literal_never_indexed(name, value)
@@ -229,6 +232,8 @@ class Connection:
         if self._next_sid > fr.MAX_STREAM_ID - ID_MARGIN:
             self.retire("stream ids exhausted")
 
+        if p.stamp is not None:  # Live Activity: timestamp written now (a retry restamps)
+            p.body = p.stamp()
         body = p.body
         n = len(body)
         if len(block) > self._max_frame_out:

@@ -8,7 +8,9 @@
 - :class:`ActivityTracker`: a budget of priority-10 pushes per hour per activity (over it,
   updates go at priority 5 or wait, by policy: never silently lost) and an out-of-order
   guard (an update older than the last one sent for the activity is ``superseded``).
-- :class:`LiveActivities`: the three operations on a :class:`fanout.client.Client`.
+- :class:`LiveActivities`: the three operations on a :class:`fanout.client.Client`;
+  ``plan`` decides synchronously in call order, so a burst can be planned in order and
+  sent concurrently.
 """
 
 from __future__ import annotations
@@ -199,19 +201,34 @@ class LiveActivities:
         self.bundle_id = bundle_id
         self.tracker = tracker or ActivityTracker(budget_per_hour, over_budget=over_budget)
 
+    def plan(self, activity_id: str, token: str, payload: Payload, *,
+             source_time: float | None = None, priority: int = 10,
+             id: Any = None) -> Any:
+        """Decide now, in call order: a prepared push to send, a ``superseded`` Result, or
+        the seconds to wait (``over_budget="wait"``). Plan a burst in order, then send the
+        prepared pushes concurrently (``client.send_many``)."""
+        source_time = time.time() if source_time is None else source_time
+        decision = self.tracker.decide(activity_id, source_time, priority)
+        if decision.superseded:
+            return Result(outcome=Outcome.SUPERSEDED, id=id, token=token,
+                          error=f"update for {activity_id} older than the last one sent")
+        if decision.wait:
+            return decision.wait
+        note = notification(token, payload, self.bundle_id, priority=decision.priority, id=id)
+        return prepare_stamped(note, default_topic=self.bundle_id)
+
     async def _send(self, activity_id: str, token: str, payload: Payload, *,
                     source_time: float | None, priority: int, id: Any) -> Result:
         source_time = time.time() if source_time is None else source_time
         while True:
-            decision = self.tracker.decide(activity_id, source_time, priority)
-            if decision.superseded:
-                return Result(outcome=Outcome.SUPERSEDED, id=id, token=token,
-                              error=f"update for {activity_id} older than the last one sent")
-            if not decision.wait:
+            planned = self.plan(activity_id, token, payload, source_time=source_time,
+                                priority=priority, id=id)
+            if not isinstance(planned, float):
                 break
-            await trio.sleep(decision.wait)
-        note = notification(token, payload, self.bundle_id, priority=decision.priority, id=id)
-        return await self.client.send(prepare_stamped(note, default_topic=self.bundle_id))
+            await trio.sleep(planned)
+        if isinstance(planned, Result):
+            return planned
+        return await self.client.send(planned)
 
     async def start(self, token: str, *, activity_id: str, source_time: float | None = None,
                     priority: int = 10, id: Any = None, **kw: Any) -> Result:

@@ -184,6 +184,8 @@ class MockConfig:
     seed: int = 0
     """Seed of the random faults (p429, p500, p503, never_answer, jitter)."""
     alpn: bool = True
+    record_bodies: bool = False
+    """Keep (priority, body) of every accepted device push in ``stats.bodies`` (tests)."""
     """``False``: serve TLS without ALPN ``h2`` (a correct client refuses to talk)."""
     broadcast_enabled: bool = True
     """``False``: the app's Broadcast Capability is off: every channel-management request and
@@ -219,6 +221,8 @@ class MockStats:
     protocol_errors: list[str] = field(default_factory=list)
     """HTTP/2 violations by the client (stream-limit excess, h2 ProtocolError)."""
     broadcasts: Counter[str] = field(default_factory=Counter)
+    bodies: dict[str, list[tuple[int, bytes]]] = field(default_factory=dict)
+    """With ``record_bodies``: token -> [(apns-priority, body)] of accepted device pushes."""
     """Channel id -> number of broadcast pushes answered 200."""
     channels: dict[str, dict[str, int]] = field(default_factory=dict)
     """The live broadcast channels: bundle id -> {channel id: message-storage-policy}. This is
@@ -919,6 +923,9 @@ class _Connection:
                 return fail(410, "Unregistered", auth_ok)
         if cfg.p429 and rng.random() < cfg.p429:
             return fail(429, "TooManyRequests", auth_ok)
+        if cfg.record_bodies and token is not None:
+            priority = int(fields.get(b"apns-priority", b"10"))
+            self.mock.stats.bodies.setdefault(token, []).append((priority, bytes(stream.body)))
         return _Answer(200, None, apns_id, token, auth_ok)
 
     def _evaluate_broadcast(

@@ -345,6 +345,8 @@ class Prepared:
         "id",
         "limit",
         "stamp",
+        "extra",
+        "channel_id",
     )
 
     def __init__(
@@ -373,6 +375,8 @@ class Prepared:
         self.id = id
         self.limit = limit
         self.stamp: Any = None  # Live Activities: rebuilds the body with the send time
+        self.extra: list[tuple[bytes, bytes]] | None = None  # more headers (apns-channel-id)
+        self.channel_id: str | None = None  # a broadcast's channel (then token is a key only)
 
     def __repr__(self) -> str:
         return (

@@ -115,3 +115,74 @@ def test_activity_memory_is_bounded():
     for i in range(5000):
         tracker.decide(f"a{i}", 1.0)
     assert len(tracker._activities) == 1000
+
+
+# ---------------------------------------------------------------- the scenario, end to end
+
+async def test_live_activity_and_broadcast_scenario(pki, signing_key):
+    """Push-to-start with input-push-channel; 300 updates in a burst with a budget of 50
+    per hour (the rest at priority 5, none lost); an out-of-order update dropped; end with
+    a dismissal date; a broadcast to a policy-0 channel; the channel deleted, and a send
+    to it reported as ChannelNotRegistered."""
+    import trio
+
+    from fanout.auth import TokenAuth
+    from fanout.client import Client
+    from fanout.liveactivity import LiveActivities
+    from fanout.mock import MockAPNs, MockConfig
+
+    mock = MockAPNs(MockConfig(keys={signing_key.key_id: signing_key.public_key},
+                               team_id=signing_key.team_id, record_bodies=True), pki)
+    auth = TokenAuth.from_file(signing_key.path, signing_key.key_id, signing_key.team_id)
+    start_token, update_token = "aa" * 32, "bb" * 32
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(mock.serve)
+        async with Client(auth=auth, topic="com.example.app", host="127.0.0.1", port=port,
+                          ca_file=str(pki.ca_file)) as client:
+            channel = await client.channels.create(0)
+            la = LiveActivities(client, "com.example.app", budget_per_hour=50)
+            started = await la.start(start_token, activity_id="match-1",
+                                     attributes_type="MatchAttributes",
+                                     attributes={"home": "A", "away": "B"},
+                                     content_state={"score": "0-0"},
+                                     alert={"title": "Kick-off", "body": "A vs B"},
+                                     input_push_channel=channel.channel_id, source_time=0.0)
+            # a burst: planned in order, sent concurrently
+            from fanout.liveactivity import update_payload
+
+            burst = [la.plan("match-1", update_token, update_payload({"score": f"{i}-0"}),
+                             source_time=1.0 + i, id=i) for i in range(300)]
+            results = [r async for r in client.send_many(burst)]
+            assert len(results) == 300
+            before = mock.stats.requests
+            stale = await la.update(update_token, {"score": "stale"}, activity_id="match-1",
+                                    source_time=0.5)
+            after_stale = mock.stats.requests
+            ended = await la.end(update_token, {"score": "3-1"}, activity_id="match-1",
+                                 source_time=1000.0, dismissal_date=1_900_000_000)
+            sent = await client.broadcast(channel.channel_id,
+                                          {"aps": {"event": "update", "timestamp": 1,
+                                                   "content-state": {"score": "3-1"}}})
+            await client.channels.delete(channel.channel_id)
+            gone = await client.broadcast(channel.channel_id,
+                                          {"aps": {"event": "update", "timestamp": 2,
+                                                   "content-state": {"score": "3-1"}}})
+        nursery.cancel_scope.cancel()
+
+    assert started.ok
+    assert all(r.ok for r in results), {(r.outcome, r.reason, r.error) for r in results if not r.ok}
+    priorities = sorted(p for p, _ in mock.stats.bodies[update_token][:300])
+    # the start used one of the 50 priority-10 slots of the hour
+    assert priorities.count(10) == 49 and priorities.count(5) == 251
+    assert stale.outcome == "superseded" and after_stale == before  # never sent
+    assert ended.ok
+    start_body = json.loads(mock.stats.bodies[start_token][0][1])
+    assert start_body["aps"]["input-push-channel"] == channel.channel_id
+    assert start_body["aps"]["event"] == "start"
+    assert 1.7e9 < start_body["aps"]["timestamp"] < 4e9  # stamped at send time, not the marker
+    end_body = json.loads(mock.stats.bodies[update_token][-1][1])
+    assert end_body["aps"]["event"] == "end"
+    assert end_body["aps"]["dismissal-date"] == 1_900_000_000
+    assert sent.ok and sent.channel_id == channel.channel_id and sent.token is None
+    assert mock.stats.broadcasts[channel.channel_id] == 1
+    assert gone.outcome == "rejected" and gone.reason == "ChannelNotRegistered"
