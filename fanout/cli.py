@@ -17,7 +17,7 @@ from typing import Any
 import trio
 
 from .config import add_settings_args, check, load_settings, make_client
-from .errors import FanoutError, ValidationError
+from .errors import ConfigError, FanoutError, ValidationError
 
 log = logging.getLogger("fanout")
 
@@ -127,8 +127,18 @@ async def _send_main(args: argparse.Namespace) -> int:
 
     try:
         async with make_client(settings, on_invalid_token=on_invalid) as client:
-            async for result in client.fan_out(payload, _read_tokens(args.tokens), **options):
+            if args.channel:  # a broadcast to every device subscribed to the channel
+                result = await client.broadcast(
+                    args.channel, payload, priority=args.priority or 10,
+                    expiration=0 if args.expiration is None else args.expiration)
                 progress.add(result)
+                if not result.ok:
+                    print(f"fanout send: broadcast {result.outcome}: {result.reason or ''} "
+                          f"{result.error or ''}".rstrip(), file=sys.stderr)
+            else:
+                async for result in client.fan_out(payload, _read_tokens(args.tokens),
+                                                   **options):
+                    progress.add(result)
             config_error = client.config_error
     finally:
         if invalid_out:
@@ -234,6 +244,43 @@ async def _mock_main(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- main
 
+async def _channels_main(args: argparse.Namespace) -> int:
+    from .channels import ChannelError
+    from .config import make_auth
+
+    settings = load_settings(args)
+    from .channels import Channels
+
+    if not settings.topic:
+        raise ConfigError("channels need --topic (the app's bundle id)")
+    custom = settings.host is not None
+    async with Channels(auth=make_auth(settings), bundle_id=settings.topic,
+                        environment=settings.environment,
+                        host=args.manage_host or (settings.host if custom else None),
+                        port=args.manage_port or (settings.port if custom else None),
+                        ca_file=settings.ca_file) as channels:
+        try:
+            if args.action == "create":
+                ch = await channels.create(args.policy)
+                out: Any = {"channel_id": ch.channel_id,
+                            "message_storage_policy": ch.message_storage_policy}
+            elif args.action == "list":
+                out = {"channels": await channels.list()}
+            elif args.action == "show":
+                ch = await channels.read(args.channel_id)
+                out = {"channel_id": ch.channel_id,
+                       "message_storage_policy": ch.message_storage_policy,
+                       "push_type": ch.push_type}
+            else:
+                await channels.delete(args.channel_id)
+                out = {"deleted": args.channel_id}
+        except ChannelError as exc:
+            print(f"fanout channels {args.action}: {exc}", file=sys.stderr)
+            return 2
+    print(json.dumps(out), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fanout", description="High-volume APNs sender")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
@@ -251,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     send = sub.add_parser("send", parents=[common], help="one payload to a file of tokens")
     add_settings_args(send)
-    send.add_argument("--tokens", required=True, help="file with one token per line, or -")
+    target = send.add_mutually_exclusive_group(required=True)
+    target.add_argument("--tokens", help="file with one token per line, or -")
+    target.add_argument("--channel", help="broadcast to this channel id (iOS 18) instead")
     send.add_argument("--payload", help="JSON payload file, or - for stdin")
     send.add_argument("--title")
     send.add_argument("--body")
@@ -283,6 +332,21 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--close-after", type=int)
     mock.add_argument("--max-streams", type=int, default=1000)
 
+    channels = sub.add_parser("channels", parents=[common],
+                              help="broadcast channels (iOS 18): create, list, show, delete")
+    channels_sub = channels.add_subparsers(dest="action", required=True)
+    for action, text in (("create", "create a channel"), ("list", "list every channel"),
+                         ("show", "show one channel"), ("delete", "delete a channel")):
+        cp = channels_sub.add_parser(action, help=text)
+        add_settings_args(cp)
+        cp.add_argument("--manage-host", help="channel management host (default: Apple's)")
+        cp.add_argument("--manage-port", type=int)
+        if action == "create":
+            cp.add_argument("--policy", type=int, choices=[0, 1], default=0,
+                            help="message storage: 0 none (default), 1 most recent")
+        if action in ("show", "delete"):
+            cp.add_argument("channel_id")
+
     check_p = sub.add_parser("check", parents=[common],
                              help="one harmless push: are the credentials, topic and path good?")
     add_settings_args(check_p)
@@ -312,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fanout {args.command}: error: {exc}", file=sys.stderr)
             return 2
     runner = {"demo": _demo_main, "send": _send_main, "check": _check_main,
-              "mock": _mock_main}[args.command]
+              "mock": _mock_main, "channels": _channels_main}[args.command]
     try:
         return trio.run(runner, args)
     except KeyboardInterrupt:

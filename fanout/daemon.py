@@ -190,6 +190,9 @@ class Daemon:
         self._consume_scope = trio.CancelScope()
         self._started = time.monotonic()
         self._status_tty = sys.stderr.isatty()
+        from .liveactivity import ActivityTracker
+
+        self.tracker = ActivityTracker(args.la_budget, over_budget=args.la_over_budget)
         self.metrics: Any = None           # fanout.metrics.Metrics (--metrics)
         self.daemon_metrics: Any = None    # fanout.metrics.DaemonMetrics
         self._metrics_stop: Callable[[], None] | None = None
@@ -384,12 +387,19 @@ class Daemon:
             return
         try:
             push = decode_line(line.data)
+        except LineError as exc:
+            self._malformed(state, str(exc))
+            return
+        if push.live_activity is not None or push.channel_id is not None:
+            await self._single(state, push, send)
+            return
+        try:
             template = PushTemplate(
                 push.payload, push_type=push.push_type or "alert", topic=push.topic,
                 default_topic=self.settings.topic, priority=push.priority,
                 expiration=push.expiration, collapse_id=push.collapse_id, apns_id=push.apns_id)
             tokens = self._tokens(push)
-        except (LineError, ValidationError, ConfigError) as exc:
+        except (ValidationError, ConfigError) as exc:
             self._malformed(state, str(exc))
             return
         try:
@@ -414,6 +424,93 @@ class Daemon:
         state.closed = True
         if not state.pending:
             state.done()
+
+    async def _single(self, state: LineState, push: Any,
+                      send: trio.MemorySendChannel[Prepared]) -> None:
+        """A broadcast (``channel_id``) or a Live Activity push (``live_activity``)."""
+        from .client import prepare_broadcast
+        from .liveactivity import (
+            end_payload,
+            notification,
+            prepare_stamped,
+            start_payload,
+            update_payload,
+        )
+        from .payload import Notification, Payload, decode_payload
+
+        la = push.live_activity
+        priority = push.priority if push.priority is not None else 10
+        try:
+            if la is not None:
+                custom = {k: v for k, v in (push.payload or {}).items() if k != "aps"}
+                if la.event == "start":
+                    payload: Any = start_payload(
+                        attributes_type=la.attributes_type, attributes=la.attributes,
+                        content_state=la.content_state, alert=la.alert,
+                        input_push_token=la.input_push_token,
+                        input_push_channel=la.input_push_channel, stale_date=la.stale_date,
+                        relevance_score=la.relevance_score, custom=custom)
+                elif la.event == "update":
+                    payload = update_payload(la.content_state, stale_date=la.stale_date,
+                                             relevance_score=la.relevance_score,
+                                             alert=la.alert, custom=custom)
+                else:
+                    payload = end_payload(la.content_state, dismissal_date=la.dismissal_date,
+                                          alert=la.alert, custom=custom)
+                if la.activity_id is not None:
+                    decision = self.tracker.decide(
+                        la.activity_id, time.time() if la.source_time is None
+                        else la.source_time, priority)
+                    while decision.wait:
+                        await trio.sleep(decision.wait)
+                        decision = self.tracker.decide(la.activity_id, la.source_time or
+                                                       time.time(), priority)
+                    if decision.superseded:
+                        self._emit(ResultLine(
+                            id=push.id, line=state.number, outcome="superseded",
+                            token=push.token, channel_id=push.channel_id,
+                            error=f"older than the last update sent for {la.activity_id}",
+                            input=state.input.label), state)
+                        state.closed = True
+                        state.done()
+                        return
+                    priority = decision.priority
+            else:
+                payload = decode_payload(push.payload) if "aps" in push.payload \
+                    else push.payload
+            tag = Tag(state, push.id)
+            if push.channel_id is not None:
+                bundle = (push.topic or self.settings.topic or "").split(".push-type.")[0]
+                body = payload.encode() if isinstance(payload, Payload) else payload
+                prepared = prepare_broadcast(
+                    push.channel_id, body, bundle_id=bundle or None, priority=priority,
+                    expiration=0 if push.expiration is None else push.expiration,
+                    apns_id=push.apns_id, id=tag)
+                if la is not None and b'"timestamp":4102444800' in prepared.body:
+                    from .liveactivity import Stamper
+
+                    prepared.stamp = Stamper(prepared.body)
+            elif la is not None:
+                prepared = prepare_stamped(
+                    notification(push.token, payload, push.topic or self.settings.topic or "",
+                                 priority=priority, expiration=push.expiration,
+                                 apns_id=push.apns_id, id=tag))
+            else:
+                prepared = prepare_stamped(Notification(
+                    token=push.token, payload=payload, push_type=push.push_type or "alert",
+                    topic=push.topic, priority=push.priority, expiration=push.expiration,
+                    collapse_id=push.collapse_id, apns_id=push.apns_id, id=tag),
+                    default_topic=self.settings.topic)
+        except (ValidationError, ConfigError) as exc:
+            self._malformed(state, str(exc))
+            return
+        state.pending += 1
+        try:
+            send.send_nowait(prepared)
+        except trio.WouldBlock:
+            await send.send(prepared)
+        state.input.last_sent_line = state.number
+        state.closed = True
 
     @staticmethod
     def _tokens(push: Any) -> Iterator[str] | list[str]:
@@ -459,6 +556,7 @@ class Daemon:
         latency = result.latency_ms
         self._emit(ResultLine(
             id=tag.id, line=state.number, outcome=str(result.outcome), token=result.token,
+            channel_id=result.channel_id,
             status=result.status, reason=result.reason, apns_id=result.apns_id,
             timestamp=result.timestamp, attempts=result.attempts,
             latency_ms=round(latency, 3) if latency is not None else None, error=result.error,
@@ -598,6 +696,10 @@ def add_run_parser(sub: Any, settings_args: Callable[[argparse.ArgumentParser], 
     p.add_argument("--status-interval", type=float, default=10.0,
                    help="seconds between status log lines when not on a TTY (0: none)")
     p.add_argument("--log-format", choices=["text", "json"], default="text")
+    p.add_argument("--la-budget", type=int, default=50,
+                   help="priority-10 Live Activity pushes per activity per hour")
+    p.add_argument("--la-over-budget", choices=["lower", "wait"], default="lower",
+                   help="over the budget: send at priority 5 (default) or wait")
     p.add_argument("--workers", type=int, default=1,
                    help="engine processes over one input (one results stream, one checkpoint)")
     p.add_argument("--metrics", metavar="[HOST:]PORT",

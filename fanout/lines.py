@@ -11,10 +11,35 @@ class LineError(ValueError):
     """The line cannot be understood; the message says what is wrong."""
 
 
+class LiveActivityLine(msgspec.Struct, kw_only=True, forbid_unknown_fields=True,
+                       rename="kebab"):
+    """``"live_activity": {...}``: fanout builds the ``aps`` (timestamp stamped at send time)
+    and applies the per-activity budget and ordering. Keys as in Apple's payload, plus
+    ``activity-id`` (budget and order are per activity) and ``source-time`` (when the
+    event happened, epoch seconds: an older update than the last one sent is superseded).
+    """
+
+    event: str
+    activity_id: str | None = None
+    source_time: float | None = None
+    content_state: dict[str, Any] | None = None
+    attributes_type: str | None = None
+    attributes: dict[str, Any] | None = None
+    alert: str | dict[str, Any] | None = None
+    input_push_token: bool = False
+    input_push_channel: str | None = None
+    stale_date: int | None = None
+    relevance_score: float | None = None
+    dismissal_date: int | None = None
+
+
 class PushLine(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """One input line. Exactly one of ``token``, ``tokens`` or ``tokens_file``."""
+    """One input line: exactly one of ``token``, ``tokens``, ``tokens_file`` or
+    ``channel_id`` (a broadcast); ``payload`` unless ``live_activity`` builds it."""
 
     payload: dict[str, Any] | None = None
+    live_activity: LiveActivityLine | None = None
+    channel_id: str | None = None
     id: Any = None
     token: str | None = None
     tokens: list[str] | None = None
@@ -40,12 +65,21 @@ def decode_line(data: bytes) -> PushLine:
         raise LineError(f"invalid push: {exc}") from None
     except msgspec.DecodeError as exc:
         raise LineError(f"not JSON: {exc}") from None
-    targets = sum(x is not None for x in (line.token, line.tokens, line.tokens_file))
+    targets = sum(x is not None for x in (line.token, line.tokens, line.tokens_file,
+                                          line.channel_id))
     if targets != 1:
-        raise LineError("needs exactly one of token, tokens or tokens_file"
-                        if targets else "missing token (or tokens, tokens_file)")
-    if line.payload is None:
-        raise LineError("missing payload")
+        raise LineError("needs exactly one of token, tokens, tokens_file or channel_id"
+                        if targets else "missing token (or tokens, tokens_file, channel_id)")
+    la = line.live_activity
+    if la is None and line.payload is None:
+        raise LineError("missing payload (or live_activity)")
+    if la is not None:
+        if la.event not in ("start", "update", "end"):
+            raise LineError(f"live_activity.event must be start, update or end, not {la.event!r}")
+        if line.tokens is not None or line.tokens_file is not None:
+            raise LineError("live_activity goes with token or channel_id, not a fan-out")
+        if la.event == "start" and line.channel_id is not None:
+            raise LineError("a broadcast cannot start a Live Activity (use token)")
     return line
 
 

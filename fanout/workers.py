@@ -68,7 +68,9 @@ class Coordinator(Daemon):
         env[CHILD_SETTINGS_ENV] = msgspec.json.encode(self.settings).decode()
         cmd = [sys.executable, "-m", "fanout", "run", "--child", "--checkpoint-interval",
                "0.02", "--max-line-bytes", str(self.args.max_line_bytes),
-               "--on-config-error", self.args.on_config_error]
+               "--on-config-error", self.args.on_config_error,
+               "--la-budget", str(self.args.la_budget),
+               "--la-over-budget", self.args.la_over_budget]
         if self.args.invalid_tokens:
             cmd += ["--invalid-tokens", self.args.invalid_tokens]
         metrics_dir = self._start_worker_metrics(env, cmd)

@@ -121,3 +121,28 @@ def test_demo_runs_end_to_end():
     assert summary["pushes"] == 3000
     assert summary["counts"]["delivered"] + summary["counts"].get("invalid_token", 0) == 3000
     assert summary["latency_ms_p50"] is not None and summary["latency_ms_p99"] is not None
+
+
+def test_channels_commands_and_send_channel(mock_process, signing_key, tmp_path):
+    port, ca = mock_process
+    common = ["--host", "127.0.0.1", "--port", str(port), "--ca-file", str(ca),
+              "--key-path", str(signing_key.path), "--key-id", signing_key.key_id,
+              "--team-id", signing_key.team_id, "--topic", "com.example.app"]
+    created = _send(["channels", "create", "--policy", "0"] + common)
+    assert created.returncode == 0, created.stderr.decode()
+    channel = json.loads(created.stdout)["channel_id"]
+    listed = json.loads(_send(["channels", "list"] + common).stdout)
+    assert channel in listed["channels"]
+    shown = json.loads(_send(["channels", "show", channel] + common).stdout)
+    assert shown["message_storage_policy"] == 0
+    payload = tmp_path / "p.json"
+    payload.write_text(json.dumps({"aps": {"event": "update", "timestamp": 1,
+                                           "content-state": {"score": "1-0"}}}))
+    sent = _send(["send", "--channel", channel, "--payload", str(payload)] + common)
+    assert sent.returncode == 0, sent.stderr.decode()
+    assert json.loads(sent.stdout.splitlines()[-1])["counts"] == {"delivered": 1}
+    assert _send(["channels", "delete", channel] + common).returncode == 0
+    gone = _send(["channels", "show", channel] + common)
+    assert gone.returncode == 2 and b"ChannelNotRegistered" in gone.stderr
+    again = _send(["send", "--channel", channel, "--payload", str(payload)] + common)
+    assert b"ChannelNotRegistered" in again.stderr

@@ -355,3 +355,59 @@ async def test_follow_picks_up_appended_lines_and_rotation(tmp_path, pki, signin
                                           | {f"x{i}" for i in range(101, 151)}
                                           | {f"x{i}" for i in range(1000, 1020)})
     assert len(mock.stats.delivered) == 170
+
+
+async def test_live_activity_and_broadcast_lines(tmp_path, pki, signing_key):
+    """Daemon lines with live_activity (budget, ordering, send-time timestamp) and
+    channel_id (broadcast), including a deleted channel."""
+    from fanout.auth import TokenAuth
+    from fanout.channels import Channels
+
+    token = "cd" * 32
+    async with mock_server(pki, signing_key, record_bodies=True) as mock:
+        auth = TokenAuth.from_file(signing_key.path, signing_key.key_id, signing_key.team_id)
+        async with Channels(auth=auth, bundle_id="com.example.app", host="127.0.0.1",
+                            port=mock.port, ca_file=str(pki.ca_file)) as channels:
+            live = await channels.create(0)
+            dead = await channels.create(1)
+            await channels.delete(dead.channel_id)
+        la = {"activity-id": "job-7", "content-state": {"step": 0}}
+        lines = [{"id": "start", "token": token, "live_activity": {
+                    **la, "event": "start", "attributes-type": "JobAttributes",
+                    "attributes": {"job": 7}, "alert": {"title": "Job queued"},
+                    "input-push-channel": live.channel_id, "source-time": 1}}]
+        lines += [{"id": f"u{i}", "token": token, "live_activity": {
+                    **la, "event": "update", "content-state": {"step": i},
+                    "source-time": 10 + i}} for i in range(1, 6)]
+        lines += [{"id": "late", "token": token, "live_activity": {
+                    **la, "event": "update", "source-time": 2}},
+                  {"id": "bcast", "channel_id": live.channel_id, "live_activity": {
+                    "event": "update", "content-state": {"step": 9}}},
+                  {"id": "gone", "channel_id": dead.channel_id,
+                   "payload": {"aps": {"event": "update", "timestamp": 1,
+                                       "content-state": {}}}},
+                  {"id": "bad", "channel_id": live.channel_id, "live_activity": {
+                      "event": "start", "content-state": {}}}]
+        data = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+        proc = await run_daemon(daemon_cmd(mock, pki, signing_key, "--la-budget", "3"),
+                                stdin=data)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    results = {r["id"] if r["id"] else f"line{r['line']}": r
+               for r in (json.loads(x) for x in proc.stdout.splitlines())}
+    assert results["start"]["outcome"] == "delivered"
+    assert all(results[f"u{i}"]["outcome"] == "delivered" for i in range(1, 6))
+    assert results["late"]["outcome"] == "superseded"
+    assert results["bcast"]["outcome"] == "delivered"
+    assert results["bcast"]["channel_id"] == live.channel_id and "token" not in results["bcast"]
+    assert results["gone"]["outcome"] == "rejected"
+    assert results["gone"]["reason"] == "ChannelNotRegistered"
+    assert results["line10"]["outcome"] == "malformed"  # a broadcast cannot start one
+    sent = mock.stats.bodies[token]
+    by_step = {json.loads(b)["aps"]["content-state"]["step"]: p for p, b in sent}
+    # budget 3 per hour per activity: start, u1, u2 at priority 10; u3..u5 at 5
+    assert by_step == {0: 10, 1: 10, 2: 10, 3: 5, 4: 5, 5: 5}
+    aps = [json.loads(b)["aps"] for _, b in sent]
+    start = next(a for a in aps if a["event"] == "start")
+    assert start["input-push-channel"] == live.channel_id
+    assert all(1.7e9 < a["timestamp"] < 4e9 for a in aps)  # stamped at send time
+    assert mock.stats.broadcasts[live.channel_id] == 1
