@@ -189,6 +189,7 @@ class Client:
         first_stream_id: int = 1,
         manage_host: str | None = None,
         manage_port: int | None = None,
+        insecure: bool = False,
     ) -> None:
         if environment not in HOSTS:
             raise ConfigError(f"environment must be production or sandbox, not {environment!r}")
@@ -212,6 +213,11 @@ class Client:
         self._limited = bool(rate or topic_rates)
         self.config_error: str | None = None
         self._ssl = ssl_context or self._make_ssl_context(ca_file)
+        if insecure:
+            self._ssl.check_hostname = False
+            self._ssl.verify_mode = ssl.CERT_NONE
+            log.warning("TLS certificate verification is OFF (insecure): anybody on the path "
+                        "can read the provider token and the pushes; use only for testing")
         if auth is not None and hasattr(auth, "apply"):
             auth.apply(self._ssl)
         header_auth = auth if auth is not None and hasattr(auth, "generation") else None

@@ -68,6 +68,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     delivery: str = "at_least_once"  # at_least_once | at_most_once
     max_in_flight: int = 8192
     refresh_after: float = 3000.0  # JWT age at which it is renewed (s)
+    insecure: bool = False  # turn TLS verification off (a warning is logged)
 
 
 _FIELDS = {f.name: f for f in msgspec.structs.fields(Settings)}
@@ -105,6 +106,7 @@ _HELP = {
     "delivery": "at_least_once (default) or at_most_once",
     "max_in_flight": "pushes in flight or unconsumed per stream of results (default 8192)",
     "refresh_after": "JWT age in seconds at which it is renewed (default 3000)",
+    "insecure": "turn TLS certificate verification OFF (testing only; logs a warning)",
 }
 
 
@@ -125,6 +127,10 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
                            metavar="TOPIC=RATE", help=help_)
             continue
         kind = _base_type(field.type)
+        if kind is bool:
+            g.add_argument(FLAGS[name], dest=name, action="store_const", const=True,
+                           default=None, help=help_)
+            continue
         arg_type = kind if kind in (int, float) else None
         metavar = {"environment": "{production,sandbox}",
                    "delivery": "{at_least_once,at_most_once}"}.get(name)
@@ -345,6 +351,7 @@ def make_client(settings: Settings, **extra: Any) -> Any:
         "max_attempts": settings.max_attempts,
         "delivery": settings.delivery,
         "max_in_flight": settings.max_in_flight,
+        "insecure": settings.insecure,
     }
     kwargs.update(extra)
     if "auth" not in kwargs:

@@ -144,12 +144,23 @@ class Output:
             raise ConfigError(f"cannot open {self.path} for writing: {exc.strerror}") from None
 
     def write(self, data: bytes) -> None:
-        self._fh.write(data)
+        try:
+            self._fh.write(data)
+        except OSError as exc:
+            raise self._error(exc) from None
 
     def flush(self) -> None:
-        self._fh.flush()
-        if self._fsync:
-            os.fsync(self._fh.fileno())
+        try:
+            self._fh.flush()
+            if self._fsync:
+                os.fsync(self._fh.fileno())
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def _error(self, exc: OSError) -> FanoutError:
+        # the checkpoint is never advanced past results that could not be written
+        return FanoutError(f"cannot write to {self.path or 'stdout'}: "
+                           f"{exc.strerror or exc}; the checkpoint was not advanced")
 
     def reopen(self) -> None:
         if self.path in (None, "-"):

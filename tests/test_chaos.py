@@ -1,0 +1,184 @@
+"""Nothing lost, nothing leaked (issue 7): bad output paths, TLS verification, and the
+frame handler against random and mutated server frames."""
+
+from __future__ import annotations
+
+import json
+import ssl
+
+import hpack
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fanout import framer as fr
+from fanout.connection import Connection, Exchange
+from fanout.errors import FanoutError, ProtocolError
+
+from .test_daemon import daemon_cmd, mock_server, read_results, run_daemon, write_input
+
+# ---------------------------------------------------------------- output failures
+
+async def test_full_disk_stops_without_advancing_the_checkpoint(tmp_path, pki, signing_key):
+    inp = tmp_path / "in.ndjson"
+    write_input(inp, 2000)
+    async with mock_server(pki, signing_key) as mock:
+        full = await run_daemon(daemon_cmd(mock, pki, signing_key, str(inp), "--results",
+                                           "/dev/full"))
+        cp = json.loads((tmp_path / "in.ndjson.checkpoint").read_text())
+        assert full.returncode != 0
+        assert b"cannot write to /dev/full" in full.stderr and b"No space left" in full.stderr
+        assert b"Traceback" not in full.stderr
+        assert cp["line"] == 0 and cp["offset"] == 0  # nothing marked done that was not written
+        out = tmp_path / "results.ndjson"
+        again = await run_daemon(daemon_cmd(mock, pki, signing_key, str(inp), "--results",
+                                            str(out)))
+    assert again.returncode == 0
+    results = read_results(out)
+    assert sorted(r["line"] for r in results) == list(range(1, 2001))
+    # whatever reached APNs in the failed run comes back marked as a possible resend
+    resent = sum(1 for r in results if r.get("resent"))
+    assert sum(mock.stats.delivered.values()) - 2000 <= resent
+
+
+async def test_unwritable_results_path_is_a_clear_error(tmp_path, pki, signing_key):
+    inp = tmp_path / "in.ndjson"
+    write_input(inp, 10)
+    async with mock_server(pki, signing_key) as mock:
+        proc = await run_daemon(daemon_cmd(mock, pki, signing_key, str(inp), "--results",
+                                           str(tmp_path / "missing" / "r.ndjson")))
+    assert proc.returncode == 3
+    assert b"cannot open" in proc.stderr and b"missing/r.ndjson" in proc.stderr
+    assert mock.stats.requests == 0
+
+
+# ---------------------------------------------------------------- TLS verification
+
+async def test_verification_is_on_and_off_only_with_a_warning(pki, signing_key, caplog):
+    from fanout.auth import TokenAuth
+    from fanout.client import Client
+    from fanout.payload import Notification
+
+    auth = TokenAuth.from_file(signing_key.path, signing_key.key_id, signing_key.team_id)
+    note = Notification(token="ab" * 32, payload={"aps": {"alert": "x"}})
+    async with mock_server(pki, signing_key) as mock:
+        # no CA given: the mock's certificate is not trusted
+        async with Client(auth=auth, topic="com.example.app", host="127.0.0.1",
+                          port=mock.port, unavailable_timeout=1.0) as client:
+            refused = await client.send(note)
+        assert "warning" not in caplog.text.lower() or "verification is OFF" not in caplog.text
+        async with Client(auth=auth, topic="com.example.app", host="127.0.0.1",
+                          port=mock.port, insecure=True) as client:
+            ok = await client.send(note)
+    assert refused.outcome == "config_error" and "certificate verification failed" in refused.error
+    assert ok.ok
+    assert "TLS certificate verification is OFF" in caplog.text
+
+
+# ---------------------------------------------------------------- frame handler fuzzing
+
+class _Listener:
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def on_response(self, conn, job, status, headers, body):
+        self.events.append("response")
+
+    def on_unprocessed(self, conn, job, why):
+        self.events.append("unprocessed")
+
+    def on_lost(self, conn, job, why):
+        self.events.append("lost")
+
+    def on_timeout(self, conn, job):
+        self.events.append("timeout")
+
+    def on_capacity(self, conn):
+        pass
+
+    def on_retired(self, conn, why):
+        self.events.append("retired")
+
+    def on_closed(self, conn):
+        pass
+
+
+def _connection() -> Connection:
+    conn = Connection("127.0.0.1", 1, ssl.create_default_context(), _Listener())
+    conn.ready = True
+    conn.remote_max_streams = 100
+    conn._next_sid = 11
+    for sid in (1, 3, 5, 7, 9):  # streams in flight, as if started
+        job = Exchange(None)
+        job.sid, job.conn, job.status, job.window = sid, conn, 0, 65535
+        job.resp_headers = job.resp_body = None
+        job.sent_at = 0.0
+        conn.streams[sid] = job
+    return conn
+
+
+def _valid_server_bytes() -> bytes:
+    enc = hpack.Encoder()
+    ok = enc.encode([(b":status", b"200"), (b"apns-id", b"0" * 36)])
+    err = enc.encode([(b":status", b"410"), (b"content-type", b"application/json")])
+    body = b'{"reason":"Unregistered","timestamp":1700000000000}'
+    return b"".join([
+        fr.settings_frame({fr.S_MAX_CONCURRENT_STREAMS: 1000, fr.S_INITIAL_WINDOW_SIZE: 65535}),
+        fr.frame(fr.HEADERS, fr.END_HEADERS | fr.END_STREAM, 1, ok),
+        fr.frame(fr.HEADERS, fr.END_HEADERS, 3, err),
+        fr.frame(fr.DATA, fr.END_STREAM, 3, body),
+        fr.frame(fr.HEADERS, fr.END_STREAM, 5, ok[:3]),
+        fr.frame(fr.CONTINUATION, fr.END_HEADERS, 5, ok[3:]),
+        fr.window_update(0, 1000), fr.window_update(7, 10), fr.ping(b"12345678"),
+        fr.rst_stream(7, fr.REFUSED_STREAM), fr.goaway(9, 0, b'{"reason":"Shutdown"}'),
+    ])
+
+
+def _feed(conn: Connection, data: bytes) -> None:
+    try:
+        for frame in conn._reader.feed(data):
+            conn._handle(*frame)
+    except FanoutError:
+        pass  # a protocol error is the right answer to garbage: the connection closes
+
+
+def test_valid_server_frames_are_handled():
+    conn = _connection()
+    _feed(conn, _valid_server_bytes())
+    assert conn._listener.events.count("response") == 3
+    assert "unprocessed" in conn._listener.events  # REFUSED_STREAM and above GOAWAY's id
+    assert conn.retiring
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_mutated_server_frames_give_protocol_errors_never_crashes(data):
+    valid = bytearray(_valid_server_bytes())
+    for _ in range(data.draw(st.integers(1, 8))):
+        op = data.draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
+        pos = data.draw(st.integers(0, max(0, len(valid) - 1)))
+        if op == "flip" and valid:
+            valid[pos] ^= data.draw(st.integers(1, 255))
+        elif op == "insert":
+            valid[pos:pos] = data.draw(st.binary(min_size=1, max_size=16))
+        elif op == "delete" and valid:
+            del valid[pos:pos + data.draw(st.integers(1, 16))]
+        elif op == "truncate":
+            del valid[pos:]
+    _feed(_connection(), bytes(valid))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 12), st.integers(0, 255),
+                          st.sampled_from([0, 1, 3, 5, 7, 9, 11, 13, 2**31 - 1]),
+                          st.binary(max_size=64)), max_size=12))
+def test_random_frames_give_protocol_errors_never_crashes(frames):
+    _feed(_connection(), b"".join(fr.frame(t, f, s, p) for t, f, s, p in frames))
+
+
+def test_protocol_error_is_a_fanout_error():
+    assert issubclass(ProtocolError, FanoutError)
+
+
+async def test_trio_is_importable_for_the_fuzzers():
+    await trio.sleep(0)
