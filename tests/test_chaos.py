@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import ssl
+from functools import partial
 
 import hpack
 import trio
@@ -182,3 +183,61 @@ def test_protocol_error_is_a_fanout_error():
 
 async def test_trio_is_importable_for_the_fuzzers():
     await trio.sleep(0)
+
+
+# ---------------------------------------------------------------- connection failures
+
+def _fds() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def _client_result(**kw):
+    from fanout.client import Client
+    from fanout.payload import Notification
+
+    async with Client(topic="com.example.app", unavailable_timeout=1.0, connect_timeout=1.0,
+                      **kw) as client:
+        return await client.send(Notification(token="ab" * 32, payload={"aps": {"alert": "x"}}))
+
+
+async def test_dns_failure_is_reported_not_hung():
+    with trio.fail_after(10):
+        result = await _client_result(host="no-such-host.invalid", port=443)
+    assert result.outcome == "retries_exhausted"
+    assert "no-such-host.invalid" in result.error
+
+
+async def test_tls_handshake_failure_is_reported_not_hung(pki):
+    async def garbage(stream):
+        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\n\r\nnot tls at all")
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, garbage, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        with trio.fail_after(10):
+            result = await _client_result(host="127.0.0.1", port=port, ca_file=str(pki.ca_file))
+        nursery.cancel_scope.cancel()
+    assert result.outcome == "retries_exhausted"
+    assert "TLS" in result.error or "handshake" in result.error
+
+
+async def test_descriptors_return_to_baseline_after_faults(pki, signing_key):
+    from fanout.auth import TokenAuth
+    from fanout.client import Client
+
+    auth = TokenAuth.from_file(signing_key.path, signing_key.key_id, signing_key.team_id)
+    async with mock_server(pki, signing_key, unregistered_fraction=0.1) as mock:
+        baseline = _fds()
+        for goaway, close in ((200, None), (None, 300)):
+            mock.config.goaway_after, mock.config.close_after = goaway, close
+            async with Client(auth=auth, topic="com.example.app", host="127.0.0.1",
+                              port=mock.port, ca_file=str(pki.ca_file)) as client:
+                results = [r async for r in client.fan_out({"aps": {"alert": "x"}},
+                                                           (f"{i:064x}" for i in range(1500)))]
+            assert len(results) == 1500
+        await trio.sleep(0.2)  # let the mock's side of the closed sockets go too
+        assert _fds() <= baseline + 2
+        assert mock.stats.goaways_sent > 0 and mock.stats.closes > 0
