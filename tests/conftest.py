@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ssl
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,11 +31,24 @@ def server_ssl(pki) -> ssl.SSLContext:
     return ctx
 
 
-def pytest_collection_modifyitems(items):
-    # keep every test bounded: trio tests run in real time
-    for item in items:
-        if item.get_closest_marker("timeout") is None and hasattr(item, "obj"):
-            pass
-
-
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def mock_process(tmp_path, signing_key):
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fanout"] + ["mock", "--pki-dir", str(tmp_path / "pki"), "--port", "0",
+                  "--port-file", str(port_file), "--key-path", str(signing_key.path),
+                  "--key-id", signing_key.key_id, "--team-id", signing_key.team_id,
+                  "--unregistered-fraction", "0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while not (port_file.exists() and port_file.read_text().strip()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"mock did not start: {proc.stderr.read().decode()}")
+        time.sleep(0.05)
+    yield int(port_file.read_text()), tmp_path / "pki" / "ca.pem"
+    proc.terminate()
+    proc.wait(10)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from .test_cli import FANOUT, _send, mock_process  # noqa: F401 - fixture
+from .test_cli import FANOUT, _send
 
 
 def _jwt_prefix(key_id: str) -> bytes:
