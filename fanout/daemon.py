@@ -84,6 +84,17 @@ class InputState:
             high_water=self.high_water))
         self.saved = key
 
+    def open_line(self, line: Any, high_water_step: int) -> LineState:
+        """Start accounting for ``line``: it is pending until its results are written.
+        Moves the persisted high-water mark first if the line is beyond it."""
+        number = line.number
+        state = LineState(self, number, line.start, number <= self.resend_until)
+        self.pending[number] = state
+        self.last_line, self.last_end = number, line.end
+        if number > self.high_water and self.checkpoint_path is not None:
+            self.raise_high_water(number + high_water_step)
+        return state
+
     def raise_high_water(self, line: int) -> None:
         """Lines up to ``line`` may be sent from now on: persist that before sending them
         (with the last recorded position: results since then may not be flushed yet)."""
@@ -388,11 +399,7 @@ class Daemon:
                     send: trio.MemorySendChannel[Prepared]) -> None:
         number = line.number
         self.lines_read += 1
-        state = LineState(inp, number, line.start, number <= inp.resend_until)
-        inp.pending[number] = state
-        inp.last_line, inp.last_end = number, line.end
-        if number > inp.high_water and inp.checkpoint_path is not None:
-            inp.raise_high_water(number + max(HIGH_WATER_STEP, self.settings.max_in_flight))
+        state = inp.open_line(line, max(HIGH_WATER_STEP, self.settings.max_in_flight))
         if line.error:
             self._malformed(state, line.error)
             return

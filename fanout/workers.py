@@ -179,11 +179,7 @@ class Coordinator(Daemon):
     async def _dispatch(self, inp: InputState, line: Any) -> None:
         number = line.number
         self.lines_read += 1
-        state = LineState(inp, number, line.start, number <= inp.resend_until)
-        inp.pending[number] = state
-        inp.last_line, inp.last_end = number, line.end
-        if number > inp.high_water and inp.checkpoint_path is not None:
-            inp.raise_high_water(number + max(1024, MAX_LINES_PER_WORKER * len(self.workers)))
+        state = inp.open_line(line, max(1024, MAX_LINES_PER_WORKER * len(self.workers)))
         if line.error:
             self._malformed(state, line.error)
             return

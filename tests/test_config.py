@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -344,25 +343,6 @@ async def test_make_client_builds_a_real_client(signing_key):
 
 
 # --------------------------------------------------------------------------- fanout check
-
-
-@pytest.fixture
-def mock_process(tmp_path, signing_key):
-    port_file = tmp_path / "port"
-    proc = subprocess.Popen(
-        FANOUT + ["mock", "--pki-dir", str(tmp_path / "pki"), "--port", "0",
-                  "--port-file", str(port_file), "--key-path", str(signing_key.path),
-                  "--key-id", signing_key.key_id, "--team-id", signing_key.team_id],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 20
-    while not (port_file.exists() and port_file.read_text().strip()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"mock did not start: {proc.stderr.read().decode()}")
-        time.sleep(0.05)
-    yield int(port_file.read_text()), tmp_path / "pki" / "ca.pem"
-    proc.terminate()
-    proc.wait(10)
 
 
 def _run(args, env_extra=None, timeout=60):
