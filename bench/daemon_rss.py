@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -92,8 +93,9 @@ def main() -> None:
                   "rss_end_mb": samples[-1]["rss_mb"] if samples else None,
                   "rss_growth_mb": round(growth, 1) if growth is not None else None,
                   "samples": samples}
-        (ROOT / "bench" / "results").mkdir(exist_ok=True)
-        (ROOT / "bench" / "results" / "daemon_rss.json").write_text(json.dumps(report, indent=1))
+        results = Path(os.environ.get("FANOUT_BENCH_RESULTS") or ROOT / "bench" / "results")
+        results.mkdir(parents=True, exist_ok=True)
+        (results / "daemon_rss.json").write_text(json.dumps(report, indent=1))
         print(f"RSS at 10% of the input: {report['rss_first_10pct_mb']} MB, at the end: "
               f"{report['rss_end_mb']} MB (growth {report['rss_growth_mb']} MB) over "
               f"{lines:,} lines in {report['seconds']} s; exit {proc.returncode}")

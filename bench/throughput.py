@@ -10,6 +10,16 @@ written to bench/results/.
     python bench/throughput.py                 # 3 rounds x 20,000 pushes
     python bench/throughput.py --quick         # 2 rounds x 10,000
     python bench/throughput.py --server mock   # the fanout mock in accept-all mode
+    python bench/throughput.py --matrix        # + fanout over the issue's matrix
+    python bench/throughput.py --matrix-only --quick
+
+The matrix (fanout only, one run per cell): connections {1, 2, 4} x stream limit {100,
+1000} x payload {256 B, 2 KB, 4 KB} x injected server latency {0, 20 ms +- 10 ms} x
+rejection {0, 5% unregistered}. Cells without latency run against nginx (the stream limit
+set in its config; rejected tokens start with ``dead`` and get 410 Unregistered); cells
+with latency need the fanout mock (``--latency 0.02 --jitter 0.01 --max-streams``,
+``--unregistered-fraction``), which is Python on one core and becomes the bottleneck:
+its busy column says so. ``--quick`` runs a subset.
 
 Every push goes to 127.0.0.1 only, and every run is bounded in count and time.
 """
@@ -18,9 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,71 +35,21 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "bench" / "results"
-TOPIC = "com.example.bench"
-PAYLOAD = {"aps": {"alert": {"title": "bench", "body": "x" * 60}}}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    PAYLOAD,
+    RESULTS,
+    ROOT,
+    TOPIC,
+    children,
+    machine,
+    make_keys,
+    pin,
+    proc_cpu,
+    start_sink,
+)
+
 WORKER_TIMEOUT = 300
-
-def _pin(core: int) -> list[str]:
-    if shutil.which("taskset") and (os.cpu_count() or 1) > core:
-        return ["taskset", "-c", str(core)]
-    return []
-
-
-def _proc_cpu(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except (OSError, IndexError, ValueError):
-            pass
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def _children(pid: int) -> list[int]:
-    out = [pid]
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            kids = (task / "children").read_text().split()
-            out += [int(k) for k in kids]
-    except OSError:
-        pass
-    return out
-
-
-def _wait_port(port: int, proc: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        if proc.poll() is not None:
-            raise SystemExit(f"{what} exited early")
-        time.sleep(0.05)
-    raise SystemExit(f"{what} did not start listening")
-
-
-def start_sink(kind: str, tmp: Path, pki, key) -> tuple[subprocess.Popen, int]:
-    if kind == "nginx":
-        from fanout.errors import ConfigError
-        from fanout.nginx import start_nginx
-
-        try:
-            return start_nginx(tmp, pki.cert_file, pki.key_file, prefix=_pin(1))
-        except ConfigError as exc:
-            raise SystemExit(f"{exc} (or use --server mock)") from None
-    from fanout.nginx import free_port
-
-    port = free_port()
-    proc = subprocess.Popen(_pin(1) + [
-        sys.executable, "-m", "fanout", "mock", "--accept-all", "--pki-dir", str(tmp),
-        "--port", str(port), "--key-path", str(key.path), "--key-id", key.key_id,
-        "--team-id", key.team_id], cwd=ROOT)
-    _wait_port(port, proc, kind)
-    return proc, port
 
 
 # ----------------------------------------------------------------------------- workers
@@ -105,17 +62,29 @@ def worker_fanout(args: argparse.Namespace) -> dict:
 
     async def main() -> dict:
         auth = TokenAuth.from_file(args.key, args.key_id, args.team_id)
-        tokens = [f"{i:064x}" for i in range(args.n)]
+        payload = sized_payload(args.payload_bytes) if args.payload_bytes else PAYLOAD
+        every = args.dead_every
+        tokens = [f"dead{i:060x}" if every and i % every == every - 1 else f"{i:064x}"
+                  for i in range(args.n)]
         async with Client(auth=auth, topic=TOPIC, host="127.0.0.1", port=args.port,
                           ca_file=args.ca, connections=args.connections) as client:
             await client.send(_warm_notification())
-            ok = 0
+            ok = done = 0
             t0, c0 = time.perf_counter(), time.process_time()
-            async for r in client.fan_out(PAYLOAD, tokens):
+            async for r in client.fan_out(payload, tokens):
                 ok += r.outcome == "delivered"
+                done += 1
             return {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0,
-                    "ok": ok}
+                    "ok": ok, "done": done}
     return trio.run(main)
+
+
+def sized_payload(size: int) -> dict:
+    """An alert payload whose JSON encoding is ``size`` bytes."""
+    base = {"aps": {"alert": {"title": "bench", "body": ""}}}
+    pad = size - len(json.dumps(base, separators=(",", ":")))
+    base["aps"]["alert"]["body"] = "x" * max(0, pad)
+    return base
 
 
 def _warm_notification():
@@ -227,13 +196,15 @@ WORKERS = {"fanout": worker_fanout, "floor": worker_floor, "aioapns": worker_aio
 
 # ----------------------------------------------------------------------------- parent
 
-def run_worker(name: str, port: int, n: int, connections: int, pki, key, sink_pids: list[int]) -> dict:
-    cmd = _pin(0) + [sys.executable, __file__, "--worker", name, "--port", str(port), "--n",
+def run_worker(name: str, port: int, n: int, connections: int, pki, key, sink_pids: list[int],
+               extra: list[str] | None = None) -> dict:
+    cmd = pin(0) + [sys.executable, __file__, "--worker", name, "--port", str(port), "--n",
                      str(n), "--connections", str(connections), "--ca", str(pki.ca_file),
                      "--key", str(key.path), "--key-id", key.key_id, "--team-id", key.team_id]
-    s0 = _proc_cpu(sink_pids)
+    cmd += extra or []
+    s0 = proc_cpu(sink_pids)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_TIMEOUT, cwd=ROOT)
-    s1 = _proc_cpu(sink_pids)
+    s1 = proc_cpu(sink_pids)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
     res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -249,7 +220,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--server", choices=["nginx", "mock"], default="nginx")
     ap.add_argument("--clients", default="fanout,floor,aioapns")
+    ap.add_argument("--matrix", action="store_true", help="also run fanout over the matrix")
+    ap.add_argument("--matrix-only", action="store_true")
+    ap.add_argument("--name", default="throughput", help="results file name")
     ap.add_argument("--worker")
+    ap.add_argument("--payload-bytes", type=int, default=0)
+    ap.add_argument("--dead-every", type=int, default=0)
     ap.add_argument("--port", type=int)
     ap.add_argument("--ca")
     ap.add_argument("--key")
@@ -261,8 +237,24 @@ def main() -> None:
         return
     if args.quick:
         args.n, args.rounds = 10_000, 2
-    from fanout.devcerts import make_pki, make_signing_key
+    report: dict = {}
+    lines: list[str] = []
+    if not args.matrix_only:
+        report, lines = compare(args)
+    if args.matrix or args.matrix_only:
+        cells, mlines = run_matrix(args)
+        report = report or {"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+        report["matrix"] = cells
+        lines += ([""] if lines else []) + mlines
+    name = args.name if not (args.matrix_only and args.name == "throughput") else "throughput_matrix"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
+
+def compare(args: argparse.Namespace) -> tuple[dict, list[str]]:
+    """The side-by-side runs: fanout, floor, aioapns, interleaved over rounds."""
     clients = [c for c in args.clients.split(",") if c]
     if "aioapns" in clients:
         try:
@@ -273,11 +265,11 @@ def main() -> None:
     runs: dict[str, list[dict]] = {c: [] for c in clients}
     with tempfile.TemporaryDirectory(prefix="fanout-bench-") as tmp:
         tmpdir = Path(tmp)
-        pki, key = make_pki(tmpdir), make_signing_key(tmpdir)
+        pki, key = make_keys(tmpdir)
         sink, port = start_sink(args.server, tmpdir, pki, key)
         try:
             time.sleep(0.3)
-            sink_pids = _children(sink.pid)
+            sink_pids = children(sink.pid)
             for rnd in range(args.rounds):
                 for name in clients:
                     res = run_worker(name, port, args.n, args.connections, pki, key, sink_pids)
@@ -319,13 +311,9 @@ def main() -> None:
             ratios[f"fanout/{other}"] = {"ratio": round(ratio, 3), "target": f"<= {target}",
                                          "met": ratio <= target,
                                          "per_round": [round(x, 3) for x in pairs]}
-    machine = {"cpus": os.cpu_count(), "python": sys.version.split()[0],
-               "platform": sys.platform, "server": args.server}
     report = {"n": args.n, "rounds": args.rounds, "connections": args.connections,
-              "machine": machine, "clients": summary, "ratios": ratios,
+              "machine": {**machine(), "server": args.server}, "clients": summary, "ratios": ratios,
               "when": time.strftime("%Y-%m-%d %H:%M:%S")}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"Server: {args.server}, {args.n:,} pushes x {args.rounds} rounds, "
              f"{args.connections} connections, client and server each pinned to a core.", "",
              "| client | pushes/s | client CPU µs/push | server CPU µs/push | server busy |",
@@ -341,8 +329,98 @@ def main() -> None:
         lines.append(f"- {k} CPU per push, median of per-round ratios: **{v['ratio']}** "
                      f"(target {v['target']}: {'met' if v['met'] else 'MISSED'}; rounds: "
                      f"{', '.join(map(str, v['per_round']))})")
-    (RESULTS / "throughput.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return report, lines
+
+
+# ----------------------------------------------------------------------------- matrix
+
+MATRIX_FULL = {"connections": (1, 2, 4), "streams": (100, 1000), "payload": (256, 2048, 4096),
+               "latency": (0.0, 0.02), "reject": (0.0, 0.05)}
+MATRIX_QUICK = {"connections": (1, 4), "streams": (1000,), "payload": (256, 4096),
+                "latency": (0.0,), "reject": (0.0, 0.05)}
+JITTER = 0.01
+
+
+def _matrix_sink(latency: float, streams: int, reject: float, tmpdir: Path, pki, key):
+    """nginx (its stream limit patched into the config) when there is no latency to inject,
+    else the fanout mock."""
+    if not latency:
+        import fanout.nginx as ng
+
+        saved = ng.CONF
+        ng.CONF = saved.replace("http2_max_concurrent_streams 1000;",
+                                f"http2_max_concurrent_streams {streams};")
+        try:
+            return start_sink("nginx", tmpdir, pki, key)
+        finally:
+            ng.CONF = saved
+    return start_sink("mock", tmpdir, pki, key, latency=latency, jitter=JITTER,
+                      unregistered=reject, max_streams=streams)
+
+
+def run_matrix(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    import itertools
+
+    dims = MATRIX_QUICK if args.quick else MATRIX_FULL
+    n_fast = 5_000 if args.quick else 10_000
+    n_slow = 4_000  # the mock runs at a few thousand pushes/s
+    cells: list[dict] = []
+    for latency, streams, reject in itertools.product(dims["latency"], dims["streams"],
+                                                      dims["reject"]):
+        with tempfile.TemporaryDirectory(prefix="fanout-matrix-") as tmp:
+            tmpdir = Path(tmp)
+            pki, key = make_keys(tmpdir)
+            sink, port = _matrix_sink(latency, streams, reject, tmpdir, pki, key)
+            try:
+                time.sleep(0.3)
+                sink_pids = children(sink.pid)
+                for conns, size in itertools.product(dims["connections"], dims["payload"]):
+                    n = n_slow if latency else n_fast
+                    extra = ["--payload-bytes", str(size)]
+                    if reject and not latency:
+                        extra += ["--dead-every", str(round(1 / reject))]
+                    res = run_worker("fanout", port, n, conns, pki, key, sink_pids, extra)
+                    label = (f"{conns}c {streams}s {size}B "
+                             f"{'20±10ms' if latency else '0ms'} {reject:.0%}rej")
+                    cell = {"connections": conns, "streams": streams, "payload_bytes": size,
+                            "latency_ms": latency * 1000, "jitter_ms": JITTER * 1000 if latency
+                            else 0, "reject": reject, "n": n,
+                            "server": "mock" if latency else "nginx", "label": label}
+                    if "error" in res:
+                        cell["error"] = res["error"]
+                        print(f"matrix {label}: ERROR {res['error']}", file=sys.stderr)
+                    else:
+                        cell |= {"pushes_per_s": round(n / res["seconds"]),
+                                 "cpu_us_per_push": round(res["cpu"] / n * 1e6, 1),
+                                 "server_cpu_us_per_push": round(res["server_cpu"] / n * 1e6, 1),
+                                 "server_busy": round(res["server_cpu"] / res["seconds"], 2),
+                                 "delivered": res["ok"], "results": res.get("done", res["ok"])}
+                        print(f"matrix {label:28s} {cell['pushes_per_s']:7,} pushes/s "
+                              f"{cell['cpu_us_per_push']:6.1f} us/push  server busy "
+                              f"{cell['server_busy']:.0%}  delivered {res['ok']:,}/{n:,}",
+                              file=sys.stderr, flush=True)
+                    cells.append(cell)
+            finally:
+                sink.terminate()
+                sink.wait(10)
+    lines = [f"Matrix ({'quick subset' if args.quick else 'full'}): fanout alone, one run per "
+             f"cell, client on core 0, server on core 1. Latency 0: nginx (stream limit in its "
+             f"config, rejected tokens get 410 Unregistered); latency 20±10 ms: the fanout mock "
+             f"(accept-all, Python on one core: where its busy column nears 100% it, not "
+             f"fanout, sets the rate).", "",
+             "| connections | stream limit | payload | server latency | rejected | server | "
+             "pushes/s | client CPU µs/push | server CPU µs/push | server busy | delivered |",
+             "|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|"]
+    for c in cells:
+        head = (f"| {c['connections']} | {c['streams']} | {c['payload_bytes']:,} B | "
+                f"{'20 ± 10 ms' if c['latency_ms'] else '0'} | {c['reject']:.0%} | {c['server']} | ")
+        if "error" in c:
+            lines.append(head + f"error: {c['error']} | | | | |")
+        else:
+            lines.append(head + f"{c['pushes_per_s']:,} | {c['cpu_us_per_push']} | "
+                         f"{c['server_cpu_us_per_push']} | {c['server_busy']:.0%} | "
+                         f"{c['delivered']:,}/{c['n']:,} |")
+    return cells, lines
 
 
 if __name__ == "__main__":

@@ -1,0 +1,234 @@
+"""Helpers shared by the bench/ scripts: core pinning, CPU and RSS from /proc, the sinks
+(nginx or the fanout mock), test PKI and signing key, paired ratios and result files.
+
+Everything here talks to 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+# FANOUT_BENCH_RESULTS redirects every script's output (run_all.sh --quick uses a subfolder,
+# so a quick run never overwrites the full results the README quotes)
+RESULTS = Path(os.environ.get("FANOUT_BENCH_RESULTS") or ROOT / "bench" / "results")
+TOPIC = "com.example.bench"
+PAYLOAD = {"aps": {"alert": {"title": "bench", "body": "x" * 60}}}
+
+
+# ----------------------------------------------------------------------------- /proc
+
+def pin(core: int) -> list[str]:
+    """A ``taskset -c CORE`` prefix, or nothing when there is no such core or no taskset."""
+    if shutil.which("taskset") and (os.cpu_count() or 1) > core:
+        return ["taskset", "-c", str(core)]
+    return []
+
+
+def proc_cpu(pids: list[int]) -> float:
+    """User+system CPU seconds used so far by these processes (not their children)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    """``pid`` and its direct children (nginx's worker, for instance)."""
+    out = [pid]
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            kids = (task / "children").read_text().split()
+            out += [int(k) for k in kids]
+    except OSError:
+        pass
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += [c for c in children(p)[1:] if c not in out]
+    return out
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def self_rss_mb() -> float:
+    return rss_mb(os.getpid())
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    # the load average when the report is written: above ~0.5 on an otherwise idle box
+    # means something else shared the cores during the run
+    return {"cpus": os.cpu_count(), "cpu_model": model, "python": sys.version.split()[0],
+            "platform": sys.platform, "kernel": platform.release(),
+            "loadavg_1m_5m": [round(x, 2) for x in os.getloadavg()[:2]]}
+
+
+# ----------------------------------------------------------------------------- sinks
+
+def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited early")
+        time.sleep(0.05)
+    raise SystemExit(f"{what} did not start listening")
+
+
+def make_keys(tmpdir: Path):
+    """A throwaway CA + server certificate and an ES256 .p8 signing key under ``tmpdir``."""
+    from fanout.devcerts import make_pki, make_signing_key
+
+    return make_pki(tmpdir), make_signing_key(tmpdir)
+
+
+def start_sink(kind: str, tmp: Path, pki, key, *, core: int | None = 1, latency: float = 0.0,
+               jitter: float = 0.0, unregistered: float = 0.0,
+               max_streams: int | None = None) -> tuple[subprocess.Popen, int]:
+    """nginx (``return 200`` echoing apns-id, 1000 streams, verifies nothing) or the fanout
+    mock in accept-all mode, pinned to ``core`` (None: not pinned). Returns the process and
+    its port."""
+    prefix = pin(core) if core is not None else []
+    if kind == "nginx":
+        from fanout.errors import ConfigError
+        from fanout.nginx import start_nginx
+
+        try:
+            return start_nginx(tmp, pki.cert_file, pki.key_file, prefix=prefix)
+        except ConfigError as exc:
+            raise SystemExit(f"{exc} (or use --server mock)") from None
+    from fanout.nginx import free_port
+
+    port = free_port()
+    cmd = prefix + [
+        sys.executable, "-m", "fanout", "mock", "--accept-all", "--pki-dir", str(tmp),
+        "--port", str(port), "--key-path", str(key.path), "--key-id", key.key_id,
+        "--team-id", key.team_id]
+    if latency:
+        cmd += ["--latency", str(latency)]
+    if jitter:
+        cmd += ["--jitter", str(jitter)]
+    if unregistered:
+        cmd += ["--unregistered-fraction", str(unregistered)]
+    if max_streams:
+        cmd += ["--max-streams", str(max_streams)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    wait_port(port, proc, kind)
+    return proc, port
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+# ----------------------------------------------------------------------------- numbers
+
+def paired_ratio(a_runs: list[dict], b_runs: list[dict], key: str = "cpu_per_push"
+                 ) -> tuple[float, list[float]] | None:
+    """Median over rounds of a[key]/b[key], pairing each round's runs (taken back to back:
+    drift on a shared machine hits both sides of a pair alike)."""
+    pairs = [a[key] / b[key] for a, b in zip(a_runs, b_runs, strict=False)
+             if "error" not in a and "error" not in b and b.get(key)]
+    if not pairs:
+        return None
+    return statistics.median(pairs), pairs
+
+
+def percentile(sorted_values: list[float], p: float) -> float | None:
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(p * len(sorted_values)))]
+
+
+def write_results(name: str, report: dict, md_lines: list[str]) -> Path:
+    """bench/results/<name>.json and <name>.md; returns the .md path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    md = RESULTS / f"{name}.md"
+    md.write_text("\n".join(md_lines) + "\n")
+    return md
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "MISSED"
+
+
+# ----------------------------------------------------------------------------- children
+
+def run_json(cmd: list[str], *, timeout: float, env: dict | None = None,
+             cwd: Path = ROOT) -> tuple[dict, float | None]:
+    """Run a worker that prints one JSON line last on stdout. Returns (its dict, or
+    {"error": ...}) and the child's peak RSS in MiB (from wait4's rusage)."""
+    import tempfile
+    import threading
+
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, cwd=cwd)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            out = proc.stdout.read().decode(errors="replace")
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        finally:
+            timer.cancel()
+            proc.stdout.close()
+        err.seek(0)
+        stderr = err.read().decode(errors="replace").strip()
+    peak = usage.ru_maxrss / 1024
+    if proc.returncode != 0:
+        last = stderr.splitlines()[-1] if stderr else f"exit {proc.returncode}"
+        return {"error": last[:300]}, peak
+    try:
+        return json.loads(out.strip().splitlines()[-1]), peak
+    except (ValueError, IndexError):
+        return {"error": f"no JSON on stdout: {out[-200:]!r}"}, peak
