@@ -179,6 +179,22 @@ def paired_ratio(a_runs: list[dict], b_runs: list[dict], key: str = "cpu_per_pus
     return statistics.median(pairs), pairs
 
 
+def interleave(clients: list[str], rounds: int, run: Any, describe: Any) -> dict[str, list[dict]]:
+    """Run every client once per round, in turn (A B C, A B C, ...), so that drift on a
+    shared machine hits all alike. ``run(name)`` returns a result dict (``"error"`` on
+    failure); ``describe(result)`` is its one-line progress report."""
+    runs: dict[str, list[dict]] = {c: [] for c in clients}
+    for rnd in range(rounds):
+        for name in clients:
+            res = run(name)
+            runs[name].append(res)
+            if "error" in res:
+                print(f"round {rnd + 1} {name}: ERROR {res['error']}", file=sys.stderr)
+            else:
+                print(f"round {rnd + 1} {name:8s} {describe(res)}", file=sys.stderr, flush=True)
+    return runs
+
+
 def percentile(sorted_values: list[float], p: float) -> float | None:
     if not sorted_values:
         return None

@@ -39,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     children,
+    interleave,
     machine,
     make_keys,
     now,
@@ -161,7 +162,6 @@ def main() -> None:
         print(f"{name}: skipped: {why}", file=sys.stderr)
     clients = [c for c in clients if c not in skipped]
 
-    runs: dict[str, list[dict]] = {c: [] for c in clients}
     with tempfile.TemporaryDirectory(prefix="fanout-peers-") as tmp:
         tmpdir = Path(tmp)
         pki, key = make_keys(tmpdir)
@@ -169,18 +169,13 @@ def main() -> None:
         try:
             time.sleep(0.3)
             sink_pids = children(sink.pid)
-            for rnd in range(args.rounds):
-                for name in clients:
-                    res = run_one(name, port, args.n, args.connections, pki, key, sink_pids)
-                    runs[name].append(res)
-                    if "error" in res:
-                        print(f"round {rnd + 1} {name}: ERROR {res['error']}", file=sys.stderr)
-                    else:
-                        print(f"round {rnd + 1} {name:8s} {args.n / res['seconds']:8.0f} pushes/s "
-                              f"{res['cpu_per_push'] * 1e6:7.1f} us CPU/push  server "
-                              f"{res['server_cpu'] / args.n * 1e6:6.1f} us/push  "
-                              f"rss {res['rss_peak_mb']:.0f} MiB  ok={res['ok']}",
-                              file=sys.stderr, flush=True)
+            runs = interleave(
+                clients, args.rounds,
+                lambda name: run_one(name, port, args.n, args.connections, pki, key, sink_pids),
+                lambda res: (f"{args.n / res['seconds']:8.0f} pushes/s "
+                             f"{res['cpu_per_push'] * 1e6:7.1f} us CPU/push  server "
+                             f"{res['server_cpu'] / args.n * 1e6:6.1f} us/push  "
+                             f"rss {res['rss_peak_mb']:.0f} MiB  ok={res['ok']}"))
         finally:
             stop(sink)
 

@@ -42,6 +42,7 @@ from common import (  # noqa: E402
     ROOT,
     TOPIC,
     children,
+    interleave,
     machine,
     make_keys,
     pin,
@@ -262,7 +263,6 @@ def compare(args: argparse.Namespace) -> tuple[dict, list[str]]:
         except ImportError:
             print("aioapns not installed (pip install aioapns): skipped", file=sys.stderr)
             clients.remove("aioapns")
-    runs: dict[str, list[dict]] = {c: [] for c in clients}
     with tempfile.TemporaryDirectory(prefix="fanout-bench-") as tmp:
         tmpdir = Path(tmp)
         pki, key = make_keys(tmpdir)
@@ -270,17 +270,13 @@ def compare(args: argparse.Namespace) -> tuple[dict, list[str]]:
         try:
             time.sleep(0.3)
             sink_pids = children(sink.pid)
-            for rnd in range(args.rounds):
-                for name in clients:
-                    res = run_worker(name, port, args.n, args.connections, pki, key, sink_pids)
-                    runs[name].append(res)
-                    if "error" in res:
-                        print(f"round {rnd + 1} {name}: ERROR {res['error']}", file=sys.stderr)
-                    else:
-                        print(f"round {rnd + 1} {name:8s} {args.n / res['seconds']:8.0f} pushes/s "
-                              f"{res['cpu'] / args.n * 1e6:7.1f} us CPU/push  server "
-                              f"{res['server_cpu'] / args.n * 1e6:6.1f} us/push  ok={res['ok']}",
-                              file=sys.stderr)
+            runs = interleave(
+                clients, args.rounds,
+                lambda name: run_worker(name, port, args.n, args.connections, pki, key,
+                                        sink_pids),
+                lambda res: (f"{args.n / res['seconds']:8.0f} pushes/s "
+                             f"{res['cpu'] / args.n * 1e6:7.1f} us CPU/push  server "
+                             f"{res['server_cpu'] / args.n * 1e6:6.1f} us/push  ok={res['ok']}"))
         finally:
             sink.terminate()
             sink.wait(10)
