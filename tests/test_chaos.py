@@ -8,6 +8,7 @@ import ssl
 from functools import partial
 
 import hpack
+import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -241,3 +242,51 @@ async def test_descriptors_return_to_baseline_after_faults(pki, signing_key):
         await trio.sleep(0.2)  # let the mock's side of the closed sockets go too
         assert _fds() <= baseline + 2
         assert mock.stats.goaways_sent > 0 and mock.stats.closes > 0
+
+
+# ---------------------------------------------------------------- APNs faults
+
+async def _fan_out(mock, pki, signing_key, n: int, **client_kw):
+    from fanout.auth import TokenAuth
+    from fanout.client import Client
+    from fanout.limiter import Backoff
+
+    auth = TokenAuth.from_file(signing_key.path, signing_key.key_id, signing_key.team_id)
+    client_kw.setdefault("backoff", Backoff(base=0.01, cap=0.05))
+    async with Client(auth=auth, topic="com.example.app", host="127.0.0.1", port=mock.port,
+                      ca_file=str(pki.ca_file), **client_kw) as client:
+        with trio.fail_after(60):
+            return [r async for r in client.fan_out({"aps": {"alert": "x"}},
+                                                    (f"{i:064x}" for i in range(n)))]
+
+
+@pytest.mark.parametrize("retry_after", [None, 0])
+async def test_429_storm_every_push_ends_once(pki, signing_key, retry_after):
+    async with mock_server(pki, signing_key, p429=0.5, retry_after=retry_after, seed=7) as mock:
+        results = await _fan_out(mock, pki, signing_key, 400, max_attempts=8)
+        mock.config.p429 = 0.0  # the storm clears: sending resumes by itself
+        after = await _fan_out(mock, pki, signing_key, 100)
+    assert len(results) == 400 and len({r.token for r in results}) == 400
+    assert {r.outcome for r in results} <= {"delivered", "retries_exhausted"}
+    assert sum(r.outcome == "delivered" for r in results) > 380
+    assert mock.stats.by_status[429] > 300
+    assert all(r.ok for r in after)
+
+
+async def test_5xx_bursts_pause_then_recover(pki, signing_key):
+    async with mock_server(pki, signing_key, p500=0.2, p503=0.2, seed=3) as mock:
+        results = await _fan_out(mock, pki, signing_key, 300, max_attempts=10)
+        mock.config.p500 = mock.config.p503 = 0.0
+        after = await _fan_out(mock, pki, signing_key, 100)
+    assert len({r.token for r in results}) == 300
+    assert all(r.ok for r in results), {r.outcome for r in results}
+    assert mock.stats.by_status[500] > 20 and mock.stats.by_status[503] > 20
+    assert all(r.ok for r in after)
+
+
+async def test_a_server_2s_slow_delivers_everything_without_timeouts(pki, signing_key):
+    async with mock_server(pki, signing_key, latency=2.0) as mock:
+        results = await _fan_out(mock, pki, signing_key, 500, timeout=10.0)
+    assert [r.outcome for r in results] == ["delivered"] * 500
+    assert all(r.attempts == 1 for r in results)
+    assert min(r.latency_ms for r in results) >= 1900
