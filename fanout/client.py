@@ -232,7 +232,6 @@ class Client:
         self._nursery: trio.Nursery | None = None
         self._nursery_cm: Any = None
         self.outstanding = 0
-        self._drained = trio.Event()
         self._ca_file = ca_file
         # channel management: Apple's own host, or the push host when pointed at a mock
         custom = host is not None and host not in HOSTS.values()

@@ -108,8 +108,6 @@ _STATIC_NAME = {  # RFC 7541 Appendix A: first index of each name we send
     b"content-length": 28, b"content-type": 31,
 }
 METHOD_POST = b"\x83"      # static 3 :method POST
-METHOD_GET = b"\x82"       # static 2 :method GET
-METHOD_DELETE = None       # literal, see RequestEncoder.method
 SCHEME_HTTPS = b"\x87"     # static 7 :scheme https
 
 

@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections import Counter
 from typing import Any
 
 import msgspec
@@ -270,10 +269,6 @@ class Coordinator(Daemon):
         if final:
             per = ", ".join(f"worker {w.index}: {w.results}" for w in self.workers)
             log.info("results per worker: %s", per)
-
-    @property
-    def worker_results(self) -> Counter[int]:
-        return Counter({w.index: w.results for w in self.workers})
 
 
 _OUTCOME = b'"outcome":"'
