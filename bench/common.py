@@ -5,6 +5,7 @@ Everything here talks to 127.0.0.1 only."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -13,7 +14,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +157,22 @@ def start_sink(kind: str, tmp: Path, pki, key, *, core: int | None = 1, latency:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
     wait_port(port, proc, kind)
     return proc, port
+
+
+@contextlib.contextmanager
+def sink_session(prefix: str, start: Any) -> Iterator[tuple[Path, Any, Any, int, list[int]]]:
+    """A temporary directory with a fresh test PKI and key, and a sink started in it by
+    ``start(tmpdir, pki, key) -> (process, port)``; yields ``(tmpdir, pki, key, port,
+    sink_pids)`` once the sink has settled, and stops the sink on exit."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        tmpdir = Path(tmp)
+        pki, key = make_keys(tmpdir)
+        sink, port = start(tmpdir, pki, key)
+        try:
+            time.sleep(0.3)
+            yield tmpdir, pki, key, port, children(sink.pid)
+        finally:
+            stop(sink)
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -29,7 +29,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,16 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     PAYLOAD,
     TOPIC,
-    children,
     machine,
-    make_keys,
     now,
     percentile,
     pin,
     proc_cpu,
     run_json,
+    sink_session,
     start_sink,
-    stop,
     verdict,
     write_results,
 )
@@ -145,61 +142,55 @@ def run_level(port: int, n: int, rate: float, args, pki, key, sink_pids: list[in
 def run_server(kind: str, args) -> dict:
     injected = args.latency if kind == "mock" else 0.0
     out: dict = {"server": kind, "injected_ms": injected * 1000, "levels": []}
-    with tempfile.TemporaryDirectory(prefix="fanout-latency-") as tmp:
-        tmpdir = Path(tmp)
-        pki, key = make_keys(tmpdir)
-        sink, port = start_sink(kind, tmpdir, pki, key, latency=injected)
-        try:
-            time.sleep(0.3)
-            sink_pids = children(sink.pid)
-            maxes = []
-            for _ in range(args.max_runs):
-                res = run_level(port, args.max_n, 0, args, pki, key, sink_pids)
-                if "error" in res:
-                    raise SystemExit(f"{kind}: maximum-rate run failed: {res['error']}")
-                maxes.append(res)
-                print(f"{kind}: unpaced {res['pushes_per_s']:,} pushes/s, server busy "
-                      f"{res['server_busy']:.0%}", file=sys.stderr, flush=True)
-            max_rate = statistics.median(r["pushes_per_s"] for r in maxes)
-            out["max_rate"] = round(max_rate)
-            out["max_runs"] = maxes
-            # levels interleaved over --repeats passes (10 50 90, 10 50 90, ...); per level
-            # the pass with the median end-to-end p99 is reported, with every pass's p99
-            passes: dict[float, list[dict]] = {level: [] for level in LEVELS}
-            repeats = args.repeats if kind == "nginx" else args.mock_repeats
-            out["passes"] = repeats
-            for rep in range(repeats):
-                for level in LEVELS:
-                    rate = max_rate * level
-                    n = int(rate * (args.seconds + SKIP_SECONDS + 1))
-                    res = run_level(port, n, rate, args, pki, key, sink_pids)
-                    res |= {"level": level, "rate": round(rate), "n": n}
-                    if "error" not in res:
-                        for kind_ in ("wire_ms", "e2e_ms"):
-                            res[f"added_{kind_}"] = {k: round(v - injected * 1000, 3)
-                                                     for k, v in res[kind_].items()}
-                        print(f"{kind} pass {rep + 1}: {level:.0%} load ({rate:,.0f}/s, achieved "
-                              f"{res['paced_pushes_per_s']:,}/s): added p50/p99 end-to-end "
-                              f"{res['added_e2e_ms']['p50']}/{res['added_e2e_ms']['p99']} ms, "
-                              f"wire {res['added_wire_ms']['p50']}/"
-                              f"{res['added_wire_ms']['p99']} ms; server busy "
-                              f"{res['server_busy']:.0%}; GC pauses "
-                              f"{res['gc_pauses_over_2ms_or_gen2']}", file=sys.stderr, flush=True)
-                    else:
-                        print(f"{kind}: {level:.0%}: ERROR {res['error']}", file=sys.stderr)
-                    passes[level].append(res)
+    with sink_session("fanout-latency-",
+                      lambda d, p, k: start_sink(kind, d, p, k, latency=injected)) \
+            as (tmpdir, pki, key, port, sink_pids):
+        maxes = []
+        for _ in range(args.max_runs):
+            res = run_level(port, args.max_n, 0, args, pki, key, sink_pids)
+            if "error" in res:
+                raise SystemExit(f"{kind}: maximum-rate run failed: {res['error']}")
+            maxes.append(res)
+            print(f"{kind}: unpaced {res['pushes_per_s']:,} pushes/s, server busy "
+                  f"{res['server_busy']:.0%}", file=sys.stderr, flush=True)
+        max_rate = statistics.median(r["pushes_per_s"] for r in maxes)
+        out["max_rate"] = round(max_rate)
+        out["max_runs"] = maxes
+        # levels interleaved over --repeats passes (10 50 90, 10 50 90, ...); per level
+        # the pass with the median end-to-end p99 is reported, with every pass's p99
+        passes: dict[float, list[dict]] = {level: [] for level in LEVELS}
+        repeats = args.repeats if kind == "nginx" else args.mock_repeats
+        out["passes"] = repeats
+        for rep in range(repeats):
             for level in LEVELS:
-                good = sorted((r for r in passes[level] if "error" not in r),
-                              key=lambda r: r["added_e2e_ms"]["p99"])
-                if not good:
-                    out["levels"].append(passes[level][0])
-                    continue
-                res = dict(good[(len(good) - 1) // 2])
-                res["p99_e2e_added_passes"] = [r["added_e2e_ms"]["p99"] for r in passes[level]
-                                               if "error" not in r]
-                out["levels"].append(res)
-        finally:
-            stop(sink)
+                rate = max_rate * level
+                n = int(rate * (args.seconds + SKIP_SECONDS + 1))
+                res = run_level(port, n, rate, args, pki, key, sink_pids)
+                res |= {"level": level, "rate": round(rate), "n": n}
+                if "error" not in res:
+                    for kind_ in ("wire_ms", "e2e_ms"):
+                        res[f"added_{kind_}"] = {k: round(v - injected * 1000, 3)
+                                                 for k, v in res[kind_].items()}
+                    print(f"{kind} pass {rep + 1}: {level:.0%} load ({rate:,.0f}/s, achieved "
+                          f"{res['paced_pushes_per_s']:,}/s): added p50/p99 end-to-end "
+                          f"{res['added_e2e_ms']['p50']}/{res['added_e2e_ms']['p99']} ms, "
+                          f"wire {res['added_wire_ms']['p50']}/"
+                          f"{res['added_wire_ms']['p99']} ms; server busy "
+                          f"{res['server_busy']:.0%}; GC pauses "
+                          f"{res['gc_pauses_over_2ms_or_gen2']}", file=sys.stderr, flush=True)
+                else:
+                    print(f"{kind}: {level:.0%}: ERROR {res['error']}", file=sys.stderr)
+                passes[level].append(res)
+        for level in LEVELS:
+            good = sorted((r for r in passes[level] if "error" not in r),
+                          key=lambda r: r["added_e2e_ms"]["p99"])
+            if not good:
+                out["levels"].append(passes[level][0])
+                continue
+            res = dict(good[(len(good) - 1) // 2])
+            res["p99_e2e_added_passes"] = [r["added_e2e_ms"]["p99"] for r in passes[level]
+                                           if "error" not in r]
+            out["levels"].append(res)
     return out
 
 

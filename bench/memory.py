@@ -22,7 +22,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,13 +31,12 @@ from common import (  # noqa: E402
     ROOT,
     TOPIC,
     machine,
-    make_keys,
     now,
     pin,
     run_json,
     self_rss_mb,
+    sink_session,
     start_sink,
-    stop,
     write_results,
 )
 
@@ -113,19 +111,15 @@ def main() -> None:
     if args.daemon_mb is None:
         args.daemon_mb = 5 if args.quick else 200
 
-    with tempfile.TemporaryDirectory(prefix="fanout-memory-") as tmp:
-        tmpdir = Path(tmp)
-        pki, key = make_keys(tmpdir)
-        sink, port = start_sink("nginx", tmpdir, pki, key)
-        try:
-            cmd = pin(0) + [sys.executable, __file__, "--worker", "--port", str(port),
-                            "--tokens", str(args.tokens), "--connections", str(args.connections),
-                            "--max-seconds", str(args.max_seconds), "--ca", str(pki.ca_file),
-                            "--key", str(key.path), "--key-id", key.key_id,
-                            "--team-id", key.team_id]
-            lib, _ = run_json(cmd, timeout=args.max_seconds + 60)
-        finally:
-            stop(sink)
+    with sink_session("fanout-memory-",
+                      lambda d, p, k: start_sink("nginx", d, p, k)) \
+            as (tmpdir, pki, key, port, sink_pids):
+        cmd = pin(0) + [sys.executable, __file__, "--worker", "--port", str(port),
+                        "--tokens", str(args.tokens), "--connections", str(args.connections),
+                        "--max-seconds", str(args.max_seconds), "--ca", str(pki.ca_file),
+                        "--key", str(key.path), "--key-id", key.key_id,
+                        "--team-id", key.team_id]
+        lib, _ = run_json(cmd, timeout=args.max_seconds + 60)
     if "error" in lib:
         raise SystemExit(f"library run failed: {lib['error']}")
     lib_summary = summarise(lib["samples"], args.tokens, "done")

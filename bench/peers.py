@@ -32,23 +32,19 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    children,
     interleave,
     machine,
-    make_keys,
     now,
     paired_ratio,
     pin,
     proc_cpu,
     run_json,
+    sink_session,
     start_sink,
-    stop,
     verdict,
     write_results,
 )
@@ -162,22 +158,16 @@ def main() -> None:
         print(f"{name}: skipped: {why}", file=sys.stderr)
     clients = [c for c in clients if c not in skipped]
 
-    with tempfile.TemporaryDirectory(prefix="fanout-peers-") as tmp:
-        tmpdir = Path(tmp)
-        pki, key = make_keys(tmpdir)
-        sink, port = start_sink(args.server, tmpdir, pki, key)
-        try:
-            time.sleep(0.3)
-            sink_pids = children(sink.pid)
-            runs = interleave(
-                clients, args.rounds,
-                lambda name: run_one(name, port, args.n, args.connections, pki, key, sink_pids),
-                lambda res: (f"{args.n / res['seconds']:8.0f} pushes/s "
-                             f"{res['cpu_per_push'] * 1e6:7.1f} us CPU/push  server "
-                             f"{res['server_cpu'] / args.n * 1e6:6.1f} us/push  "
-                             f"rss {res['rss_peak_mb']:.0f} MiB  ok={res['ok']}"))
-        finally:
-            stop(sink)
+    with sink_session("fanout-peers-",
+                      lambda d, p, k: start_sink(args.server, d, p, k)) \
+            as (tmpdir, pki, key, port, sink_pids):
+        runs = interleave(
+            clients, args.rounds,
+            lambda name: run_one(name, port, args.n, args.connections, pki, key, sink_pids),
+            lambda res: (f"{args.n / res['seconds']:8.0f} pushes/s "
+                         f"{res['cpu_per_push'] * 1e6:7.1f} us CPU/push  server "
+                         f"{res['server_cpu'] / args.n * 1e6:6.1f} us/push  "
+                         f"rss {res['rss_peak_mb']:.0f} MiB  ok={res['ok']}"))
 
     summary = {}
     for name, rs in runs.items():

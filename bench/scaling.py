@@ -35,15 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     ROOT,
     TOPIC,
-    children,
     descendants,
     machine,
-    make_keys,
     now,
     paired_ratio,
     proc_cpu,
+    sink_session,
     start_sink,
-    stop,
     verdict,
     write_results,
 )
@@ -127,32 +125,26 @@ def main() -> None:
     if 1 not in counts:
         counts.insert(0, 1)
     runs: dict[int, list[dict]] = {w: [] for w in counts}
-    with tempfile.TemporaryDirectory(prefix="fanout-scaling-") as tmp:
-        tmpdir = Path(tmp)
-        pki, key = make_keys(tmpdir)
+    with sink_session("fanout-scaling-",
+                      lambda d, p, k: start_sink("nginx", d, p, k, core=None)) \
+            as (tmpdir, pki, key, port, sink_pids):
         inp, out = tmpdir / "in.ndjson", tmpdir / "results.ndjson"
         write_input(inp, args.lines)
-        sink, port = start_sink("nginx", tmpdir, pki, key, core=None)
-        try:
-            time.sleep(0.3)
-            sink_pids = children(sink.pid)
-            for rnd in range(args.rounds):
-                for w in counts:
-                    res = run_daemon(w, inp, out, port, pki, key, sink_pids, args.timeout)
-                    runs[w].append(res)
-                    if "error" in res:
-                        print(f"round {rnd + 1} workers={w}: ERROR {res['error']}", file=sys.stderr)
-                        continue
-                    res["pushes_per_s"] = args.lines / res["seconds"]
-                    print(f"round {rnd + 1} workers={w}: {res['pushes_per_s']:8.0f} pushes/s "
-                          f"daemon CPU {res['cpu'] / args.lines * 1e6:6.1f} us/push  sink "
-                          f"{res['server_cpu'] / res['seconds']:.0%} of a core  "
-                          + (f"coordinator {res['coordinator_cpu'] / res['seconds']:.0%}  "
-                             if res["coordinator_cpu"] is not None else "")
-                          + f"steady {res['steady_pushes_per_s'] or 0:,.0f}/s  delivered {res['delivered']:,}/{args.lines:,}",
-                          file=sys.stderr, flush=True)
-        finally:
-            stop(sink)
+        for rnd in range(args.rounds):
+            for w in counts:
+                res = run_daemon(w, inp, out, port, pki, key, sink_pids, args.timeout)
+                runs[w].append(res)
+                if "error" in res:
+                    print(f"round {rnd + 1} workers={w}: ERROR {res['error']}", file=sys.stderr)
+                    continue
+                res["pushes_per_s"] = args.lines / res["seconds"]
+                print(f"round {rnd + 1} workers={w}: {res['pushes_per_s']:8.0f} pushes/s "
+                      f"daemon CPU {res['cpu'] / args.lines * 1e6:6.1f} us/push  sink "
+                      f"{res['server_cpu'] / res['seconds']:.0%} of a core  "
+                      + (f"coordinator {res['coordinator_cpu'] / res['seconds']:.0%}  "
+                         if res["coordinator_cpu"] is not None else "")
+                      + f"steady {res['steady_pushes_per_s'] or 0:,.0f}/s  delivered {res['delivered']:,}/{args.lines:,}",
+                      file=sys.stderr, flush=True)
 
     summary = {}
     for w, rs in runs.items():

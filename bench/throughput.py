@@ -31,8 +31,8 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,12 +41,11 @@ from common import (  # noqa: E402
     RESULTS,
     ROOT,
     TOPIC,
-    children,
     interleave,
     machine,
-    make_keys,
     pin,
     proc_cpu,
+    sink_session,
     start_sink,
 )
 
@@ -263,23 +262,16 @@ def compare(args: argparse.Namespace) -> tuple[dict, list[str]]:
         except ImportError:
             print("aioapns not installed (pip install aioapns): skipped", file=sys.stderr)
             clients.remove("aioapns")
-    with tempfile.TemporaryDirectory(prefix="fanout-bench-") as tmp:
-        tmpdir = Path(tmp)
-        pki, key = make_keys(tmpdir)
-        sink, port = start_sink(args.server, tmpdir, pki, key)
-        try:
-            time.sleep(0.3)
-            sink_pids = children(sink.pid)
-            runs = interleave(
-                clients, args.rounds,
-                lambda name: run_worker(name, port, args.n, args.connections, pki, key,
-                                        sink_pids),
-                lambda res: (f"{args.n / res['seconds']:8.0f} pushes/s "
-                             f"{res['cpu'] / args.n * 1e6:7.1f} us CPU/push  server "
-                             f"{res['server_cpu'] / args.n * 1e6:6.1f} us/push  ok={res['ok']}"))
-        finally:
-            sink.terminate()
-            sink.wait(10)
+    with sink_session("fanout-bench-",
+                      lambda d, p, k: start_sink(args.server, d, p, k)) \
+            as (tmpdir, pki, key, port, sink_pids):
+        runs = interleave(
+            clients, args.rounds,
+            lambda name: run_worker(name, port, args.n, args.connections, pki, key,
+                                    sink_pids),
+            lambda res: (f"{args.n / res['seconds']:8.0f} pushes/s "
+                         f"{res['cpu'] / args.n * 1e6:7.1f} us CPU/push  server "
+                         f"{res['server_cpu'] / args.n * 1e6:6.1f} us/push  ok={res['ok']}"))
 
     summary = {}
     for name, rs in runs.items():
@@ -363,42 +355,34 @@ def run_matrix(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     cells: list[dict] = []
     for latency, streams, reject in itertools.product(dims["latency"], dims["streams"],
                                                       dims["reject"]):
-        with tempfile.TemporaryDirectory(prefix="fanout-matrix-") as tmp:
-            tmpdir = Path(tmp)
-            pki, key = make_keys(tmpdir)
-            sink, port = _matrix_sink(latency, streams, reject, tmpdir, pki, key)
-            try:
-                time.sleep(0.3)
-                sink_pids = children(sink.pid)
-                for conns, size in itertools.product(dims["connections"], dims["payload"]):
-                    n = n_slow if latency else n_fast
-                    extra = ["--payload-bytes", str(size)]
-                    if reject and not latency:
-                        extra += ["--dead-every", str(round(1 / reject))]
-                    res = run_worker("fanout", port, n, conns, pki, key, sink_pids, extra)
-                    label = (f"{conns}c {streams}s {size}B "
-                             f"{'20±10ms' if latency else '0ms'} {reject:.0%}rej")
-                    cell = {"connections": conns, "streams": streams, "payload_bytes": size,
-                            "latency_ms": latency * 1000, "jitter_ms": JITTER * 1000 if latency
-                            else 0, "reject": reject, "n": n,
-                            "server": "mock" if latency else "nginx", "label": label}
-                    if "error" in res:
-                        cell["error"] = res["error"]
-                        print(f"matrix {label}: ERROR {res['error']}", file=sys.stderr)
-                    else:
-                        cell |= {"pushes_per_s": round(n / res["seconds"]),
-                                 "cpu_us_per_push": round(res["cpu"] / n * 1e6, 1),
-                                 "server_cpu_us_per_push": round(res["server_cpu"] / n * 1e6, 1),
-                                 "server_busy": round(res["server_cpu"] / res["seconds"], 2),
-                                 "delivered": res["ok"], "results": res.get("done", res["ok"])}
-                        print(f"matrix {label:28s} {cell['pushes_per_s']:7,} pushes/s "
-                              f"{cell['cpu_us_per_push']:6.1f} us/push  server busy "
-                              f"{cell['server_busy']:.0%}  delivered {res['ok']:,}/{n:,}",
-                              file=sys.stderr, flush=True)
-                    cells.append(cell)
-            finally:
-                sink.terminate()
-                sink.wait(10)
+        with sink_session("fanout-matrix-", partial(_matrix_sink, latency, streams, reject)) \
+                as (tmpdir, pki, key, port, sink_pids):
+            for conns, size in itertools.product(dims["connections"], dims["payload"]):
+                n = n_slow if latency else n_fast
+                extra = ["--payload-bytes", str(size)]
+                if reject and not latency:
+                    extra += ["--dead-every", str(round(1 / reject))]
+                res = run_worker("fanout", port, n, conns, pki, key, sink_pids, extra)
+                label = (f"{conns}c {streams}s {size}B "
+                         f"{'20±10ms' if latency else '0ms'} {reject:.0%}rej")
+                cell = {"connections": conns, "streams": streams, "payload_bytes": size,
+                        "latency_ms": latency * 1000, "jitter_ms": JITTER * 1000 if latency
+                        else 0, "reject": reject, "n": n,
+                        "server": "mock" if latency else "nginx", "label": label}
+                if "error" in res:
+                    cell["error"] = res["error"]
+                    print(f"matrix {label}: ERROR {res['error']}", file=sys.stderr)
+                else:
+                    cell |= {"pushes_per_s": round(n / res["seconds"]),
+                             "cpu_us_per_push": round(res["cpu"] / n * 1e6, 1),
+                             "server_cpu_us_per_push": round(res["server_cpu"] / n * 1e6, 1),
+                             "server_busy": round(res["server_cpu"] / res["seconds"], 2),
+                             "delivered": res["ok"], "results": res.get("done", res["ok"])}
+                    print(f"matrix {label:28s} {cell['pushes_per_s']:7,} pushes/s "
+                          f"{cell['cpu_us_per_push']:6.1f} us/push  server busy "
+                          f"{cell['server_busy']:.0%}  delivered {res['ok']:,}/{n:,}",
+                          file=sys.stderr, flush=True)
+                cells.append(cell)
     lines = [f"Matrix ({'quick subset' if args.quick else 'full'}): fanout alone, one run per "
              f"cell, client on core 0, server on core 1. Latency 0: nginx (stream limit in its "
              f"config, rejected tokens get 410 Unregistered); latency 20±10 ms: the fanout mock "
