@@ -237,6 +237,23 @@ def verdict(met: bool) -> str:
     return "met" if met else "MISSED"
 
 
+# ----------------------------------------------------------------------------- the machine
+
+SPIN = "n = 0\nfor i in range({iterations}):\n    n += i\n"
+
+
+def cpu_rate(procs: int, iterations: int = 30_000_000) -> float:
+    """What ``procs`` CPU-bound Python processes, started together, get done per second
+    (iterations of a plain loop). ``cpu_rate(2) / cpu_rate(1)`` is how far this machine
+    scales right now: on a shared host two vCPUs often give much less than 2x."""
+    code = SPIN.format(iterations=iterations)
+    t0 = time.perf_counter()
+    spinners = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(procs)]
+    for proc in spinners:
+        proc.wait(timeout=300)
+    return procs * iterations / (time.perf_counter() - t0)
+
+
 # ----------------------------------------------------------------------------- children
 
 def run_json(cmd: list[str], *, timeout: float, env: dict | None = None,

@@ -85,14 +85,15 @@ class InputState:
         self.saved = key
 
     def open_line(self, line: Any, high_water_step: int) -> LineState:
-        """Start accounting for ``line``: it is pending until its results are written.
-        Moves the persisted high-water mark first if the line is beyond it."""
+        """Start accounting for ``line`` (an InputLine, or an InputBlock of lines kept as
+        one): it is pending until its results are written. Moves the persisted high-water
+        mark first if the line is beyond it."""
         number = line.number
         state = LineState(self, number, line.start, number <= self.resend_until)
         self.pending[number] = state
-        self.last_line, self.last_end = number, line.end
-        if number > self.high_water and self.checkpoint_path is not None:
-            self.raise_high_water(number + high_water_step)
+        self.last_line, self.last_end = line.last, line.end
+        if line.last > self.high_water and self.checkpoint_path is not None:
+            self.raise_high_water(line.last + high_water_step)
         return state
 
     def raise_high_water(self, line: int) -> None:
@@ -263,8 +264,7 @@ class Daemon:
             line, offset = state.prefix()
             state.high_water = max(line, min(state.high_water, state.last_sent_line))
             state.record(line, offset)
-        if not self.args.child:
-            self._status(final=True)
+        self._status(final=True)
 
     # ----------------------------------------------------------------- metrics
 
@@ -321,9 +321,6 @@ class Daemon:
 
         async with send:
             with self._reader_scope:
-                if self.args.child:
-                    await self._read_child(send)
-                    return
                 labelled = len(self.inputs) > 1
                 for path in self.inputs:
                     state = self._open_input(path, labelled)
@@ -344,28 +341,6 @@ class Daemon:
                             state.dev, state.ino = input_identity(path)
                         except OSError:
                             pass
-
-    async def _read_child(self, send: trio.MemorySendChannel[Prepared]) -> None:
-        """Worker mode: lines come from the coordinator as ``NUMBER\tRESENT\tLINE``, and
-        ``I\tLABEL`` when the input changes; results go back as ``R\t<json>`` and
-        ``D\tNUMBER`` once a line is complete."""
-        from .reader import InputLine, read_lines
-
-        state = InputState("-", None, None)
-        state.on_done = self._child_done
-        self.states.append(state)
-        async for raw in read_lines(None, max_line_bytes=self.args.max_line_bytes + 64):
-            head, _, rest = raw.data.partition(b"\t")
-            if head == b"I":
-                state.label = rest.decode("utf-8", "replace") or None
-                continue
-            resent, _, data = rest.partition(b"\t")
-            number = int(head)
-            state.resend_until = number if resent == b"1" else 0
-            await self._line(state, InputLine(number, 0, 0, data), send)
-
-    def _child_done(self, number: int) -> None:
-        self.results.write(b"D\t%d\n" % number)
 
     def _open_input(self, path: str, labelled: bool) -> InputState | None:
         from .reader import input_identity
@@ -561,10 +536,7 @@ class Daemon:
     def _emit(self, record: ResultLine, state: LineState) -> None:
         if state.resend:
             record.resent = True
-        if self.args.child:
-            self.results.write(b"R\t" + result_encoder.encode(record) + b"\n")
-        else:
-            self.results.write(result_encoder.encode(record) + b"\n")
+        self.results.write(result_encoder.encode(record) + b"\n")
         self.counts[record.outcome] += 1
         self.results_written += 1
 
@@ -611,10 +583,6 @@ class Daemon:
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for sig in sigs:
-                if self.args.child and sig != signal.SIGHUP:
-                    if sig == signal.SIGTERM:
-                        self._force("stopped by the coordinator")
-                    continue
                 if sig == signal.SIGHUP:
                     log.info("SIGHUP: reopening output files")
                     self._reopen()
@@ -649,7 +617,7 @@ class Daemon:
 
     async def _status_loop(self) -> None:
         interval = 1.0 if self._status_tty else self.args.status_interval
-        if interval <= 0 or self.args.child:
+        if interval <= 0:
             return
         while True:
             await trio.sleep(interval)
@@ -738,9 +706,10 @@ async def run_main(args: argparse.Namespace) -> int:
             import msgspec
 
             from .config import Settings
+            from .workers import WorkerDaemon
 
             settings = msgspec.json.decode(os.environ[CHILD_SETTINGS_ENV], type=Settings)
-            return await Daemon(settings, args, ["-"], make_client).run()
+            return await WorkerDaemon(settings, args, make_client).run()
         settings = load_settings(args)
         inputs = expand_inputs(args.inputs or ["-"])
         if args.follow and (len(inputs) != 1 or inputs[0] == "-"):

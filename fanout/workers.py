@@ -1,12 +1,15 @@
 """``fanout run --workers N``: N engine processes over one input.
 
-The coordinator reads the input, keeps the one checkpoint and writes the one results
-stream; each worker is ``fanout run --child`` with its own connections. Lines go to the
-worker with the fewest lines outstanding as ``NUMBER\\tRESENT\\tLINE``; workers answer
-``R\\t<result json>`` per result and ``D\\tNUMBER`` when a line is complete, which is what
-advances the checkpoint. Workers run in their own session (a terminal's Ctrl-C reaches the
-coordinator only). Drain: the coordinator closes the workers' stdin; force: it sends them
-SIGTERM and they report what was in flight as maybe_delivered.
+The coordinator reads the input in blocks of whole lines, keeps the one checkpoint and
+writes the one results stream; each worker is ``fanout run --child`` with its own
+connections. Nothing here costs a Python step per line: a block goes to the worker with
+the fewest lines outstanding as ``B FIRST RESEND_UNTIL NBYTES\n`` and its bytes; a worker
+answers with ``R NBYTES COUNTS\n`` frames of finished result lines (written through
+verbatim; COUNTS is ``outcome=n,...``) and ``D FIRST`` once every line of a block has its
+results, which is what advances the checkpoint. A worker that dies has its unfinished
+blocks sent to the others, marked resent. Workers run in their own session (a terminal's
+Ctrl-C reaches the coordinator only). Drain: the coordinator closes the workers' stdin;
+force: it sends them SIGTERM and they report what was in flight as maybe_delivered.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections import Counter
 from typing import Any
 
 import msgspec
@@ -28,27 +32,42 @@ from .daemon import (
     EXIT_CONFIG,
     EXIT_FORCED,
     EXIT_OK,
+    HIGH_WATER_STEP,
     Daemon,
     InputState,
     LineState,
 )
-from .lines import ResultLine
+from .payload import Prepared
+from .reader import InputBlock, InputLine, split_block
 
 log = logging.getLogger("fanout.workers")
 
-MAX_LINES_PER_WORKER = 4096
-FLUSH_BYTES = 64 * 1024
-FLUSH_INTERVAL = 0.005
+MAX_LINES_PER_WORKER = 4096   # lines handed to a worker and not yet done
+BLOCK_BYTES = 64 * 1024       # input read (and handed on) this much at a time
+FRAME_BYTES = 64 * 1024       # a worker sends its results at least this often
 
 
 class Worker:
     def __init__(self, index: int, proc: trio.Process) -> None:
         self.index = index
         self.proc = proc
-        self.outstanding = 0
-        self.buffer = bytearray()
+        self.alive = True
+        self.outstanding = 0     # lines
         self.results = 0
-        self.lock = trio.Lock()
+        self.lock = trio.Lock()  # one block at a time on its stdin
+
+
+class Sent:
+    """A block handed to a worker and not yet done."""
+
+    __slots__ = ("state", "block", "lines", "resend_until", "worker")
+
+    def __init__(self, state: LineState, block: InputBlock, resend_until: int) -> None:
+        self.state = state
+        self.block = block
+        self.lines = block.last - block.number + 1
+        self.resend_until = resend_until
+        self.worker: Worker | None = None
 
 
 class Coordinator(Daemon):
@@ -59,8 +78,7 @@ class Coordinator(Daemon):
         super().__init__(settings, args, inputs, make_client=None)
         self.workers: list[Worker] = []
         self._room = trio.Event()
-        self._by_number: dict[int, LineState] = {}
-        self._config_errors = 0
+        self._by_number: dict[int, Sent] = {}
 
     async def run(self) -> int:
         env = dict(os.environ)
@@ -86,13 +104,12 @@ class Coordinator(Daemon):
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self._checkpointer)
                 nursery.start_soon(self._status_loop)
-                nursery.start_soon(self._flusher)
                 if self.daemon_metrics is not None:
                     nursery.start_soon(self._metrics_loop)
                 await self._distribute()
                 for worker in self.workers:  # drain: no more input
-                    await self._flush(worker)
-                    await worker.proc.stdin.aclose()
+                    async with worker.lock:
+                        await worker.proc.stdin.aclose()
                 with trio.CancelScope(shield=True):
                     for worker in self.workers:
                         await worker.proc.wait()
@@ -153,8 +170,9 @@ class Coordinator(Daemon):
     # ----------------------------------------------------------------- input
 
     async def _distribute(self) -> None:
-        from .reader import read_lines
+        from .reader import input_identity, read_lines
 
+        step = max(HIGH_WATER_STEP, MAX_LINES_PER_WORKER * len(self.workers))
         with self._reader_scope:
             labelled = len(self.inputs) > 1
             for path in self.inputs:
@@ -163,88 +181,112 @@ class Coordinator(Daemon):
                 if labelled:
                     await self._wait_input_done()  # line numbers restart per input
                     for worker in self.workers:
-                        worker.buffer += b"I\t" + path.encode() + b"\n"
-                async for line in read_lines(
+                        await self._send(worker, b"I " + path.encode() + b"\n")
+                async for unit in read_lines(
                         None if path == "-" else path, start_offset=state.last_end,
                         start_line=state.last_line, follow=self.args.follow,
-                        max_line_bytes=self.args.max_line_bytes):
-                    await self._dispatch(state, line)
+                        max_line_bytes=self.args.max_line_bytes, blocks=True,
+                        chunk_size=BLOCK_BYTES):
+                    if unit.identity and unit.identity != (state.dev, state.ino):
+                        state.dev, state.ino = unit.identity  # rotated (follow mode)
+                    if unit.error is not None:  # a line too long, spanning blocks
+                        self.lines_read += 1
+                        self._malformed(state.open_line(unit, step), unit.error)
+                        continue
+                    self.lines_read += unit.last - unit.number + 1
+                    sent = Sent(state.open_line(unit, step), unit, state.resend_until)
+                    await self._dispatch(sent)
+                    state.last_sent_line = unit.last
+                if path != "-":
+                    try:
+                        state.dev, state.ino = input_identity(path)
+                    except OSError:
+                        pass
 
     async def _wait_input_done(self) -> None:
         while self._by_number:
             self._room = trio.Event()
             await self._room.wait()
 
-    async def _dispatch(self, inp: InputState, line: Any) -> None:
-        number = line.number
-        self.lines_read += 1
-        state = inp.open_line(line, max(1024, MAX_LINES_PER_WORKER * len(self.workers)))
-        if line.error:
-            self._malformed(state, line.error)
-            return
+    async def _dispatch(self, sent: Sent) -> None:
+        """Hand ``sent`` to the live worker with the fewest lines outstanding, once it has
+        room (a block bigger than the window goes to an idle worker)."""
         while True:
-            worker = min(self.workers, key=lambda w: w.outstanding)
-            if worker.outstanding < MAX_LINES_PER_WORKER:
+            live = [w for w in self.workers if w.alive]
+            if not live:
+                log.error("every worker has stopped: no more input is read")
+                self._reader_scope.cancel()
+                return
+            worker = min(live, key=lambda w: w.outstanding)
+            if not worker.outstanding or worker.outstanding + sent.lines <= MAX_LINES_PER_WORKER:
                 break
             self._room = trio.Event()
             await self._room.wait()
-        worker.outstanding += 1
-        self._by_number[number] = state
-        worker.buffer += b"%d\t%d\t" % (number, state.resend) + line.data + b"\n"
-        inp.last_sent_line = number
-        if len(worker.buffer) >= FLUSH_BYTES:
-            await self._flush(worker)
+        worker.outstanding += sent.lines
+        sent.worker = worker
+        block = sent.block
+        self._by_number[block.number] = sent
+        await self._send(worker, b"B %d %d %d\n" % (block.number, sent.resend_until,
+                                                    len(block.data)) + block.data)
 
-    async def _flush(self, worker: Worker) -> None:
+    async def _send(self, worker: Worker, data: bytes) -> None:
         async with worker.lock:
-            if not worker.buffer:
-                return
-            data = bytes(worker.buffer)
-            worker.buffer.clear()
             try:
                 await worker.proc.stdin.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 log.error("worker %d stopped taking input", worker.index)
-
-    async def _flusher(self) -> None:
-        while True:
-            await trio.sleep(FLUSH_INTERVAL)
-            for worker in self.workers:
-                if worker.buffer:
-                    await self._flush(worker)
 
     # ----------------------------------------------------------------- output
 
     async def _collect(self, worker: Worker) -> None:
         buf = bytearray()
         while True:
-            data = await worker.proc.stdout.receive_some(1 << 16)
+            data = await worker.proc.stdout.receive_some(1 << 18)
             if not data:
                 break
             buf += data
-            end = buf.rfind(b"\n")
-            if end < 0:
-                continue
-            for rec in bytes(buf[:end]).split(b"\n"):
-                kind, _, rest = rec.partition(b"\t")
-                if kind == b"R":
-                    self.results.write(rest + b"\n")
-                    self.results_written += 1
-                    worker.results += 1
-                    outcome = _outcome(rest)
-                    self.counts[outcome] += 1
-                elif kind == b"D":
-                    state = self._by_number.pop(int(rest), None)
-                    if state is not None:
-                        state.done()
-                        worker.outstanding -= 1
+            pos = 0
+            while (nl := buf.find(b"\n", pos)) >= 0:
+                if buf[pos] == 0x52:  # R NBYTES COUNTS
+                    _, size, counts = bytes(buf[pos:nl]).split(b" ")
+                    stop = nl + 1 + int(size)
+                    if len(buf) < stop:
+                        break
+                    self.results.write(bytes(buf[nl + 1:stop]))
+                    for item in counts.split(b","):
+                        if item:
+                            outcome, _, n = item.partition(b"=")
+                            self.counts[outcome.decode()] += int(n)
+                            self.results_written += int(n)
+                            worker.results += int(n)
+                    pos = stop
+                else:  # D FIRST
+                    sent = self._by_number.pop(int(buf[pos + 2:nl]), None)
+                    if sent is not None:
+                        sent.state.done()
+                        worker.outstanding -= sent.lines
                         self._room.set()
-            del buf[:end + 1]
+                    pos = nl + 1
+            del buf[:pos]
+        await self._worker_exited(worker)
 
-    def _malformed(self, state: LineState, error: str) -> None:
-        self._emit(ResultLine(id=None, line=state.number, outcome="malformed", error=error,
-                              input=state.input.label), state)
-        state.done()
+    async def _worker_exited(self, worker: Worker) -> None:
+        """A worker closed its output: it is exiting. Blocks it left unfinished go to the
+        others, marked resent (they may have been sent), unless the run is stopping."""
+        with trio.CancelScope(shield=True):
+            code = await worker.proc.wait()
+        worker.alive = False
+        orphans = [s for s in self._by_number.values() if s.worker is worker]
+        self._room.set()
+        if not orphans or self.forced or code == EXIT_CONFIG:
+            return
+        lines = sum(s.lines for s in orphans)
+        log.error("worker %d exited (code %s) with %d lines unfinished: handing them to the "
+                  "other workers, marked resent", worker.index, code, lines)
+        for sent in orphans:
+            worker.outstanding -= sent.lines
+            sent.resend_until = sent.block.last
+            await self._dispatch(sent)
 
     # ----------------------------------------------------------------- control
 
@@ -271,12 +313,109 @@ class Coordinator(Daemon):
             log.info("results per worker: %s", per)
 
 
-_OUTCOME = b'"outcome":"'
+# --------------------------------------------------------------------------- worker side
+
+class Frames:
+    """A worker's stdout, to the coordinator: result lines gathered into ``R`` frames that
+    carry their outcome counts; a control line goes out after every result before it."""
+
+    def __init__(self, counts: Counter[str]) -> None:
+        self._out = sys.stdout.buffer
+        self._buf = bytearray()
+        self._counts = counts
+        self._sent: Counter[str] = Counter()
+
+    def write(self, data: bytes) -> None:
+        self._buf += data
+        if len(self._buf) >= FRAME_BYTES:
+            self._frame()
+
+    def control(self, line: bytes) -> None:
+        self._frame()
+        self._out.write(line)
+        self._out.flush()
+
+    def _frame(self) -> None:
+        delta = self._counts - self._sent
+        if not self._buf and not delta:
+            return
+        self._sent = self._counts.copy()
+        counts = ",".join(f"{k}={v}" for k, v in delta.items()).encode() or b"-"
+        self._out.write(b"R %d %s\n" % (len(self._buf), counts))
+        self._out.write(self._buf)
+        self._buf.clear()
+
+    def flush(self) -> None:
+        self._frame()
+        self._out.flush()
+
+    def reopen(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.flush()
 
 
-def _outcome(record: bytes) -> str:
-    i = record.find(_OUTCOME)
-    if i < 0:
-        return "unknown"
-    j = record.find(b'"', i + len(_OUTCOME))
-    return record[i + len(_OUTCOME):j].decode()
+class WorkerDaemon(Daemon):
+    """``fanout run --child``: the single-process daemon, fed blocks by the coordinator
+    and reporting through :class:`Frames`."""
+
+    def __init__(self, settings: Any, args: argparse.Namespace, make_client: Any) -> None:
+        super().__init__(settings, args, ["-"], make_client)
+        self.results = Frames(self.counts)  # type: ignore[assignment]
+        self._blocks: list[list[int]] = []  # [first, last, lines not done]
+
+    async def _read_all(self, send: trio.MemorySendChannel[Prepared]) -> None:
+        state = InputState("-", None, None)
+        state.on_done = self._line_done
+        self.states.append(state)
+        stream = trio.lowlevel.FdStream(os.dup(0))
+        buf = bytearray()
+        async with send, stream:
+            with self._reader_scope:
+                while data := await stream.receive_some(1 << 18):
+                    buf += data
+                    while (nl := buf.find(b"\n")) >= 0:
+                        kind, _, rest = bytes(buf[:nl]).partition(b" ")
+                        if kind == b"I":
+                            state.label = rest.decode("utf-8", "replace") or None
+                            del buf[:nl + 1]
+                            continue
+                        first, resend_until, size = map(int, rest.split(b" "))
+                        if len(buf) < nl + 1 + size:
+                            break
+                        body = bytes(buf[nl + 1:nl + 1 + size])
+                        del buf[:nl + 1 + size]
+                        await self._block(state, first, resend_until, body, send)
+                if buf:
+                    log.warning("input ended inside a block (the coordinator stopped while "
+                                "sending it): its lines are left to a restart")
+
+    async def _block(self, state: InputState, first: int, resend_until: int, body: bytes,
+                     send: trio.MemorySendChannel[Prepared]) -> None:
+        lines = split_block(body, self.args.max_line_bytes)
+        self._blocks.append([first, first + len(lines) - 1, len(lines)])
+        state.resend_until = resend_until
+        for i, (data, error) in enumerate(lines):
+            await self._line(state, InputLine(first + i, 0, 0, data, error), send)
+
+    def _line_done(self, number: int) -> None:
+        for block in self._blocks:
+            if block[0] <= number <= block[1]:
+                block[2] -= 1
+                if not block[2]:
+                    self._blocks.remove(block)
+                    self.results.control(b"D %d\n" % block[0])  # type: ignore[attr-defined]
+                return
+
+    def _status(self, final: bool = False) -> None:
+        pass  # the coordinator reports
+
+    async def _signals(self) -> None:
+        # SIGINT is the coordinator's to handle; SIGTERM from it means stop now
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as sigs:
+            async for sig in sigs:
+                if sig == signal.SIGHUP:
+                    self._reopen()
+                else:
+                    self._force("stopped by the coordinator")

@@ -242,6 +242,111 @@ async def test_workers_2_on_100k_lines(tmp_path, pki, signing_key):
     assert cp["line"] == 100_000 and cp["offset"] == inp.stat().st_size
 
 
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+async def test_workers_a_worker_killed_hands_its_lines_to_the_other(tmp_path, pki, signing_key):
+    """kill -9 of one worker mid-run: the coordinator sends the blocks it left unfinished
+    through the other worker, marked resent; every line ends with a result."""
+    inp = tmp_path / "in.ndjson"
+    write_input(inp, 20_000)
+    out = tmp_path / "results.ndjson"
+    async with mock_server(pki, signing_key, latency=0.005) as mock:
+        cmd = daemon_cmd(mock, pki, signing_key, str(inp), "--results", str(out),
+                         "--workers", "2", "--max-in-flight", "200")
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with trio.fail_after(20):
+            while len(_children(proc.pid)) < 2 or not out.exists() \
+                    or out.stat().st_size < 200_000:
+                await trio.sleep(0.02)
+        victim = _children(proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        with trio.fail_after(120):
+            while proc.poll() is None:
+                await trio.sleep(0.05)
+        stderr = proc.stderr.read().decode()
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "exited (code -9)" in stderr and "marked resent" in stderr
+    per_line = defaultdict(list)
+    for r in read_results(out):
+        per_line[r["line"]].append(r)
+    assert set(per_line) == set(range(1, 20_001))
+    assert all(r["outcome"] == "delivered" for rs in per_line.values() for r in rs)
+    duplicates = [rs for rs in per_line.values() if len(rs) > 1]
+    assert all(any(r.get("resent") for r in rs) for rs in duplicates)
+    assert len(duplicates) <= 4096  # at most the dead worker's window
+    assert len(mock.stats.delivered) == 20_000
+    cp = json.loads((tmp_path / "in.ndjson.checkpoint").read_text())
+    assert cp["line"] == 20_000 and cp["offset"] == inp.stat().st_size
+
+
+async def test_workers_sigterm_drains_then_kill9_then_finish(tmp_path, pki, signing_key):
+    """With --workers: SIGTERM drains (the checkpoint covers exactly the lines written),
+    a kill -9 of the coordinator loses nothing, and a last run finishes the input."""
+    inp = tmp_path / "in.ndjson"
+    write_input(inp, 20_000)
+    out = tmp_path / "results.ndjson"
+    async with mock_server(pki, signing_key, latency=0.05) as mock:
+        cmd = daemon_cmd(mock, pki, signing_key, str(inp), "--results", str(out),
+                         "--workers", "2", "--max-in-flight", "200",
+                         "--checkpoint-interval", "0.05")
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        await trio.sleep(2.0)
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            while proc.poll() is None:
+                await trio.sleep(0.05)
+        assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+        first = read_results(out)
+        cp = json.loads((tmp_path / "in.ndjson.checkpoint").read_text())
+        assert 0 < len(first) < 20_000
+        assert sorted(r["line"] for r in first) == list(range(1, cp["line"] + 1))
+        assert cp["high_water"] == cp["line"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        await trio.sleep(1.5)
+        proc.kill()
+        proc.wait()
+        final = await run_daemon(cmd, timeout=120)
+    assert final.returncode == 0, final.stderr.decode()[-2000:]
+    per_line = defaultdict(list)
+    for r in read_results(out):
+        per_line[r["line"]].append(r)
+    assert set(per_line) == set(range(1, 20_001))
+    duplicates = [rs for rs in per_line.values() if len(rs) > 1]
+    assert all(any(r.get("resent") for r in rs[1:]) for rs in duplicates)
+    assert len(mock.stats.delivered) == 20_000
+
+
+async def test_workers_bad_lines_each_get_their_error(tmp_path, pki, signing_key):
+    """Malformed lines, a line over --max-line-bytes inside a block and one spanning
+    blocks: one malformed result each, every good line delivered."""
+    inp = tmp_path / "in.ndjson"
+    good = [json.dumps({"id": i, "token": f"{i:064x}", "payload": PAYLOAD}).encode()
+            for i in range(3000)]
+    lines = list(good)
+    lines[10:10] = MALFORMED
+    lines[1500:1500] = [b'{"token":"' + b"a" * 5000 + b'"}']   # long, inside a block
+    lines[2500:2500] = [b"x" * 300_000]                          # longer than a block
+    inp.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "results.ndjson"
+    async with mock_server(pki, signing_key) as mock:
+        proc = await run_daemon(daemon_cmd(mock, pki, signing_key, str(inp), "--results",
+                                           str(out), "--workers", "2", "--max-line-bytes",
+                                           "4000"))
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    results = read_results(out)
+    assert sorted(r["line"] for r in results) == list(range(1, len(lines) + 1))
+    bad = {r["line"]: r["error"] for r in results if r["outcome"] == "malformed"}
+    assert len(bad) == len(MALFORMED) + 2
+    assert bad[1501] == bad[2501] == \
+        "line is longer than 4000 bytes"
+    assert sum(r["outcome"] == "delivered" for r in results) == 3000 == len(mock.stats.delivered)
+
+
 async def test_second_sigint_stops_at_once_with_maybe_delivered(tmp_path, pki, signing_key):
     inp = tmp_path / "in.ndjson"
     write_input(inp, 2000)

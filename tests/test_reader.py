@@ -22,7 +22,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fanout.errors import ConfigError
-from fanout.reader import InputLine, expand_inputs, input_identity, read_lines
+from fanout.reader import (
+    InputBlock,
+    InputLine,
+    expand_inputs,
+    input_identity,
+    read_lines,
+    split_block,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 POLL = 0.02
@@ -205,6 +212,61 @@ def test_property_chunk_boundaries(
         start = (lines[k - 1].end, lines[k - 1].number) if k else (0, 0)
         kw |= {"start_offset": start[0], "start_line": start[1]}
         assert trio.run(_collect_kw, path, kw) == lines[k:]
+
+
+def expand(units: list[InputLine | InputBlock], max_line_bytes: int,
+           content: bytes) -> list[tuple[int, int, int, bytes, str | None]]:
+    """Blocks back into per-line tuples (offsets recovered from the block's data)."""
+    out = []
+    for unit in units:
+        if isinstance(unit, InputLine):
+            out.append(tup(unit))
+            continue
+        assert unit.error is None and unit.last >= unit.number
+        pos = unit.start
+        lines = split_block(unit.data, max_line_bytes)
+        assert len(lines) == unit.last - unit.number + 1
+        for i, (data, error) in enumerate(lines):
+            nl = content.find(b"\n", pos)
+            end = len(content) if nl == -1 else nl + 1
+            out.append((unit.number + i, pos, end, data, error))
+            pos = end
+        assert pos == unit.end
+    return out
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    content=st.lists(_pieces, max_size=120).map(b"".join),
+    chunk_size=st.sampled_from([7, 1, 2, 3, 64]),
+    max_line_bytes=st.sampled_from([BIG, 1, 4, 9]),
+    resume_at=st.integers(0, 200),
+)
+def test_property_blocks_equal_lines(
+    content: bytes, chunk_size: int, max_line_bytes: int, resume_at: int
+) -> None:
+    """read_lines(blocks=True), expanded with split_block, is exactly the per-line read,
+    from the start and resumed after any line."""
+    with tempfile.TemporaryDirectory() as d:
+        path = write(Path(d) / "f", content)
+        kw: dict[str, object] = {"chunk_size": chunk_size, "max_line_bytes": max_line_bytes,
+                                 "blocks": True}
+        units = trio.run(_collect_kw, path, kw)
+        expected = reference(content, max_line_bytes)
+        assert expand(units, max_line_bytes, content) == expected
+        k = min(resume_at, len(expected))
+        start = (expected[k - 1][2], expected[k - 1][0]) if k else (0, 0)
+        kw |= {"start_offset": start[0], "start_line": start[1]}
+        assert expand(trio.run(_collect_kw, path, kw), max_line_bytes, content) == expected[k:]
+
+
+async def test_blocks_never_hold_a_huge_line(tmp_path: Path) -> None:
+    huge = 5 * 1024 * 1024
+    path = write(tmp_path / "f", b'{"a":1}\n' + b"x" * huge + b'\n{"b":2}\n')
+    units = await collect(path, max_line_bytes=1000, chunk_size=65536, blocks=True)
+    assert all(len(u.data) <= 65536 + 1001 for u in units)
+    assert expand(units, 1000, (tmp_path / "f").read_bytes()) == reference(
+        (tmp_path / "f").read_bytes(), 1000)
 
 
 STDIN_SCRIPT = """
