@@ -12,12 +12,20 @@ bucket for --seconds each, and every push's latency is recorded two ways:
 
 Added latency = measured minus the server's injected latency (20 ms for the mock, 0 for
 nginx). The levels run in --repeats interleaved passes; per level the pass with the median
-end-to-end p99 is reported, beside every pass's p99 (one stall decides a p99). The bucket starts full (one second of pushes at once), so the first two seconds'
-pushes are left out of the percentiles. Target: added p99 at 50% load <= 5 ms (judged on
-the end-to-end figure against the mock; both are reported).
+end-to-end p99 is reported, beside every pass's p99 (one stall decides a p99). The
+bucket starts full (one second of pushes at once): those pushes and the next two seconds
+of the schedule are left out of the percentiles.
 
-    python bench/latency.py                # mock (20 ms) then nginx, 5 s per level
-    python bench/latency.py --quick        # mock only, 2 s per level
+The client calls ``gc.freeze()`` once connected, as the README recommends for latency
+and ``fanout run`` does: without it a full collection walks every object the imports
+made (20-30 ms here, a stall in every few seconds of sending); ``--no-gc-freeze`` shows it.
+
+Target: added p99 at 50% load <= 5 ms, judged on the end-to-end figure against nginx, a
+server that keeps up. The mock is Python on one core and near saturation at 50% of its
+own maximum, so its figures include its own queueing: an upper bound, reported beside.
+
+    python bench/latency.py                # nginx then the mock (20 ms), 5 s per level
+    python bench/latency.py --quick        # nginx only, 2 s per level
     python bench/latency.py --server nginx
 
 Client pinned to core 0, server to core 1; 127.0.0.1 only; every run bounded.
@@ -73,10 +81,6 @@ def worker(args: argparse.Namespace) -> dict:
         elif info.get("generation") == 2 or (time.perf_counter() - gc_start[0]) > 0.002:
             pauses.append((time.perf_counter() - gc_start[0]) * 1000.0)
 
-    if args.gc_freeze:
-        gc.collect()
-        gc.freeze()
-
     async def main() -> dict:
         auth = TokenAuth.from_file(args.key, args.key_id, args.team_id)
         tokens = (f"{i:064x}" for i in range(n))
@@ -84,12 +88,16 @@ def worker(args: argparse.Namespace) -> dict:
         e2e: list[float] = []
         ok = 0
         burst = max(1.0, rate) if rate else 0
-        skip = int(rate * SKIP_SECONDS) if rate else 0
+        # the burst's pushes, then SKIP_SECONDS of the schedule
+        skip = int(burst + rate * SKIP_SECONDS) if rate else 0
         last = 0.0
         async with Client(auth=auth, topic=TOPIC, host="127.0.0.1", port=args.port,
                           ca_file=args.ca, connections=args.connections, rate=rate) as client:
             await client.send(Notification(token="00" * 32, payload=PAYLOAD, topic=TOPIC))
             await trio.sleep(1.1)  # let the warm-up's token refill: the bucket starts full
+            if args.gc_freeze:  # what the README recommends, and the daemon does
+                gc.collect()
+                gc.freeze()
             t0, c0 = trio.current_time(), time.process_time()
             gc.callbacks.append(on_gc)
             async for r in client.fan_out(PAYLOAD, tokens):
@@ -128,7 +136,7 @@ def run_level(port: int, n: int, rate: float, args, pki, key, sink_pids: list[in
     cmd = pin(0) + [sys.executable, __file__, "--worker", "--port", str(port), "--n", str(n),
                     "--rate", str(rate), "--connections", str(args.connections),
                     "--ca", str(pki.ca_file), "--key", str(key.path), "--key-id", key.key_id,
-                    "--team-id", key.team_id] + (["--gc-freeze"] if args.gc_freeze else [])
+                    "--team-id", key.team_id] + ([] if args.gc_freeze else ["--no-gc-freeze"])
     s0 = proc_cpu(sink_pids)
     res, _ = run_json(cmd, timeout=max(120, 4 * n / max(rate, 1000)))
     s1 = proc_cpu(sink_pids)
@@ -164,7 +172,7 @@ def run_server(kind: str, args) -> dict:
         for rep in range(repeats):
             for level in LEVELS:
                 rate = max_rate * level
-                n = int(rate * (args.seconds + SKIP_SECONDS + 1))
+                n = int(rate * (args.seconds + SKIP_SECONDS + 1))  # +1: the burst
                 res = run_level(port, n, rate, args, pki, key, sink_pids)
                 res |= {"level": level, "rate": round(rate), "n": n}
                 if "error" not in res:
@@ -206,8 +214,9 @@ def main() -> None:
     ap.add_argument("--mock-repeats", type=int, default=1, help="the same against the mock")
     ap.add_argument("--connections", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--gc-freeze", action="store_true",
-                    help="gc.freeze() in the client before sending (diagnosis of GC pauses)")
+    ap.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
+                    help="leave the client's garbage collector as it is (by default the client "
+                         "calls gc.freeze() once connected, as the README recommends)")
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--port", type=int)
     ap.add_argument("--n", type=int)
@@ -236,7 +245,8 @@ def main() -> None:
             verdicts[r["server"]] = {
                 "added_p99_e2e_ms": half["added_e2e_ms"]["p99"],
                 "added_p99_wire_ms": half["added_wire_ms"]["p99"],
-                "target": f"<= {TARGET_MS} ms", "met": half["added_e2e_ms"]["p99"] <= TARGET_MS,
+                "target": f"<= {TARGET_MS} ms", "judged": r["server"] == "nginx",
+                "met": half["added_e2e_ms"]["p99"] <= TARGET_MS,
                 "met_wire": half["added_wire_ms"]["p99"] <= TARGET_MS}
     report = {"machine": machine(), "when": now(), "seconds_per_level": args.seconds,
               "gc_freeze": args.gc_freeze,
@@ -250,7 +260,9 @@ def main() -> None:
              f"client on core 0, server on core 1. {m['cpu_model'] or 'unknown CPU'}, "
              f"{m['cpus']} CPUs (load average {m['loadavg_1m_5m'][0]} at the end), Python "
              f"{m['python']}; {report['when']}."
-             + (" Client run with gc.freeze() after setup." if args.gc_freeze else ""), "",
+             + (" The client calls gc.freeze() once connected (as the README recommends and "
+                "`fanout run` does)." if args.gc_freeze else
+                " The client's garbage collector is left as it is (--no-gc-freeze)."), "",
              "Added latency = measured minus the server's injected latency. End to end: from "
              "the push's slot in the pacing schedule to its result reaching the caller; wire: "
              "the engine's `Result.latency_ms` (frames queued to response decoded).", "",
@@ -274,9 +286,10 @@ def main() -> None:
                          f"{', '.join(map(str, lv.get('p99_e2e_added_passes', [])))} |")
     lines.append("")
     for server, v in verdicts.items():
+        what = f"target {v['target']}: {verdict(v['met'])}" if v["judged"] else \
+            f"upper bound, not judged: {'within' if v['met'] else 'over'} {TARGET_MS:g} ms"
         lines.append(f"- {server}: added p99 at 50% load, end to end **{v['added_p99_e2e_ms']} ms**"
-                     f" (target {v['target']}: {verdict(v['met'])}); wire "
-                     f"{v['added_p99_wire_ms']} ms ({verdict(v['met_wire'])})")
+                     f" ({what}); wire {v['added_p99_wire_ms']} ms")
     if "mock" in verdicts:
         lines.append("- The mock is Python on one core: its own scheduling and timer overshoot "
                      "count as added latency here, so these figures are an upper bound for "

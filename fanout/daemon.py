@@ -16,6 +16,7 @@ output files); a status task reports progress.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -236,6 +237,11 @@ class Daemon:
                 nursery.start_soon(self._signals)
                 async with client:
                     self.client = client
+                    # everything made so far (imports, config, connections) lives as long
+                    # as the process: keep it out of full collections, 20-30 ms stalls that
+                    # decide the tail latency (bench/latency.py --no-gc-freeze)
+                    gc.collect()
+                    gc.freeze()
                     nursery.start_soon(self._read_all, send)
                     nursery.start_soon(self._checkpointer)
                     nursery.start_soon(self._status_loop)

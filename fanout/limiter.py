@@ -20,6 +20,8 @@ from email.utils import parsedate_to_datetime
 
 import trio
 
+TICK = 0.001  # seconds: a paced sender wakes at most this often (each wake costs a write)
+
 __all__ = ["Backoff", "Limiter", "TokenBucket", "parse_retry_after"]
 
 Clock = Callable[[], float]
@@ -90,6 +92,8 @@ class TokenBucket:
         if tokens >= 0:
             return 0.0
         wait = -tokens / self.rate
+        now = self._clock()  # wake on the TICK grid: the pushes due within one tick then
+        wait = math.ceil((now + wait) / TICK) * TICK - now  # go in one step and one write
         try:
             await trio.sleep(wait)
         except BaseException:
