@@ -125,8 +125,8 @@ def make_keys(tmpdir: Path):
 
 
 def start_sink(kind: str, tmp: Path, pki, key, *, core: int | None = 1, latency: float = 0.0,
-               jitter: float = 0.0, unregistered: float = 0.0,
-               max_streams: int | None = None) -> tuple[subprocess.Popen, int]:
+               jitter: float = 0.0, unregistered: float = 0.0, bad_tokens: float = 0.0,
+               penalty_accepts: int = 1, max_streams: int | None = None) -> tuple[subprocess.Popen, int]:
     """nginx (``return 200`` echoing apns-id, 1000 streams, verifies nothing) or the fanout
     mock in accept-all mode, pinned to ``core`` (None: not pinned). Returns the process and
     its port."""
@@ -152,6 +152,10 @@ def start_sink(kind: str, tmp: Path, pki, key, *, core: int | None = 1, latency:
         cmd += ["--jitter", str(jitter)]
     if unregistered:
         cmd += ["--unregistered-fraction", str(unregistered)]
+    if bad_tokens:
+        cmd += ["--bad-token-fraction", str(bad_tokens)]
+    if penalty_accepts != 1:
+        cmd += ["--penalty-accepts", str(penalty_accepts)]
     if max_streams:
         cmd += ["--max-streams", str(max_streams)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)

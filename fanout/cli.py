@@ -227,6 +227,8 @@ async def _mock_main(args: argparse.Namespace) -> int:
     config = MockConfig(team_id=args.team_id, keys=keys, validate=not args.accept_all,
                         latency=args.latency, jitter=args.jitter,
                         unregistered_fraction=args.unregistered_fraction,
+                        bad_token_fraction=args.bad_token_fraction,
+                        penalty_accepts=args.penalty_accepts,
                         p429=args.p429, p500=args.p500, p503=args.p503,
                         goaway_after=args.goaway_after, close_after=args.close_after,
                         max_streams=args.max_streams)
@@ -325,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--latency", type=float, default=0.0)
     mock.add_argument("--jitter", type=float, default=0.0)
     mock.add_argument("--unregistered-fraction", type=float, default=0.0)
+    mock.add_argument("--bad-token-fraction", type=float, default=0.0,
+                      help="fraction of tokens answered 400 BadDeviceToken (drops the "
+                           "stream limit to 1 until the next 200)")
+    mock.add_argument("--penalty-accepts", type=int, default=1,
+                      help="accepted pushes needed before a dropped stream limit is restored")
     mock.add_argument("--p429", type=float, default=0.0)
     mock.add_argument("--p500", type=float, default=0.0)
     mock.add_argument("--p503", type=float, default=0.0)

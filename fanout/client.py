@@ -38,6 +38,10 @@ log = logging.getLogger("fanout")
 HOSTS = {"production": "api.push.apple.com", "sandbox": "api.sandbox.push.apple.com"}
 MAX_RESENDS = 20          # resends of never-processed streams (not counted as attempts)
 INVALID_MEMORY = 1_000_000  # invalidated tokens remembered for once-only notification
+# reasons that make a token dead for this topic and environment whatever the payload: a
+# token APNs answered so is not sent again (each rejection drops the connection's stream
+# limit to 1: resending known-bad tokens throttles everyone else's pushes)
+DEAD_REASONS = frozenset({"Unregistered", "BadDeviceToken", "ExpiredToken"})
 
 
 class Push(Exchange):
@@ -190,6 +194,7 @@ class Client:
         manage_host: str | None = None,
         manage_port: int | None = None,
         insecure: bool = False,
+        resend_invalid: bool = False,
     ) -> None:
         if environment not in HOSTS:
             raise ConfigError(f"environment must be production or sandbox, not {environment!r}")
@@ -207,7 +212,9 @@ class Client:
         self.max_in_flight = max_in_flight
         self.events = events or Events()
         self._on_invalid = on_invalid_token
-        self._invalid_seen: OrderedDict[str, None] = OrderedDict()
+        # token -> (reason, timestamp) APNs gave when it called the token invalid
+        self._invalid_seen: OrderedDict[str, tuple[str | None, int | None]] = OrderedDict()
+        self.resend_invalid = resend_invalid
         self._backoff = backoff or Backoff(base=0.5, cap=60.0)
         self.limiter = Limiter(rate, topic_rates)
         self._limited = bool(rate or topic_rates)
@@ -412,7 +419,8 @@ class Client:
         batch.live.add(push)
         self.outstanding += 1
         # fast path: nothing to wait for, a slot is free: start without awaiting
-        if self.config_error is None and self.limiter._idle and not self.limiter._token_until:
+        if self.config_error is None and self.limiter._idle and not self.limiter._token_until \
+                and prepared.token not in self._invalid_seen:
             push.attempts = 1
             if self.pool.try_start(push):
                 return
@@ -426,6 +434,14 @@ class Client:
             self._finish(push, Outcome.CONFIG_ERROR, error=self.config_error)
             return
         p = push.prepared
+        if self._invalid_seen and not self.resend_invalid:
+            known = self._invalid_seen.get(p.token)
+            if known is not None and known[0] in DEAD_REASONS:
+                self._finish(push, Outcome.INVALID_TOKEN, reason=known[0], timestamp=known[1],
+                             error=f"not sent: APNs answered {known[0]} for this token "
+                                   f"earlier (forget_invalid() once the device registers it "
+                                   f"again)")
+                return
         limiter = self.limiter
         if not limiter._idle:
             waited = await limiter.acquire(p.topic.decode())
@@ -614,7 +630,7 @@ class Client:
         seen = self._invalid_seen
         if token in seen:
             return
-        seen[token] = None
+        seen[token] = (reason, timestamp)
         if len(seen) > INVALID_MEMORY:
             seen.popitem(last=False)
         self.events.invalid_token(token, reason, timestamp)
@@ -623,6 +639,11 @@ class Client:
                 self._on_invalid(token, reason, timestamp)
             except Exception:  # a sink's bug must not lose the push's result
                 log.exception("on_invalid_token callback failed for %s", redact(token))
+
+    def forget_invalid(self, token: str) -> None:
+        """Send to ``token`` again: the device registered it anew after APNs called it
+        invalid (and ``on_invalid_token`` will hear of it again if it is still dead)."""
+        self._invalid_seen.pop(token, None)
 
     def reset_config_error(self) -> None:
         """Resume sending after the operator fixed the credentials."""

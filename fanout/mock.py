@@ -150,6 +150,9 @@ class MockConfig:
     """Stream limit announced (new SETTINGS frame) after the first valid authenticated request."""
     drop_to_one_on_reject: bool = True
     """After a rejected push (4xx but 410) announce a limit of 1; restore after the next 200."""
+    penalty_accepts: int = 1
+    """Accepted pushes needed on the connection before a dropped limit is restored (APNs
+    was seen restoring on the next one; a larger number models a stricter server)."""
     latency: float = 0.0
     """Seconds added before each answer, per stream (other streams are not held up)."""
     jitter: float = 0.0
@@ -166,6 +169,9 @@ class MockConfig:
     """Tokens answered 410 Unregistered (with a ``timestamp`` in ms)."""
     unregistered_fraction: float = 0.0
     """Fraction of tokens answered 410, chosen by a hash of the token: stable across runs."""
+    bad_token_fraction: float = 0.0
+    """Fraction of tokens answered 400 BadDeviceToken (a rejection: the stream limit drops
+    to 1), chosen by a hash of the token from the other end of the range than 410's."""
     goaway_after: int | None = None
     """Per connection: GOAWAY after this many streams, answer those at or below the
     last-stream-id, then close."""
@@ -184,9 +190,9 @@ class MockConfig:
     seed: int = 0
     """Seed of the random faults (p429, p500, p503, never_answer, jitter)."""
     alpn: bool = True
+    """``False``: serve TLS without ALPN ``h2`` (a correct client refuses to talk)."""
     record_bodies: bool = False
     """Keep (priority, body) of every accepted device push in ``stats.bodies`` (tests)."""
-    """``False``: serve TLS without ALPN ``h2`` (a correct client refuses to talk)."""
     broadcast_enabled: bool = True
     """``False``: the app's Broadcast Capability is off: every channel-management request and
     broadcast send gets 400 FeatureNotEnabled."""
@@ -210,6 +216,8 @@ class MockStats:
     """TLS connections accepted (handshake completed)."""
     streams_per_connection: list[int] = field(default_factory=list)
     max_concurrent: list[int] = field(default_factory=list)
+    rejected_per_connection: list[int] = field(default_factory=list)
+    """Rejections (4xx but 410: those that drop the stream limit) per connection."""
     jwts: set[str] = field(default_factory=set)
     """SHA-256 hex digests of the distinct JWTs seen (never the JWTs themselves)."""
     goaways_sent: int = 0
@@ -410,6 +418,7 @@ class _Connection:
         stats = mock.stats
         self._per_conn_streams = stats.streams_per_connection  # kept across stats.reset()
         self._per_conn_concurrent = stats.max_concurrent
+        self._per_conn_rejected = stats.rejected_per_connection
         cfg = mock.config
         self.conn = h2.connection.H2Connection(
             h2.config.H2Configuration(
@@ -432,7 +441,7 @@ class _Connection:
         self.conn.initiate_connection()
         self.advertised_limit = cfg.initial_max_streams
         self._authenticated = False
-        self._penalized = False
+        self._penalty = 0  # accepted pushes still needed before the limit is restored
         self._wedged = False
         self._kid: str | None = None
         self._jwt: bytes | None = None
@@ -815,9 +824,12 @@ class _Connection:
         if answer.auth_ok:
             self._authenticated = True
         if status < 300:  # 200, or 201/204 from channel management
-            self._penalized = False
-        elif 400 <= status < 500 and status != 410 and cfg.drop_to_one_on_reject:
-            self._penalized = True
+            if self._penalty:
+                self._penalty -= 1
+        elif 400 <= status < 500 and status != 410:
+            self._per_conn_rejected[self.index] += 1
+            if cfg.drop_to_one_on_reject:
+                self._penalty = cfg.penalty_accepts
         self.retarget_limit()
         if stream.abort_after:
             self._close("abort")
@@ -844,7 +856,7 @@ class _Connection:
     def retarget_limit(self) -> None:
         """Announce the stream limit the connection's state calls for, if it changed."""
         cfg = self.mock.config
-        if self._penalized:
+        if self._penalty:
             target = 1
         elif self._authenticated:
             target = cfg.max_streams
@@ -921,6 +933,8 @@ class _Connection:
                 or (cfg.unregistered_fraction and _hash_fraction(token) < cfg.unregistered_fraction)
             ):
                 return fail(410, "Unregistered", auth_ok)
+            if cfg.bad_token_fraction and 1.0 - _hash_fraction(token) <= cfg.bad_token_fraction:
+                return fail(400, "BadDeviceToken", auth_ok)
         if cfg.p429 and rng.random() < cfg.p429:
             return fail(429, "TooManyRequests", auth_ok)
         if cfg.record_bodies and token is not None:
@@ -1247,6 +1261,7 @@ class MockAPNs:
         stats.connections += 1
         stats.streams_per_connection.append(0)
         stats.max_concurrent.append(0)
+        stats.rejected_per_connection.append(0)
         connection = _Connection(self, stream, index)
         self._connections.add(connection)
         try:

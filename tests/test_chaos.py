@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from fanout import framer as fr
 from fanout.connection import Connection, Exchange
 from fanout.errors import FanoutError, ProtocolError
+from fanout.payload import Notification
 
 from .test_daemon import daemon_cmd, mock_server, read_results, run_daemon, write_input
 
@@ -290,3 +291,58 @@ async def test_a_server_2s_slow_delivers_everything_without_timeouts(pki, signin
     assert [r.outcome for r in results] == ["delivered"] * 500
     assert all(r.attempts == 1 for r in results)
     assert min(r.latency_ms for r in results) >= 1900
+
+
+# ---------------------------------------------------------------- known-bad tokens
+
+async def test_tokens_apns_called_dead_are_not_sent_again(pki, signing_key):
+    """Each rejection drops the connection's stream limit to 1 (here until 20 accepted
+    pushes: a strict server). A token APNs called BadDeviceToken is answered from memory
+    on the next send, never put on the wire to throttle the others; forget_invalid()
+    sends it again."""
+    from fanout.auth import TokenAuth
+    from fanout.client import Client
+
+    auth = TokenAuth.from_file(signing_key.path, signing_key.key_id, signing_key.team_id)
+    tokens = [f"{i:064x}" for i in range(2000)]
+    async with mock_server(pki, signing_key, bad_token_fraction=0.05, penalty_accepts=20,
+                           latency=0.002) as mock:
+        async with Client(auth=auth, topic="com.example.app", host="127.0.0.1",
+                          port=mock.port, ca_file=str(pki.ca_file)) as client:
+            with trio.fail_after(60):
+                first = [r async for r in client.fan_out({"aps": {"alert": "x"}}, tokens)]
+                bad = {r.token for r in first if r.outcome == "invalid_token"}
+                assert 60 < len(bad) < 140
+                assert {r.reason for r in first if r.token in bad} == {"BadDeviceToken"}
+                rejected, requests = sum(mock.stats.rejected_per_connection), mock.stats.requests
+                again = [r async for r in client.fan_out({"aps": {"alert": "x"}}, tokens)]
+                assert sum(mock.stats.rejected_per_connection) == rejected  # none on the wire
+                assert mock.stats.requests - requests == 2000 - len(bad)
+                known = [r for r in again if r.token in bad]
+                assert all(r.outcome == "invalid_token" and r.reason == "BadDeviceToken"
+                           and r.attempts == 0 and r.status is None
+                           and r.error.startswith("not sent") for r in known)
+                assert sum(r.outcome == "delivered" for r in again) == 2000 - len(bad)
+                one = sorted(bad)[0]
+                client.forget_invalid(one)
+                r = await client.send(Notification(token=one, payload={"aps": {"alert": "x"}}))
+                assert r.status == 400 and r.attempts == 1
+                assert sum(mock.stats.rejected_per_connection) == rejected + 1
+
+
+async def test_resend_invalid_puts_them_on_the_wire_again(pki, signing_key):
+    from fanout.auth import TokenAuth
+    from fanout.client import Client
+
+    auth = TokenAuth.from_file(signing_key.path, signing_key.key_id, signing_key.team_id)
+    tokens = [f"{i:064x}" for i in range(1000)]
+    async with mock_server(pki, signing_key, bad_token_fraction=0.05) as mock:
+        async with Client(auth=auth, topic="com.example.app", host="127.0.0.1",
+                          port=mock.port, ca_file=str(pki.ca_file),
+                          resend_invalid=True) as client:
+            with trio.fail_after(60):
+                for _ in range(2):
+                    results = [r async for r in client.fan_out({"aps": {"alert": "x"}}, tokens)]
+    bad = sum(r.outcome == "invalid_token" for r in results)
+    assert all(r.status == 400 for r in results if r.outcome == "invalid_token")
+    assert sum(mock.stats.rejected_per_connection) == 2 * bad
