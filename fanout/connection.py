@@ -609,7 +609,9 @@ class Connection:
         try:
             headers = self._decoder.decode(block, raw=True)
         except hpack.HPACKError as exc:
-            raise ProtocolError(f"HPACK decoding failed: {exc}") from None
+            # hpack's messages may end with the repr of a memoryview: keep the words only
+            why = str(exc).split(": <memory")[0]
+            raise ProtocolError(f"HPACK decoding failed ({type(exc).__name__}): {why}") from None
         job = self.streams.get(sid)
         if job is None:
             if sid >= self._next_sid:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass, field
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -37,6 +38,9 @@ class StrictH2Server:
     answer_delay: float = 0.0
     response_headers: list = field(default_factory=list)
     port: int = 0
+    misbehave: Any = None
+    """``(connection number, stream id) -> bytes | None``: raw bytes written instead of
+    the answer (a malformed frame, a huge header block ...), when it returns some."""
     _wakes: list = field(default_factory=list)
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -81,10 +85,19 @@ class StrictH2Server:
 
         self.connections.append(conn)
         self._wakes.append(wake)
+        number = len(self.connections) - 1
 
         async def answer(sid: int) -> None:
             if self.answer_delay:
                 await trio.sleep(self.answer_delay)
+            raw_bytes = self.misbehave(number, sid) if self.misbehave else None
+            if raw_bytes is not None:
+                async with send_lock:  # h2's state no longer matches the wire: stop using it
+                    try:
+                        await stream.send_all(conn.data_to_send() + raw_bytes)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+                return
             try:
                 conn.send_headers(sid, [(b":status", str(self.status).encode()),
                                         (b"apns-id", b"00000000-0000-0000-0000-%012d" % sid)]
@@ -104,7 +117,10 @@ class StrictH2Server:
                         await flush()
                 nursery.start_soon(flusher)
                 while True:
-                    data = await stream.receive_some(65536)
+                    try:
+                        data = await stream.receive_some(65536)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        break
                     if not data:
                         break
                     try:

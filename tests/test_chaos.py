@@ -18,6 +18,7 @@ from fanout.connection import Connection, Exchange
 from fanout.errors import FanoutError, ProtocolError
 from fanout.payload import Notification
 
+from .baseline import _fds, _rss_mb, back_to_baseline
 from .test_daemon import daemon_cmd, mock_server, read_results, run_daemon, write_input
 
 # ---------------------------------------------------------------- output failures
@@ -189,12 +190,6 @@ async def test_trio_is_importable_for_the_fuzzers():
 
 # ---------------------------------------------------------------- connection failures
 
-def _fds() -> int:
-    import os
-
-    return len(os.listdir("/proc/self/fd"))
-
-
 async def _client_result(**kw):
     from fanout.client import Client
     from fanout.payload import Notification
@@ -226,6 +221,55 @@ async def test_tls_handshake_failure_is_reported_not_hung(pki):
     assert "TLS" in result.error or "handshake" in result.error
 
 
+_FAULTS = {
+    "data_on_stream_0": lambda sid: fr.frame(fr.DATA, 0, 0, b"x"),
+    "settings_of_5_bytes": lambda sid: fr.frame(fr.SETTINGS, 0, 0, b"\x00" * 5),
+    "bad_hpack": lambda sid: fr.frame(fr.HEADERS, fr.END_HEADERS | fr.END_STREAM, sid,
+                                      b"\xff\xff\xff\xff\xff\xff"),
+    "huge_header_block": lambda sid: fr.frame(fr.HEADERS, 0, sid, b"\x00" * 16000) + b"".join(
+        fr.frame(fr.CONTINUATION, 0, sid, b"\x00" * 16000) for _ in range(6)),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(_FAULTS))
+async def test_server_wire_faults_end_each_push_once(server_ssl, pki, fault):
+    """A server that answers with a malformed frame or a huge header block: the connection
+    fails with a protocol error, its pushes are resent on a fresh one, every push ends once,
+    and descriptors, tasks and memory come back to their baseline."""
+    from h2.settings import SettingCodes
+
+    from fanout.client import Client
+
+    from .h2server import StrictH2Server
+
+    fired: set[int] = set()
+
+    def misbehave(conn: int, sid: int) -> bytes | None:
+        if conn % 2 == 0 and conn not in fired:  # every other connection, once
+            fired.add(conn)
+            return _FAULTS[fault](sid)
+        return None
+
+    server = StrictH2Server(server_ssl, settings={SettingCodes.MAX_CONCURRENT_STREAMS: 50},
+                            answer_delay=0.001, misbehave=misbehave)
+    rss = []
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.serve)
+        for _cycle in range(3):
+            async with back_to_baseline():
+                async with Client(topic="com.example.app", host="127.0.0.1", port=port,
+                                  ca_file=str(pki.ca_file), connections=1) as client:
+                    with trio.fail_after(30):
+                        results = [r async for r in client.fan_out(
+                            {"aps": {"alert": "x"}}, (f"{i:064x}" for i in range(300)))]
+            assert sorted(r.token for r in results) == [f"{i:064x}" for i in range(300)]
+            assert all(r.ok for r in results), {r.outcome for r in results}
+            rss.append(_rss_mb())
+        nursery.cancel_scope.cancel()
+    assert len(fired) == 3  # one faulty connection per cycle, each replaced
+    assert rss[2] - rss[0] < 5, rss  # no growth from one fault cycle to the next
+
+
 async def test_descriptors_return_to_baseline_after_faults(pki, signing_key):
     from fanout.auth import TokenAuth
     from fanout.client import Client
@@ -254,11 +298,12 @@ async def _fan_out(mock, pki, signing_key, n: int, **client_kw):
 
     auth = TokenAuth.from_file(signing_key.path, signing_key.key_id, signing_key.team_id)
     client_kw.setdefault("backoff", Backoff(base=0.01, cap=0.05))
-    async with Client(auth=auth, topic="com.example.app", host="127.0.0.1", port=mock.port,
-                      ca_file=str(pki.ca_file), **client_kw) as client:
-        with trio.fail_after(60):
-            return [r async for r in client.fan_out({"aps": {"alert": "x"}},
-                                                    (f"{i:064x}" for i in range(n)))]
+    async with back_to_baseline():  # every fault test: fds and tasks come back
+        async with Client(auth=auth, topic="com.example.app", host="127.0.0.1",
+                          port=mock.port, ca_file=str(pki.ca_file), **client_kw) as client:
+            with trio.fail_after(60):
+                return [r async for r in client.fan_out({"aps": {"alert": "x"}},
+                                                        (f"{i:064x}" for i in range(n)))]
 
 
 @pytest.mark.parametrize("retry_after", [None, 0])

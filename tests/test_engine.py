@@ -18,6 +18,8 @@ from fanout.errors import ValidationError
 from fanout.mock import MockAPNs, MockConfig
 from fanout.payload import Notification, PushType
 
+from .baseline import back_to_baseline
+
 TOPIC = "com.example.app"
 PAYLOAD = {"aps": {"alert": {"title": "t", "body": "hello"}}}
 
@@ -37,8 +39,11 @@ async def running(pki, key, *, auth=None, client_kw=None, **config):
         kw = dict(auth=auth, topic=TOPIC, host="127.0.0.1", port=port,
                   ca_file=str(pki.ca_file), connections=2, timeout=5.0)
         kw.update(client_kw or {})
-        async with Client(**kw) as client:
-            yield mock, client
+        # every engine test, faults included: once the client has closed, descriptors and
+        # tasks (the client's and the mock's) are back where they were before it opened
+        async with back_to_baseline():
+            async with Client(**kw) as client:
+                yield mock, client
         nursery.cancel_scope.cancel()
 
 
