@@ -169,6 +169,10 @@ def main() -> None:
             if r is not None:
                 verdicts.append((label, case, r))
     lines.append("")
+    lines.append("- Server busy is over the whole worker: for the known cases it includes the "
+                 "earlier send that taught the client the bad tokens (hence over 100%). The "
+                 "mock (Python, one core) is the bottleneck for all-valid; the ratios say "
+                 "how much of it the penalty leaves.")
     for label, case, r in verdicts:
         lines.append(f"- {label}, {case}: {r} of all-valid (target >= {TARGET}: "
                      f"{verdict(r >= TARGET)})")

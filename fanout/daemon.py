@@ -389,6 +389,10 @@ class Daemon:
         except LineError as exc:
             self._malformed(state, str(exc))
             return
+        except Exception as exc:  # a decoder surprise must cost one line, not the daemon
+            log.error("line %d: unexpected %s while decoding", number, type(exc).__name__)
+            self._malformed(state, f"could not be decoded ({type(exc).__name__})")
+            return
         if push.live_activity is not None or push.channel_id is not None:
             await self._single(state, push, send)
             return
@@ -400,6 +404,9 @@ class Daemon:
             tokens = self._tokens(push)
         except (ValidationError, ConfigError) as exc:
             self._malformed(state, str(exc))
+            return
+        except (TypeError, ValueError) as exc:  # a payload of a shape nothing expected
+            self._malformed(state, f"invalid push: {exc}"[:300])
             return
         try:
             for token in tokens:
@@ -634,7 +641,7 @@ class Daemon:
         in_flight = self.client.pool.in_flight if self.client is not None else 0
         info = {"lines": self.lines_read, "results": self.results_written,
                 "per_s": round(self.results_written / elapsed, 1), "in_flight": in_flight,
-                "counts": dict(sorted(self.counts.items())),
+                "counts": dict(sorted(self.counts.items())), "tasks": _task_count(),
                 "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
         if self._status_tty and not final:
             counts = " ".join(f"{k}={v:,}" for k, v in info["counts"].items())
@@ -650,6 +657,17 @@ class Daemon:
         else:
             log.warning("%s: %s", "final" if final else "status",
                         " ".join(f"{k}={v}" for k, v in info.items()))
+
+
+def _task_count() -> int:
+    """Tasks alive in this trio run (reported in the status: a leak would show)."""
+    n, stack = 0, [trio.lowlevel.current_root_task()]
+    while stack:
+        task = stack.pop()
+        n += 1
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return n
 
 
 async def _drain(recv: trio.MemoryReceiveChannel[Prepared]) -> AsyncIterator[Prepared]:

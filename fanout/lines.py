@@ -65,6 +65,10 @@ def decode_line(data: bytes) -> PushLine:
         raise LineError(f"invalid push: {exc}") from None
     except msgspec.DecodeError as exc:
         raise LineError(f"not JSON: {exc}") from None
+    except RecursionError:  # msgspec's own depth limit: a hostile or broken line
+        raise LineError("JSON nested too deeply") from None
+    except UnicodeDecodeError as exc:  # msgspec raises it for bad bytes inside a string
+        raise LineError(f"not JSON: not UTF-8 at byte {exc.start}") from None
     targets = sum(x is not None for x in (line.token, line.tokens, line.tokens_file,
                                           line.channel_id))
     if targets != 1:
