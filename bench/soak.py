@@ -35,7 +35,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, machine, now, write_results  # noqa: E402
+from common import RESULTS, ROOT, machine, now, write_results  # noqa: E402
 
 PAYLOAD = {"aps": {"alert": {"title": "soak", "body": "x" * 40}}}
 TOPIC = "com.example.soak"
@@ -273,7 +273,7 @@ def main() -> None:
         return round(statistics.median(vals), 1) if vals else None
 
     summary = {k: {"first_10pct": med(first, k), "last_10pct": med(last, k),
-                   "max": max((x[k] for x in s if x[k] is not None), default=None)}
+                   "max": max((round(x[k], 1) for x in s if x[k] is not None), default=None)}
                for k in ("rss_mb", "fds", "tasks")}
     report["summary"] = summary
     lines = [f"Soak: `fanout run --follow` for {args.minutes:g} min at {args.rate} lines/s "
@@ -291,8 +291,8 @@ def main() -> None:
     for k, label in (("rss_mb", "daemon RSS MB"), ("fds", "open fds"), ("tasks", "trio tasks")):
         v = summary[k]
         lines.append(f"| {label} | {v['first_10pct']} | {v['last_10pct']} | {v['max']} |")
-    if plot(report, Path(os.environ.get("FANOUT_BENCH_RESULTS") or ROOT / "bench" / "results")
-            / "soak.png"):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if plot(report, RESULTS / "soak.png"):
         lines += ["", "![soak](soak.png)"]
     write_results("soak", report, lines)
     print("\n".join(lines))
