@@ -7,6 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fanout.lines import LineError, decode_line
 
 from .test_auth import KEY_ID, TEAM_ID, key_file_cases
 from .test_daemon import PAYLOAD, daemon_cmd, mock_server, read_results, run_daemon
@@ -119,3 +123,40 @@ async def test_config_file_with_an_unknown_key_names_it(tmp_path, pki, signing_k
     assert proc.returncode == 3, err
     assert "colour" in err and str(cfg) in err and "Traceback" not in err
     assert mock.stats.requests == 0
+
+
+# ---------------------------------------------------------------- decode_line properties
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["token", "tokens", "payload", "aps", "alert", "push_type", "id",
+                         "priority", "channel_id", "live_activity", "event", "x"]),
+        inner, max_size=5),
+    max_leaves=20)
+
+
+def _mutate(data: bytes, cuts: list[tuple[int, bytes]]) -> bytes:
+    out = bytearray(data)
+    for pos, piece in cuts:
+        pos %= len(out) + 1
+        out[pos:pos + len(piece)] = piece
+    return bytes(out)
+
+
+@settings(max_examples=400, deadline=None)
+@given(value=_json, cuts=st.lists(st.tuples(st.integers(0, 400), st.binary(max_size=3)),
+                                  max_size=3),
+       depth=st.sampled_from([0, 0, 50, 3000]))
+def test_decode_line_gives_a_push_or_a_line_error_never_anything_else(value, cuts, depth):
+    """Random JSON, mutated bytes (bad UTF-8 inside strings included) and deep nesting:
+    decode_line returns a PushLine or raises LineError; any other exception would take
+    the daemon down with it."""
+    data = json.dumps({"token": "ab" * 32, "payload": value}).encode()
+    if depth:
+        data = data[:-1] + b', "d": ' + b"[" * depth + b"]" * depth + b"}"
+    data = _mutate(data, cuts)
+    try:
+        decode_line(data)
+    except LineError as exc:
+        assert str(exc) and len(str(exc)) < 1000

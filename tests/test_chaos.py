@@ -1,8 +1,11 @@
-"""Nothing lost, nothing leaked (issue 7): bad output paths, TLS verification, and the
-frame handler against random and mutated server frames."""
+"""Nothing lost, nothing leaked (issue 7): bad output paths, TLS verification, the frame
+handler against random and mutated server frames, wire faults from a server (malformed
+frames, huge header blocks), DNS and TLS failures, 429 storms, 5xx bursts, a slow server,
+dead tokens kept off the wire, and resources back at their baseline after each fault."""
 
 from __future__ import annotations
 
+import gc
 import json
 import ssl
 from functools import partial
@@ -16,6 +19,7 @@ from hypothesis import strategies as st
 from fanout import framer as fr
 from fanout.connection import Connection, Exchange
 from fanout.errors import FanoutError, ProtocolError
+from fanout.mock import MockConfig
 from fanout.payload import Notification
 
 from .baseline import _fds, _rss_mb, back_to_baseline
@@ -391,3 +395,35 @@ async def test_resend_invalid_puts_them_on_the_wire_again(pki, signing_key):
     bad = sum(r.outcome == "invalid_token" for r in results)
     assert all(r.status == 400 for r in results if r.outcome == "invalid_token")
     assert sum(mock.stats.rejected_per_connection) == 2 * bad
+
+
+_MOCK_FAULTS = {
+    "goaway_low_last_stream": dict(goaway_after=150, goaway_last_stream_low=True),
+    "abrupt_close": dict(close_after=200),
+    "429_storm": dict(p429=0.3),
+    "5xx_burst": dict(p500=0.1, p503=0.1),
+    "never_answered": dict(never_answer=0.02),
+    "bad_tokens": dict(bad_token_fraction=0.05, unregistered_fraction=0.05),
+}
+
+
+async def test_memory_does_not_grow_from_fault_cycle_to_fault_cycle(pki, signing_key):
+    """Every mock fault, three cycles of fault then recovery: sending resumes by itself
+    after each, descriptors and tasks return to baseline (back_to_baseline in
+    _fan_out), and RSS after the third cycle is within 5 MB of the first."""
+    rss = []
+    async with mock_server(pki, signing_key) as mock:
+        for _cycle in range(3):
+            for fault in _MOCK_FAULTS.values():
+                for name, value in fault.items():
+                    setattr(mock.config, name, value)
+                results = await _fan_out(mock, pki, signing_key, 300, max_attempts=20,
+                                         timeout=0.5)
+                assert len({r.token for r in results}) == 300
+                for name in fault:  # the fault clears
+                    setattr(mock.config, name, getattr(MockConfig(), name))
+                after = await _fan_out(mock, pki, signing_key, 50, timeout=0.5)
+                assert all(r.ok for r in after), {r.outcome for r in after}
+            gc.collect()
+            rss.append(_rss_mb())
+    assert rss[2] - rss[0] < 5, rss
