@@ -366,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     if add_run_parser is not None:
         # returns nothing; sets set_defaults(run_main=<async fn(args) -> int>), see main()
         add_run_parser(sub, settings_args=add_settings_args)
+    from .fleet import add_enqueue_parser
+
+    add_enqueue_parser(sub)
     return parser
 
 

@@ -188,6 +188,10 @@ class Output:
         if self.path not in (None, "-"):
             self._fh.close()
 
+    @property
+    def closed(self) -> bool:
+        return self._fh.closed
+
 
 # --------------------------------------------------------------------------- the daemon
 
@@ -715,6 +719,17 @@ def add_run_parser(sub: Any, settings_args: Callable[[argparse.ArgumentParser], 
     p.add_argument("--metrics", metavar="[HOST:]PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics "
                         "(HOST defaults to 127.0.0.1)")
+    g = p.add_argument_group("a fleet on a Redis Stream (instead of files)")
+    g.add_argument("--source", metavar="redis://HOST:PORT/STREAM",
+                   help="consume push jobs (field 'push') from this stream in a consumer group")
+    g.add_argument("--group", help="the consumer group (made if missing)")
+    g.add_argument("--consumer", help="this daemon's name in the group (default HOST-PID)")
+    g.add_argument("--results-stream", metavar="STREAM",
+                   help="add results to this stream (field 'result'); with --results too, both")
+    g.add_argument("--claim-idle", type=float, default=30.0, metavar="SECONDS",
+                   help="take over entries pending this long on another consumer (default 30)")
+    g.add_argument("--keep-acked", action="store_true",
+                   help="leave acked entries in the stream (default: delete them)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--metrics-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
@@ -735,6 +750,13 @@ async def run_main(args: argparse.Namespace) -> int:
             settings = msgspec.json.decode(os.environ[CHILD_SETTINGS_ENV], type=Settings)
             return await WorkerDaemon(settings, args, make_client).run()
         settings = load_settings(args)
+        if getattr(args, "source", None):
+            if args.inputs not in ([], ["-"]) or args.follow or args.workers > 1:
+                raise ConfigError("--source takes no input files, --follow or --workers "
+                                  "(run more daemons in the group instead)")
+            from .fleet import StreamDaemon
+
+            return await StreamDaemon(settings, args, make_client).run()
         inputs = expand_inputs(args.inputs or ["-"])
         if args.follow and (len(inputs) != 1 or inputs[0] == "-"):
             raise ConfigError("--follow takes exactly one input file")

@@ -104,6 +104,8 @@ class ResultLine(msgspec.Struct, omit_defaults=True):
     error: str | None = None
     resent: bool = False
     input: str | None = None
+    entry: str | None = None
+    """The Redis Stream entry id (``fanout run --source redis://...``)."""
 
 
 result_encoder = msgspec.json.Encoder()

@@ -1,0 +1,356 @@
+"""``fanout run --source redis://HOST:PORT/STREAM``: one daemon of a fleet sharing a Redis
+Stream through a consumer group.
+
+Each stream entry carries one push job in its ``push`` field (the same JSON as an NDJSON
+input line). The daemon reads new entries (XREADGROUP ``>``), sends them through the same
+engine as the file daemon, writes their results (``--results`` file or stdout, and/or
+``--results-stream``), and only then acknowledges them (XACK, and XDEL unless
+``--keep-acked``: the stream then holds only work not yet done, which is what
+``fanout enqueue`` waits on). At-least-once: an entry is acked after its results are
+written, so a daemon that dies leaves its entries pending; the live daemons take them
+over once idle for ``--claim-idle`` seconds (XAUTOCLAIM) and their results say
+``resent``. A daemon touches the entries it is still working on (XCLAIM to itself) so that
+slow pushes are not taken from a live daemon. A poison entry (no ``push`` field, bad JSON)
+gets a ``malformed`` result and is acked like any other: never retried forever.
+
+Redis restarts and outages: commands fail fast, the reader retries every half second, and
+a lost consumer group is created again. Acks and results that could not be written are
+kept and retried; nothing is acked before its results are out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+from typing import Any
+from urllib.parse import urlsplit
+
+import trio
+
+from .daemon import Daemon, InputState, LineState
+from .errors import ConfigError
+from .lines import ResultLine, result_encoder
+from .payload import Prepared
+from .reader import InputLine
+
+log = logging.getLogger("fanout.fleet")
+
+READ_COUNT = 256          # entries per XREADGROUP
+BLOCK_MS = 1000           # XREADGROUP BLOCK: how long a read waits for new entries
+RETRY = 0.5               # seconds between attempts while Redis is unreachable
+FIELD = "push"            # the entry field that holds the push job's JSON
+
+
+def parse_source(url: str) -> tuple[str, int, int, str]:
+    """``redis://host:port[/db]/stream`` -> (host, port, db, stream)."""
+    parts = urlsplit(url)
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ConfigError(f"--source must look like redis://HOST:PORT/STREAM, not {url!r}")
+    path = [p for p in parts.path.split("/") if p]
+    db = 0
+    if len(path) == 2 and path[0].isdigit():
+        db = int(path.pop(0))
+    if len(path) != 1:
+        raise ConfigError(f"--source {url!r}: name one stream after the host, "
+                          "redis://HOST:PORT/STREAM")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ConfigError(f"--source {url!r}: bad port") from None
+    return parts.hostname, port, db, path[0]
+
+
+def connect(url: str) -> tuple[Any, str]:
+    """An unentered coredis client for ``url`` and the stream name."""
+    try:
+        import coredis
+    except ImportError:
+        raise ConfigError("--source redis:// needs coredis: pip install 'fanout[redis]'") \
+            from None
+    host, port, db, stream = parse_source(url)
+    # bytes, not str: an entry that is not UTF-8 must reach the daemon as a malformed line,
+    # not fail inside the client on every read
+    client = coredis.Redis(host=host, port=port, db=db, decode_responses=False,
+                           connect_timeout=5.0, stream_timeout=BLOCK_MS / 1000 + 10)
+    return client, stream
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    from coredis.exceptions import ConnectionError as RedisConnectionError
+    from coredis.exceptions import RedisError
+
+    return (RedisConnectionError, RedisError, TimeoutError, OSError)
+
+
+class StreamDaemon(Daemon):
+    """The file daemon with a Redis Stream consumer group as its input."""
+
+    def __init__(self, settings: Any, args: argparse.Namespace, make_client: Any) -> None:
+        super().__init__(settings, args, [], make_client)
+        if not args.group:
+            raise ConfigError("--source needs --group (the consumer group to read in)")
+        self.redis, self.stream = connect(args.source)
+        self.group = args.group
+        self.consumer = args.consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.results_stream = args.results_stream
+        self._entry_of: dict[int, str] = {}    # local line number -> entry id (in flight)
+        self._acks: list[str] = []             # entries whose results are all written
+        self._pending_results: list[bytes] = []  # for --results-stream, not yet added
+        self._number = 0
+        self.claimed = 0
+        self.state = InputState(self.stream, None, None)
+        self.state.on_done = self._entry_done
+
+    # ----------------------------------------------------------------- main
+
+    async def run(self) -> int:
+        try:
+            async with self.redis:
+                code = await super().run()
+                with trio.CancelScope(shield=True), trio.move_on_after(10):
+                    while self._acks or self._pending_results:  # the last ones
+                        if not await self._commit():
+                            await trio.sleep(RETRY)
+        except BaseExceptionGroup as group:  # coredis's pool wraps what passes through it
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        if self._acks:
+            log.error("%d entries done but not acked (Redis unreachable): they will be "
+                      "taken over and resent", len(self._acks))
+        return code
+
+    async def _ensure_group(self) -> None:
+        from coredis.exceptions import StreamDuplicateConsumerGroupError
+
+        try:  # "0": a group made now (or again, after Redis lost it) takes every entry
+            await self.redis.xgroup_create(self.stream, self.group, identifier="0",
+                                           mkstream=True)
+        except StreamDuplicateConsumerGroupError:
+            pass
+
+    # ----------------------------------------------------------------- input
+
+    async def _read_all(self, send: trio.MemorySendChannel[Prepared]) -> None:
+        from coredis.exceptions import StreamConsumerGroupError
+
+        errors = _redis_errors()
+        self.states.append(self.state)
+        stream_key = self.stream.encode()
+        async with send:
+            with self._reader_scope:
+                await self._retry(self._ensure_group)
+                self._nursery.start_soon(self._keep_claimed)
+                next_claim = 0.0
+                warned = False
+                while True:
+                    try:
+                        if trio.current_time() >= next_claim:
+                            next_claim = trio.current_time() + max(0.5, self.args.claim_idle / 2)
+                            await self._claim(send)
+                        res = await self.redis.xreadgroup(
+                            self.group, self.consumer, streams={self.stream: ">"},
+                            count=READ_COUNT, block=BLOCK_MS)
+                        warned = False
+                        for entry in (res or {}).get(stream_key, ()):
+                            await self._entry(entry, False, send)
+                    except StreamConsumerGroupError:  # NOGROUP: Redis restarted empty
+                        log.warning("consumer group %s is gone from %s: creating it again",
+                                    self.group, self.stream)
+                        await self._retry(self._ensure_group)
+                    except errors as exc:
+                        if not warned:
+                            log.warning("Redis: %s; retrying every %g s", exc, RETRY)
+                            warned = True
+                        await trio.sleep(RETRY)
+
+    async def _retry(self, fn: Any) -> None:
+        errors = _redis_errors()
+        warned = False
+        while True:
+            try:
+                await fn()
+                return
+            except errors as exc:
+                if not warned:
+                    log.warning("Redis: %s; retrying every %g s", exc, RETRY)
+                    warned = True
+                await trio.sleep(RETRY)
+
+    async def _claim(self, send: trio.MemorySendChannel[Prepared]) -> None:
+        """Take over entries idle for --claim-idle seconds in any consumer's pending list
+        (a consumer that died): they may have been sent, so their results say resent."""
+        start = "0-0"
+        mine = set(self._entry_of.values())
+        while True:
+            start, entries, _deleted = await self.redis.xautoclaim(
+                self.stream, self.group, self.consumer,
+                min_idle_time=int(self.args.claim_idle * 1000), start=start, count=READ_COUNT)
+            for entry in entries:
+                if _text(entry.identifier) in mine:  # ours, still in flight: no takeover
+                    continue
+                self.claimed += 1
+                await self._entry(entry, True, send)
+            if _text(start) == "0-0":
+                return
+
+    async def _keep_claimed(self) -> None:
+        """Reset the idle time of the entries still in flight here, so that another
+        daemon does not take them over while a slow push is under way."""
+        errors = _redis_errors()
+        while True:
+            await trio.sleep(max(0.2, self.args.claim_idle / 3))
+            ids = list(self._entry_of.values())
+            if not ids:
+                continue
+            try:
+                await self.redis.xclaim(self.stream, self.group, self.consumer,
+                                        min_idle_time=0, identifiers=ids, justid=True)
+            except errors:
+                pass
+
+    async def _entry(self, entry: Any, claimed: bool,
+                     send: trio.MemorySendChannel[Prepared]) -> None:
+        self._number += 1
+        number = self._number
+        ident = _text(entry.identifier)
+        self._entry_of[number] = ident
+        self.state.resend_until = number if claimed else 0
+        data = (entry.field_values or {}).get(FIELD.encode())
+        if data is None:
+            line = InputLine(number, 0, 0, b"", f"entry {ident} has no {FIELD!r} field")
+        else:
+            line = InputLine(number, 0, 0, bytes(data))
+        await self._line(self.state, line, send)
+
+    def _entry_done(self, number: int) -> None:
+        entry = self._entry_of.pop(number, None)
+        if entry is not None:
+            self._acks.append(entry)
+
+    # ----------------------------------------------------------------- output
+
+    def _emit(self, record: ResultLine, state: LineState) -> None:
+        record.entry = self._entry_of.get(state.number)
+        if self.results_stream is None or self.args.results:
+            super()._emit(record, state)  # the file or stdout (and the counts)
+            if self.results_stream is not None:
+                self._pending_results.append(result_encoder.encode(record))
+            return
+        if state.resend:  # the stream only: written by _commit
+            record.resent = True
+        self._pending_results.append(result_encoder.encode(record))
+        self.counts[record.outcome] += 1
+        self.results_written += 1
+
+    async def _checkpointer(self) -> None:
+        while True:
+            await trio.sleep(self.args.checkpoint_interval)
+            await self._commit()
+
+    async def _commit(self) -> bool:
+        """Results out first (file flushed, stream entries added), then ack (and delete)
+        the entries they cover. False when Redis could not be reached (kept for later)."""
+        acks, self._acks = self._acks, []
+        results, self._pending_results = self._pending_results, []
+        if not self.results.closed:
+            self.results.flush()
+        try:
+            if results:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for data in results:
+                        pipe.xadd(self.results_stream, {"result": data.decode()})
+                results = []
+            if acks:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.xack(self.stream, self.group, acks)
+                    if not self.args.keep_acked:
+                        pipe.xdel(self.stream, acks)
+        except _redis_errors() as exc:
+            log.warning("Redis: %s; %d acks and %d results kept for the next try", exc,
+                        len(acks), len(results))
+            self._acks[:0] = acks
+            self._pending_results[:0] = results
+            return False
+        except BaseException:  # cancelled mid-way: keep them for the final commit
+            self._acks[:0] = acks
+            self._pending_results[:0] = results
+            raise
+        return True
+
+    def _status(self, final: bool = False) -> None:
+        super()._status(final)
+        if final and self.claimed:
+            log.warning("took over %d entries from other consumers", self.claimed)
+
+
+# --------------------------------------------------------------------------- enqueue
+
+def add_enqueue_parser(sub: Any) -> None:
+    p = sub.add_parser("enqueue", help="feed NDJSON push lines into a Redis Stream for a fleet")
+    p.add_argument("inputs", nargs="*", default=["-"], help="NDJSON files; - or nothing: stdin")
+    p.add_argument("--to", required=True, metavar="redis://HOST:PORT/STREAM")
+    p.add_argument("--max-backlog", type=int, default=100_000, metavar="ENTRIES",
+                   help="wait while the stream holds more entries than this (default 100,000;"
+                        " the daemons delete what they acked)")
+    p.add_argument("--batch", type=int, default=500, help="entries per pipelined XADD")
+    p.add_argument("--max-line-bytes", type=int, default=16 * 1024 * 1024)
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+    p.set_defaults(func=enqueue_main)
+
+
+async def enqueue_main(args: argparse.Namespace) -> int:
+    """Add each input line as one entry (field ``push``), in pipelined batches; wait while
+    the stream's backlog is over --max-backlog (back-pressure: it never grows unbounded
+    and nothing is trimmed away unread). Lines too long are reported and skipped."""
+    import sys
+
+    from .reader import expand_inputs, read_lines
+
+    if args.batch < 1 or args.max_backlog < args.batch:
+        raise ConfigError("--batch must be >= 1 and --max-backlog >= --batch")
+    redis, stream = connect(args.to)
+    added = skipped = waits = 0
+    try:
+        async with redis:
+            batch: list[bytes] = []
+
+            async def flush() -> None:
+                nonlocal added, waits
+                while await redis.xlen(stream) + len(batch) > args.max_backlog:
+                    waits += 1
+                    await trio.sleep(0.2)
+                async with redis.pipeline(transaction=False) as pipe:
+                    for data in batch:
+                        pipe.xadd(stream, {FIELD: data})
+                added += len(batch)
+                batch.clear()
+
+            for path in expand_inputs(args.inputs or ["-"]):
+                async for line in read_lines(None if path == "-" else path,
+                                             max_line_bytes=args.max_line_bytes):
+                    if line.error:
+                        skipped += 1
+                        print(f"fanout enqueue: {path} line {line.number}: {line.error}; "
+                              "skipped", file=sys.stderr)
+                        continue
+                    batch.append(line.data)
+                    if len(batch) >= args.batch:
+                        await flush()
+            if batch:
+                await flush()
+    except BaseExceptionGroup as group:  # coredis's pool wraps what passes through it
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    print(f"fanout enqueue: {added} entries added to {stream}"
+          + (f", {skipped} lines skipped" if skipped else "")
+          + (f"; waited {waits * 0.2:.1f} s for the backlog" if waits else ""),
+          file=sys.stderr)
+    return 0
