@@ -104,6 +104,7 @@ class StreamDaemon(Daemon):
         self._pending_results: list[bytes] = []  # for --results-stream, not yet added
         self._number = 0
         self.claimed = 0
+        self.lag = self.pending = 0
         self.state = InputState(self.stream, None, None)
         self.state.on_done = self._entry_done
 
@@ -147,6 +148,7 @@ class StreamDaemon(Daemon):
             with self._reader_scope:
                 await self._retry(self._ensure_group)
                 self._nursery.start_soon(self._keep_claimed)
+                self._nursery.start_soon(self._watch_group)
                 next_claim = 0.0
                 warned = False
                 while True:
@@ -169,6 +171,23 @@ class StreamDaemon(Daemon):
                             log.warning("Redis: %s; retrying every %g s", exc, RETRY)
                             warned = True
                         await trio.sleep(RETRY)
+
+    async def _watch_group(self) -> None:
+        """The group's lag and pending count, for the metrics and the status line."""
+        errors = _redis_errors()
+        while True:
+            try:
+                for info in await self.redis.xinfo_groups(self.stream):
+                    info = {_text(k): v for k, v in info.items()}
+                    if _text(info.get("name")) == self.group:
+                        self.lag = int(info.get("lag") or 0)
+                        self.pending = int(info.get("pending") or 0)
+                        if self.daemon_metrics is not None:
+                            self.daemon_metrics.stream_lag.set(self.lag)
+                            self.daemon_metrics.stream_pending.set(self.pending)
+            except errors:
+                pass
+            await trio.sleep(1.0)
 
     async def _retry(self, fn: Any) -> None:
         errors = _redis_errors()
@@ -286,6 +305,9 @@ class StreamDaemon(Daemon):
 
     def _status(self, final: bool = False) -> None:
         super()._status(final)
+        if not final:
+            log.info("stream %s group %s: lag %d, pending %d", self.stream, self.group,
+                     self.lag, self.pending)
         if final and self.claimed:
             log.warning("took over %d entries from other consumers", self.claimed)
 

@@ -296,6 +296,14 @@ class DaemonMetrics:
         self.checkpoint_lag = Gauge("fanout_checkpoint_lag_lines",
                                     "lines read but not yet covered by the checkpoint",
                                     registry=r, multiprocess_mode="livesum")
+        # set by a fleet daemon (fanout/fleet.py) from XINFO GROUPS; the whole group's
+        # figures, the same on every daemon of the group (the dashboard takes the max)
+        self.stream_lag = Gauge("fanout_stream_lag_entries",
+                                "Redis Stream entries not yet read by the consumer group",
+                                registry=r, multiprocess_mode="max")
+        self.stream_pending = Gauge("fanout_stream_pending_entries",
+                                    "Redis Stream entries read by the group, not yet acked",
+                                    registry=r, multiprocess_mode="max")
         self._seen = [0, 0, 0]
 
     def update(self, lines: int, malformed: int, results: int, lag: int) -> None:

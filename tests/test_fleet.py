@@ -234,3 +234,33 @@ async def test_enqueue_waits_on_the_backlog(tmp_path, pki, signing_key, redis):
             assert feeder.wait(30) == 0
     assert len(mock.stats.delivered) == 5000
     assert "5000 entries added" in feeder.stderr.read().decode()
+
+
+async def test_consumer_lag_and_pending_on_the_metrics_endpoint(tmp_path, pki, signing_key,
+                                                               redis):
+    import urllib.request
+
+    enqueue(redis, tmp_path, pushes(3000)).wait(30)
+    port = free_port()
+    out = tmp_path / "r.ndjson"
+
+    def gauges() -> dict[str, float]:
+        try:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+        except OSError:
+            return {}
+        return {k: float(v) for k, v in (line.split() for line in body.decode().splitlines()
+                                         if line.startswith("fanout_stream_"))}
+
+    async with mock_server(pki, signing_key, latency=0.05) as mock:
+        with daemons([fleet_cmd(mock, pki, signing_key, redis, "d0", out, "--metrics",
+                                str(port), "--max-in-flight", "50")]):
+            await wait_for(lambda: gauges().get("fanout_stream_pending_entries", 0) > 0, 20,
+                           "pending seen")
+            g = gauges()
+            assert g["fanout_stream_lag_entries"] > 0  # a slow fleet: entries wait unread
+            await wait_for(lambda: len(results([out])) >= 3000, 60, "all done")
+            await wait_for(lambda: gauges().get("fanout_stream_lag_entries", 1) == 0
+                           and gauges().get("fanout_stream_pending_entries", 1) == 0, 10,
+                           "drained")
+    assert len(mock.stats.delivered) == 3000
