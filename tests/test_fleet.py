@@ -126,7 +126,7 @@ def daemons(cmds: list[list[str]]):
 
 
 async def test_three_daemons_share_the_stream_each_entry_once(tmp_path, pki, signing_key, redis):
-    n = 30_000
+    n = 100_000
     feeder = enqueue(redis, tmp_path, pushes(n))
     outs = [tmp_path / f"r{i}.ndjson" for i in range(3)]
     async with mock_server(pki, signing_key) as mock:
