@@ -366,10 +366,27 @@ def build_parser() -> argparse.ArgumentParser:
     if add_run_parser is not None:
         # returns nothing; sets set_defaults(run_main=<async fn(args) -> int>), see main()
         add_run_parser(sub, settings_args=add_settings_args)
-    from .fleet import add_enqueue_parser
-
-    add_enqueue_parser(sub)
+    _add_enqueue_parser(sub)
     return parser
+
+
+async def _enqueue_main(args: argparse.Namespace) -> int:
+    from .fleet import enqueue_main  # coredis and the daemon only when used
+
+    return await enqueue_main(args)
+
+
+def _add_enqueue_parser(sub: Any) -> None:
+    p = sub.add_parser("enqueue", help="feed NDJSON push lines into a Redis Stream for a fleet")
+    p.add_argument("inputs", nargs="*", default=["-"], help="NDJSON files; - or nothing: stdin")
+    p.add_argument("--to", required=True, metavar="redis://HOST:PORT/STREAM")
+    p.add_argument("--max-backlog", type=int, default=100_000, metavar="ENTRIES",
+                   help="wait while the stream holds more entries than this (default 100,000;"
+                        " the daemons delete what they acked)")
+    p.add_argument("--batch", type=int, default=500, help="entries per pipelined XADD")
+    p.add_argument("--max-line-bytes", type=int, default=16 * 1024 * 1024)
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+    p.set_defaults(func=_enqueue_main)
 
 
 def main(argv: list[str] | None = None) -> int:

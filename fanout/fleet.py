@@ -314,19 +314,6 @@ class StreamDaemon(Daemon):
 
 # --------------------------------------------------------------------------- enqueue
 
-def add_enqueue_parser(sub: Any) -> None:
-    p = sub.add_parser("enqueue", help="feed NDJSON push lines into a Redis Stream for a fleet")
-    p.add_argument("inputs", nargs="*", default=["-"], help="NDJSON files; - or nothing: stdin")
-    p.add_argument("--to", required=True, metavar="redis://HOST:PORT/STREAM")
-    p.add_argument("--max-backlog", type=int, default=100_000, metavar="ENTRIES",
-                   help="wait while the stream holds more entries than this (default 100,000;"
-                        " the daemons delete what they acked)")
-    p.add_argument("--batch", type=int, default=500, help="entries per pipelined XADD")
-    p.add_argument("--max-line-bytes", type=int, default=16 * 1024 * 1024)
-    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
-    p.set_defaults(func=enqueue_main)
-
-
 async def enqueue_main(args: argparse.Namespace) -> int:
     """Add each input line as one entry (field ``push``), in pipelined batches; wait while
     the stream's backlog is over --max-backlog (back-pressure: it never grows unbounded
