@@ -195,6 +195,7 @@ class Client:
         manage_port: int | None = None,
         insecure: bool = False,
         resend_invalid: bool = False,
+        proxy: str | None = None,
     ) -> None:
         if environment not in HOSTS:
             raise ConfigError(f"environment must be production or sandbox, not {environment!r}")
@@ -228,7 +229,14 @@ class Client:
         if auth is not None and hasattr(auth, "apply"):
             auth.apply(self._ssl)
         header_auth = auth if auth is not None and hasattr(auth, "generation") else None
+        from .proxy import resolve
+
+        # an HTTP CONNECT proxy: this argument, or HTTPS_PROXY / ALL_PROXY minus NO_PROXY
+        self.proxy = resolve(proxy, self.host)
+        if self.proxy is not None:
+            log.info("connecting to %s through proxy %s", self.host, self.proxy)
         self.pool = Pool(self.host, port, self._ssl, self, auth=header_auth, size=connections,
+                         proxy=self.proxy,
                          timeout=timeout, connect_timeout=connect_timeout,
                          unavailable_timeout=unavailable_timeout, ping_interval=ping_interval,
                          max_streams_cap=max_streams_cap, first_stream_id=first_stream_id,

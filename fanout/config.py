@@ -69,6 +69,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_in_flight: int = 8192
     refresh_after: float = 3000.0  # JWT age at which it is renewed (s)
     insecure: bool = False  # turn TLS verification off (a warning is logged)
+    proxy: str | None = None  # http://[user:password@]host:port; "none": ignore HTTPS_PROXY
 
 
 _FIELDS = {f.name: f for f in msgspec.structs.fields(Settings)}
@@ -107,6 +108,8 @@ _HELP = {
     "max_in_flight": "pushes in flight or unconsumed per stream of results (default 8192)",
     "refresh_after": "JWT age in seconds at which it is renewed (default 3000)",
     "insecure": "turn TLS certificate verification OFF (testing only; logs a warning)",
+    "proxy": "HTTP CONNECT proxy http://[USER:PASSWORD@]HOST:PORT (default: HTTPS_PROXY / "
+             "ALL_PROXY minus NO_PROXY; 'none' for a direct connection)",
 }
 
 
@@ -352,6 +355,7 @@ def make_client(settings: Settings, **extra: Any) -> Any:
         "delivery": settings.delivery,
         "max_in_flight": settings.max_in_flight,
         "insecure": settings.insecure,
+        "proxy": settings.proxy,
     }
     kwargs.update(extra)
     if "auth" not in kwargs:

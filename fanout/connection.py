@@ -25,6 +25,7 @@ import trio
 
 from . import framer as fr
 from .errors import ConfigError, ProtocolError, TransportError
+from .proxy import Proxy, open_tunnel
 from .tls import TLSStream
 
 log = logging.getLogger("fanout.connection")
@@ -116,8 +117,10 @@ class Connection:
         first_stream_id: int = 1,
         authority: str | None = None,
         events: Any = None,
+        proxy: Proxy | None = None,
     ) -> None:
         self.host = host
+        self._proxy = proxy  # an HTTP CONNECT proxy to tunnel through (fanout.proxy)
         self.port = port
         self.index = index
         self._ctx = ssl_context
@@ -331,11 +334,14 @@ class Connection:
         """Connect, serve until retired and drained. Errors before ready are raised."""
         try:
             with trio.fail_after(self._connect_timeout):
-                try:
-                    sock = await trio.open_tcp_stream(self.host, self.port)
-                except OSError as exc:
-                    raise TransportError(f"connect to {self.host}:{self.port} failed: {exc}") \
-                        from None
+                if self._proxy is not None:
+                    sock = await open_tunnel(self._proxy, self.host, self.port)
+                else:
+                    try:
+                        sock = await trio.open_tcp_stream(self.host, self.port)
+                    except OSError as exc:
+                        raise TransportError(
+                            f"connect to {self.host}:{self.port} failed: {exc}") from None
                 tls = TLSStream(sock, self._ctx, self.host)
                 try:
                     await tls.handshake()

@@ -43,6 +43,7 @@ class Pool:
         first_stream_id: int = 1,
         backoff: Backoff | None = None,
         events: Any = None,
+        proxy: Any = None,
     ) -> None:
         if size < 1:
             raise ConfigError("connections must be at least 1")
@@ -55,7 +56,7 @@ class Pool:
         self._events = events
         self._conn_kw = dict(auth=auth, timeout=timeout, connect_timeout=connect_timeout,
                              ping_interval=ping_interval, max_streams_cap=max_streams_cap,
-                             first_stream_id=first_stream_id, events=events)
+                             first_stream_id=first_stream_id, events=events, proxy=proxy)
         self._unavailable_timeout = unavailable_timeout
         self._backoff = backoff or Backoff(base=0.1, cap=30.0)
         self.conns: list[Connection] = []       # ready and accepting streams

@@ -312,7 +312,8 @@ def test_make_client_passes_every_setting(signing_key, monkeypatch):
                  team_id=signing_key.team_id, topic="com.example.app", environment="sandbox",
                  host="h.example", port=8443, ca_file="/ca.pem", connections=3, timeout=2.0,
                  connect_timeout=1.5, rate=10.0, topic_rates={"com.example.app": 5.0},
-                 max_attempts=2, delivery="at_most_once", max_in_flight=64)
+                 max_attempts=2, delivery="at_most_once", max_in_flight=64,
+                 proxy="http://proxy.example:3128")
     captured = {}
     monkeypatch.setattr(fanout.client, "Client", lambda **kw: captured.update(kw) or "client")
 
@@ -327,7 +328,7 @@ def test_make_client_passes_every_setting(signing_key, monkeypatch):
         "ca_file": "/ca.pem", "connections": 3, "timeout": 2.0, "connect_timeout": 1.5,
         "rate": 10.0, "topic_rates": {"com.example.app": 5.0}, "max_attempts": 2,
         "delivery": "at_most_once", "max_in_flight": 64, "insecure": False,
-        "on_invalid_token": sink}
+        "proxy": "http://proxy.example:3128", "on_invalid_token": sink}
     # extra kwargs override the settings
     captured.clear()
     make_client(s, connections=1, auth="given")

@@ -1,0 +1,176 @@
+"""Push connections through an HTTP CONNECT proxy (issue 9): a real proxy run by the test
+(trio, raw sockets: it reads the CONNECT head, checks basic auth, then pipes bytes both
+ways), the mock behind it; refusals give a clear error; HTTPS_PROXY / NO_PROXY."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+import trio
+
+from fanout.auth import TokenAuth
+from fanout.client import Client
+from fanout.errors import ConfigError
+from fanout.proxy import Proxy, bypassed, resolve
+
+from .test_daemon import mock_server
+
+PAYLOAD = {"aps": {"alert": "through the proxy"}}
+
+
+class ConnectProxy:
+    def __init__(self, *, user: str | None = None, password: str | None = None,
+                 refuse: int | None = None, tap: bytearray | None = None) -> None:
+        self.user, self.password, self.refuse = user, password, refuse
+        self.tap = tap  # every byte from the client after CONNECT, if given
+        self.tunnels: list[str] = []
+        self.refused: list[str] = []
+        self.port = 0
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self.port)
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        async with client:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = await client.receive_some(4096)
+                if not data:
+                    return
+                head += data
+            lines = head.split(b"\r\n")
+            method, target, _ = lines[0].decode().split(" ")
+            headers = {k.strip().lower(): v.strip() for k, _, v in
+                       (line.decode().partition(":") for line in lines[1:] if line)}
+            if method != "CONNECT":
+                await client.send_all(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
+                return
+            if self.user is not None:
+                want = "Basic " + base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
+                if headers.get("proxy-authorization") != want:
+                    self.refused.append(target)
+                    await client.send_all(b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                                          b"Proxy-Authenticate: Basic realm=\"t\"\r\n\r\n")
+                    return
+            if self.refuse:
+                self.refused.append(target)
+                await client.send_all(b"HTTP/1.1 %d Forbidden\r\n\r\n" % self.refuse)
+                return
+            host, port = target.rsplit(":", 1)
+            upstream = await trio.open_tcp_stream(host, int(port))
+            self.tunnels.append(target)
+            await client.send_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            async with upstream:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_pipe, client, upstream, nursery.cancel_scope, self.tap)
+                    nursery.start_soon(_pipe, upstream, client, nursery.cancel_scope, None)
+
+
+async def _pipe(src, dst, scope, tap: bytearray | None) -> None:
+    try:
+        while data := await src.receive_some(65536):
+            if tap is not None:
+                tap.extend(data)
+            await dst.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    scope.cancel()
+
+
+async def _send(mock, pki, key, n: int, **kw) -> list:
+    auth = TokenAuth.from_file(key.path, key.key_id, key.team_id)
+    async with Client(auth=auth, topic="com.example.app", host="127.0.0.1", port=mock.port,
+                      ca_file=str(pki.ca_file), unavailable_timeout=2.0, **kw) as client:
+        with trio.fail_after(30):
+            return [r async for r in client.fan_out(PAYLOAD, (f"{i:064x}" for i in range(n)))]
+
+
+async def test_pushes_go_through_the_proxy_with_basic_auth(pki, signing_key):
+    proxy = ConnectProxy(user="fan", password="s3cr:t")
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(proxy.serve)
+        async with mock_server(pki, signing_key) as mock:
+            results = await _send(mock, pki, signing_key, 500,
+                                  proxy=f"http://fan:s3cr%3At@127.0.0.1:{port}")
+        nursery.cancel_scope.cancel()
+    assert [r.outcome for r in results] == ["delivered"] * 500
+    assert proxy.tunnels and set(proxy.tunnels) == {f"127.0.0.1:{mock.port}"}
+    assert len(mock.stats.delivered) == 500 and mock.stats.connections == len(proxy.tunnels)
+
+
+@pytest.mark.parametrize(("proxy_kw", "url_auth", "needle"), [
+    ({"refuse": 403}, "", "refused the tunnel"),
+    ({"user": "fan", "password": "right"}, "", "wants credentials"),
+    ({"user": "fan", "password": "right"}, "fan:wrong@", "credentials were refused"),
+])
+async def test_a_refused_tunnel_is_a_clear_config_error(pki, signing_key, proxy_kw, url_auth,
+                                                        needle, caplog):
+    proxy = ConnectProxy(**proxy_kw)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(proxy.serve)
+        async with mock_server(pki, signing_key) as mock:
+            results = await _send(mock, pki, signing_key, 3,
+                                  proxy=f"http://{url_auth}127.0.0.1:{port}")
+        nursery.cancel_scope.cancel()
+    assert {r.outcome for r in results} == {"config_error"}
+    assert all(needle in r.error and f"127.0.0.1:{mock.port}" in r.error for r in results)
+    assert proxy.refused and not proxy.tunnels and mock.stats.requests == 0
+    assert "wrong" not in caplog.text and "right" not in caplog.text  # no password logged
+
+
+async def test_https_proxy_from_the_environment_and_no_proxy(pki, signing_key, monkeypatch):
+    proxy = ConnectProxy()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(proxy.serve)
+        async with mock_server(pki, signing_key) as mock:
+            monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+            monkeypatch.delenv("NO_PROXY", raising=False)
+            monkeypatch.delenv("no_proxy", raising=False)
+            assert [r.ok for r in await _send(mock, pki, signing_key, 20)] == [True] * 20
+            through = len(proxy.tunnels)
+            monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+            assert [r.ok for r in await _send(mock, pki, signing_key, 20)] == [True] * 20
+            assert len(proxy.tunnels) == through  # bypassed
+            monkeypatch.delenv("NO_PROXY")
+            assert [r.ok for r in await _send(mock, pki, signing_key, 20, proxy="none")] \
+                == [True] * 20
+            assert len(proxy.tunnels) == through  # turned off explicitly
+        nursery.cancel_scope.cancel()
+    assert through >= 1
+
+
+def test_resolution_rules():
+    env = {"HTTPS_PROXY": "http://p.corp:3128", "NO_PROXY": ".internal, example.org ,"}
+    assert str(resolve(None, "api.push.apple.com", env)) == "p.corp:3128"
+    assert resolve(None, "redis.internal", env) is None
+    assert resolve(None, "a.example.org", env) is None and resolve(None, "example.org", env) is None
+    assert str(resolve(None, "badexample.org", env)) == "p.corp:3128"
+    assert resolve("none", "api.push.apple.com", env) is None
+    assert str(resolve(None, "x", {"all_proxy": "http://q:1"})) == "q:1"
+    assert resolve(None, "x", {}) is None
+    assert bypassed("anything", "*")
+    p = Proxy.parse("http://user:p%40ss@proxy:8080")
+    assert (p.username, p.password, p.port) == ("user", "p@ss", 8080)
+    assert "p@ss" not in repr(p) and "p%40ss" not in repr(p)
+    for bad in ("ftp://x:1", "http://", "socks5://u:pw@s:1080"):
+        with pytest.raises(ConfigError) as info:
+            resolve(bad, "x") if not bad.startswith("socks") else resolve(None, "x", {
+                "HTTPS_PROXY": bad})
+        assert "pw" not in str(info.value)
+
+
+async def test_the_proxy_sees_only_tls(pki, signing_key):
+    """The tunnel is TLS end to end: the proxy's bytes hold no JWT, token or payload."""
+    seen = bytearray()
+    proxy = ConnectProxy(tap=seen)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(proxy.serve)
+        async with mock_server(pki, signing_key) as mock:
+            results = await _send(mock, pki, signing_key, 5, proxy=f"http://127.0.0.1:{port}")
+        nursery.cancel_scope.cancel()
+    assert all(r.ok for r in results) and len(seen) > 1000
+    assert b"eyJ" not in seen and f"{1:064x}".encode() not in seen and b"aps" not in seen
