@@ -190,6 +190,7 @@ class Channels:
         ca_file: str | os.PathLike[str] | None = None,
         ssl_context: ssl.SSLContext | None = None,
         timeout: float = 10.0,
+        proxy: str | None = None,
     ) -> None:
         if environment not in MANAGE_HOSTS:
             raise ConfigError(f"environment must be production or sandbox, got {environment!r}")
@@ -209,6 +210,11 @@ class Channels:
         self._ca_file = os.fspath(ca_file) if ca_file is not None else None
         self._ssl_context = ssl_context
         self._client: httpx.AsyncClient | None = None
+        from .proxy import resolve
+
+        # the same rules as the push connections: this argument, else HTTPS_PROXY /
+        # ALL_PROXY minus NO_PROXY ("none": direct)
+        self.proxy = resolve(proxy, self.host)
         host_part = f"[{self.host}]" if ":" in self.host else self.host
         self.base_url = f"https://{host_part}:{self.port}"
         self._channels_path = f"/1/apps/{self.bundle_id}/channels"
@@ -227,6 +233,13 @@ class Channels:
             self.auth.apply(ctx)
         return ctx
 
+    def _httpx_proxy(self) -> httpx.Proxy | None:
+        p = self.proxy
+        if p is None:
+            return None
+        auth = (p.username, p.password or "") if p.username is not None else None
+        return httpx.Proxy(f"http://{p.host}:{p.port}", auth=auth)
+
     async def __aenter__(self) -> Channels:
         if self._client is None:
             self._client = httpx.AsyncClient(
@@ -236,7 +249,8 @@ class Channels:
                 base_url=self.base_url,
                 timeout=self.timeout,
                 follow_redirects=False,
-                trust_env=False,
+                trust_env=False,  # the proxy, if any, was resolved above
+                proxy=self._httpx_proxy(),
             )
         return self
 

@@ -260,7 +260,7 @@ async def _channels_main(args: argparse.Namespace) -> int:
                         environment=settings.environment,
                         host=args.manage_host or (settings.host if custom else None),
                         port=args.manage_port or (settings.port if custom else None),
-                        ca_file=settings.ca_file) as channels:
+                        ca_file=settings.ca_file, proxy=settings.proxy) as channels:
         try:
             if args.action == "create":
                 ch = await channels.create(args.policy)

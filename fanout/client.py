@@ -233,6 +233,7 @@ class Client:
 
         # an HTTP CONNECT proxy: this argument, or HTTPS_PROXY / ALL_PROXY minus NO_PROXY
         self.proxy = resolve(proxy, self.host)
+        self._proxy_setting = proxy  # the channel-management host resolves its own
         if self.proxy is not None:
             log.info("connecting to %s through proxy %s", self.host, self.proxy)
         self.pool = Pool(self.host, port, self._ssl, self, auth=header_auth, size=connections,
@@ -330,7 +331,7 @@ class Client:
             self._channels = Channels(auth=self.auth, bundle_id=self.topic.split(".push-type.")[0],
                                       environment=self.environment, host=self._manage[0],
                                       port=self._manage[1], ca_file=self._ca_file,
-                                      ssl_context=None)
+                                      ssl_context=None, proxy=self._proxy_setting)
         return _OpenOnUse(self._channels)
 
     async def broadcast(self, channel_id: str, payload: Payload | dict | bytes, *,

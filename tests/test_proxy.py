@@ -174,3 +174,23 @@ async def test_the_proxy_sees_only_tls(pki, signing_key):
         nursery.cancel_scope.cancel()
     assert all(r.ok for r in results) and len(seen) > 1000
     assert b"eyJ" not in seen and f"{1:064x}".encode() not in seen and b"aps" not in seen
+
+
+async def test_channel_management_goes_through_the_proxy_too(pki, signing_key):
+    """httpx (HTTP/2 inside the CONNECT tunnel) for the channel-management host: create,
+    then broadcast on the push connections, both through the proxy."""
+    proxy = ConnectProxy(user="fan", password="pw")
+    auth = TokenAuth.from_file(signing_key.path, signing_key.key_id, signing_key.team_id)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(proxy.serve)
+        async with mock_server(pki, signing_key) as mock:
+            async with Client(auth=auth, topic="com.example.app", host="127.0.0.1",
+                              port=mock.port, ca_file=str(pki.ca_file), connections=1,
+                              proxy=f"http://fan:pw@127.0.0.1:{port}") as client:
+                with trio.fail_after(20):
+                    channel = await client.channels.create(storage_policy=0)
+                    result = await client.broadcast(channel.channel_id, PAYLOAD)
+        nursery.cancel_scope.cancel()
+    assert result.ok, result
+    assert len(proxy.tunnels) == 2  # the one push connection and the management client
+    assert mock.stats.connections == 2
