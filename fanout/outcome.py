@@ -198,6 +198,7 @@ class Result(msgspec.Struct, kw_only=True, omit_defaults=True):
     attempts: int = 0
     latency_ms: float | None = None
     error: str | None = None
+    team: str | None = None  # the team that served it (fanout.teams.Teams)
 
     @property
     def ok(self) -> bool:

@@ -1,0 +1,126 @@
+"""Many apps under two teams in one process (issue 9): two mocks standing for two teams,
+each accepting only its own key, team and bundle ids. Every push reaches its team's mock
+with its team's JWT; a revoked key stops only that team's pushes."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+import trio
+
+from fanout.auth import TokenAuth
+from fanout.devcerts import make_signing_key
+from fanout.errors import ConfigError
+from fanout.payload import Notification
+from fanout.teams import Team, Teams, bundle_of
+
+from .test_daemon import mock_server
+
+TOPICS = {"acme": ["com.acme.app", "com.acme.pos"], "beta": ["com.beta.app", "com.beta.tv"]}
+
+
+@pytest.fixture
+def keys(tmp_path):
+    return {"acme": make_signing_key(tmp_path / "a", key_id="ACMEKEY001", team_id="ACMETEAM01"),
+            "beta": make_signing_key(tmp_path / "b", key_id="BETAKEY001", team_id="BETATEAM01")}
+
+
+def _teams(keys, mocks, pki, **extra) -> list[Team]:
+    return [Team(name, TokenAuth.from_file(k.path, k.key_id, k.team_id), set(TOPICS[name]),
+                 client={"host": "127.0.0.1", "port": mocks[name].port,
+                         "ca_file": str(pki.ca_file), **extra})
+            for name, k in keys.items()]
+
+
+def _mixed(n: int, seed: int = 3) -> list[Notification]:
+    rng = random.Random(seed)
+    topics = [t for ts in TOPICS.values() for t in ts]
+    return [Notification(token=f"{i:064x}", payload={"aps": {"alert": "x"}},
+                         topic=rng.choice(topics), id=i) for i in range(n)]
+
+
+def _mock_kw(key, name):
+    return dict(keys={key.key_id: key.public_key}, team_id=key.team_id,
+                topics=set(TOPICS[name]))
+
+
+async def test_each_push_reaches_its_teams_mock_and_no_other(pki, keys):
+    pushes = _mixed(6000)
+    async with mock_server(pki, keys["acme"], **_mock_kw(keys["acme"], "acme")) as acme, \
+            mock_server(pki, keys["beta"], **_mock_kw(keys["beta"], "beta")) as beta:
+        mocks = {"acme": acme, "beta": beta}
+        async with Teams(_teams(keys, mocks, pki)) as router:
+            with trio.fail_after(60):
+                results = [r async for r in router.send_many(pushes)]
+    assert len(results) == 6000 and all(r.ok for r in results), Counter(
+        r.outcome for r in results)
+    by_id = {r.id: r for r in results}
+    for p in pushes:
+        team = "acme" if p.topic.startswith("com.acme") else "beta"
+        assert by_id[p.id].team == team
+    want = Counter("acme" if p.topic.startswith("com.acme") else "beta" for p in pushes)
+    # each mock validates the JWT's key and team and the topic: a crossed push would fail
+    assert len(acme.stats.delivered) == want["acme"] and len(beta.stats.delivered) == want["beta"]
+    assert acme.stats.by_status.keys() == {200} and beta.stats.by_status.keys() == {200}
+    assert len(acme.stats.jwts) == 1 and len(beta.stats.jwts) == 1
+
+
+async def test_a_revoked_key_stops_only_its_team(pki, keys, tmp_path):
+    pushes = _mixed(3000, seed=5)
+    other = make_signing_key(tmp_path / "x", key_id="ACMEKEY001", team_id="ACMETEAM01")
+    async with mock_server(pki, keys["acme"], **_mock_kw(keys["acme"], "acme")) as acme, \
+            mock_server(pki, keys["beta"], **_mock_kw(keys["beta"], "beta")) as beta:
+        # acme's key revoked: its mock now knows another public key under that key id
+        acme.config.keys = {other.key_id: other.public_key}
+        async with Teams(_teams(keys, {"acme": acme, "beta": beta}, pki)) as router:
+            with trio.fail_after(60):
+                results = [r async for r in router.send_many(pushes)]
+    outcomes = Counter((r.team, str(r.outcome)) for r in results)
+    n_beta = sum(p.topic.startswith("com.beta") for p in pushes)
+    assert outcomes[("beta", "delivered")] == n_beta == len(beta.stats.delivered)
+    assert outcomes[("acme", "config_error")] == 3000 - n_beta
+    acme_errors = {r.error for r in results if r.team == "acme"}
+    assert all("InvalidProviderToken" in e or "credentials" in e for e in acme_errors)
+    assert acme.stats.requests <= 4  # acme stopped at once, its token list not burnt
+    assert all(r.attempts == 1 for r in results if r.team == "beta")  # beta never slowed
+
+
+async def test_pools_open_on_first_push_and_close_when_idle(pki, keys):
+    async with mock_server(pki, keys["acme"], **_mock_kw(keys["acme"], "acme")) as acme, \
+            mock_server(pki, keys["beta"], **_mock_kw(keys["beta"], "beta")) as beta:
+        async with Teams(_teams(keys, {"acme": acme, "beta": beta}, pki),
+                         idle_timeout=0.3) as router:
+            assert router.open_teams == []  # nothing opened before a push
+            r = await router.send(Notification(token="ab" * 32, payload={"aps": {}},
+                                               topic="com.acme.pos.voip", priority=10,
+                                               push_type="voip"))
+            assert r.ok and r.team == "acme" and router.open_teams == [("acme", "production")]
+            assert beta.stats.connections == 0
+            with trio.fail_after(5):
+                while router.open_teams:
+                    await trio.sleep(0.05)
+            r = await router.send(Notification(token="cd" * 32, payload={"aps": {}},
+                                               topic="com.acme.app"))
+            assert r.ok and acme.stats.connections >= 2  # opened again
+
+
+async def test_unknown_topic_and_configuration_errors(pki, keys):
+    async with mock_server(pki, keys["acme"], **_mock_kw(keys["acme"], "acme")) as acme:
+        teams = [Team("acme", TokenAuth.from_file(keys["acme"].path, "ACMEKEY001",
+                                                 "ACMETEAM01"), {"com.acme.app"},
+                      environments=("production",),
+                      client={"host": "127.0.0.1", "port": acme.port,
+                              "ca_file": str(pki.ca_file)})]
+        async with Teams(teams) as router:
+            r = await router.send(Notification(token="ab" * 32, payload={"aps": {}},
+                                               topic="com.nobody.app"))
+            assert str(r.outcome) == "config_error" and "com.nobody.app" in r.error
+            with pytest.raises(ConfigError, match="sandbox"):
+                await router.send(Notification(token="ab" * 32, payload={"aps": {}},
+                                               topic="com.acme.app"), environment="sandbox")
+    with pytest.raises(ConfigError, match="two teams"):
+        Teams([Team("a", None, {"com.x.app"}), Team("b", None, {"com.x.app.voip"})])
+    assert bundle_of("com.x.app.push-type.liveactivity") == "com.x.app"
+    assert bundle_of("com.x.app.complication") == "com.x.app"
