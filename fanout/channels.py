@@ -238,7 +238,14 @@ class Channels:
         if p is None:
             return None
         auth = (p.username, p.password or "") if p.username is not None else None
-        return httpx.Proxy(f"http://{p.host}:{p.port}", auth=auth)
+        if p.scheme != "http":
+            try:
+                import socksio  # noqa: F401  (httpx's SOCKS support)
+            except ImportError:
+                raise ConfigError("channel management through a SOCKS proxy needs socksio "
+                                  "(pip install socksio); push connections need nothing") \
+                    from None
+        return httpx.Proxy(f"{p.scheme}://{p.host}:{p.port}", auth=auth)
 
     async def __aenter__(self) -> Channels:
         if self._client is None:

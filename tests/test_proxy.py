@@ -156,11 +156,12 @@ def test_resolution_rules():
     p = Proxy.parse("http://user:p%40ss@proxy:8080")
     assert (p.username, p.password, p.port) == ("user", "p@ss", 8080)
     assert "p@ss" not in repr(p) and "p%40ss" not in repr(p)
-    for bad in ("ftp://x:1", "http://", "socks5://u:pw@s:1080"):
+    for bad in ("ftp://u:pw@x:1", "http://", "https://u:pw@p:3128", "socks4://u:pw@s:1"):
         with pytest.raises(ConfigError) as info:
-            resolve(bad, "x") if not bad.startswith("socks") else resolve(None, "x", {
-                "HTTPS_PROXY": bad})
+            resolve(bad, "x")
         assert "pw" not in str(info.value)
+    s = resolve(None, "x", {"ALL_PROXY": "socks5h://u:pw@s"})
+    assert (s.scheme, s.port) == ("socks5h", 1080) and "pw" not in repr(s)
 
 
 async def test_the_proxy_sees_only_tls(pki, signing_key):
@@ -194,3 +195,106 @@ async def test_channel_management_goes_through_the_proxy_too(pki, signing_key):
     assert result.ok, result
     assert len(proxy.tunnels) == 2  # the one push connection and the management client
     assert mock.stats.connections == 2
+
+
+class Socks5Proxy:
+    """RFC 1928 CONNECT with no auth or RFC 1929 user/password; resolves names itself."""
+
+    def __init__(self, *, user: str | None = None, password: str | None = None,
+                 reply: int = 0) -> None:
+        self.user, self.password, self.reply = user, password, reply
+        self.tunnels: list[tuple[int, str]] = []  # (address type, target)
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        async def exactly(n: int) -> bytes:
+            data = b""
+            while len(data) < n:
+                chunk = await client.receive_some(n - len(data))
+                if not chunk:
+                    raise trio.BrokenResourceError
+                data += chunk
+            return data
+
+        async with client:
+            try:
+                _, n = await exactly(2)
+                methods = await exactly(n)
+                want = 2 if self.user is not None else 0
+                if want not in methods:
+                    await client.send_all(b"\x05\xff")
+                    return
+                await client.send_all(bytes([5, want]))
+                if want == 2:
+                    _, ulen = await exactly(2)
+                    user = (await exactly(ulen)).decode()
+                    plen = (await exactly(1))[0]
+                    password = (await exactly(plen)).decode()
+                    ok = (user, password) == (self.user, self.password)
+                    await client.send_all(b"\x01\x00" if ok else b"\x01\x01")
+                    if not ok:
+                        return
+                _, cmd, _, atyp = await exactly(4)
+                if atyp == 3:
+                    host = (await exactly((await exactly(1))[0])).decode()
+                else:
+                    import ipaddress
+                    host = str(ipaddress.ip_address(await exactly(4 if atyp == 1 else 16)))
+                port = int.from_bytes(await exactly(2), "big")
+                if self.reply:
+                    await client.send_all(bytes([5, self.reply, 0, 1]) + bytes(6))
+                    return
+                upstream = await trio.open_tcp_stream(host, port)
+                self.tunnels.append((atyp, f"{host}:{port}"))
+                await client.send_all(b"\x05\x00\x00\x01" + bytes(6))
+            except trio.BrokenResourceError:
+                return
+            async with upstream, trio.open_nursery() as nursery:
+                nursery.start_soon(_pipe, client, upstream, nursery.cancel_scope, None)
+                nursery.start_soon(_pipe, upstream, client, nursery.cancel_scope, None)
+
+
+@pytest.mark.parametrize(("scheme", "host", "atyp"), [("socks5", "localhost", 1),
+                                                      ("socks5h", "localhost", 3)])
+async def test_pushes_go_through_a_socks5_proxy(pki, signing_key, scheme, host, atyp):
+    """socks5://: the name is resolved here (the proxy gets an address); socks5h://: the
+    proxy gets the name. User and password per RFC 1929."""
+    proxy = Socks5Proxy(user="fan", password="pw")
+    auth = TokenAuth.from_file(signing_key.path, signing_key.key_id, signing_key.team_id)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(proxy.serve)
+        async with mock_server(pki, signing_key) as mock:
+            async with Client(auth=auth, topic="com.example.app", host=host, port=mock.port,
+                              ca_file=str(pki.ca_file),
+                              proxy=f"{scheme}://fan:pw@127.0.0.1:{port}") as client:
+                with trio.fail_after(30):
+                    results = [r async for r in client.fan_out(
+                        PAYLOAD, (f"{i:064x}" for i in range(200)))]
+        nursery.cancel_scope.cancel()
+    assert all(r.ok for r in results) and len(mock.stats.delivered) == 200
+    assert proxy.tunnels and {a for a, _ in proxy.tunnels} == {atyp}
+
+
+@pytest.mark.parametrize(("proxy_kw", "url_auth", "needle", "outcome"), [
+    ({"user": "fan", "password": "pw"}, "fan:nope@", "refused the user and password",
+     "config_error"),
+    ({"user": "fan", "password": "pw"}, "", "none of our methods", "config_error"),
+    ({"reply": 2}, "", "not allowed by ruleset", "config_error"),
+    ({"reply": 5}, "", "connection refused", "retries_exhausted"),
+])
+async def test_socks5_refusals_are_clear(pki, signing_key, proxy_kw, url_auth, needle,
+                                         outcome, caplog):
+    proxy = Socks5Proxy(**proxy_kw)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(proxy.serve)
+        async with mock_server(pki, signing_key) as mock:
+            results = await _send(mock, pki, signing_key, 2, max_attempts=2,
+                                  proxy=f"socks5://{url_auth}127.0.0.1:{port}")
+        nursery.cancel_scope.cancel()
+    assert {str(r.outcome) for r in results} == {outcome}, [r.error for r in results]
+    assert all(needle in r.error for r in results) and mock.stats.requests == 0
+    assert "nope" not in caplog.text
