@@ -567,7 +567,7 @@ class Daemon:
             status=result.status, reason=result.reason, apns_id=result.apns_id,
             timestamp=result.timestamp, attempts=result.attempts,
             latency_ms=round(latency, 3) if latency is not None else None, error=result.error,
-            input=state.input.label), state)
+            input=state.input.label, team=result.team), state)
         state.pending -= 1
         if state.closed and not state.pending:
             state.done()
@@ -719,6 +719,9 @@ def add_run_parser(sub: Any, settings_args: Callable[[argparse.ArgumentParser], 
     p.add_argument("--metrics", metavar="[HOST:]PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics "
                         "(HOST defaults to 127.0.0.1)")
+    p.add_argument("--teams", metavar="FILE",
+                   help="several Apple developer teams: a TOML file of [[team]] tables (name, "
+                        "topics, key_path/key_id/team_id or cert); pushes are routed by topic")
     g = p.add_argument_group("a fleet on a Redis Stream (instead of files)")
     g.add_argument("--source", metavar="redis://HOST:PORT/STREAM",
                    help="consume push jobs (field 'push') from this stream in a consumer group")
@@ -750,6 +753,14 @@ async def run_main(args: argparse.Namespace) -> int:
             settings = msgspec.json.decode(os.environ[CHILD_SETTINGS_ENV], type=Settings)
             return await WorkerDaemon(settings, args, make_client).run()
         settings = load_settings(args)
+        if getattr(args, "teams", None):
+            from functools import partial
+
+            from .teams import make_teams_engine
+
+            if args.workers > 1:
+                raise ConfigError("--teams with --workers is not supported yet")
+            make_client = partial(make_teams_engine, args.teams)  # noqa: F811
         if getattr(args, "source", None):
             if args.inputs not in ([], ["-"]) or args.follow or args.workers > 1:
                 raise ConfigError("--source takes no input files, --follow or --workers "

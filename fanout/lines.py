@@ -106,6 +106,8 @@ class ResultLine(msgspec.Struct, omit_defaults=True):
     input: str | None = None
     entry: str | None = None
     """The Redis Stream entry id (``fanout run --source redis://...``)."""
+    team: str | None = None
+    """The team that served the push (``fanout run --teams FILE``)."""
 
 
 result_encoder = msgspec.json.Encoder()

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import trio
 
 from .client import Client
@@ -263,3 +264,112 @@ async def _aiter(items: Any) -> AsyncIterator[Any]:
 
 
 __all__ = ["Team", "Teams", "bundle_of"]
+
+
+# --------------------------------------------------------------------------- fanout run --teams
+
+class TeamSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One ``[[team]]`` table of a ``--teams`` file."""
+
+    name: str
+    topics: list[str]
+    key_path: str | None = None
+    key_id: str | None = None
+    team_id: str | None = None
+    cert: str | None = None
+    cert_key: str | None = None
+    connections: int = 2
+    environments: list[str] = msgspec.field(default_factory=lambda: ["production", "sandbox"])
+    host: str | None = None      # a mock, for tests
+    port: int | None = None
+    ca_file: str | None = None
+
+
+def load_teams(path: str) -> list[Team]:
+    """``[[team]]`` tables from a TOML file: name, topics, key_path + key_id + team_id (or
+    cert [+ cert_key]), connections, environments. Paths are relative to the file."""
+    import tomllib
+    from pathlib import Path
+
+    from .auth import CertAuth, TokenAuth
+
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"--teams {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--teams {path}: not TOML: {exc}") from None
+    unknown = set(raw) - {"team"}
+    if unknown or not raw.get("team"):
+        raise ConfigError(f"--teams {path}: want [[team]] tables only"
+                          + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else ""))
+    base = Path(path).parent
+    teams = []
+    for i, table in enumerate(raw["team"]):
+        try:
+            spec = msgspec.convert(table, TeamSpec)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"--teams {path}: team #{i + 1}: {exc}") from None
+
+        def rel(p: str | None) -> str | None:
+            return None if p is None else str(base / p)
+        if spec.cert:
+            auth: Any = CertAuth(rel(spec.cert), rel(spec.cert_key))
+        elif spec.key_path and spec.key_id and spec.team_id:
+            auth = TokenAuth.from_file(rel(spec.key_path), spec.key_id, spec.team_id)
+        else:
+            raise ConfigError(f"--teams {path}: team {spec.name}: needs key_path, key_id and "
+                              "team_id, or cert")
+        client = {k: v for k, v in (("host", spec.host), ("port", spec.port),
+                                     ("ca_file", rel(spec.ca_file))) if v is not None}
+        teams.append(Team(spec.name, auth, set(spec.topics), spec.connections,
+                          tuple(spec.environments), client))
+    return teams
+
+
+class _PoolView:
+    def __init__(self, engine: TeamsEngine) -> None:
+        self._engine = engine
+
+    @property
+    def in_flight(self) -> int:
+        return sum(h.client.pool.in_flight for h in self._engine._open.values()
+                   if h.ready.is_set())
+
+
+class TeamsEngine(Teams):
+    """What ``fanout run`` needs of its engine (``send_many``, ``abort_in_flight``,
+    ``config_error``, ``pool.in_flight``), over a client per team. A team's configuration
+    error ends its own pushes with ``config_error`` results; the daemon goes on."""
+
+    config_error: str | None = None
+
+    @property
+    def pool(self) -> _PoolView:
+        return _PoolView(self)
+
+    def abort_in_flight(self, why: str) -> list[Result]:
+        out = []
+        for (name, _env), held in self._open.items():
+            if held.ready.is_set():
+                for result in held.client.abort_in_flight(why):
+                    result.team = name
+                    out.append(result)
+        return out
+
+
+def make_teams_engine(path: str, settings: Any, **extra: Any) -> TeamsEngine:
+    """``fanout run --teams FILE``: the settings give what every team shares (timeouts,
+    rate, delivery, environment ...); the file gives each team's credentials and topics."""
+    if extra.get("events") is not None:
+        raise ConfigError("--metrics with --teams is not supported yet")
+    extra.pop("events", None)
+    shared = {"timeout": settings.timeout, "connect_timeout": settings.connect_timeout,
+              "max_attempts": settings.max_attempts, "delivery": settings.delivery,
+              "max_in_flight": settings.max_in_flight, "rate": settings.rate,
+              "proxy": settings.proxy, "insecure": settings.insecure}
+    if settings.host is not None:
+        shared |= {"host": settings.host, "port": settings.port}
+    if settings.ca_file is not None:
+        shared["ca_file"] = settings.ca_file
+    return TeamsEngine(load_teams(path), environment=settings.environment, **shared, **extra)

@@ -124,3 +124,73 @@ async def test_unknown_topic_and_configuration_errors(pki, keys):
         Teams([Team("a", None, {"com.x.app"}), Team("b", None, {"com.x.app.voip"})])
     assert bundle_of("com.x.app.push-type.liveactivity") == "com.x.app"
     assert bundle_of("com.x.app.complication") == "com.x.app"
+
+
+# ---------------------------------------------------------------- the daemon: --teams
+
+def _teams_file(tmp_path, keys, mocks, pki) -> str:
+    blocks = []
+    for name, k in keys.items():
+        blocks.append(f"""[[team]]
+name = "{name}"
+topics = {list(TOPICS[name])!r}
+key_path = "{k.path}"
+key_id = "{k.key_id}"
+team_id = "{k.team_id}"
+host = "127.0.0.1"
+port = {mocks[name].port}
+ca_file = "{pki.ca_file}"
+""".replace("'", '"'))
+    path = tmp_path / "teams.toml"
+    path.write_text("\n".join(blocks))
+    return str(path)
+
+
+async def _run_daemon_with_teams(tmp_path, keys, mocks, pki, n: int):
+    import json
+    import sys
+
+    rng = random.Random(9)
+    topics = [t for ts in TOPICS.values() for t in ts]
+    lines = [json.dumps({"id": i, "token": f"{i:064x}", "topic": rng.choice(topics),
+                         "payload": {"aps": {"alert": "x"}}}) for i in range(n)]
+    inp = tmp_path / "in.ndjson"
+    inp.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "results.ndjson"
+    cmd = [sys.executable, "-m", "fanout", "run", str(inp), "--results", str(out),
+           "--teams", _teams_file(tmp_path, keys, mocks, pki), "--status-interval", "0"]
+    with trio.fail_after(240):
+        proc = await trio.run_process(cmd, capture_stderr=True, check=False)
+    results = [json.loads(x) for x in out.read_bytes().splitlines() if x.strip()]
+    topic_of = {i: json.loads(line)["topic"] for i, line in enumerate(lines)}
+    return proc, results, topic_of
+
+
+async def test_daemon_routes_50k_lines_of_4_topics_to_2_teams(pki, keys, tmp_path):
+    async with mock_server(pki, keys["acme"], **_mock_kw(keys["acme"], "acme")) as acme, \
+            mock_server(pki, keys["beta"], **_mock_kw(keys["beta"], "beta")) as beta:
+        proc, results, topic_of = await _run_daemon_with_teams(
+            tmp_path, keys, {"acme": acme, "beta": beta}, pki, 50_000)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert sorted(r["line"] for r in results) == list(range(1, 50_001))
+    assert all(r["outcome"] == "delivered" for r in results)
+    for r in results:
+        assert r["team"] == ("acme" if topic_of[r["id"]].startswith("com.acme") else "beta")
+    n_acme = sum(t.startswith("com.acme") for t in topic_of.values())
+    assert len(acme.stats.delivered) == n_acme and len(beta.stats.delivered) == 50_000 - n_acme
+    assert acme.stats.by_status.keys() == {200} == beta.stats.by_status.keys()
+
+
+async def test_daemon_revoked_team_stops_alone(pki, keys, tmp_path):
+    other = make_signing_key(tmp_path / "x", key_id="ACMEKEY001", team_id="ACMETEAM01")
+    async with mock_server(pki, keys["acme"], **_mock_kw(keys["acme"], "acme")) as acme, \
+            mock_server(pki, keys["beta"], **_mock_kw(keys["beta"], "beta")) as beta:
+        acme.config.keys = {other.key_id: other.public_key}  # acme's key revoked
+        proc, results, topic_of = await _run_daemon_with_teams(
+            tmp_path, keys, {"acme": acme, "beta": beta}, pki, 4000)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert len(results) == 4000
+    for r in results:
+        want = "config_error" if topic_of[r["id"]].startswith("com.acme") else "delivered"
+        assert r["outcome"] == want, r
+    assert acme.stats.requests <= 4
