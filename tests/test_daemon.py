@@ -243,9 +243,16 @@ async def test_workers_2_on_100k_lines(tmp_path, pki, signing_key):
 
 
 def _children(pid: int) -> list[int]:
+    """The worker processes of coordinator ``pid`` (its other children, if any, excluded)."""
     kids = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        kids += [int(k) for k in (task / "children").read_text().split()]
+        for kid in (task / "children").read_text().split():
+            try:
+                cmdline = Path(f"/proc/{kid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"--child" in cmdline.split(b"\0"):
+                kids.append(int(kid))
     return kids
 
 
