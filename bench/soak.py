@@ -35,7 +35,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, machine, now, write_results  # noqa: E402
+from common import RESULTS, ROOT, machine, now, rss_mb, write_results  # noqa: E402
 
 PAYLOAD = {"aps": {"alert": {"title": "soak", "body": "x" * 40}}}
 TOPIC = "com.example.soak"
@@ -62,16 +62,6 @@ FAULTS = [
      _set(bad_token_fraction=0.0, unregistered_fraction=0.0)),
     ("server restart", None, None),
 ]
-
-
-def proc_rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def proc_fds(pid: int) -> int | None:
@@ -187,7 +177,7 @@ async def soak(args: argparse.Namespace, tmp: Path) -> dict:
             await trio.sleep(args.sample_every)
             samples.append({"t": round(trio.current_time() - t0, 1),
                             "lines": state["lines"], "fault": state["fault"],
-                            "rss_mb": proc_rss_mb(proc.pid), "fds": proc_fds(proc.pid),
+                            "rss_mb": rss_mb(proc.pid) or None, "fds": proc_fds(proc.pid),
                             "tasks": state["tasks"]})
         # the input stops; let the daemon finish what it has, then stop it
         expected = state["lines"]

@@ -110,51 +110,49 @@ async def open_tunnel(proxy: Proxy, host: str, port: int) -> trio.SocketStream:
         stream = await trio.open_tcp_stream(proxy.host, proxy.port)
     except OSError as exc:
         raise TransportError(f"connect to proxy {proxy} failed: {exc}") from None
-    if proxy.scheme != "http":
-        try:
-            await _socks5(stream, proxy, host, port)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            await stream.aclose()
-            raise TransportError(f"proxy {proxy}: {exc}") from None
-        except BaseException:
-            await stream.aclose()
-            raise
-        return stream
     try:
-        head = [f"CONNECT {host}:{port} HTTP/1.1", f"Host: {host}:{port}"]
-        if proxy.username is not None:
-            token = base64.b64encode(f"{proxy.username}:{proxy.password or ''}".encode())
-            head.append(f"Proxy-Authorization: Basic {token.decode()}")
-        await stream.send_all(("\r\n".join(head) + "\r\n\r\n").encode())
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(4096)
-            if not chunk:
-                raise TransportError(f"proxy {proxy} closed the connection before answering "
-                                     f"CONNECT {host}:{port}")
-            data += chunk
-            if len(data) > MAX_RESPONSE_HEAD:
-                raise TransportError(f"proxy {proxy}: answer to CONNECT too long")
-        status_line = data.split(b"\r\n", 1)[0].decode("latin-1")
-        parts = status_line.split(" ", 2)
-        code = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-        if 200 <= code < 300:
-            return stream
-        what = f"proxy {proxy} refused the tunnel to {host}:{port}: {status_line[:200]}"
-        if code == 407:
-            raise ConfigError(what + (" (the proxy's credentials were refused)"
-                                      if proxy.username else
-                                      " (it wants credentials: http://USER:PASSWORD@...)"))
-        if code in (401, 403):
-            raise ConfigError(what)
-        raise TransportError(what)
+        if proxy.scheme == "http":
+            await _connect(stream, proxy, host, port)
+        else:
+            await _socks5(stream, proxy, host, port)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         await stream.aclose()
         raise TransportError(f"proxy {proxy}: {exc}") from None
     except BaseException:
         await stream.aclose()
         raise
+    return stream
 
+
+async def _connect(stream: trio.SocketStream, proxy: Proxy, host: str, port: int) -> None:
+    """HTTP ``CONNECT host:port`` (basic auth from the proxy URL)."""
+    head = [f"CONNECT {host}:{port} HTTP/1.1", f"Host: {host}:{port}"]
+    if proxy.username is not None:
+        token = base64.b64encode(f"{proxy.username}:{proxy.password or ''}".encode())
+        head.append(f"Proxy-Authorization: Basic {token.decode()}")
+    await stream.send_all(("\r\n".join(head) + "\r\n\r\n").encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            raise TransportError(f"proxy {proxy} closed the connection before answering "
+                                 f"CONNECT {host}:{port}")
+        data += chunk
+        if len(data) > MAX_RESPONSE_HEAD:
+            raise TransportError(f"proxy {proxy}: answer to CONNECT too long")
+    status_line = data.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = status_line.split(" ", 2)
+    code = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    if 200 <= code < 300:
+        return
+    what = f"proxy {proxy} refused the tunnel to {host}:{port}: {status_line[:200]}"
+    if code == 407:
+        raise ConfigError(what + (" (the proxy's credentials were refused)"
+                                  if proxy.username else
+                                  " (it wants credentials: http://USER:PASSWORD@...)"))
+    if code in (401, 403):
+        raise ConfigError(what)
+    raise TransportError(what)
 
 _SOCKS_REPLIES = {1: "general failure", 2: "connection not allowed by ruleset",
                   3: "network unreachable", 4: "host unreachable", 5: "connection refused",

@@ -153,10 +153,14 @@ class Teams:
 
     # ----------------------------------------------------------------- sending
 
-    def _unrouted(self, item: Any, topic: str | None) -> Result:
+    @staticmethod
+    def _refused(item: Any, error: str, team: str | None = None) -> Result:
+        """The result of a push no team's client will take."""
         return Result(outcome=Outcome.CONFIG_ERROR, id=getattr(item, "id", None),
-                      token=getattr(item, "token", None),
-                      error=f"no team serves topic {topic!r}")
+                      token=getattr(item, "token", None), error=error, team=team)
+
+    def _unrouted(self, item: Any, topic: str | None) -> Result:
+        return self._refused(item, f"no team serves topic {topic!r}")
 
     async def send(self, notification: Notification | Prepared,
                    environment: str | None = None) -> Result:
@@ -197,10 +201,7 @@ class Teams:
                     client = await self.client_for(team, environment)
                 except ConfigError as exc:
                     async for item in recv:
-                        await out.send(Result(outcome=Outcome.CONFIG_ERROR,
-                                              id=getattr(item, "id", None),
-                                              token=getattr(item, "token", None),
-                                              error=str(exc), team=team.name))
+                        await out.send(self._refused(item, str(exc), team.name))
                     return
                 held = self._open[(team.name, environment or self.environment)]
                 held.busy += 1

@@ -7,20 +7,11 @@ import os
 
 import trio
 
+from fanout.daemon import _task_count as _tasks  # tasks alive in this trio run
+
 
 def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-def _tasks() -> int:
-    """Tasks alive in this trio run."""
-    n, stack = 0, [trio.lowlevel.current_root_task()]
-    while stack:
-        task = stack.pop()
-        n += 1
-        for nursery in task.child_nurseries:
-            stack.extend(nursery.child_tasks)
-    return n
 
 
 def _rss_mb() -> float:
