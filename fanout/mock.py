@@ -505,9 +505,10 @@ class _Connection:
                     await self.stream.send_all(data)
                 if self._close_mode is not None:
                     await self._finish_close(self._close_mode)
-                    return
+                    break
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
             pass
+        # The connection is over: its timers (drain deadline, held-stream GOAWAY) go with it.
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
 
