@@ -229,6 +229,8 @@ async def _mock_main(args: argparse.Namespace) -> int:
                         unregistered_fraction=args.unregistered_fraction,
                         bad_token_fraction=args.bad_token_fraction,
                         penalty_accepts=args.penalty_accepts,
+                        environment=args.environment,
+                        sandbox_token_fraction=args.sandbox_token_fraction,
                         p429=args.p429, p500=args.p500, p503=args.p503,
                         goaway_after=args.goaway_after, close_after=args.close_after,
                         max_streams=args.max_streams)
@@ -332,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "stream limit to 1 until the next 200)")
     mock.add_argument("--penalty-accepts", type=int, default=1,
                       help="accepted pushes needed before a dropped stream limit is restored")
+    mock.add_argument("--environment", choices=["production", "sandbox"], default="production",
+                      help="the environment this mock stands for (see --sandbox-token-fraction)")
+    mock.add_argument("--sandbox-token-fraction", type=float, default=0.0,
+                      help="fraction of tokens that are sandbox tokens (by hash); a token of "
+                           "the other environment is answered 400 BadDeviceToken")
     mock.add_argument("--p429", type=float, default=0.0)
     mock.add_argument("--p500", type=float, default=0.0)
     mock.add_argument("--p503", type=float, default=0.0)

@@ -43,7 +43,31 @@ __all__ = [
     "load_settings",
     "make_auth",
     "make_client",
+    "make_engine",
+    "read_teams_file",
 ]
+
+
+class TeamSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One ``[[team]]`` table (config file or ``--teams FILE``): an Apple developer team,
+    its credentials and the bundle ids it serves (:class:`fanout.teams.Team`). Paths are
+    relative to the file; host/port/ca_file point one team at a mock."""
+
+    name: str
+    topics: list[str]
+    key_path: str | None = None
+    key_id: str | None = None
+    team_id: str | None = None
+    cert: str | None = None
+    cert_key: str | None = None
+    connections: int = 2
+    environments: list[str] = msgspec.field(default_factory=lambda: ["production", "sandbox"])
+    rate: float | None = None  # pushes/s for this team (default: the shared rate)
+    host: str | None = None
+    port: int | None = None
+    ca_file: str | None = None
+    sandbox_host: str | None = None  # the sandbox's mock, when both environments are mocked
+    sandbox_port: int | None = None
 
 
 class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -70,9 +94,13 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     refresh_after: float = 3000.0  # JWT age at which it is renewed (s)
     insecure: bool = False  # turn TLS verification off (a warning is logged)
     proxy: str | None = None  # http://[user:password@]host:port; "none": ignore HTTPS_PROXY
+    retry_wrong_environment: bool = False  # teams: BadDeviceToken -> try the other environment
+    team: list[TeamSpec] = []  # [[team]] tables: several teams, routed by topic (file only)
 
 
-_FIELDS = {f.name: f for f in msgspec.structs.fields(Settings)}
+# Settings given by flag, APNS_* variable or file; ``team`` only by file (or --teams FILE)
+_FIELDS = {f.name: f for f in msgspec.structs.fields(Settings) if f.name != "team"}
+_TEAM_PATHS = ("key_path", "cert", "cert_key", "ca_file")
 
 #: Settings field -> environment variable.
 ENV: dict[str, str] = {name: "APNS_" + name.upper() for name in _FIELDS}
@@ -110,6 +138,9 @@ _HELP = {
     "insecure": "turn TLS certificate verification OFF (testing only; logs a warning)",
     "proxy": "HTTP CONNECT proxy http://[USER:PASSWORD@]HOST:PORT (default: HTTPS_PROXY / "
              "ALL_PROXY minus NO_PROXY; 'none' for a direct connection)",
+    "retry_wrong_environment": "with [[team]] tables: a token APNs calls BadDeviceToken is "
+                               "tried in the other environment, reported wrong_environment "
+                               "if accepted there",
 }
 
 
@@ -226,12 +257,15 @@ def _read_file(path: str) -> dict[str, Any]:
             _unknown(where, others[0])
         data = table
     for key in data:
-        if key not in _FIELDS:
+        if key not in _FIELDS and key != "team":
             _unknown(where, key)
 
     values: dict[str, Any] = {}
     base = os.path.dirname(os.path.abspath(path))
     for key, raw in data.items():
+        if key == "team":
+            values["team"] = team_specs(raw, where, base)
+            continue
         value = _convert(key, raw, f"{where}: {key}", strict=True)
         if key in _PATHS and value:
             value = os.path.join(base, os.path.expanduser(value))
@@ -317,6 +351,60 @@ def _validate(s: Settings, sources: dict[str, str]) -> None:
         fail("cert_key", "cert_key is set but cert is not: certificate auth needs --cert")
 
 
+def team_specs(raw: Any, where: str, base: str) -> list[TeamSpec]:
+    """``[[team]]`` tables -> checked :class:`TeamSpec` list, paths made absolute."""
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{where}: 'team' must be [[team]] tables, got {raw!r}"[:300])
+    specs: list[TeamSpec] = []
+    for i, table in enumerate(raw):
+        label = table.get("name", f"#{i + 1}") if isinstance(table, dict) else f"#{i + 1}"
+        try:
+            spec = msgspec.convert(table, TeamSpec)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"{where}: team {label}: {exc}") from None
+        if not spec.topics:
+            raise ConfigError(f"{where}: team {spec.name}: topics is empty")
+        if not spec.cert and not (spec.key_path and spec.key_id and spec.team_id):
+            raise ConfigError(f"{where}: team {spec.name}: needs key_path, key_id and "
+                              "team_id (token auth), or cert (certificate auth)")
+        bad = [e for e in spec.environments if e not in _ENVIRONMENTS]
+        if bad or not spec.environments:
+            raise ConfigError(f"{where}: team {spec.name}: environments must be production "
+                              f"and/or sandbox, got {spec.environments!r}")
+        if spec.connections < 1:
+            raise ConfigError(f"{where}: team {spec.name}: connections must be >= 1")
+        if spec.rate is not None and not (math.isfinite(spec.rate) and spec.rate > 0):
+            raise ConfigError(f"{where}: team {spec.name}: rate must be a positive number "
+                              f"of pushes/s, got {spec.rate!r}")
+        for name in _TEAM_PATHS:
+            value = getattr(spec, name)
+            if value:
+                setattr(spec, name, os.path.join(base, os.path.expanduser(value)))
+        specs.append(spec)
+    names = [s.name for s in specs]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ConfigError(f"{where}: two teams are named {sorted(dup)[0]!r}")
+    return specs
+
+
+def read_teams_file(path: str) -> list[TeamSpec]:
+    """``fanout run --teams FILE``: a TOML file of ``[[team]]`` tables only."""
+    where = f"--teams {path}"
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{where}: {exc.strerror or type(exc).__name__}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: not TOML: {exc}") from None
+    unknown = set(data) - {"team"}
+    if unknown or not data.get("team"):
+        raise ConfigError(f"{where}: want [[team]] tables only"
+                          + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else ""))
+    return team_specs(data["team"], where, os.path.dirname(os.path.abspath(path)))
+
+
 # --------------------------------------------------------------------------- building
 
 
@@ -334,6 +422,16 @@ def make_auth(settings: Settings) -> TokenAuth | CertAuth:
             f"or --cert for certificate auth")
     return TokenAuth.from_file(settings.key_path, settings.key_id, settings.team_id,
                                refresh_after=settings.refresh_after)
+
+
+def make_engine(settings: Settings, **extra: Any) -> Any:
+    """What ``fanout run`` sends with: a :class:`fanout.teams.TeamsEngine` when the settings
+    have ``[[team]]`` tables, else one :class:`fanout.client.Client`."""
+    if settings.team:
+        from .teams import make_teams_engine
+
+        return make_teams_engine(settings, **extra)
+    return make_client(settings, **extra)
 
 
 def make_client(settings: Settings, **extra: Any) -> Any:

@@ -397,6 +397,15 @@ class Daemon:
             log.error("line %d: unexpected %s while decoding", number, type(exc).__name__)
             self._malformed(state, f"could not be decoded ({type(exc).__name__})")
             return
+        env = push.environment
+        if env is not None and env != self.settings.environment and not self.settings.team:
+            self._emit(ResultLine(
+                id=push.id, line=number, outcome="config_error",
+                error=f"environment {env}: this daemon sends to {self.settings.environment} "
+                      f"only (give [[team]] tables to send to both)", input=inp.label), state)
+            state.closed = True
+            state.done()
+            return
         if push.live_activity is not None or push.channel_id is not None:
             await self._single(state, push, send)
             return
@@ -416,6 +425,7 @@ class Daemon:
             for token in tokens:
                 try:
                     prepared = template.for_token(token, Tag(state, push.id))
+                    prepared.environment = env
                 except ValidationError as exc:
                     self._emit(ResultLine(id=push.id, line=number, outcome="rejected",
                                           token=token if len(token) < 600 else None,
@@ -514,6 +524,7 @@ class Daemon:
         except (ValidationError, ConfigError) as exc:
             self._malformed(state, str(exc))
             return
+        prepared.environment = push.environment
         state.pending += 1
         try:
             send.send_nowait(prepared)
@@ -567,7 +578,8 @@ class Daemon:
             status=result.status, reason=result.reason, apns_id=result.apns_id,
             timestamp=result.timestamp, attempts=result.attempts,
             latency_ms=round(latency, 3) if latency is not None else None, error=result.error,
-            input=state.input.label, team=result.team), state)
+            input=state.input.label, team=result.team, environment=result.environment,
+            wrong_environment=result.wrong_environment), state)
         state.pending -= 1
         if state.closed and not state.pending:
             state.done()
@@ -721,7 +733,8 @@ def add_run_parser(sub: Any, settings_args: Callable[[argparse.ArgumentParser], 
                         "(HOST defaults to 127.0.0.1)")
     p.add_argument("--teams", metavar="FILE",
                    help="several Apple developer teams: a TOML file of [[team]] tables (name, "
-                        "topics, key_path/key_id/team_id or cert); pushes are routed by topic")
+                        "topics, key_path/key_id/team_id or cert; or put them in --config); "
+                        "pushes are routed by topic and environment")
     g = p.add_argument_group("a fleet on a Redis Stream (instead of files)")
     g.add_argument("--source", metavar="redis://HOST:PORT/STREAM",
                    help="consume push jobs (field 'push') from this stream in a consumer group")
@@ -740,7 +753,7 @@ def add_run_parser(sub: Any, settings_args: Callable[[argparse.ArgumentParser], 
 
 
 async def run_main(args: argparse.Namespace) -> int:
-    from .config import load_settings, make_client
+    from .config import load_settings, make_engine, read_teams_file
     from .reader import expand_inputs
 
     try:
@@ -751,23 +764,20 @@ async def run_main(args: argparse.Namespace) -> int:
             from .workers import WorkerDaemon
 
             settings = msgspec.json.decode(os.environ[CHILD_SETTINGS_ENV], type=Settings)
-            return await WorkerDaemon(settings, args, make_client).run()
+            return await WorkerDaemon(settings, args, make_engine).run()
         settings = load_settings(args)
         if getattr(args, "teams", None):
-            from functools import partial
-
-            from .teams import make_teams_engine
-
-            if args.workers > 1:
-                raise ConfigError("--teams with --workers is not supported yet")
-            make_client = partial(make_teams_engine, args.teams)  # noqa: F811
+            if settings.team:
+                raise ConfigError(f"--teams {args.teams} and [[team]] tables in the config "
+                                  "file: give the teams in one place")
+            settings.team = read_teams_file(args.teams)
         if getattr(args, "source", None):
             if args.inputs not in ([], ["-"]) or args.follow or args.workers > 1:
                 raise ConfigError("--source takes no input files, --follow or --workers "
                                   "(run more daemons in the group instead)")
             from .fleet import StreamDaemon
 
-            return await StreamDaemon(settings, args, make_client).run()
+            return await StreamDaemon(settings, args, make_engine).run()
         inputs = expand_inputs(args.inputs or ["-"])
         if args.follow and (len(inputs) != 1 or inputs[0] == "-"):
             raise ConfigError("--follow takes exactly one input file")
@@ -778,7 +788,7 @@ async def run_main(args: argparse.Namespace) -> int:
             from .workers import Coordinator
 
             return await Coordinator(settings, args, inputs).run()
-        return await Daemon(settings, args, inputs, make_client).run()
+        return await Daemon(settings, args, inputs, make_engine).run()
     except FanoutError as exc:
         print(f"fanout run: error: {exc}", file=sys.stderr)
         return EXIT_USAGE if not isinstance(exc, ConfigError) else EXIT_CONFIG

@@ -39,6 +39,10 @@ class Events:
     def limiter_wait(self, seconds: float) -> None:
         """A push waited ``seconds`` in the limiter's token buckets / global pause."""
 
+    def wrong_environment_found(self, accepted_by: str) -> None:
+        """APNs called a token BadDeviceToken and the other environment (``accepted_by``)
+        took the push (:class:`fanout.teams.Teams` with ``retry_wrong_environment``)."""
+
 
 class MultiEvents(Events):
     """Fans every hook out to several backends."""

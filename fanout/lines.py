@@ -50,6 +50,9 @@ class PushLine(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     expiration: int | None = None
     collapse_id: str | None = None
     apns_id: str | None = None
+    environment: str | None = None
+    """production or sandbox; routed by a daemon with ``[[team]]`` tables, otherwise it
+    must match the daemon's own environment."""
 
 
 _decoder = msgspec.json.Decoder(PushLine)
@@ -74,6 +77,8 @@ def decode_line(data: bytes) -> PushLine:
     if targets != 1:
         raise LineError("needs exactly one of token, tokens, tokens_file or channel_id"
                         if targets else "missing token (or tokens, tokens_file, channel_id)")
+    if line.environment is not None and line.environment not in ("production", "sandbox"):
+        raise LineError(f"environment must be production or sandbox, not {line.environment!r}")
     la = line.live_activity
     if la is None and line.payload is None:
         raise LineError("missing payload (or live_activity)")
@@ -107,7 +112,12 @@ class ResultLine(msgspec.Struct, omit_defaults=True):
     entry: str | None = None
     """The Redis Stream entry id (``fanout run --source redis://...``)."""
     team: str | None = None
-    """The team that served the push (``fanout run --teams FILE``)."""
+    """The team that served the push (``[[team]]`` tables, or ``--teams FILE``)."""
+    environment: str | None = None
+    """Where a team's push went: production or sandbox."""
+    wrong_environment: bool = False
+    """The line named the other environment; this one accepted the token (see
+    :attr:`fanout.outcome.Result.wrong_environment`)."""
 
 
 result_encoder = msgspec.json.Encoder()

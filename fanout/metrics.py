@@ -92,54 +92,88 @@ class Metrics(Events):
         self.interval = interval
         self._multiprocess = _multiprocess()
         r = self.registry
+        T = ["team"]  # every engine metric: "" outside fanout.teams (the same as no label)
         self.pushes = Counter("fanout_pushes_total", "pushes finished",
-                              ["push_type", "outcome", "reason"], registry=r)
+                              [*T, "push_type", "outcome", "reason"], registry=r)
         self.latency = Histogram("fanout_push_latency_seconds", "send to answer",
-                                 ["push_type", "outcome"], buckets=LATENCY_BUCKETS, registry=r)
-        self.in_flight = Gauge("fanout_in_flight", "pushes sent, not yet answered",
+                                 [*T, "push_type", "outcome"], buckets=LATENCY_BUCKETS,
+                                 registry=r)
+        self.in_flight = Gauge("fanout_in_flight", "pushes sent, not yet answered", T,
                                registry=r, multiprocess_mode="livesum")
         self.queue_depth = Gauge("fanout_queue_depth",
-                                 "pushes waiting for a stream slot or a token bucket",
+                                 "pushes waiting for a stream slot or a token bucket", T,
                                  registry=r, multiprocess_mode="livesum")
         self.stream_limit = Gauge("fanout_connection_stream_limit",
                                   "server's current SETTINGS_MAX_CONCURRENT_STREAMS",
-                                  ["connection"], registry=r, multiprocess_mode="livesum")
+                                  [*T, "connection"], registry=r, multiprocess_mode="livesum")
         self.streams_open = Gauge("fanout_connection_streams_open", "streams open now",
-                                  ["connection"], registry=r, multiprocess_mode="livesum")
+                                  [*T, "connection"], registry=r, multiprocess_mode="livesum")
         self.connections_opened = Counter("fanout_connections_opened_total",
-                                          "connections that became ready", registry=r)
+                                          "connections that became ready", T, registry=r)
         self.connections_closed = Counter("fanout_connections_closed_total",
-                                          "connections closed", ["cause"], registry=r)
+                                          "connections closed", [*T, "cause"], registry=r)
         self.connection_failures = Counter("fanout_connection_failures_total",
-                                           "connection attempts that failed", registry=r)
-        self.goaways = Counter("fanout_goaways_total", "GOAWAY frames received", ["reason"],
-                               registry=r)
-        self.streams_reset = Counter("fanout_streams_reset_total", "streams reset", registry=r)
-        self.retries = Counter("fanout_retries_total", "resends", ["cause"], registry=r)
+                                           "connection attempts that failed", T, registry=r)
+        self.goaways = Counter("fanout_goaways_total", "GOAWAY frames received",
+                               [*T, "reason"], registry=r)
+        self.streams_reset = Counter("fanout_streams_reset_total", "streams reset", T,
+                                     registry=r)
+        self.retries = Counter("fanout_retries_total", "resends", [*T, "cause"], registry=r)
         self.limiter_wait_seconds = Counter(
             "fanout_limiter_wait_seconds_total",
-            "seconds pushes waited in token buckets / global pause", registry=r)
+            "seconds pushes waited in token buckets / global pause", T, registry=r)
         self.invalid_tokens = Counter("fanout_invalid_tokens_total",
-                                      "tokens invalidated (each once)", registry=r)
+                                      "tokens invalidated (each once)", T, registry=r)
         # livemax: the age of the oldest token among the workers (a sum means nothing)
-        self.jwt_age = Gauge("fanout_jwt_age_seconds", "age of the provider token in use",
+        self.jwt_age = Gauge("fanout_jwt_age_seconds", "age of the provider token in use", T,
                              registry=r, multiprocess_mode="livemax")
-        self.jwt_rotations = Counter("fanout_jwt_rotations_total", "provider tokens minted",
+        self.jwt_rotations = Counter("fanout_jwt_rotations_total", "provider tokens minted", T,
                                      registry=r)
         self.auth_failures = Counter("fanout_auth_failures_total", "403/429 auth answers",
-                                     ["reason"], registry=r)
+                                     [*T, "reason"], registry=r)
+        self.wrong_environment = Counter(
+            "fanout_wrong_environment_total",
+            "pushes APNs refused as BadDeviceToken and the other environment accepted",
+            [*T, "accepted_by"], registry=r)
         self.daemon = DaemonMetrics(r) if daemon else None
+        self._views: dict[str, Metrics] = {"": self}
+        self._bind("")
 
+    def for_team(self, team: str) -> Metrics:
+        """The listener of one team's clients (:class:`fanout.teams.Teams`): the same
+        metrics, labelled ``team``. Team names come from the configuration (bounded)."""
+        view = self._views.get(team)
+        if view is None:
+            view = object.__new__(type(self))
+            view.__dict__.update({k: v for k, v in self.__dict__.items()
+                                  if not k.startswith("_") or k in ("_multiprocess", "_views")})
+            view._bind(team)
+            self._views[team] = view
+        return view
+
+    def _bind(self, team: str) -> None:
+        """This view's label children (created up front: every series exists from the
+        start)."""
+        self.team = team
         self._push_children: dict[tuple, tuple[Any, Any]] = {}
-        # fixed label sets: created up front so that every series exists from the start
-        self._retry_children = {c: self.retries.labels(c) for c in sorted(RETRY_CAUSES)}
-        self._closed_children = {c: self.connections_closed.labels(c) for c in CLOSE_CAUSES}
+        self._retry_children = {c: self.retries.labels(team, c) for c in sorted(RETRY_CAUSES)}
+        self._closed_children = {c: self.connections_closed.labels(team, c)
+                                 for c in CLOSE_CAUSES}
         self._goaway_children: dict[str, Any] = {}
         self._auth_children: dict[str, Any] = {}
-        self._conn_children: dict[int, tuple[Any, Any]] = {}
-        self._reset_inc = self.streams_reset.inc
-        self._rotations_seen = 0
+        self._conn_children: dict[str, tuple[Any, Any]] = {}
+        self._opened = self.connections_opened.labels(team)
+        self._failures = self.connection_failures.labels(team)
+        self._reset_inc = self.streams_reset.labels(team).inc
+        self._waited = self.limiter_wait_seconds.labels(team)
+        self._invalid = self.invalid_tokens.labels(team)
+        self._in_flight = self.in_flight.labels(team)
+        self._queued = self.queue_depth.labels(team)
+        self._jwt_age = self.jwt_age.labels(team)
+        self._rotations = self.jwt_rotations.labels(team)
+        self._rotations_seen: dict[int, int] = {}
         self._client: Any = None
+        self._several = False  # sampling several clients (a team's): no eager series drop
 
     # ------------------------------------------------------------------ engine hooks
 
@@ -161,8 +195,8 @@ class Metrics(Events):
         if pt not in PUSH_TYPES:
             pt = "other"
         oc = str(outcome)
-        children = (self.pushes.labels(pt, oc, reason_label(reason)),
-                    self.latency.labels(pt, oc))
+        children = (self.pushes.labels(self.team, pt, oc, reason_label(reason)),
+                    self.latency.labels(self.team, pt, oc))
         self._push_children[(push_type, outcome, reason)] = children
         return children
 
@@ -171,28 +205,32 @@ class Metrics(Events):
         if child is None:  # not a known cause: bounded as "other"
             child = self._retry_children.get("other")
             if child is None:
-                child = self._retry_children["other"] = self.retries.labels("other")
+                child = self._retry_children["other"] = self.retries.labels(self.team, "other")
         child.inc()
 
     def connection_opened(self, conn: Any) -> None:
-        self.connections_opened.inc()
+        self._opened.inc()
 
     def connection_closed(self, conn: Any) -> None:
         self._closed_children[close_cause(conn)].inc()
         index = getattr(conn, "index", None)
-        if index is None or index not in self._conn_children:
-            return
+        if self._several or index is None or str(index) not in self._conn_children:
+            return  # (a team's several clients: the sampler drops what closed)
         pool = getattr(self._client, "pool", None)
         if pool is not None and any(c is not conn and c.index == index
                                     for c in (*pool.conns, *pool.draining)):
             return  # the slot's replacement is already up: keep its series
-        self._drop_connection(index)
+        self._drop_connection(str(index))
 
     def connection_failed(self, index: int, exc: BaseException) -> None:
-        self.connection_failures.inc()
+        self._failures.inc()
 
     def invalid_token(self, token: str, reason: str | None, timestamp: int | None) -> None:
-        self.invalid_tokens.inc()
+        self._invalid.inc()
+
+    def wrong_environment_found(self, accepted_by: str) -> None:
+        """A push the other environment accepted (fanout.teams, retry_wrong_environment)."""
+        self.wrong_environment.labels(self.team, accepted_by).inc()
 
     def stream_reset(self, conn: Any) -> None:
         self._reset_inc()
@@ -201,19 +239,19 @@ class Metrics(Events):
         label = reason_label(reason)
         child = self._goaway_children.get(label)
         if child is None:
-            child = self._goaway_children[label] = self.goaways.labels(label)
+            child = self._goaway_children[label] = self.goaways.labels(self.team, label)
         child.inc()
 
     def auth_failure(self, reason: str | None) -> None:
         label = reason_label(reason)
         child = self._auth_children.get(label)
         if child is None:
-            child = self._auth_children[label] = self.auth_failures.labels(label)
+            child = self._auth_children[label] = self.auth_failures.labels(self.team, label)
         child.inc()
 
     def limiter_wait(self, seconds: float) -> None:
         if seconds > 0:
-            self.limiter_wait_seconds.inc(seconds)
+            self._waited.inc(seconds)
 
     # ------------------------------------------------------------------ sampling
 
@@ -236,39 +274,58 @@ class Metrics(Events):
 
     def sample(self, client: Any) -> None:
         """Set the state gauges from ``client`` now (cheap: a walk over the pool's
-        connections)."""
+        connections). A :class:`fanout.teams.Teams` router is sampled team by team."""
         self._client = client
-        pool = client.pool
-        conns = (*pool.conns, *pool.draining)
-        self.in_flight.set(sum(len(c.streams) for c in conns))
-        self.queue_depth.set(client.limiter.waiting + len(pool._lot))
-        limits: dict[int, int] = {}
-        open_: dict[int, int] = {}
-        for c in pool.conns:  # the slot's ready connection sets its limit
-            limits[c.index] = c.stream_limit
-        for c in conns:
-            open_[c.index] = open_.get(c.index, 0) + len(c.streams)
-            limits.setdefault(c.index, c.stream_limit)
-        for index, n in open_.items():
-            children = self._conn_children.get(index)
-            if children is None:
-                label = str(index)
-                children = self._conn_children[index] = (self.stream_limit.labels(label),
-                                                         self.streams_open.labels(label))
-            children[0].set(limits[index])
-            children[1].set(n)
-        for index in [i for i in self._conn_children if i not in open_]:
-            self._drop_connection(index)
-        auth = client.auth
-        if auth is not None and hasattr(auth, "rotations"):
-            rotations = auth.rotations
-            if rotations > self._rotations_seen:
-                self.jwt_rotations.inc(rotations - self._rotations_seen)
-            self._rotations_seen = rotations
-            self.jwt_age.set(max(0.0, auth.age()))
+        by_team = getattr(client, "clients_by_team", None)
+        if by_team is not None:
+            for team, clients in by_team().items():
+                self.for_team(team)._sample_clients(clients, several=True)
+            return
+        self._sample_clients([client], several=False)
 
-    def _drop_connection(self, index: int) -> None:
-        children = self._conn_children.get(index)
+    def _sample_clients(self, clients: list[Any], *, several: bool) -> None:
+        self._several = several
+        in_flight = queued = 0
+        limits: dict[str, int] = {}
+        open_: dict[str, int] = {}
+        auths: dict[int, Any] = {}
+        for client in clients:
+            pool = client.pool
+            conns = (*pool.conns, *pool.draining)
+            in_flight += sum(len(c.streams) for c in conns)
+            queued += client.limiter.waiting + len(pool._lot)
+            prefix = "sandbox-" if several and client.environment == "sandbox" else ""
+            for c in pool.conns:  # the slot's ready connection sets its limit
+                limits[prefix + str(c.index)] = c.stream_limit
+            for c in conns:
+                label = prefix + str(c.index)
+                open_[label] = open_.get(label, 0) + len(c.streams)
+                limits.setdefault(label, c.stream_limit)
+            auth = client.auth
+            if auth is not None and hasattr(auth, "rotations"):
+                auths[id(auth)] = auth  # a team's environments share one key
+        self._in_flight.set(in_flight)
+        self._queued.set(queued)
+        for label, n in open_.items():
+            children = self._conn_children.get(label)
+            if children is None:
+                children = self._conn_children[label] = (
+                    self.stream_limit.labels(self.team, label),
+                    self.streams_open.labels(self.team, label))
+            children[0].set(limits[label])
+            children[1].set(n)
+        for label in [x for x in self._conn_children if x not in open_]:
+            self._drop_connection(label)
+        for key, auth in auths.items():
+            rotations = auth.rotations
+            seen = self._rotations_seen.get(key, 0)
+            if rotations > seen:
+                self._rotations.inc(rotations - seen)
+            self._rotations_seen[key] = rotations
+            self._jwt_age.set(max(0.0, auth.age()))
+
+    def _drop_connection(self, label: str) -> None:
+        children = self._conn_children.get(label)
         if children is None:
             return
         if self._multiprocess:
@@ -276,10 +333,9 @@ class Metrics(Events):
             children[0].set(0)
             children[1].set(0)
             return
-        del self._conn_children[index]
-        label = str(index)
-        self.stream_limit.remove(label)
-        self.streams_open.remove(label)
+        del self._conn_children[label]
+        self.stream_limit.remove(self.team, label)
+        self.streams_open.remove(self.team, label)
 
 
 class DaemonMetrics:

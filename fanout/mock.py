@@ -172,6 +172,11 @@ class MockConfig:
     bad_token_fraction: float = 0.0
     """Fraction of tokens answered 400 BadDeviceToken (a rejection: the stream limit drops
     to 1), chosen by a hash of the token from the other end of the range than 410's."""
+    environment: str = "production"
+    sandbox_token_fraction: float = 0.0
+    """Fraction of tokens that belong to the sandbox (by a hash of the token, from the middle
+    of the range); the rest belong to production. When set, a token of the other
+    environment than ``environment`` is answered 400 BadDeviceToken, as Apple does."""
     goaway_after: int | None = None
     """Per connection: GOAWAY after this many streams, answer those at or below the
     last-stream-id, then close."""
@@ -280,6 +285,12 @@ def _signature_ok(token: bytes, key: EllipticCurvePublicKey) -> bool:
     except jwt.PyJWTError:
         return False
     return True
+
+
+def is_sandbox_token(token: str, config: MockConfig) -> bool:
+    """Whether ``token`` is a sandbox token under ``config.sandbox_token_fraction``."""
+    h = _hash_fraction(token)
+    return 0.5 <= h < 0.5 + config.sandbox_token_fraction
 
 
 def _hash_fraction(token: str) -> float:
@@ -935,6 +946,9 @@ class _Connection:
             ):
                 return fail(410, "Unregistered", auth_ok)
             if cfg.bad_token_fraction and 1.0 - _hash_fraction(token) <= cfg.bad_token_fraction:
+                return fail(400, "BadDeviceToken", auth_ok)
+            if cfg.sandbox_token_fraction and \
+                    (cfg.environment == "sandbox") != is_sandbox_token(token, cfg):
                 return fail(400, "BadDeviceToken", auth_ok)
         if cfg.p429 and rng.random() < cfg.p429:
             return fail(429, "TooManyRequests", auth_ok)

@@ -199,6 +199,11 @@ class Result(msgspec.Struct, kw_only=True, omit_defaults=True):
     latency_ms: float | None = None
     error: str | None = None
     team: str | None = None  # the team that served it (fanout.teams.Teams)
+    environment: str | None = None  # where it went (fanout.teams.Teams): production | sandbox
+    wrong_environment: bool = False
+    """The push named the other environment: APNs there answered BadDeviceToken and this
+    ``environment`` accepted it (``Teams(retry_wrong_environment=True)``). The token is
+    alive: store its environment, do not delete it."""
 
     @property
     def ok(self) -> bool:

@@ -327,6 +327,9 @@ class Notification(msgspec.Struct, kw_only=True):
     collapse_id: str | None = None
     apns_id: str | None = None
     id: Any = None
+    environment: str | None = None
+    """production or sandbox: which APNs a :class:`fanout.teams.Teams` router sends it to
+    (None: the router's default). A plain Client sends to its own environment."""
 
 
 class Prepared:
@@ -347,6 +350,7 @@ class Prepared:
         "stamp",
         "extra",
         "channel_id",
+        "environment",
     )
 
     def __init__(
@@ -377,6 +381,7 @@ class Prepared:
         self.stamp: Any = None  # Live Activities: rebuilds the body with the send time
         self.extra: list[tuple[bytes, bytes]] | None = None  # more headers (apns-channel-id)
         self.channel_id: str | None = None  # a broadcast's channel (then token is a key only)
+        self.environment: str | None = None  # Teams routing: production | sandbox | default
 
     def __repr__(self) -> str:
         return (
@@ -546,10 +551,20 @@ class PushTemplate:
         )
 
 
+ENVIRONMENTS = ("production", "sandbox")
+
+
+def check_environment(environment: Any) -> str | None:
+    if environment is None or environment in ENVIRONMENTS:
+        return environment
+    raise ValidationError("environment", f"must be production or sandbox, got {environment!r}")
+
+
 def prepare(n: Notification, *, default_topic: str | None = None) -> Prepared:
     """Fully validate one notification; raises ValidationError naming the field."""
     _check_token(n.token)  # cheapest check first
-    return PushTemplate(
+    environment = check_environment(n.environment)
+    prepared = PushTemplate(
         n.payload,
         push_type=n.push_type,
         topic=n.topic,
@@ -559,3 +574,5 @@ def prepare(n: Notification, *, default_topic: str | None = None) -> Prepared:
         collapse_id=n.collapse_id,
         apns_id=n.apns_id,
     ).for_token(n.token, n.id)
+    prepared.environment = environment
+    return prepared

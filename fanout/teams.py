@@ -1,23 +1,33 @@
 """Many apps under several Apple developer teams from one process: a routing layer.
 
 APNs binds a connection to one team on its first push, so each team gets a
-:class:`~fanout.client.Client` of its own (its connections, its JWT schedule, its
+:class:`~fanout.client.Client` per environment (its connections, its JWT schedule, its
 limiter), and a push goes to the team that serves its topic (the bundle id without a
-push-type suffix) in its environment. One team's failures (a revoked key, 403s) never
-slow the others: its client stops with ``config_error`` results, the rest go on. A team's
-client is opened on its first push and closed after ``idle_timeout`` seconds unused.
+push-type suffix) in the environment it names (``Notification.environment``, else the
+router's). One team's failures (a revoked key, 403s) never slow the others: its client
+stops with ``config_error`` results, the rest go on. A team's client is opened on its
+first push and closed after ``idle_timeout`` seconds unused.
 
     teams = [Team("acme", TokenAuth.from_file(...), {"com.acme.app", "com.acme.pos"}),
              Team("beta", CertAuth(...), {"com.beta.app"}, connections=4)]
-    async with Teams(teams) as router:
+    async with Teams(teams, retry_wrong_environment=True) as router:
         async for r in router.send_many(notifications):   # any mix of topics
-            print(r.team, r.outcome)
+            print(r.team, r.environment, r.outcome)
+
+``retry_wrong_environment``: APNs answers 400 BadDeviceToken both for a dead token and for a
+token of the other environment. With the option on, such a push is sent once more to the
+team's other environment; if that one accepts it the result is ``delivered`` with
+``wrong_environment`` set (store the token's environment, do not delete it), otherwise it is
+the first ``invalid_token`` answer. Until the second answer, nothing calls the token dead:
+``on_invalid_token`` and the metrics hear of it only then.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+import math
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,13 +36,15 @@ import trio
 
 from .client import Client
 from .errors import ConfigError
+from .events import Events
 from .outcome import Outcome, Result
 from .payload import Notification, Prepared
 
 log = logging.getLogger("fanout.teams")
 
-QUEUE = 1024  # pushes waiting per team inside send_many (bounded memory)
+QUEUE = 1024  # pushes waiting per team inside send_many, beyond what its clients hold
 _SUFFIXES = (".voip", ".complication", ".pushkit.fileprovider")
+_OTHER = {"production": "sandbox", "sandbox": "production"}
 
 
 def bundle_of(topic: str) -> str:
@@ -47,8 +59,9 @@ def bundle_of(topic: str) -> str:
 @dataclass
 class Team:
     """One Apple developer team: its credentials and the bundle ids it serves. ``client``
-    holds extra :class:`Client` arguments for its pool (``host``, ``port``, ``ca_file``,
-    ``rate`` ...)."""
+    holds extra :class:`Client` arguments for its pools (``host``, ``port``, ``ca_file``,
+    ``rate`` ...); ``per_environment`` more of them for one environment only (a sandbox
+    mock's ``host`` and ``port``)."""
 
     name: str
     auth: Any
@@ -56,6 +69,7 @@ class Team:
     connections: int = 2
     environments: tuple[str, ...] = ("production", "sandbox")
     client: dict[str, Any] = field(default_factory=dict)
+    per_environment: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class _Open:
@@ -70,13 +84,83 @@ class _Open:
         self.last_used = trio.current_time()
 
 
+class _Routed:
+    """The id a push carries through a team's client while a wrong-environment retry is
+    possible: the caller's id, the push (a copy carrying this id, to send it again) and
+    the first answer."""
+
+    __slots__ = ("item", "id", "first")
+
+    def __init__(self, item: Any) -> None:
+        self.id = getattr(item, "id", None)
+        self.item = _with_id(item, self)
+        self.first: Result | None = None
+
+
+class _Holding:
+    """A team client's events while wrong-environment retries are on: a BadDeviceToken
+    result and invalidation wait for the other environment's answer (the router reports
+    the final one). Every other hook goes straight through."""
+
+    def __init__(self, inner: Events) -> None:
+        for name in Events.__dict__:
+            if not name.startswith("_"):
+                setattr(self, name, getattr(inner, name))
+        self._finished = inner.push_finished
+        self._invalid = inner.invalid_token
+        self.push_finished = self._push_finished  # type: ignore[method-assign]
+        self.invalid_token = self._invalid_token  # type: ignore[method-assign]
+
+    def _push_finished(self, result: Any, push_type: bytes, latency_s: float | None) -> None:
+        if not _held(result):
+            self._finished(result, push_type, latency_s)
+
+    def _invalid_token(self, token: str, reason: str | None, timestamp: int | None) -> None:
+        if reason != "BadDeviceToken":
+            self._invalid(token, reason, timestamp)
+
+
+def _held(result: Result) -> bool:
+    return result.outcome is Outcome.INVALID_TOKEN and result.reason == "BadDeviceToken"
+
+
+class _TeamQueue:
+    """One team's pushes inside ``send_many``: a queue per environment, closed when the
+    input has ended and every push of the team has its final result (a retry may still
+    come back from the other environment until then)."""
+
+    def __init__(self, limit: int) -> None:
+        self.queues: dict[str, trio.MemorySendChannel[Any]] = {}
+        self.pending = 0
+        self.limit = limit
+        self.room = trio.Event()
+        self.fed = False
+
+    def done(self) -> None:
+        self.pending -= 1
+        if self.pending < self.limit:
+            self.room.set()
+        self.close_if_done()
+
+    def close_if_done(self) -> None:
+        if self.fed and self.pending <= 0:
+            for queue in self.queues.values():
+                queue.close()
+
+
 class Teams:
     def __init__(self, teams: Iterable[Team], *, environment: str = "production",
-                 idle_timeout: float = 300.0, **client_kw: Any) -> None:
+                 idle_timeout: float = 300.0, retry_wrong_environment: bool = False,
+                 on_invalid_token: Callable[[str, str | None, int | None], Any] | None = None,
+                 events: Events | None = None, **client_kw: Any) -> None:
         self.teams = list(teams)
         self.environment = environment
         self.idle_timeout = idle_timeout
+        self.retry_wrong_environment = retry_wrong_environment
+        self._on_invalid = on_invalid_token
         self._client_kw = client_kw
+        self._events = events
+        self._team_events: dict[str, Events] = {}
         self._by_bundle: dict[str, Team] = {}
         for team in self.teams:
             for topic in team.topics:
@@ -107,6 +191,21 @@ class Teams:
     def team_for(self, topic: str | None) -> Team | None:
         return self._by_bundle.get(bundle_of(topic)) if topic else None
 
+    def _retries(self, team: Team) -> bool:
+        return self.retry_wrong_environment and len(set(team.environments)) == 2
+
+    def events_for(self, team: Team) -> Events | None:
+        """The team's listener: ``events.for_team(name)`` when the listener has it (the
+        Prometheus metrics: a ``team`` label), else ``events`` itself."""
+        if self._events is None:
+            return None
+        ev = self._team_events.get(team.name)
+        if ev is None:
+            for_team = getattr(self._events, "for_team", None)
+            ev = for_team(team.name) if for_team is not None else self._events
+            self._team_events[team.name] = ev
+        return ev
+
     async def client_for(self, team: Team, environment: str | None = None) -> Client:
         """The team's client for ``environment``, opened on first use."""
         env = environment or self.environment
@@ -115,9 +214,15 @@ class Teams:
         key = (team.name, env)
         held = self._open.get(key)
         if held is None or held.stop.is_set():
-            kw = {**self._client_kw, **team.client}
+            kw = {**self._client_kw, **team.client, **team.per_environment.get(env, {})}
+            events = self.events_for(team)
+            on_invalid: Any = self._on_invalid
+            if self._retries(team):
+                events = _Holding(events or Events())
+                if on_invalid is not None:
+                    on_invalid = _skip_bad_token(on_invalid)
             client = Client(auth=team.auth, connections=team.connections, environment=env,
-                            **kw)
+                            events=events, on_invalid_token=on_invalid, **kw)
             held = self._open[key] = _Open(client)
             self._nursery.start_soon(self._hold, key, held)
             log.info("team %s (%s): opening its connections", team.name, env)
@@ -151,39 +256,92 @@ class Teams:
     def open_teams(self) -> list[tuple[str, str]]:
         return [k for k, held in self._open.items() if not held.stop.is_set()]
 
-    # ----------------------------------------------------------------- sending
+    def clients_by_team(self) -> dict[str, list[Client]]:
+        """Every team's open clients (an empty list for a team with none open): what the
+        metrics sample."""
+        out: dict[str, list[Client]] = {team.name: [] for team in self.teams}
+        for (name, _env), held in self._open.items():
+            if held.ready.is_set() and not held.closed.is_set():
+                out[name].append(held.client)
+        return out
+
+    # ----------------------------------------------------------------- results
 
     @staticmethod
-    def _refused(item: Any, error: str, team: str | None = None) -> Result:
+    def _refused(item: Any, error: str, team: str | None = None,
+                 environment: str | None = None) -> Result:
         """The result of a push no team's client will take."""
         return Result(outcome=Outcome.CONFIG_ERROR, id=getattr(item, "id", None),
-                      token=getattr(item, "token", None), error=error, team=team)
+                      token=getattr(item, "token", None), error=error, team=team,
+                      environment=environment)
 
     def _unrouted(self, item: Any, topic: str | None) -> Result:
         return self._refused(item, f"no team serves topic {topic!r}")
+
+    def _final(self, team: Team, first: Result, second: Result, item: Any) -> Result:
+        """The answer to a push tried in both environments."""
+        if second.ok:
+            second.wrong_environment = True
+            events = self.events_for(team)
+            if events is not None:
+                events.wrong_environment_found(second.environment or "")
+            log.info("team %s: a token for %s was sent to %s (BadDeviceToken there)",
+                     team.name, second.environment, first.environment)
+            return second
+        if not _held(second) and second.outcome is not Outcome.CONFIG_ERROR:
+            return second  # the other environment had more to say (Unregistered ...)
+        # dead in both: now tell the listener, and the invalid-token hook unless both
+        # answers came from the clients' memory of dead tokens (it heard of it then)
+        events = self.events_for(team)
+        news = first.attempts > 0 or second.attempts > 0
+        if events is not None:
+            events.push_finished(first, _push_type(item), None)
+            if news:
+                events.invalid_token(first.token or "", first.reason, first.timestamp)
+        if news and self._on_invalid is not None and first.token:
+            try:
+                self._on_invalid(first.token, first.reason, first.timestamp)
+            except Exception:
+                log.exception("on_invalid_token callback failed")
+        return first
+
+    # ----------------------------------------------------------------- sending
 
     async def send(self, notification: Notification | Prepared,
                    environment: str | None = None) -> Result:
         team = self.team_for(_topic(notification))
         if team is None:
             return self._unrouted(notification, _topic(notification))
-        client = await self.client_for(team, environment)
-        held = self._open[(team.name, environment or self.environment)]
+        env = _env(notification) or environment or self.environment
+        try:
+            result = await self._send_one(team, env, notification)
+        except ConfigError as exc:
+            return self._refused(notification, str(exc), team.name, env)
+        if self._retries(team) and _held(result):
+            other = _OTHER[env]
+            second = await self._send_one(team, other, notification)
+            result = self._final(team, result, second, notification)
+        return result
+
+    async def _send_one(self, team: Team, env: str, item: Any) -> Result:
+        client = await self.client_for(team, env)
+        held = self._open[(team.name, env)]
         held.busy += 1
         try:
-            result = await client.send(notification)
+            result = await client.send(item)
         finally:
             held.busy -= 1
             held.last_used = trio.current_time()
-        result.team = team.name
+        result.team, result.environment = team.name, env
         return result
 
     def send_many(
         self, notifications: Iterable[Notification | Prepared]
         | AsyncIterable[Notification | Prepared], environment: str | None = None,
     ) -> AsyncIterator[Result]:
-        """One result per notification, any mix of topics, in completion order; each team's
-        pushes go through its own client (a stalled team fills only its own queue)."""
+        """One result per notification, any mix of topics and environments, in completion
+        order; each team's pushes go through its own clients (a stalled team fills only its
+        own queue)."""
         if self._nursery is None:
             raise RuntimeError("use the router inside 'async with Teams(...)'")
         return self._send_many(notifications, environment)
@@ -193,22 +351,47 @@ class Teams:
         out_send, out_recv = trio.open_memory_channel[Result](QUEUE)
         scope = trio.CancelScope()
         failed: list[BaseException] = []
+        default_env = environment or self.environment
+        limit = int(self._client_kw.get("max_in_flight", 8192)) + QUEUE
 
-        async def run_team(team: Team, recv: trio.MemoryReceiveChannel[Any],
+        async def run_team(team: Team, env: str, state: _TeamQueue,
+                           recv: trio.MemoryReceiveChannel[Any],
                            out: trio.MemorySendChannel[Result]) -> None:
+            retries = self._retries(team)
             async with recv, out:
                 try:
-                    client = await self.client_for(team, environment)
-                except ConfigError as exc:
-                    async for item in recv:
-                        await out.send(self._refused(item, str(exc), team.name))
+                    first = await recv.receive()  # open the client only when needed
+                except trio.EndOfChannel:
                     return
-                held = self._open[(team.name, environment or self.environment)]
+                try:
+                    client = await self.client_for(team, env)
+                except ConfigError as exc:
+                    async for item in _achain(first, recv):  # until the team is done
+                        result = self._refused(item, str(exc), team.name, env)
+                        routed = result.id
+                        if type(routed) is _Routed:
+                            result.id = routed.id
+                            if routed.first is not None:
+                                result = self._final(team, routed.first, result, item)
+                        await out.send(result)
+                        state.done()
+                    return
+                held = self._open[(team.name, env)]
                 held.busy += 1
                 try:
-                    async for result in client.send_many(recv):
-                        result.team = team.name
+                    async for result in client.send_many(_achain(first, recv)):
+                        result.team, result.environment = team.name, env
+                        routed = result.id
+                        if retries and type(routed) is _Routed:
+                            result.id = routed.id
+                            if routed.first is None and _held(result):
+                                routed.first = result  # try the other environment
+                                state.queues[_OTHER[env]].send_nowait(routed.item)
+                                continue
+                            if routed.first is not None:
+                                result = self._final(team, routed.first, result, routed.item)
                         await out.send(result)
+                        state.done()
                 finally:
                     held.busy -= 1
                     held.last_used = trio.current_time()
@@ -216,7 +399,7 @@ class Teams:
         async def feed() -> None:
             # a task of the router's nursery (not of this generator): the team tasks
             # live in its nursery, and the generator's exit cancels it through `scope`
-            queues: dict[str, trio.MemorySendChannel[Any]] = {}
+            states: dict[str, _TeamQueue] = {}
             with scope:
                 async with trio.open_nursery() as nursery, out_send:
                     try:
@@ -226,17 +409,34 @@ class Teams:
                             if team is None:
                                 await out_send.send(self._unrouted(item, topic))
                                 continue
-                            queue = queues.get(team.name)
-                            if queue is None:
-                                queue, recv = trio.open_memory_channel[Any](QUEUE)
-                                queues[team.name] = queue
-                                nursery.start_soon(run_team, team, recv, out_send.clone())
-                            await queue.send(item)
+                            env = _env(item) or default_env
+                            if env not in team.environments:
+                                await out_send.send(self._refused(
+                                    item, f"team {team.name} does not send to {env}",
+                                    team.name, env))
+                                continue
+                            state = states.get(team.name)
+                            if state is None:
+                                state = states[team.name] = _TeamQueue(limit)
+                                for e in team.environments:
+                                    # unbounded: a retry never waits; `limit` bounds the lot
+                                    queue, recv = trio.open_memory_channel[Any](math.inf)
+                                    state.queues[e] = queue
+                                    nursery.start_soon(run_team, team, e, state, recv,
+                                                       out_send.clone())
+                            while state.pending >= state.limit:
+                                state.room = trio.Event()
+                                await state.room.wait()
+                            if self._retries(team):
+                                item = _Routed(item).item
+                            state.pending += 1
+                            state.queues[env].send_nowait(item)
                     except Exception as exc:  # the caller's iterable failed: surface it
                         failed.append(exc)
                     finally:
-                        for queue in queues.values():
-                            await queue.aclose()
+                        for state in states.values():
+                            state.fed = True
+                            state.close_if_done()
 
         self._nursery.start_soon(feed)
         try:
@@ -249,10 +449,43 @@ class Teams:
             scope.cancel()
 
 
+def _skip_bad_token(hook: Callable[[str, str | None, int | None], Any]
+                    ) -> Callable[[str, str | None, int | None], Any]:
+    def call(token: str, reason: str | None, timestamp: int | None) -> Any:
+        if reason != "BadDeviceToken":  # that one waits for the other environment
+            return hook(token, reason, timestamp)
+        return None
+    return call
+
+
 def _topic(item: Any) -> str | None:
     if isinstance(item, Prepared):
         return item.topic.decode() if item.topic else None
     return getattr(item, "topic", None)
+
+
+def _env(item: Any) -> str | None:
+    return getattr(item, "environment", None)
+
+
+def _push_type(item: Any) -> bytes:
+    pt = getattr(item, "push_type", b"alert")
+    return pt if isinstance(pt, bytes) else str(pt).encode()
+
+
+def _with_id(item: Any, new_id: Any) -> Any:
+    """A copy of ``item`` carrying ``new_id`` (the caller's object is left alone)."""
+    if isinstance(item, Prepared):
+        clone = copy.copy(item)
+        clone.id = new_id
+        return clone
+    return msgspec.structs.replace(item, id=new_id)
+
+
+async def _achain(first: Any, recv: trio.MemoryReceiveChannel[Any]) -> AsyncIterator[Any]:
+    yield first
+    async for item in recv:
+        yield item
 
 
 async def _aiter(items: Any) -> AsyncIterator[Any]:
@@ -264,67 +497,30 @@ async def _aiter(items: Any) -> AsyncIterator[Any]:
             yield item
 
 
-__all__ = ["Team", "Teams", "bundle_of"]
+__all__ = ["Team", "Teams", "TeamsEngine", "bundle_of", "make_teams_engine", "teams_of"]
 
 
-# --------------------------------------------------------------------------- fanout run --teams
+# --------------------------------------------------------------------------- fanout run
 
-class TeamSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """One ``[[team]]`` table of a ``--teams`` file."""
-
-    name: str
-    topics: list[str]
-    key_path: str | None = None
-    key_id: str | None = None
-    team_id: str | None = None
-    cert: str | None = None
-    cert_key: str | None = None
-    connections: int = 2
-    environments: list[str] = msgspec.field(default_factory=lambda: ["production", "sandbox"])
-    host: str | None = None      # a mock, for tests
-    port: int | None = None
-    ca_file: str | None = None
-
-
-def load_teams(path: str) -> list[Team]:
-    """``[[team]]`` tables from a TOML file: name, topics, key_path + key_id + team_id (or
-    cert [+ cert_key]), connections, environments. Paths are relative to the file."""
-    import tomllib
-    from pathlib import Path
-
+def teams_of(specs: Iterable[Any], refresh_after: float = 3000.0) -> list[Team]:
+    """:class:`Team` objects from checked ``[[team]]`` tables (:class:`fanout.config.TeamSpec`)."""
     from .auth import CertAuth, TokenAuth
 
-    try:
-        raw = tomllib.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"--teams {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"--teams {path}: not TOML: {exc}") from None
-    unknown = set(raw) - {"team"}
-    if unknown or not raw.get("team"):
-        raise ConfigError(f"--teams {path}: want [[team]] tables only"
-                          + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else ""))
-    base = Path(path).parent
     teams = []
-    for i, table in enumerate(raw["team"]):
-        try:
-            spec = msgspec.convert(table, TeamSpec)
-        except msgspec.ValidationError as exc:
-            raise ConfigError(f"--teams {path}: team #{i + 1}: {exc}") from None
-
-        def rel(p: str | None) -> str | None:
-            return None if p is None else str(base / p)
+    for spec in specs:
         if spec.cert:
-            auth: Any = CertAuth(rel(spec.cert), rel(spec.cert_key))
-        elif spec.key_path and spec.key_id and spec.team_id:
-            auth = TokenAuth.from_file(rel(spec.key_path), spec.key_id, spec.team_id)
+            auth: Any = CertAuth(spec.cert, spec.cert_key)
         else:
-            raise ConfigError(f"--teams {path}: team {spec.name}: needs key_path, key_id and "
-                              "team_id, or cert")
+            auth = TokenAuth.from_file(spec.key_path, spec.key_id, spec.team_id,
+                                       refresh_after=refresh_after)
         client = {k: v for k, v in (("host", spec.host), ("port", spec.port),
-                                     ("ca_file", rel(spec.ca_file))) if v is not None}
+                                     ("ca_file", spec.ca_file), ("rate", spec.rate))
+                  if v is not None}
+        sandbox = {k: v for k, v in (("host", spec.sandbox_host), ("port", spec.sandbox_port))
+                   if v is not None}
         teams.append(Team(spec.name, auth, set(spec.topics), spec.connections,
-                          tuple(spec.environments), client))
+                          tuple(spec.environments), client,
+                          {"sandbox": sandbox} if sandbox else {}))
     return teams
 
 
@@ -340,8 +536,9 @@ class _PoolView:
 
 class TeamsEngine(Teams):
     """What ``fanout run`` needs of its engine (``send_many``, ``abort_in_flight``,
-    ``config_error``, ``pool.in_flight``), over a client per team. A team's configuration
-    error ends its own pushes with ``config_error`` results; the daemon goes on."""
+    ``config_error``, ``pool.in_flight``), over a client per team and environment. A team's
+    configuration error ends its own pushes with ``config_error`` results; the daemon goes
+    on."""
 
     config_error: str | None = None
 
@@ -351,20 +548,20 @@ class TeamsEngine(Teams):
 
     def abort_in_flight(self, why: str) -> list[Result]:
         out = []
-        for (name, _env), held in self._open.items():
+        for (name, env), held in self._open.items():
             if held.ready.is_set():
                 for result in held.client.abort_in_flight(why):
-                    result.team = name
+                    if type(result.id) is _Routed:
+                        result.id = result.id.id
+                    result.team, result.environment = name, env
                     out.append(result)
         return out
 
 
-def make_teams_engine(path: str, settings: Any, **extra: Any) -> TeamsEngine:
-    """``fanout run --teams FILE``: the settings give what every team shares (timeouts,
-    rate, delivery, environment ...); the file gives each team's credentials and topics."""
-    if extra.get("events") is not None:
-        raise ConfigError("--metrics with --teams is not supported yet")
-    extra.pop("events", None)
+def make_teams_engine(settings: Any, **extra: Any) -> TeamsEngine:
+    """``fanout run`` with ``[[team]]`` tables (config file or ``--teams FILE``): the
+    settings give what every team shares (timeouts, rate, delivery, environment, proxy ...);
+    each table gives a team's credentials, topics and connections."""
     shared = {"timeout": settings.timeout, "connect_timeout": settings.connect_timeout,
               "max_attempts": settings.max_attempts, "delivery": settings.delivery,
               "max_in_flight": settings.max_in_flight, "rate": settings.rate,
@@ -373,4 +570,7 @@ def make_teams_engine(path: str, settings: Any, **extra: Any) -> TeamsEngine:
         shared |= {"host": settings.host, "port": settings.port}
     if settings.ca_file is not None:
         shared["ca_file"] = settings.ca_file
-    return TeamsEngine(load_teams(path), environment=settings.environment, **shared, **extra)
+    return TeamsEngine(teams_of(settings.team, settings.refresh_after),
+                       environment=settings.environment,
+                       retry_wrong_environment=settings.retry_wrong_environment,
+                       **shared, **extra)

@@ -37,7 +37,7 @@ SUBSTITUTIONS = {"$__rate_interval": "1m", "${instance}": ".*", "$instance": ".*
 # counters whose series appear only when the event happens, which the live run does not
 # provoke (an auth failure stops a run with exit 3): their queries may be empty, but the
 # family must be declared (# HELP / # TYPE) on the daemon's /metrics
-EVENT_ONLY = {"fanout_auth_failures_total"}
+EVENT_ONLY = {"fanout_auth_failures_total", "fanout_wrong_environment_total"}
 
 
 # --- the contract ------------------------------------------------------------------------
@@ -118,11 +118,23 @@ def selectors(expr: str) -> list[tuple[str, str]]:
 def test_contract_table_parses():
     contract = load_contract()
     assert len(contract) >= 20
-    assert contract["fanout_pushes_total"] == {"type": "counter",
-                                               "labels": {"push_type", "outcome", "reason"}}
+    assert contract["fanout_pushes_total"] == {"type": "counter", "labels": {
+        "team", "push_type", "outcome", "reason"}}
     assert contract["fanout_push_latency_seconds"]["type"] == "histogram"
-    assert contract["fanout_retries_total"]["labels"] == {"cause"}
-    assert contract["fanout_in_flight"]["labels"] == set()
+    assert contract["fanout_retries_total"]["labels"] == {"team", "cause"}
+    assert contract["fanout_in_flight"]["labels"] == {"team"}
+    # the table says what fanout.metrics exports: names, types and label names
+    from prometheus_client import CollectorRegistry
+
+    from fanout.metrics import Metrics
+
+    registry = CollectorRegistry()
+    Metrics(registry=registry)
+    exported = {}
+    for collector in list(registry._collector_to_names):
+        name = collector._name + ("_total" if collector._type == "counter" else "")
+        exported[name] = {"type": collector._type, "labels": set(collector._labelnames)}
+    assert exported == contract
 
 
 def test_dashboard_structure():

@@ -29,7 +29,8 @@ FAST = Backoff(base=0.01, cap=0.05)
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    v = registry.get_sample_value(name, labels)
+    """One sample's value; ``team`` defaults to "" (a single client's metrics)."""
+    v = registry.get_sample_value(name, {"team": "", **labels})
     return 0.0 if v is None else v
 
 
@@ -94,9 +95,9 @@ async def test_gauges_stream_limit_and_series_removed_on_close(pki, signing_key)
         assert len(results) == 500
         metrics.sample(client)
         limits = [registry.get_sample_value("fanout_connection_stream_limit",
-                                            {"connection": str(i)}) for i in range(2)]
+                                            {"team": "", "connection": str(i)}) for i in range(2)]
         opened = [registry.get_sample_value("fanout_connection_streams_open",
-                                            {"connection": str(i)}) for i in range(2)]
+                                            {"team": "", "connection": str(i)}) for i in range(2)]
         age = value(registry, "fanout_jwt_age_seconds")
     assert limits == [1000, 1000]  # raised by the mock after the first authenticated push
     assert opened == [0, 0]
@@ -105,7 +106,7 @@ async def test_gauges_stream_limit_and_series_removed_on_close(pki, signing_key)
     # the connections closed with the client: their series are gone
     for i in range(2):
         assert registry.get_sample_value("fanout_connection_stream_limit",
-                                         {"connection": str(i)}) is None
+                                         {"team": "", "connection": str(i)}) is None
     assert value(registry, "fanout_connections_closed_total", cause="closed") == 2
 
 
@@ -214,34 +215,45 @@ def count_lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
+async def feed_and_scrape(cmd: list[str], data: bytes, port: int, n: int, out: Path,
+                          timeout: float = 60):
+    """Run the daemon ``cmd`` on stdin (kept open), feed ``data``, wait for ``n`` results
+    and for the endpoint on ``port`` to agree, then end stdin; returns (mid-run scrape,
+    final scrape, the final /metrics text, returncode)."""
+    proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        await proc.stdin.send_all(data)
+        early = await scrape_until(port, lambda m: m.get("fanout_in_flight", 0) > 0
+                                   or m.get("fanout_pushes_total", 0) > 0, timeout)
+        with trio.fail_after(timeout):
+            while count_lines(out) < n:
+                await trio.sleep(0.05)
+        final = await scrape_until(
+            port, lambda m: m.get("fanout_results_written_total") == n
+            and m.get("fanout_in_flight", -1) == 0, timeout)
+        text = await trio.to_thread.run_sync(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)
+        await proc.stdin.aclose()
+        with trio.fail_after(30):
+            code = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return early, final, text, code
+
+
 async def _run_with_metrics(tmp_path, pki, key, n: int, *extra: str,
                             malformed_every: int = 0, **mock_kw):
-    """Start the daemon on stdin (kept open), feed n lines, wait for n results and for the
-    endpoint to agree; returns (mid-run scrape, final scrape, results, returncode)."""
+    """The daemon on stdin against a mock, with --metrics: (mid-run scrape, final scrape,
+    results, returncode, mock)."""
     port = free_port()
     out = tmp_path / "results.ndjson"
     async with mock_server(pki, key, **mock_kw) as mock:
         cmd = daemon_cmd(mock, pki, key, "--results", str(out), "--metrics",
                          f"127.0.0.1:{port}", *extra)
-        proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.PIPE,
-                                                stderr=subprocess.PIPE)
-        try:
-            await proc.stdin.send_all(input_lines(n, malformed_every))
-            early = await scrape_until(port, lambda m: m.get("fanout_in_flight", 0) > 0
-                                       or m.get("fanout_pushes_total", 0) > 0)
-            with trio.fail_after(60):
-                while count_lines(out) < n:
-                    await trio.sleep(0.05)
-            final = await scrape_until(
-                port, lambda m: m.get("fanout_results_written_total") == n
-                and m.get("fanout_in_flight", -1) == 0)
-            await proc.stdin.aclose()
-            with trio.fail_after(30):
-                code = await proc.wait()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        early, final, _, code = await feed_and_scrape(
+            cmd, input_lines(n, malformed_every), port, n, out)
     results = [json.loads(x) for x in out.read_bytes().splitlines()]
     return early, final, results, code, mock
 

@@ -117,9 +117,10 @@ async def test_unknown_topic_and_configuration_errors(pki, keys):
             r = await router.send(Notification(token="ab" * 32, payload={"aps": {}},
                                                topic="com.nobody.app"))
             assert str(r.outcome) == "config_error" and "com.nobody.app" in r.error
-            with pytest.raises(ConfigError, match="sandbox"):
-                await router.send(Notification(token="ab" * 32, payload={"aps": {}},
+            r = await router.send(Notification(token="ab" * 32, payload={"aps": {}},
                                                topic="com.acme.app"), environment="sandbox")
+            assert str(r.outcome) == "config_error" and "does not send to sandbox" in r.error
+            assert r.team == "acme" and acme.stats.requests == 0
     with pytest.raises(ConfigError, match="two teams"):
         Teams([Team("a", None, {"com.x.app"}), Team("b", None, {"com.x.app.voip"})])
     assert bundle_of("com.x.app.push-type.liveactivity") == "com.x.app"
