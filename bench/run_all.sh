@@ -51,6 +51,7 @@ if [ -n "$QUICK" ]; then
     step latency    $PY bench/latency.py --quick
     step scaling    $PY bench/scaling.py --quick
     step rejections $PY bench/rejections.py --quick
+    step teams      $PY bench/teams.py --quick
     step memory     $PY bench/memory.py --quick
 else
     step throughput $PY bench/throughput.py --matrix
@@ -58,13 +59,14 @@ else
     step latency    $PY bench/latency.py
     step scaling    $PY bench/scaling.py --rounds 5
     step rejections $PY bench/rejections.py --rounds 2
+    step teams      $PY bench/teams.py
     step memory     $PY bench/memory.py
 fi
 step plots $PY bench/plots.py
 
 echo
 echo "Targets (ratios from this run):"
-for f in throughput peers latency scaling rejections memory; do
+for f in throughput peers latency scaling rejections teams memory; do
     md="$FANOUT_BENCH_RESULTS/$f.md"
     [ -f "$md" ] && grep -h -E 'target|\| (yes|NO) \|$' "$md" | sed "s/^/  [$f] /"
 done

@@ -26,13 +26,14 @@ import stat
 import sys
 import time
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 import trio
 
 from . import checkpoint as ckpt
 from .errors import ConfigError, FanoutError, ValidationError
+from .flow import drain
 from .lines import LineError, ResultLine, decode_line, result_encoder
 from .payload import Prepared, PushTemplate
 
@@ -252,7 +253,7 @@ class Daemon:
                     if self.metrics is not None:
                         nursery.start_soon(self._metrics_loop)
                     with self._consume_scope:
-                        async for result in client.send_many(_drain(recv)):
+                        async for result in client.send_many(drain(recv)):
                             self._write(result)
                 nursery.cancel_scope.cancel()
         finally:
@@ -684,22 +685,6 @@ def _task_count() -> int:
         for nursery in task.child_nurseries:
             stack.extend(nursery.child_tasks)
     return n
-
-
-async def _drain(recv: trio.MemoryReceiveChannel[Prepared]) -> AsyncIterator[Prepared]:
-    """The channel's items, taking whatever is buffered without a checkpoint: the engine
-    then starts a whole batch of streams in one scheduler turn and one TLS write."""
-    while True:
-        try:
-            item = recv.receive_nowait()
-        except trio.WouldBlock:
-            try:
-                item = await recv.receive()
-            except trio.EndOfChannel:
-                return
-        except trio.EndOfChannel:
-            return
-        yield item
 
 
 # --------------------------------------------------------------------------- command line

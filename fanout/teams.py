@@ -37,6 +37,7 @@ import trio
 from .client import Client
 from .errors import ConfigError
 from .events import Events
+from .flow import drain, put
 from .outcome import Outcome, Result
 from .payload import Notification, Prepared
 
@@ -363,23 +364,41 @@ class Teams:
                     first = await recv.receive()  # open the client only when needed
                 except trio.EndOfChannel:
                     return
+                async def refuse(item: Any, error: str) -> None:
+                    result = self._refused(item, error, team.name, env)
+                    routed = result.id
+                    if type(routed) is _Routed:
+                        result.id = routed.id
+                        if routed.first is not None:
+                            result = self._final(team, routed.first, result, item)
+                    await put(out, result)
+                    state.done()
+
                 try:
                     client = await self.client_for(team, env)
                 except ConfigError as exc:
                     async for item in _achain(first, recv):  # until the team is done
-                        result = self._refused(item, str(exc), team.name, env)
-                        routed = result.id
-                        if type(routed) is _Routed:
-                            result.id = routed.id
-                            if routed.first is not None:
-                                result = self._final(team, routed.first, result, item)
-                        await out.send(result)
-                        state.done()
+                        await refuse(item, str(exc))
                     return
+                events = self.events_for(team)
+
+                async def inputs() -> AsyncIterator[Any]:
+                    # once APNs refused the team's credentials, its pushes end here: they
+                    # cost the process (and the teams beside) as little as possible
+                    async for item in _achain(first, recv):
+                        error = client.config_error
+                        if error is None:
+                            yield item
+                            continue
+                        if events is not None:
+                            events.push_finished(Result(outcome=Outcome.CONFIG_ERROR),
+                                                 _push_type(item), None)
+                        await refuse(item, error)
+
                 held = self._open[(team.name, env)]
                 held.busy += 1
                 try:
-                    async for result in client.send_many(_achain(first, recv)):
+                    async for result in client.send_many(inputs()):
                         result.team, result.environment = team.name, env
                         routed = result.id
                         if retries and type(routed) is _Routed:
@@ -390,7 +409,7 @@ class Teams:
                                 continue
                             if routed.first is not None:
                                 result = self._final(team, routed.first, result, routed.item)
-                        await out.send(result)
+                        await put(out, result)
                         state.done()
                 finally:
                     held.busy -= 1
@@ -441,7 +460,7 @@ class Teams:
         self._nursery.start_soon(feed)
         try:
             async with out_recv:
-                async for result in out_recv:
+                async for result in drain(out_recv):
                     yield result
             if failed:
                 raise failed[0]
@@ -484,7 +503,7 @@ def _with_id(item: Any, new_id: Any) -> Any:
 
 async def _achain(first: Any, recv: trio.MemoryReceiveChannel[Any]) -> AsyncIterator[Any]:
     yield first
-    async for item in recv:
+    async for item in drain(recv):
         yield item
 
 

@@ -9,10 +9,12 @@ from collections import Counter
 
 import pytest
 import trio
+from prometheus_client import CollectorRegistry
 
 from fanout.auth import TokenAuth
 from fanout.devcerts import make_signing_key
 from fanout.errors import ConfigError
+from fanout.metrics import Metrics
 from fanout.payload import Notification
 from fanout.teams import Team, Teams, bundle_of
 
@@ -74,10 +76,19 @@ async def test_a_revoked_key_stops_only_its_team(pki, keys, tmp_path):
             mock_server(pki, keys["beta"], **_mock_kw(keys["beta"], "beta")) as beta:
         # acme's key revoked: its mock now knows another public key under that key id
         acme.config.keys = {other.key_id: other.public_key}
-        async with Teams(_teams(keys, {"acme": acme, "beta": beta}, pki)) as router:
+        registry = CollectorRegistry()
+        async with Teams(_teams(keys, {"acme": acme, "beta": beta}, pki),
+                         events=Metrics(registry=registry)) as router:
             with trio.fail_after(60):
                 results = [r async for r in router.send_many(pushes)]
     outcomes = Counter((r.team, str(r.outcome)) for r in results)
+    # every push counted once, under its team (acme's, refused, mostly by the router)
+    counted = Counter()
+    for family in registry.collect():
+        for s in family.samples:
+            if s.name == "fanout_pushes_total" and s.value:
+                counted[(s.labels["team"], s.labels["outcome"])] += s.value
+    assert counted == outcomes
     n_beta = sum(p.topic.startswith("com.beta") for p in pushes)
     assert outcomes[("beta", "delivered")] == n_beta == len(beta.stats.delivered)
     assert outcomes[("acme", "config_error")] == 3000 - n_beta
