@@ -95,6 +95,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     insecure: bool = False  # turn TLS verification off (a warning is logged)
     proxy: str | None = None  # http://[user:password@]host:port; "none": ignore HTTPS_PROXY
     retry_wrong_environment: bool = False  # teams: BadDeviceToken -> try the other environment
+    team_idle_timeout: float = 300.0  # teams: close a team's connections after this idle (s)
     team: list[TeamSpec] = []  # [[team]] tables: several teams, routed by topic (file only)
 
 
@@ -141,6 +142,8 @@ _HELP = {
     "retry_wrong_environment": "with [[team]] tables: a token APNs calls BadDeviceToken is "
                                "tried in the other environment, reported wrong_environment "
                                "if accepted there",
+    "team_idle_timeout": "with [[team]] tables: close a team's connections after this many "
+                         "seconds unused (default 300)",
 }
 
 
@@ -334,7 +337,7 @@ def _validate(s: Settings, sources: dict[str, str]) -> None:
     for name in ("connections", "max_attempts", "max_in_flight"):
         if getattr(s, name) < 1:
             fail(name, f"{name} must be >= 1, got {getattr(s, name)}")
-    for name in ("timeout", "connect_timeout", "refresh_after"):
+    for name in ("timeout", "connect_timeout", "refresh_after", "team_idle_timeout"):
         value = getattr(s, name)
         if not (math.isfinite(value) and value > 0):
             fail(name, f"{name} must be a positive number of seconds, got {value!r}")

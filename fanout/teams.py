@@ -592,4 +592,5 @@ def make_teams_engine(settings: Any, **extra: Any) -> TeamsEngine:
     return TeamsEngine(teams_of(settings.team, settings.refresh_after),
                        environment=settings.environment,
                        retry_wrong_environment=settings.retry_wrong_environment,
+                       idle_timeout=settings.team_idle_timeout,
                        **shared, **extra)
