@@ -141,36 +141,34 @@ class StreamDaemon(Daemon):
     async def _read_all(self, send: trio.MemorySendChannel[Prepared]) -> None:
         from coredis.exceptions import StreamConsumerGroupError
 
-        errors = _redis_errors()
         self.states.append(self.state)
         stream_key = self.stream.encode()
+        next_claim = 0.0
+
+        async def read_once() -> None:
+            nonlocal next_claim
+            try:
+                if trio.current_time() >= next_claim:
+                    next_claim = trio.current_time() + max(0.5, self.args.claim_idle / 2)
+                    await self._claim(send)
+                res = await self.redis.xreadgroup(
+                    self.group, self.consumer, streams={self.stream: ">"},
+                    count=READ_COUNT, block=BLOCK_MS)
+            except StreamConsumerGroupError:  # NOGROUP: Redis restarted empty
+                log.warning("consumer group %s is gone from %s: creating it again",
+                            self.group, self.stream)
+                await self._retry(self._ensure_group)
+                return
+            for entry in (res or {}).get(stream_key, ()):
+                await self._entry(entry, False, send)
+
         async with send:
             with self._reader_scope:
                 await self._retry(self._ensure_group)
                 self._nursery.start_soon(self._keep_claimed)
                 self._nursery.start_soon(self._watch_group)
-                next_claim = 0.0
-                warned = False
                 while True:
-                    try:
-                        if trio.current_time() >= next_claim:
-                            next_claim = trio.current_time() + max(0.5, self.args.claim_idle / 2)
-                            await self._claim(send)
-                        res = await self.redis.xreadgroup(
-                            self.group, self.consumer, streams={self.stream: ">"},
-                            count=READ_COUNT, block=BLOCK_MS)
-                        warned = False
-                        for entry in (res or {}).get(stream_key, ()):
-                            await self._entry(entry, False, send)
-                    except StreamConsumerGroupError:  # NOGROUP: Redis restarted empty
-                        log.warning("consumer group %s is gone from %s: creating it again",
-                                    self.group, self.stream)
-                        await self._retry(self._ensure_group)
-                    except errors as exc:
-                        if not warned:
-                            log.warning("Redis: %s; retrying every %g s", exc, RETRY)
-                            warned = True
-                        await trio.sleep(RETRY)
+                    await self._retry(read_once)
 
     async def _watch_group(self) -> None:
         """The group's lag and pending count, for the metrics and the status line."""
