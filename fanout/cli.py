@@ -153,12 +153,29 @@ async def _send_main(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- check
 
 async def _check_main(args: argparse.Namespace) -> int:
-    report = await check(load_settings(args))
-    print(json.dumps(report), flush=True)
-    if not report["ok"]:
-        print(f"fanout check: not ok: {report['error']}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    from .config import read_teams_file, team_settings
+
+    settings = load_settings(args)
+    if args.teams:
+        if settings.team:
+            raise ConfigError(f"--teams {args.teams} and [[team]] tables in the config file: "
+                              "give the teams in one place")
+        settings.team = read_teams_file(args.teams)
+    # with [[team]] tables: every team, in every environment it sends to, one line each
+    targets = [(None, settings)] if not settings.team else [
+        (spec.name, team_settings(settings, spec, env))
+        for spec in settings.team for env in spec.environments]
+    failed = 0
+    for team, one in targets:
+        report = await check(one)
+        if team is not None:
+            report = {"team": team, **report}
+        print(json.dumps(report), flush=True)
+        if not report["ok"]:
+            failed += 1
+            who = f"team {team} ({one.environment}): " if team is not None else ""
+            print(f"fanout check: not ok: {who}{report['error']}", file=sys.stderr, flush=True)
+    return 2 if failed else 0
 
 
 # --------------------------------------------------------------------------- demo
@@ -364,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     check_p = sub.add_parser("check", parents=[common],
                              help="one harmless push: are the credentials, topic and path good?")
     add_settings_args(check_p)
+    check_p.add_argument("--teams", metavar="FILE",
+                         help="check every team of a TOML file of [[team]] tables (those in "
+                              "--config are checked without it), in each of its environments")
 
     # ---- hook: the `run` daemon registers itself from fanout/daemon.py (sets run_main=)
     try:

@@ -45,6 +45,7 @@ __all__ = [
     "make_client",
     "make_engine",
     "read_teams_file",
+    "team_settings",
 ]
 
 
@@ -389,6 +390,19 @@ def team_specs(raw: Any, where: str, base: str) -> list[TeamSpec]:
     if dup:
         raise ConfigError(f"{where}: two teams are named {sorted(dup)[0]!r}")
     return specs
+
+
+def team_settings(settings: Settings, spec: TeamSpec, environment: str) -> Settings:
+    """One team's view of ``settings`` in ``environment``: its credentials, first topic,
+    connections and (mock) host, the rest shared (what ``fanout check`` tries per team)."""
+    host, port = spec.host or settings.host, spec.port or settings.port
+    if environment == "sandbox" and (spec.sandbox_host or spec.sandbox_port):
+        host, port = spec.sandbox_host or host, spec.sandbox_port or port
+    return msgspec.structs.replace(
+        settings, key_path=spec.key_path, key_id=spec.key_id, team_id=spec.team_id,
+        cert=spec.cert, cert_key=spec.cert_key, topic=spec.topics[0], environment=environment,
+        host=host, port=port, ca_file=spec.ca_file or settings.ca_file,
+        connections=spec.connections, team=[])
 
 
 def read_teams_file(path: str) -> list[TeamSpec]:

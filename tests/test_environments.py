@@ -272,3 +272,24 @@ async def test_daemon_with_team_tables_workers_and_metrics(tmp_path, pki, signin
     assert _team_samples(text, "fanout_wrong_environment_total") == {"acme": wrong}
     assert _team_samples(text, "fanout_connections_opened_total")["acme"] == \
         prod.stats.connections + sandbox.stats.connections
+
+
+async def test_check_tries_every_team_in_every_environment(tmp_path, pki, signing_key):
+    from fanout.devcerts import make_signing_key
+
+    async with mock_server(pki, signing_key, environment="production") as prod, \
+            mock_server(pki, signing_key, environment="sandbox") as sandbox:
+        config = _config(tmp_path, signing_key, prod, sandbox, pki)
+        ok = await run_daemon([*FANOUT, "check", "--config", config])
+        sandbox.config.keys = {signing_key.key_id: make_signing_key(
+            tmp_path / "other", key_id=signing_key.key_id).public_key}  # revoked there
+        bad = await run_daemon([*FANOUT, "check", "--config", config])
+    assert ok.returncode == 0, ok.stderr.decode()
+    reports = [json.loads(x) for x in ok.stdout.splitlines()]
+    assert [(r["team"], r["environment"], r["port"], r["ok"]) for r in reports] == [
+        ("acme", "production", prod.port, True), ("acme", "sandbox", sandbox.port, True)]
+    assert bad.returncode == 2
+    reports = [json.loads(x) for x in bad.stdout.splitlines()]
+    assert [r["ok"] for r in reports] == [True, False]
+    assert reports[1]["answer"]["reason"] == "InvalidProviderToken"
+    assert b"team acme (sandbox): " in bad.stderr and b"eyJ" not in bad.stdout + bad.stderr
