@@ -489,6 +489,9 @@ class Client:
             push = heapq.heappop(heap)[2]
             if not push.abandoned:
                 await self._dispatch(push)
+            # not kept while waiting for the next retry: through push.sink it would hold a
+            # finished batch (and its grown tables) alive
+            del push
 
     def _retry(self, push: Push, cause: str, delay: float = 0.0, *, status: int | None = None,
                reason: str | None = None, counts: bool = True) -> None:
