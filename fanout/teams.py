@@ -24,10 +24,11 @@ the first ``invalid_token`` answer. Until the second answer, nothing calls the t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +120,17 @@ class _Holding:
     def _invalid_token(self, token: str, reason: str | None, timestamp: int | None) -> None:
         if reason != "BadDeviceToken":
             self._invalid(token, reason, timestamp)
+
+
+def _label(result: Result, team: str, environment: str) -> _Routed | None:
+    """Stamp ``result`` with the team and environment that answered, and give it back the
+    caller's id; returns the routing wrapper it carried, if any."""
+    result.team, result.environment = team, environment
+    routed = result.id
+    if type(routed) is _Routed:
+        result.id = routed.id
+        return routed
+    return None
 
 
 def _held(result: Result) -> bool:
@@ -324,16 +336,22 @@ class Teams:
             result = self._final(team, result, second, notification)
         return result
 
-    async def _send_one(self, team: Team, env: str, item: Any) -> Result:
-        client = await self.client_for(team, env)
+    @contextlib.contextmanager
+    def _in_use(self, team: Team, env: str) -> Iterator[None]:
+        """The team's client for ``env`` is busy (not closed as idle) within."""
         held = self._open[(team.name, env)]
         held.busy += 1
         try:
-            result = await client.send(item)
+            yield
         finally:
             held.busy -= 1
             held.last_used = trio.current_time()
-        result.team, result.environment = team.name, env
+
+    async def _send_one(self, team: Team, env: str, item: Any) -> Result:
+        client = await self.client_for(team, env)
+        with self._in_use(team, env):
+            result = await client.send(item)
+        _label(result, team.name, env)
         return result
 
     def send_many(
@@ -358,21 +376,28 @@ class Teams:
         async def run_team(team: Team, env: str, state: _TeamQueue,
                            recv: trio.MemoryReceiveChannel[Any],
                            out: trio.MemorySendChannel[Result]) -> None:
-            retries = self._retries(team)
             async with recv, out:
                 try:
                     first = await recv.receive()  # open the client only when needed
                 except trio.EndOfChannel:
                     return
-                async def refuse(item: Any, error: str) -> None:
-                    result = self._refused(item, error, team.name, env)
-                    routed = result.id
-                    if type(routed) is _Routed:
-                        result.id = routed.id
+
+                async def answer(result: Result) -> None:
+                    """Pass on a result of this team and environment, or, for a push that
+                    may belong to the other environment, send it there first."""
+                    routed = _label(result, team.name, env)
+                    if routed is not None:
+                        if routed.first is None and _held(result):
+                            routed.first = result  # try the other environment
+                            state.queues[_OTHER[env]].send_nowait(routed.item)
+                            return
                         if routed.first is not None:
-                            result = self._final(team, routed.first, result, item)
+                            result = self._final(team, routed.first, result, routed.item)
                     await put(out, result)
                     state.done()
+
+                async def refuse(item: Any, error: str) -> None:
+                    await answer(self._refused(item, error))
 
                 try:
                     client = await self.client_for(team, env)
@@ -395,25 +420,9 @@ class Teams:
                                                  _push_type(item), None)
                         await refuse(item, error)
 
-                held = self._open[(team.name, env)]
-                held.busy += 1
-                try:
+                with self._in_use(team, env):
                     async for result in client.send_many(inputs()):
-                        result.team, result.environment = team.name, env
-                        routed = result.id
-                        if retries and type(routed) is _Routed:
-                            result.id = routed.id
-                            if routed.first is None and _held(result):
-                                routed.first = result  # try the other environment
-                                state.queues[_OTHER[env]].send_nowait(routed.item)
-                                continue
-                            if routed.first is not None:
-                                result = self._final(team, routed.first, result, routed.item)
-                        await put(out, result)
-                        state.done()
-                finally:
-                    held.busy -= 1
-                    held.last_used = trio.current_time()
+                        await answer(result)
 
         async def feed() -> None:
             # a task of the router's nursery (not of this generator): the team tasks
@@ -426,11 +435,11 @@ class Teams:
                             topic = _topic(item)
                             team = self.team_for(topic)
                             if team is None:
-                                await out_send.send(self._unrouted(item, topic))
+                                await put(out_send, self._unrouted(item, topic))
                                 continue
                             env = _env(item) or default_env
                             if env not in team.environments:
-                                await out_send.send(self._refused(
+                                await put(out_send, self._refused(
                                     item, f"team {team.name} does not send to {env}",
                                     team.name, env))
                                 continue
@@ -570,9 +579,7 @@ class TeamsEngine(Teams):
         for (name, env), held in self._open.items():
             if held.ready.is_set():
                 for result in held.client.abort_in_flight(why):
-                    if type(result.id) is _Routed:
-                        result.id = result.id.id
-                    result.team, result.environment = name, env
+                    _label(result, name, env)
                     out.append(result)
         return out
 
