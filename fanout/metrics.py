@@ -173,7 +173,6 @@ class Metrics(Events):
         self._rotations = self.jwt_rotations.labels(team)
         self._rotations_seen: dict[int, int] = {}
         self._client: Any = None
-        self._several = False  # sampling several clients (a team's): no eager series drop
 
     # ------------------------------------------------------------------ engine hooks
 
@@ -214,8 +213,8 @@ class Metrics(Events):
     def connection_closed(self, conn: Any) -> None:
         self._closed_children[close_cause(conn)].inc()
         index = getattr(conn, "index", None)
-        if self._several or index is None or str(index) not in self._conn_children:
-            return  # (a team's several clients: the sampler drops what closed)
+        if self.team or index is None or str(index) not in self._conn_children:
+            return  # (a team's clients, one per environment: the sampler drops what closed)
         pool = getattr(self._client, "pool", None)
         if pool is not None and any(c is not conn and c.index == index
                                     for c in (*pool.conns, *pool.draining)):
@@ -279,12 +278,13 @@ class Metrics(Events):
         by_team = getattr(client, "clients_by_team", None)
         if by_team is not None:
             for team, clients in by_team().items():
-                self.for_team(team)._sample_clients(clients, several=True)
+                self.for_team(team)._sample_clients(clients)
             return
-        self._sample_clients([client], several=False)
+        self._sample_clients([client])
 
-    def _sample_clients(self, clients: list[Any], *, several: bool) -> None:
-        self._several = several
+    def _sample_clients(self, clients: list[Any]) -> None:
+        """A team's view samples its clients of both environments; connection labels of
+        its sandbox client are ``sandbox-N``."""
         in_flight = queued = 0
         limits: dict[str, int] = {}
         open_: dict[str, int] = {}
@@ -294,7 +294,7 @@ class Metrics(Events):
             conns = (*pool.conns, *pool.draining)
             in_flight += sum(len(c.streams) for c in conns)
             queued += client.limiter.waiting + len(pool._lot)
-            prefix = "sandbox-" if several and client.environment == "sandbox" else ""
+            prefix = "sandbox-" if self.team and client.environment == "sandbox" else ""
             for c in pool.conns:  # the slot's ready connection sets its limit
                 limits[prefix + str(c.index)] = c.stream_limit
             for c in conns:

@@ -175,6 +175,9 @@ class Teams:
         self._events = events
         self._team_events: dict[str, Events] = {}
         self._by_bundle: dict[str, Team] = {}
+        names = [team.name for team in self.teams]
+        if "" in names or len(set(names)) < len(names):
+            raise ConfigError(f"every team needs a name of its own, got {names}")
         for team in self.teams:
             for topic in team.topics:
                 bundle = bundle_of(topic)

@@ -134,6 +134,9 @@ async def test_unknown_topic_and_configuration_errors(pki, keys):
             assert r.team == "acme" and acme.stats.requests == 0
     with pytest.raises(ConfigError, match="two teams"):
         Teams([Team("a", None, {"com.x.app"}), Team("b", None, {"com.x.app.voip"})])
+    for names in (["a", "a"], [""]):  # a team's name keys its clients and its metrics
+        with pytest.raises(ConfigError, match="a name of its own"):
+            Teams([Team(n, None, {f"com.{i}.app"}) for i, n in enumerate(names)])
     assert bundle_of("com.x.app.push-type.liveactivity") == "com.x.app"
     assert bundle_of("com.x.app.complication") == "com.x.app"
 
