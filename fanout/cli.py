@@ -153,14 +153,11 @@ async def _send_main(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- check
 
 async def _check_main(args: argparse.Namespace) -> int:
-    from .config import read_teams_file, team_settings
+    from .config import add_teams_file, team_settings
 
     settings = load_settings(args)
     if args.teams:
-        if settings.team:
-            raise ConfigError(f"--teams {args.teams} and [[team]] tables in the config file: "
-                              "give the teams in one place")
-        settings.team = read_teams_file(args.teams)
+        add_teams_file(settings, args.teams)
     # with [[team]] tables: every team, in every environment it sends to, one line each
     targets = [(None, settings)] if not settings.team else [
         (spec.name, team_settings(settings, spec, env))

@@ -32,6 +32,7 @@ import trio
 
 from .auth import CertAuth, TokenAuth
 from .errors import ConfigError, FanoutError
+from .payload import ENVIRONMENTS
 
 __all__ = [
     "CHECK_TOKEN",
@@ -43,6 +44,7 @@ __all__ = [
     "load_settings",
     "make_auth",
     "make_client",
+    "add_teams_file",
     "make_engine",
     "read_teams_file",
     "team_settings",
@@ -102,7 +104,6 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 # Settings given by flag, APNS_* variable or file; ``team`` only by file (or --teams FILE)
 _FIELDS = {f.name: f for f in msgspec.structs.fields(Settings) if f.name != "team"}
-_TEAM_PATHS = ("key_path", "cert", "cert_key", "ca_file")
 
 #: Settings field -> environment variable.
 ENV: dict[str, str] = {name: "APNS_" + name.upper() for name in _FIELDS}
@@ -114,7 +115,6 @@ FLAGS: dict[str, str] = {name: "--" + name.replace("_", "-") for name in _FIELDS
 FLAGS["topic_rates"] = "--topic-rate"
 
 _PATHS = ("key_path", "cert", "cert_key", "ca_file")
-_ENVIRONMENTS = ("production", "sandbox")
 _DELIVERIES = ("at_least_once", "at_most_once")
 
 _HELP = {
@@ -229,8 +229,8 @@ def _parse_topic_rates(items: list[str], source: str) -> dict[str, float]:
     return rates
 
 
-def _read_file(path: str) -> dict[str, Any]:
-    where = f"config file {path}"
+def _load_toml(path: str, where: str) -> dict[str, Any]:
+    """The TOML file at ``path``; ConfigError naming ``where`` and what is wrong."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -246,6 +246,12 @@ def _read_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"{where}: not valid TOML: not UTF-8 text") from None
     except OSError as exc:
         raise ConfigError(f"{where} cannot be read: {exc.strerror or type(exc).__name__}") from None
+    return data
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    where = f"config file {path}"
+    data = _load_toml(path, where)
 
     if "apns" in data:
         table = data["apns"]
@@ -272,7 +278,7 @@ def _read_file(path: str) -> dict[str, Any]:
             continue
         value = _convert(key, raw, f"{where}: {key}", strict=True)
         if key in _PATHS and value:
-            value = os.path.join(base, os.path.expanduser(value))
+            value = _in_dir(base, value)
         values[key] = value
     return values
 
@@ -329,7 +335,7 @@ def _validate(s: Settings, sources: dict[str, str]) -> None:
         where = sources.get(name)
         raise ConfigError(f"{message} (from {where})" if where else message)
 
-    if s.environment not in _ENVIRONMENTS:
+    if s.environment not in ENVIRONMENTS:
         fail("environment", f"environment must be production or sandbox, got {s.environment!r}")
     if s.delivery not in _DELIVERIES:
         fail("delivery", f"delivery must be at_least_once or at_most_once, got {s.delivery!r}")
@@ -355,6 +361,11 @@ def _validate(s: Settings, sources: dict[str, str]) -> None:
         fail("cert_key", "cert_key is set but cert is not: certificate auth needs --cert")
 
 
+def _in_dir(base: str, path: str) -> str:
+    """A path from a file, relative to that file's directory."""
+    return os.path.join(base, os.path.expanduser(path))
+
+
 def team_specs(raw: Any, where: str, base: str) -> list[TeamSpec]:
     """``[[team]]`` tables -> checked :class:`TeamSpec` list, paths made absolute."""
     if not isinstance(raw, list) or not raw:
@@ -371,7 +382,7 @@ def team_specs(raw: Any, where: str, base: str) -> list[TeamSpec]:
         if not spec.cert and not (spec.key_path and spec.key_id and spec.team_id):
             raise ConfigError(f"{where}: team {spec.name}: needs key_path, key_id and "
                               "team_id (token auth), or cert (certificate auth)")
-        bad = [e for e in spec.environments if e not in _ENVIRONMENTS]
+        bad = [e for e in spec.environments if e not in ENVIRONMENTS]
         if bad or not spec.environments:
             raise ConfigError(f"{where}: team {spec.name}: environments must be production "
                               f"and/or sandbox, got {spec.environments!r}")
@@ -380,10 +391,10 @@ def team_specs(raw: Any, where: str, base: str) -> list[TeamSpec]:
         if spec.rate is not None and not (math.isfinite(spec.rate) and spec.rate > 0):
             raise ConfigError(f"{where}: team {spec.name}: rate must be a positive number "
                               f"of pushes/s, got {spec.rate!r}")
-        for name in _TEAM_PATHS:
+        for name in _PATHS:  # the same path settings as at top level
             value = getattr(spec, name)
             if value:
-                setattr(spec, name, os.path.join(base, os.path.expanduser(value)))
+                setattr(spec, name, _in_dir(base, value))
         specs.append(spec)
     names = [s.name for s in specs]
     dup = {n for n in names if names.count(n) > 1}
@@ -405,16 +416,19 @@ def team_settings(settings: Settings, spec: TeamSpec, environment: str) -> Setti
         connections=spec.connections, team=[])
 
 
+def add_teams_file(settings: Settings, path: str) -> None:
+    """``--teams FILE``: its ``[[team]]`` tables into ``settings`` (not beside tables of
+    the config file)."""
+    if settings.team:
+        raise ConfigError(f"--teams {path} and [[team]] tables in the config file: give the "
+                          "teams in one place")
+    settings.team = read_teams_file(path)
+
+
 def read_teams_file(path: str) -> list[TeamSpec]:
     """``fanout run --teams FILE``: a TOML file of ``[[team]]`` tables only."""
     where = f"--teams {path}"
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(f"{where}: {exc.strerror or type(exc).__name__}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{where}: not TOML: {exc}") from None
+    data = _load_toml(path, where)
     unknown = set(data) - {"team"}
     if unknown or not data.get("team"):
         raise ConfigError(f"{where}: want [[team]] tables only"

@@ -738,7 +738,7 @@ def add_run_parser(sub: Any, settings_args: Callable[[argparse.ArgumentParser], 
 
 
 async def run_main(args: argparse.Namespace) -> int:
-    from .config import load_settings, make_engine, read_teams_file
+    from .config import add_teams_file, load_settings, make_engine
     from .reader import expand_inputs
 
     try:
@@ -752,10 +752,7 @@ async def run_main(args: argparse.Namespace) -> int:
             return await WorkerDaemon(settings, args, make_engine).run()
         settings = load_settings(args)
         if getattr(args, "teams", None):
-            if settings.team:
-                raise ConfigError(f"--teams {args.teams} and [[team]] tables in the config "
-                                  "file: give the teams in one place")
-            settings.team = read_teams_file(args.teams)
+            add_teams_file(settings, args.teams)
         if getattr(args, "source", None):
             if args.inputs not in ([], ["-"]) or args.follow or args.workers > 1:
                 raise ConfigError("--source takes no input files, --follow or --workers "

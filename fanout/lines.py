@@ -6,6 +6,8 @@ from typing import Any
 
 import msgspec
 
+from .payload import ENVIRONMENTS
+
 
 class LineError(ValueError):
     """The line cannot be understood; the message says what is wrong."""
@@ -77,7 +79,7 @@ def decode_line(data: bytes) -> PushLine:
     if targets != 1:
         raise LineError("needs exactly one of token, tokens, tokens_file or channel_id"
                         if targets else "missing token (or tokens, tokens_file, channel_id)")
-    if line.environment is not None and line.environment not in ("production", "sandbox"):
+    if line.environment is not None and line.environment not in ENVIRONMENTS:
         raise LineError(f"environment must be production or sandbox, not {line.environment!r}")
     la = line.live_activity
     if la is None and line.payload is None:

@@ -201,6 +201,8 @@ def test_team_tables_are_checked(tmp_path):
     (tmp_path / "t.toml").write_text('key_id = "x"\n')
     with pytest.raises(ConfigError, match="want \\[\\[team\\]\\] tables only"):
         read_teams_file(str(tmp_path / "t.toml"))
+    with pytest.raises(ConfigError, match="missing.toml not found"):  # as for --config
+        read_teams_file(str(tmp_path / "missing.toml"))
 
 
 # ---------------------------------------------------------------- the daemon
