@@ -33,7 +33,7 @@ import trio
 
 from . import checkpoint as ckpt
 from .errors import ConfigError, FanoutError, ValidationError
-from .flow import drain
+from .flow import drain, put
 from .lines import LineError, ResultLine, decode_line, result_encoder
 from .payload import Prepared, PushTemplate
 
@@ -400,12 +400,9 @@ class Daemon:
             return
         env = push.environment
         if env is not None and env != self.settings.environment and not self.settings.team:
-            self._emit(ResultLine(
-                id=push.id, line=number, outcome="config_error",
-                error=f"environment {env}: this daemon sends to {self.settings.environment} "
-                      f"only (give [[team]] tables to send to both)", input=inp.label), state)
-            state.closed = True
-            state.done()
+            self._end_line(state, "config_error",
+                           f"environment {env}: this daemon sends to {self.settings.environment}"
+                           f" only (give [[team]] tables to send to both)", id=push.id)
             return
         if push.live_activity is not None or push.channel_id is not None:
             await self._single(state, push, send)
@@ -433,10 +430,7 @@ class Daemon:
                                           error=str(exc), input=inp.label), state)
                     continue
                 state.pending += 1
-                try:  # no checkpoint while the channel has room: pushes travel in batches
-                    send.send_nowait(prepared)
-                except trio.WouldBlock:
-                    await send.send(prepared)
+                await put(send, prepared)  # no checkpoint while the channel has room
                 inp.last_sent_line = number
         except OSError as exc:  # tokens_file unreadable midway
             self._emit(ResultLine(id=push.id, line=number, outcome="malformed",
@@ -487,13 +481,9 @@ class Daemon:
                         decision = self.tracker.decide(la.activity_id, la.source_time or
                                                        time.time(), priority)
                     if decision.superseded:
-                        self._emit(ResultLine(
-                            id=push.id, line=state.number, outcome="superseded",
-                            token=push.token, channel_id=push.channel_id,
-                            error=f"older than the last update sent for {la.activity_id}",
-                            input=state.input.label), state)
-                        state.closed = True
-                        state.done()
+                        self._end_line(state, "superseded",
+                                       f"older than the last update sent for {la.activity_id}",
+                                       id=push.id, token=push.token, channel_id=push.channel_id)
                         return
                     priority = decision.priority
             else:
@@ -527,10 +517,7 @@ class Daemon:
             return
         prepared.environment = push.environment
         state.pending += 1
-        try:
-            send.send_nowait(prepared)
-        except trio.WouldBlock:
-            await send.send(prepared)
+        await put(send, prepared)
         state.input.last_sent_line = state.number
         state.closed = True
 
@@ -557,8 +544,13 @@ class Daemon:
     # ----------------------------------------------------------------- output
 
     def _malformed(self, state: LineState, error: str) -> None:
-        self._emit(ResultLine(id=None, line=state.number, outcome="malformed", error=error,
-                              input=state.input.label), state)
+        self._end_line(state, "malformed", error)
+
+    def _end_line(self, state: LineState, outcome: str, error: str, id: Any = None,
+                  **fields: Any) -> None:
+        """A line that sends nothing: its one result, and it is done."""
+        self._emit(ResultLine(id=id, line=state.number, outcome=outcome, error=error,
+                              input=state.input.label, **fields), state)
         state.closed = True
         state.done()
 
