@@ -179,11 +179,15 @@ def sink_session(prefix: str, start: Any) -> Iterator[tuple[Path, Any, Any, int,
             stop(sink)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
+def stop(*procs: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM every process still running (all first: they drain side by side), then
+    wait for each up to ``timeout`` s and kill what is left."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
         try:
-            proc.wait(10)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)

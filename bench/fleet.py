@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from common import (  # noqa: E402
     proc_cpu,
     sink_session,
     start_sink,
+    stop,
     write_results,
 )
 
@@ -106,14 +106,7 @@ def run(n_daemons: int, entries: int, redis_port: int, sink_port: int, pki, key,
         s1 = proc_cpu(sink_pids)
     finally:
         probe.close()
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(*procs, timeout=30)
     return {"seconds": seconds, "pushes_per_s": entries / seconds,
             "sink_busy": (s1 - s0) / seconds}
 
@@ -168,8 +161,7 @@ def main() -> None:
                             f"{res['pushes_per_s']:8,.0f} pushes/s  sink busy "
                             f"{res['sink_busy']:.0%}"), file=sys.stderr, flush=True)
             finally:
-                redis.terminate()
-                redis.wait(10)
+                stop(redis)
         entry = {}
         for n in counts:
             good = [r for r in runs[n] if "error" not in r]
