@@ -183,13 +183,19 @@ def _collect_kw(path: str, kw: dict[str, object]):  # trio.run passes no keyword
 _pieces = st.sampled_from([b"a", b"bc", b"\n", b"\n", b"\r", b"\r\n", b" ", b"\xff", b"\xc3\xa9"])
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    content=st.lists(_pieces, max_size=120).map(b"".join),
-    chunk_size=st.sampled_from([7, 1, 2, 3, 64]),
-    max_line_bytes=st.sampled_from([BIG, 1, 4, 9]),
-    resume_at=st.integers(0, 200),
-)
+def _chunked_files(test):
+    """File contents of awkward pieces, read in chunks of every small size, with every
+    line cap, resumed after any line: the reader's property tests."""
+    return settings(max_examples=300, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])(given(
+        content=st.lists(_pieces, max_size=120).map(b"".join),
+        chunk_size=st.sampled_from([7, 1, 2, 3, 64]),
+        max_line_bytes=st.sampled_from([BIG, 1, 4, 9]),
+        resume_at=st.integers(0, 200),
+    )(test))
+
+
+@_chunked_files
 def test_property_chunk_boundaries(
     content: bytes, chunk_size: int, max_line_bytes: int, resume_at: int
 ) -> None:
@@ -235,13 +241,7 @@ def expand(units: list[InputLine | InputBlock], max_line_bytes: int,
     return out
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    content=st.lists(_pieces, max_size=120).map(b"".join),
-    chunk_size=st.sampled_from([7, 1, 2, 3, 64]),
-    max_line_bytes=st.sampled_from([BIG, 1, 4, 9]),
-    resume_at=st.integers(0, 200),
-)
+@_chunked_files
 def test_property_blocks_equal_lines(
     content: bytes, chunk_size: int, max_line_bytes: int, resume_at: int
 ) -> None:
