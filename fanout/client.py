@@ -42,12 +42,34 @@ INVALID_MEMORY = 1_000_000  # invalidated tokens remembered for once-only notifi
 # token APNs answered so is not sent again (each rejection drops the connection's stream
 # limit to 1: resending known-bad tokens throttles everyone else's pushes)
 DEAD_REASONS = frozenset({"Unregistered", "BadDeviceToken", "ExpiredToken"})
+# what APNs answers every token when the topic or the environment is wrong: a run of these
+# with no success in between is held back, never reported as dead tokens (see _TopicGuard)
+SUSPECT_REASONS = frozenset({"BadDeviceToken", "DeviceTokenNotForTopic"})
+
+
+class _TopicGuard:
+    """Answers that would call a token dead, held for one topic until the topic is known good.
+
+    With a wrong topic APNs answers every token ``DeviceTokenNotForTopic``; with sandbox
+    tokens sent to production (or the reverse), every token ``BadDeviceToken``. Reporting
+    them as invalid tokens tells the user to delete their whole audience. So such answers
+    wait here: a success for the topic releases them as ``invalid_token`` results; when the
+    topic has nothing else in flight they are released too (too few to judge); ``limit``
+    of them in a row with no success trips the guard: they and every later push for the
+    topic end ``config_error``, and no token is reported dead.
+    """
+
+    __slots__ = ("held", "tripped")
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Push, dict[str, Any]]] = []
+        self.tripped: str | None = None
 
 
 class Push(Exchange):
     """One notification on its way: the connection's exchange plus the engine's bookkeeping."""
 
-    __slots__ = ("id", "attempts", "resends", "sink", "maybe", "abandoned")
+    __slots__ = ("id", "attempts", "resends", "sink", "maybe", "resent", "abandoned")
 
     def __init__(self, prepared: Prepared, sink: Any) -> None:
         super().__init__(prepared)
@@ -55,7 +77,8 @@ class Push(Exchange):
         self.attempts = 0
         self.resends = 0
         self.sink = sink
-        self.maybe = False
+        self.maybe = False    # an attempt was lost or timed out: APNs may have it
+        self.resent = False   # sent again after such an attempt: it may arrive twice
         self.abandoned = False
 
 
@@ -180,7 +203,9 @@ class Client:
         timeout: float = 10.0,
         connect_timeout: float = 10.0,
         unavailable_timeout: float = 30.0,
+        on_unavailable: Literal["fail", "wait"] = "fail",
         ping_interval: float = 60.0,
+        ping_timeout: float = 5.0,
         max_attempts: int = 5,
         delivery: Literal["at_least_once", "at_most_once"] = "at_least_once",
         rate: float | None = None,
@@ -196,6 +221,7 @@ class Client:
         insecure: bool = False,
         resend_invalid: bool = False,
         proxy: str | None = None,
+        topic_guard: int = 100,
     ) -> None:
         if environment not in HOSTS:
             raise ConfigError(f"environment must be production or sandbox, not {environment!r}")
@@ -203,6 +229,8 @@ class Client:
             raise ConfigError(f"delivery must be at_least_once or at_most_once, not {delivery!r}")
         if max_attempts < 1:
             raise ConfigError("max_attempts must be at least 1")
+        if not isinstance(topic_guard, int) or topic_guard < 0:
+            raise ConfigError(f"topic_guard must be a whole number >= 0, not {topic_guard!r}")
         self.environment = environment
         self.host = host or HOSTS[environment]
         self.port = port
@@ -220,6 +248,12 @@ class Client:
         self.limiter = Limiter(rate, topic_rates)
         self._limited = bool(rate or topic_rates)
         self.config_error: str | None = None
+        self.topic_guard = topic_guard
+        self._guard_reasons = SUSPECT_REASONS  # Teams narrows it when it retries environments
+        self._guards: dict[bytes, _TopicGuard] = {}
+        self._held = 0                          # answers held by the guards
+        self._tripped: dict[bytes, str] = {}    # topic -> config_error message
+        self._topic_out: dict[bytes, int] = {}  # pushes outstanding per topic
         self._ssl = ssl_context or self._make_ssl_context(ca_file)
         if insecure:
             self._ssl.check_hostname = False
@@ -239,7 +273,9 @@ class Client:
         self.pool = Pool(self.host, port, self._ssl, self, auth=header_auth, size=connections,
                          proxy=self.proxy,
                          timeout=timeout, connect_timeout=connect_timeout,
-                         unavailable_timeout=unavailable_timeout, ping_interval=ping_interval,
+                         unavailable_timeout=unavailable_timeout,
+                         on_unavailable=on_unavailable,
+                         ping_interval=ping_interval, ping_timeout=ping_timeout,
                          max_streams_cap=max_streams_cap, first_stream_id=first_stream_id,
                          events=self.events)
         self._retry_heap: list[tuple[float, int, Push]] = []
@@ -298,6 +334,8 @@ class Client:
         waiter = _Waiter()
         push = Push(prepared, waiter)
         self.outstanding += 1
+        out = self._topic_out
+        out[prepared.topic] = out.get(prepared.topic, 0) + 1
         try:
             await self._dispatch(push)
             await waiter.event.wait()
@@ -427,9 +465,11 @@ class Client:
         push = Push(prepared, batch)
         batch.live.add(push)
         self.outstanding += 1
+        out = self._topic_out
+        out[prepared.topic] = out.get(prepared.topic, 0) + 1
         # fast path: nothing to wait for, a slot is free: start without awaiting
         if self.config_error is None and self.limiter._idle and not self.limiter._token_until \
-                and prepared.token not in self._invalid_seen:
+                and not self._tripped and prepared.token not in self._invalid_seen:
             push.attempts = 1
             if self.pool.try_start(push):
                 return
@@ -443,6 +483,11 @@ class Client:
             self._finish(push, Outcome.CONFIG_ERROR, error=self.config_error)
             return
         p = push.prepared
+        if self._tripped:
+            tripped = self._tripped.get(p.topic)
+            if tripped is not None:
+                self._finish(push, Outcome.CONFIG_ERROR, error=tripped)
+                return
         if self._invalid_seen and not self.resend_invalid:
             known = self._invalid_seen.get(p.token)
             if known is not None and known[0] in DEAD_REASONS:
@@ -465,9 +510,16 @@ class Client:
             await self.pool.submit(push)
         except (TransportError, ConfigError) as exc:
             push.attempts -= 1
-            outcome = Outcome.CONFIG_ERROR if isinstance(exc, ConfigError) \
-                else Outcome.RETRIES_EXHAUSTED
+            if isinstance(exc, ConfigError):
+                outcome = Outcome.CONFIG_ERROR
+            elif push.maybe:  # an earlier attempt may have reached APNs
+                outcome = Outcome.MAYBE_DELIVERED
+            else:
+                outcome = Outcome.RETRIES_EXHAUSTED
             self._finish(push, outcome, error=str(exc))
+            return
+        if push.maybe:
+            push.resent = True
 
     def _schedule(self, push: Push, delay: float) -> None:
         heapq.heappush(self._retry_heap, (trio.current_time() + delay, next(self._retry_seq), push))
@@ -510,6 +562,7 @@ class Client:
         if push.conn is not None:
             push.conn.cancel(push)
         self.outstanding -= 1
+        self._topic_done(push.prepared.topic)
 
     def _finish(self, push: Push, outcome: Outcome, *, status: int | None = None,
                 reason: str | None = None, apns_id: bytes | None = None,
@@ -529,15 +582,29 @@ class Client:
         push.abandoned = True
         self.outstanding -= 1
         p = push.prepared
+        self._topic_done(p.topic)
         channel = p.channel_id
         result = Result(
             outcome=outcome, id=push.id, token=p.token if channel is None else None,
             channel_id=channel, status=status, reason=reason,
             apns_id=apns_id.decode() if apns_id else (p.apns_id.decode() if p.apns_id else None),
             timestamp=timestamp, attempts=push.attempts,
-            latency_ms=latency * 1000.0 if latency is not None else None, error=error)
+            latency_ms=latency * 1000.0 if latency is not None else None, error=error,
+            resent=push.resent)
         self.events.push_finished(result, p.push_type, latency)
         return result
+
+    def _topic_done(self, topic: bytes) -> None:
+        out = self._topic_out
+        left = out[topic] - 1
+        if left:
+            out[topic] = left
+            if self._held:
+                guard = self._guards.get(topic)
+                if guard is not None and guard.held and left <= len(guard.held):
+                    self._release(guard)  # only held answers left: too few to judge
+        else:
+            del out[topic]
 
     def abort_in_flight(self, why: str) -> list[Result]:
         """Reset every stream in flight and return their ``maybe_delivered`` results.
@@ -552,6 +619,15 @@ class Client:
                     if isinstance(push.sink, _Batch):
                         push.sink.live.discard(push)
                     results.append(self._close(push, Outcome.MAYBE_DELIVERED, error=why))
+        for guard in self._guards.values():  # answered, held by the topic guard
+            held, guard.held = guard.held, []
+            self._held -= len(held)
+            for push, answer in held:
+                if not push.abandoned:
+                    if isinstance(push.sink, _Batch):
+                        push.sink.live.discard(push)
+                    self._invalidated(push.prepared.token, answer["reason"], answer["timestamp"])
+                    results.append(self._close(push, Outcome.INVALID_TOKEN, **answer))
         return results
 
     # ------------------------------------------------------------------ connection events
@@ -559,6 +635,10 @@ class Client:
     def on_response(self, conn: Any, push: Push, status: int, headers: list, body: bytes) -> None:
         latency = trio.current_time() - push.sent_at
         if status == 200:
+            if self._held:
+                guard = self._guards.get(push.prepared.topic)
+                if guard is not None and guard.held:
+                    self._release(guard)
             self._finish(push, Outcome.DELIVERED, status=200,
                          apns_id=_header(headers, b"apns-id")
                          or _header(headers, b"apns-request-id"), latency=latency)
@@ -569,6 +649,10 @@ class Client:
             self.events.auth_failure(reason)
         apns_id = _header(headers, b"apns-id")
         if action is Action.DROP_TOKEN:
+            if reason in self._guard_reasons and self.topic_guard:
+                self._hold(push, dict(status=status, reason=reason, apns_id=apns_id,
+                                      timestamp=timestamp, latency=latency))
+                return
             self._invalidated(push.prepared.token, reason, timestamp)
             self._finish(push, Outcome.INVALID_TOKEN, status=status, reason=reason,
                          apns_id=apns_id, timestamp=timestamp, latency=latency)
@@ -593,8 +677,24 @@ class Client:
             # Apple wedges a connection after ExpiredProviderToken: its later answers say
             # nothing about the token, so only the first answer on a connection may refresh
             # (and only if nobody refreshed since this push's token was minted).
-            if not conn.retiring and self.auth is not None and hasattr(self.auth, "refresh"):
-                self.auth.refresh(push.auth_generation)
+            auth = self.auth
+            refresh = getattr(auth, "refresh", None)
+            if not conn.retiring and refresh is not None:
+                current = push.auth_generation == auth.generation
+                if refresh(push.auth_generation):
+                    # the new token goes out on new connections only: presented on a
+                    # connection within 20 minutes of its last token, APNs answers 429
+                    # TooManyProviderTokenUpdates
+                    self.pool.retire_all("provider token refreshed")
+                elif current:
+                    # a token minted moments ago is called expired too: re-minting cannot
+                    # fix that (TokenAuth allows one early refresh per interval)
+                    self._config_failed(status, reason, hint=(
+                        f"a provider token minted {auth.age():.0f} s ago was refused as "
+                        f"expired: is this machine's clock right?"))
+                    self._finish(push, Outcome.CONFIG_ERROR, status=status, reason=reason,
+                                 apns_id=apns_id, latency=latency, error=self.config_error)
+                    return
             conn.retire(f"APNs answered {reason}")
             self._retry(push, "auth", 0.0, status=status, reason=reason)
         elif action is Action.RECONNECT:
@@ -615,6 +715,7 @@ class Client:
         self._maybe(push, f"connection lost: {why}", "lost")
 
     def on_timeout(self, conn: Any, push: Push) -> None:
+        push.avoid = conn  # never sent again where it timed out, if another connection is up
         self._maybe(push, f"no answer within {conn.timeout:g} s", "timeout")
 
     def _maybe(self, push: Push, why: str, cause: str) -> None:
@@ -627,14 +728,15 @@ class Client:
         else:
             self._retry(push, cause, self._backoff.delay(push.attempts) if cause == "lost" else 0.0)
 
-    def _config_failed(self, status: int, reason: str | None) -> None:
+    def _config_failed(self, status: int, reason: str | None, hint: str = "") -> None:
         if self.config_error is not None:
             return
         who = ""
         if self.auth is not None and hasattr(self.auth, "key_id"):
             who = f" (key id {self.auth.key_id}, team {self.auth.team_id})"
-        self.config_error = (f"APNs refused the credentials or topic: {status} {reason}{who}; "
-                             f"sending stopped")
+        hint = f": {hint}" if hint else ""
+        self.config_error = (f"APNs refused the credentials or topic: {status} {reason}{who}"
+                             f"{hint}; sending stopped")
         self.pool.halt_error = ConfigError(self.config_error)
         log.error("%s", self.config_error)
 
@@ -651,6 +753,51 @@ class Client:
                 self._on_invalid(token, reason, timestamp)
             except Exception:  # a sink's bug must not lose the push's result
                 log.exception("on_invalid_token callback failed for %s", redact(token))
+
+    def _hold(self, push: Push, answer: dict[str, Any]) -> None:
+        topic = push.prepared.topic
+        if topic in self._tripped:
+            self._finish(push, Outcome.CONFIG_ERROR, error=self._tripped[topic], **answer)
+            return
+        guard = self._guards.get(topic)
+        if guard is None:
+            guard = self._guards[topic] = _TopicGuard()
+        guard.held.append((push, answer))
+        self._held += 1
+        if len(guard.held) >= self.topic_guard:
+            self._trip(topic, guard)
+        elif self._topic_out[topic] == len(guard.held):
+            self._release(guard)
+
+    def _release(self, guard: _TopicGuard) -> None:
+        """The topic is good (or the run too short to judge): the held tokens are dead."""
+        held, guard.held = guard.held, []
+        self._held -= len(held)
+        for push, answer in held:
+            if not push.abandoned:
+                self._invalidated(push.prepared.token, answer["reason"], answer["timestamp"])
+                self._finish(push, Outcome.INVALID_TOKEN, **answer)
+
+    def _trip(self, topic: bytes, guard: _TopicGuard) -> None:
+        held, guard.held = guard.held, []
+        self._held -= len(held)
+        reasons = sorted({answer["reason"] for _, answer in held})
+        name = topic.decode(errors="replace")
+        why = (f"every token refused for topic {name} in {self.environment}: "
+               f"{len(held)} answers {' / '.join(reasons)} in a row and none delivered; is "
+               f"the topic (bundle id) and the environment right? Sending to {name} stopped, "
+               f"no token reported invalid")
+        self._tripped[topic] = why
+        log.error("%s", why)
+        for push, answer in held:
+            self._finish(push, Outcome.CONFIG_ERROR, error=why, **answer)
+
+    def reset_topic_guard(self, topic: str | None = None) -> None:
+        """Send to a topic the guard stopped (all topics if None) once the cause is fixed."""
+        if topic is None:
+            self._tripped.clear()
+        else:
+            self._tripped.pop(topic.encode(), None)
 
     def forget_invalid(self, token: str) -> None:
         """Send to ``token`` again: the device registered it anew after APNs called it

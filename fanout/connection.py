@@ -8,7 +8,13 @@ pending frames in one TLS write per scheduler turn. There is no task per push.
 
 Lifecycle: ``run`` connects (fresh DNS, TLS, ALPN h2), waits for the server's SETTINGS,
 reports ready, then serves until it is retired (GOAWAY, stream ids exhausted, error,
-close) and its remaining streams have ended. Every stream leaves through exactly one
+close) and its remaining streams have ended.
+
+Liveness: a connection is declared dead, closed once and its streams reported once, when
+a PING goes unanswered for ``ping_timeout`` (PINGs follow ``stall_after`` seconds of
+silence while streams are in flight, ``ping_interval`` when idle), when its writes cannot
+drain for ``ping_timeout``, or when a stream misses its deadline and no stream was
+answered since it was sent (wedged: the server may still answer PINGs). Every stream leaves through exactly one
 listener call: ``on_response``, ``on_unprocessed`` (never seen by the server: safe to
 resend), ``on_lost`` (may have been delivered) or ``on_timeout``.
 """
@@ -35,6 +41,12 @@ MAX_BODY = 64 * 1024             # APNs error bodies are ~50 bytes
 RECV_WINDOW = 1 << 30            # we credit the server generously: bodies are tiny
 STREAM_RECV_WINDOW = 1 << 20
 ID_MARGIN = 1000                 # roll to a new connection this many ids before 2**31
+# RST_STREAM budget per connection: a burst of resets is the HTTP/2 Rapid Reset pattern
+# (CVE-2023-44487) that servers answer by closing the connection (Netty's guard: 200 per
+# 30 s). Past the budget the connection is retired instead of resetting more streams.
+RESET_BURST = 50
+RESET_RATE = 2.0                 # resets per second that refill the budget
+WRITE_CHUNK = 64 * 1024          # a write that cannot move this much in ping_timeout is stalled
 
 
 class _QuietDebug:
@@ -88,7 +100,7 @@ class Exchange:
     """Per-stream state the connection keeps on the job object (the engine's push)."""
 
     __slots__ = ("prepared", "sid", "conn", "sent_at", "window", "body_off", "status",
-                 "resp_headers", "resp_body", "auth_generation")
+                 "resp_headers", "resp_body", "auth_generation", "avoid")
 
     def __init__(self, prepared: Any) -> None:
         # the per-stream fields (sent_at, window, body_off, status, resp_*) are set by
@@ -97,6 +109,7 @@ class Exchange:
         self.sid = 0
         self.conn: Connection | None = None
         self.auth_generation = 0
+        self.avoid: Connection | None = None  # timed out there: resend elsewhere if possible
 
 
 class Connection:
@@ -112,7 +125,8 @@ class Connection:
         timeout: float = 10.0,
         connect_timeout: float = 10.0,
         ping_interval: float = 60.0,
-        ping_timeout: float = 10.0,
+        ping_timeout: float = 5.0,
+        stall_after: float | None = None,
         max_streams_cap: int = 4000,
         first_stream_id: int = 1,
         authority: str | None = None,
@@ -131,6 +145,8 @@ class Connection:
         self._connect_timeout = connect_timeout
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
+        # silence with streams in flight that earns a PING (APNs answers in milliseconds)
+        self._stall_after = stall_after if stall_after is not None else min(2.0, timeout / 2)
         self._cap = max_streams_cap
         self._authority = (authority or (host if port == 443 else f"{host}:{port}")).encode()
 
@@ -144,6 +160,8 @@ class Connection:
         self.goaway_reason: str | None = None
         self.streams_started = 0
         self.pings_sent = 0
+        self.successes = 0            # streams answered 200: the connection did real work
+        self.resets_withheld = 0      # streams dropped without RST_STREAM (budget spent)
         self.error: BaseException | None = None   # why the connection failed, if it did
 
         self._next_sid = first_stream_id | 1
@@ -167,6 +185,9 @@ class Connection:
         self._finished = trio.Event()
         self._ping_ack = trio.Event()
         self._last_recv = 0.0
+        self._last_complete = float("-inf")  # _last_recv of the latest answered stream
+        self._reset_tokens = float(RESET_BURST)
+        self._reset_at = 0.0
         self._tls: TLSStream | None = None
         self.retired_event = trio.Event()
         self.opened_at = 0.0
@@ -300,16 +321,33 @@ class Connection:
         self._blocked = keep
 
     def cancel(self, job: Any, code: int = fr.CANCEL) -> bool:
-        """Reset ``job``'s stream (RST_STREAM) and free its slot. False if not in flight here."""
+        """Reset ``job``'s stream (RST_STREAM) and free its slot. False if not in flight here.
+
+        Within the reset budget only: past it the stream is dropped without a frame and the
+        connection retires (no new streams; it closes once the others have ended)."""
         if self.streams.get(job.sid) is not job:
             return False
         del self.streams[job.sid]
         job.conn = None
         if not self.closed:
-            self._send(fr.rst_stream(job.sid, code))
-        if self._events is not None:
-            self._events.stream_reset(self)
+            if self._take_reset():
+                self._send(fr.rst_stream(job.sid, code))
+                if self._events is not None:
+                    self._events.stream_reset(self)
+            else:
+                self.resets_withheld += 1
+                self.retire("too many stream resets (Rapid Reset guard)")
         self._after_stream_end()
+        return True
+
+    def _take_reset(self) -> bool:
+        now = trio.current_time()
+        tokens = min(float(RESET_BURST), self._reset_tokens + (now - self._reset_at) * RESET_RATE)
+        self._reset_at = now
+        if tokens < 1.0:
+            self._reset_tokens = tokens
+            return False
+        self._reset_tokens = tokens - 1.0
         return True
 
     def retire(self, why: str) -> None:
@@ -374,7 +412,7 @@ class Connection:
                 self.opened_at = trio.current_time()
                 task_status.started()
                 nursery.start_soon(self._reaper)
-                nursery.start_soon(self._pinger)
+                nursery.start_soon(self._watchdog)
                 await self._finished.wait()
                 # say goodbye politely, then stop the tasks
                 self._send(fr.goaway(0, fr.NO_ERROR))
@@ -429,6 +467,7 @@ class Connection:
 
     async def _write_loop(self) -> None:
         tls = self._tls
+        stall = self._ping_timeout
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
@@ -437,13 +476,23 @@ class Connection:
                 data = b"".join(self._out)
                 self._out.clear()
                 tls.write(data)
-            await tls.flush()
+            # a server that stops reading (or a zero TCP window) blocks the send: what is
+            # queued behind it would grow without bound, so a stalled write kills the
+            # connection like an unanswered PING
+            if not await tls.flush_within(stall, WRITE_CHUNK):
+                raise TransportError(f"writes stalled: the server took nothing for {stall:g} s")
 
     async def _reaper(self) -> None:
-        """Reset streams that outlive the per-push deadline (APNs sometimes never answers)."""
+        """Stream deadlines (APNs sometimes never answers a stream).
+
+        A stream past its deadline, while some stream on this connection was answered after
+        it was sent, was dropped by the server: it is reset (within the reset budget) and
+        reported. If nothing was answered since it was sent,
+        the connection is wedged: it is closed and every stream on it is reported lost once;
+        resetting them one by one would be a Rapid Reset burst and waste an attempt each."""
         while True:
             if not self.streams:
-                await trio.sleep(self.timeout)
+                await trio.sleep(self._stall_after)
                 continue
             now = trio.current_time()
             first = next(iter(self.streams.values()))
@@ -451,19 +500,32 @@ class Connection:
             if due > now:
                 await trio.sleep_until(due)
                 continue
+            if self._last_complete <= first.sent_at:
+                raise TransportError(f"wedged: no stream answered for {self.timeout:g} s "
+                                     f"({len(self.streams)} in flight)")
+            last_complete = self._last_complete
             expired = []
             for job in self.streams.values():
-                if job.sent_at + self.timeout > now:
+                if job.sent_at + self.timeout > now or job.sent_at >= last_complete:
                     break
                 expired.append(job)
             for job in expired:
                 if self.cancel(job, fr.CANCEL):
                     self._listener.on_timeout(self, job)
 
-    async def _pinger(self) -> None:
+    async def _watchdog(self) -> None:
+        """PING after ``stall_after`` s of silence while streams are in flight (a relay or
+        NAT that forgot the flow looks like a slow server until a PING goes unanswered),
+        after ``ping_interval`` s when idle; no answer within ``ping_timeout``: dead."""
+        step = min(self._stall_after, self._ping_interval)
         while True:
-            await trio.sleep(self._ping_interval)
-            if trio.current_time() - self._last_recv < self._ping_interval:
+            await trio.sleep(step)
+            now = trio.current_time()
+            if self.streams:
+                oldest = next(iter(self.streams.values())).sent_at
+                if now - max(self._last_recv, oldest) < self._stall_after:
+                    continue
+            elif now - self._last_recv < self._ping_interval:
                 continue
             self._ping_ack = trio.Event()
             self.pings_sent += 1
@@ -471,7 +533,7 @@ class Connection:
             with trio.move_on_after(self._ping_timeout):
                 await self._ping_ack.wait()
                 continue
-            raise TransportError(f"no PING answer within {self._ping_timeout} s")
+            raise TransportError(f"no PING answer within {self._ping_timeout:g} s")
 
     # ------------------------------------------------------------------ receiving
 
@@ -669,6 +731,9 @@ class Connection:
     def _complete(self, sid: int, job: Any) -> None:
         del self.streams[sid]
         job.conn = None
+        self._last_complete = self._last_recv
+        if job.status == 200:
+            self.successes += 1
         body = bytes(job.resp_body) if job.resp_body else b""
         self._listener.on_response(self, job, job.status, job.resp_headers, body)
         self._after_stream_end()

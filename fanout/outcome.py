@@ -106,7 +106,7 @@ REASONS: dict[str, ReasonInfo] = {
     "Unregistered": ReasonInfo(410, _A.DROP_TOKEN, "device token no longer active for the topic"),
     "PayloadTooLarge": ReasonInfo(413, _A.FIX, "payload larger than 4096/5120 bytes"),
     "TooManyProviderTokenUpdates": ReasonInfo(
-        429, _A.CONFIG, "provider token changed too often on this connection"
+        429, _A.RECONNECT, "provider token changed too often on this connection: new one"
     ),
     "TooManyRequests": ReasonInfo(429, _A.RETRY_TOKEN, "too many pushes to the same device token"),
     "InternalServerError": ReasonInfo(500, _A.RETRY_BACKOFF, "APNs internal error"),
@@ -200,6 +200,9 @@ class Result(msgspec.Struct, kw_only=True, omit_defaults=True):
     error: str | None = None
     team: str | None = None  # the team that served it (fanout.teams.Teams)
     environment: str | None = None  # where it went (fanout.teams.Teams): production | sandbox
+    resent: bool = False
+    """Sent again after an attempt that timed out or whose connection was lost: APNs may
+    have had it before, so the device may show it twice (at-least-once delivery)."""
     wrong_environment: bool = False
     """The push named the other environment: APNs there answered BadDeviceToken and this
     ``environment`` accepted it (``Teams(retry_wrong_environment=True)``). The token is

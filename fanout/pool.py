@@ -6,6 +6,14 @@ the replacement as soon as the connection is retired (GOAWAY, id exhaustion, err
 the old one drains in the background. :meth:`Pool.submit` starts a job on the connection
 with the most free slots, or parks until a slot frees: capacity follows each server's live
 SETTINGS_MAX_CONCURRENT_STREAMS.
+
+Unreachable APNs: once no connection has been usable for ``unavailable_timeout`` seconds
+the pool is *unavailable*: every job waiting for a slot fails together, and new ones fail
+at once, until a connection comes up (``on_unavailable="fail"``). With ``"wait"`` jobs
+wait for as long as it takes (the daemon stops reading its input instead).
+
+Reconnects back off (exponential, jittered) after a failed attempt and after a connection
+that answered nothing successfully, however it ended: Apple reads rapid reconnects as abuse.
 """
 
 from __future__ import annotations
@@ -38,7 +46,9 @@ class Pool:
         timeout: float = 10.0,
         connect_timeout: float = 10.0,
         unavailable_timeout: float = 30.0,
+        on_unavailable: str = "fail",
         ping_interval: float = 60.0,
+        ping_timeout: float = 5.0,
         max_streams_cap: int = 4000,
         first_stream_id: int = 1,
         backoff: Backoff | None = None,
@@ -55,9 +65,14 @@ class Pool:
         self._auth = auth
         self._events = events
         self._conn_kw = dict(auth=auth, timeout=timeout, connect_timeout=connect_timeout,
-                             ping_interval=ping_interval, max_streams_cap=max_streams_cap,
+                             ping_interval=ping_interval, ping_timeout=ping_timeout,
+                             max_streams_cap=max_streams_cap,
                              first_stream_id=first_stream_id, events=events, proxy=proxy)
+        if on_unavailable not in ("fail", "wait"):
+            raise ConfigError(f"on_unavailable must be fail or wait, not {on_unavailable!r}")
         self._unavailable_timeout = unavailable_timeout
+        self.on_unavailable = on_unavailable
+        self.down_since: float | None = None    # no usable connection since (trio clock)
         self._backoff = backoff or Backoff(base=0.1, cap=30.0)
         self.conns: list[Connection] = []       # ready and accepting streams
         self.draining: set[Connection] = set()  # retired, finishing their streams
@@ -71,6 +86,7 @@ class Pool:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self.down_since = trio.current_time()
             for i in range(self.size):
                 nursery.start_soon(self._supervise, i)
             task_status.started()
@@ -78,6 +94,21 @@ class Pool:
     def close(self) -> None:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+    def unavailable_for(self) -> float:
+        """Seconds without a usable connection (0.0 while one is up)."""
+        since = self.down_since
+        return 0.0 if since is None or self.conns else trio.current_time() - since
+
+    def unavailable_error(self) -> TransportError:
+        return TransportError(
+            f"APNs unreachable: no usable connection to {self.host}:{self.port} for "
+            f"{self._unavailable_timeout:g} s; last error: {self.last_error or 'none'}")
+
+    def retire_all(self, why: str) -> None:
+        """Retire every ready connection (they drain; replacements open at once)."""
+        for conn in list(self.conns):
+            conn.retire(why)
 
     @property
     def in_flight(self) -> int:
@@ -107,19 +138,25 @@ class Pool:
             if self._events:
                 self._events.connection_opened(conn)
             self.conns.append(conn)
+            self.down_since = None
             self._lot.unpark_all()
             await conn.retired_event.wait()
-            if not conn.closed:
-                failures = 0  # retired cleanly (GOAWAY, ids, wedge): replace it at once
-                continue
-            # died with an error: back off if it did not live long (Apple treats rapid
-            # reconnects as a DoS)
-            if conn.error is not None and \
-                    trio.current_time() - conn.opened_at < MIN_HEALTHY_LIFETIME:
-                failures += 1
-                await trio.sleep(self._backoff.delay(failures))
-            else:
+            # A connection that answered nothing successfully (every request refused as
+            # ExpiredProviderToken, a wedge, a server that cuts at once) or that died with an
+            # error within a second is a failed attempt: back off before the next one.
+            # Apple treats rapid reconnects as a DoS.
+            died_young = conn.error is not None and \
+                trio.current_time() - conn.opened_at < MIN_HEALTHY_LIFETIME
+            if conn.successes and not died_young:
                 failures = 0
+                continue
+            if conn.error is not None:
+                self.last_error = conn.error
+            failures += 1
+            delay = self._backoff.delay(failures)
+            log.info("connection %d answered %d pushes before it ended (%s): next one in "
+                     "%.1f s", index, conn.successes, conn.retire_reason, delay)
+            await trio.sleep(delay)
 
     def try_start(self, job: Any) -> bool:
         """Start ``job`` now if a slot is free and nobody is queued before it."""
@@ -137,34 +174,39 @@ class Pool:
         return True
 
     async def submit(self, job: Any) -> None:
-        """Start ``job`` on the connection with the most free slots, waiting for one."""
-        deadline = None
+        """Start ``job`` on the connection with the most free slots, waiting for one.
+
+        ``job.avoid`` (a connection the job timed out on) is used only when no other
+        connection is up. Raises ``halt_error``, a fatal ConfigError, or, once the pool is
+        unavailable and ``on_unavailable`` is ``"fail"``, :meth:`unavailable_error`."""
+        avoid = job.avoid
         while True:
             if self.halt_error is not None:
                 raise self.halt_error
             best = None
             room = 0
+            others = False
             for conn in self.conns:
+                if conn is avoid:
+                    continue
+                others = True
                 cap = conn.capacity
                 if cap > room:
                     best, room = conn, cap
+            if best is None and not others and avoid is not None and avoid.capacity > 0:
+                best = avoid
             if best is not None:
                 best.start(job)
                 return
             if self.fatal_error is not None and not self.conns:
                 raise self.fatal_error
-            if not self.conns:
-                now = trio.current_time()
-                if deadline is None:
-                    deadline = now + self._unavailable_timeout
-                elif now >= deadline:
-                    raise TransportError(
-                        f"no connection to {self.host}:{self.port} for "
-                        f"{self._unavailable_timeout:g} s; last error: {self.last_error}")
+            if not self.conns and self.on_unavailable == "fail":
+                deadline = (self.down_since or trio.current_time()) + self._unavailable_timeout
+                if trio.current_time() >= deadline:
+                    raise self.unavailable_error()
                 with trio.move_on_at(deadline):
                     await self._lot.park()
             else:
-                deadline = None
                 await self._lot.park()
 
     # ------------------------------------------------------------ connection listener
@@ -178,6 +220,8 @@ class Pool:
     def on_retired(self, conn: Connection, why: str) -> None:
         if conn in self.conns:
             self.conns.remove(conn)
+            if not self.conns:
+                self.down_since = trio.current_time()
             if not conn.closed:
                 self.draining.add(conn)
         else:

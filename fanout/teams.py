@@ -239,6 +239,8 @@ class Teams:
                     on_invalid = _skip_bad_token(on_invalid)
             client = Client(auth=team.auth, connections=team.connections, environment=env,
                             events=events, on_invalid_token=on_invalid, **kw)
+            if self._retries(team):  # BadDeviceToken goes to the other environment instead
+                client._guard_reasons = frozenset({"DeviceTokenNotForTopic"})
             held = self._open[key] = _Open(client)
             self._nursery.start_soon(self._hold, key, held)
             log.info("team %s (%s): opening its connections", team.name, env)

@@ -66,6 +66,22 @@ class TLSStream:
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     raise TransportError(f"send failed: {exc}") from None
 
+    async def flush_within(self, stall: float, chunk: int) -> bool:
+        """Send what is encrypted, ``chunk`` bytes at a time; False if one chunk could not
+        be sent within ``stall`` seconds (the peer stopped reading). The stream is unusable
+        after False."""
+        async with self._send_lock:
+            while self._out.pending:
+                data = self._out.read(chunk)
+                with trio.move_on_after(stall):
+                    try:
+                        await self._sock.send_all(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                        raise TransportError(f"send failed: {exc}") from None
+                    continue
+                return False
+        return True
+
     async def _recv_raw(self) -> bytes:
         try:
             return await self._sock.receive_some(_READ_SIZE)

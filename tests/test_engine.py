@@ -228,15 +228,17 @@ async def test_cancellation_mid_flight_frees_every_slot_and_task(pki, signing_ke
     assert mock.stats.protocol_errors == []  # h2 accepted our RST_STREAM frames
 
 
-async def test_per_push_deadline_resets_the_stream(pki, signing_key):
+async def test_per_push_deadline_on_a_server_that_answers_nothing(pki, signing_key):
+    # nothing answered on the connection since the stream was sent: the connection is
+    # wedged and closed (no RST per stream); the push is resent on a new one, and says so
     async with running(pki, signing_key, never_answer=1.0,
                        client_kw={"timeout": 0.3, "max_attempts": 2,
                                   "delivery": "at_least_once"}) as (mock, client):
         result = await client.send(Notification(token="ab" * 32, payload=PAYLOAD))
         assert sum(len(c.streams) for c in client.pool.conns) == 0
     assert result.outcome == "maybe_delivered"
-    assert result.attempts == 2
-    assert "no answer" in result.error
+    assert result.attempts == 2 and result.resent
+    assert "wedged: no stream answered" in result.error
 
 
 async def test_at_most_once_reports_maybe_delivered(pki, signing_key):

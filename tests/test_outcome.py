@@ -44,7 +44,7 @@ DEVICE_TABLE = {
     "ExpiredToken": (410, A.DROP_TOKEN),
     "Unregistered": (410, A.DROP_TOKEN),
     "PayloadTooLarge": (413, A.FIX),
-    "TooManyProviderTokenUpdates": (429, A.CONFIG),
+    "TooManyProviderTokenUpdates": (429, A.RECONNECT),
     "TooManyRequests": (429, A.RETRY_TOKEN),
     "InternalServerError": (500, A.RETRY_BACKOFF),
     "ServiceUnavailable": (503, A.RETRY_BACKOFF),
