@@ -17,7 +17,17 @@ from typing import Any
 import trio
 
 from .config import add_settings_args, check, load_settings, make_client
-from .errors import ConfigError, FanoutError, ValidationError
+from .errors import ConfigError, FanoutError, TransportError, ValidationError
+from .exits import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_FORCED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    exit_code,
+    is_unreachable,
+)
 
 log = logging.getLogger("fanout")
 
@@ -32,6 +42,9 @@ class Progress:
         self.counts: dict[str, int] = {}
         self.latencies: list[float] = []
         self.done = 0
+        self.resent = 0        # sent again after a timeout or lost connection: maybe twice
+        self.unreachable = 0   # ended because APNs could not be reached
+        self.last_error: str | None = None
         self.start = time.perf_counter()
         self.cpu_start = time.process_time()
         self._stream = stream
@@ -44,6 +57,12 @@ class Progress:
         self.done += 1
         if result.latency_ms is not None:
             self.latencies.append(result.latency_ms)
+        if result.resent:
+            self.resent += 1
+        if key != "delivered" and key != "invalid_token":
+            self.last_error = result.error or result.reason or key
+            if is_unreachable(result):
+                self.unreachable += 1
         if self._tty and self.done & 255 == 0:
             now = time.perf_counter()
             if now - self._last_draw > 0.2:
@@ -71,6 +90,7 @@ class Progress:
         return {
             "pushes": self.done,
             "counts": dict(sorted(self.counts.items())),
+            "resent": self.resent,
             "seconds": round(seconds, 3),
             "pushes_per_s": round(self.done / seconds, 1) if seconds else None,
             "client_cpu_us_per_push": round(cpu / self.done * 1e6, 1) if self.done else None,
@@ -147,7 +167,20 @@ async def _send_main(args: argparse.Namespace) -> int:
     if config_error:
         summary["config_error"] = config_error
     print(json.dumps(summary), flush=True)
-    return 2 if config_error else 0
+    return _exit(args, progress, config_error)
+
+
+def _exit(args: argparse.Namespace, progress: Progress, config_error: str | None) -> int:
+    """The exit code (fanout.exits) and, when it is not 0, a one-line reason on stderr."""
+    code = exit_code(progress.counts, unreachable=progress.unreachable,
+                     config_error=bool(config_error))
+    if code != EXIT_OK:
+        failed = ", ".join(f"{k}={v}" for k, v in sorted(progress.counts.items())
+                           if k not in ("delivered", "invalid_token"))
+        why = config_error if code == EXIT_CONFIG and config_error else progress.last_error
+        print(f"fanout {args.command}: {failed} of {progress.done}: {why}", file=sys.stderr,
+              flush=True)
+    return code
 
 
 # --------------------------------------------------------------------------- check
@@ -169,10 +202,18 @@ async def _check_main(args: argparse.Namespace) -> int:
             report = {"team": team, **report}
         print(json.dumps(report), flush=True)
         if not report["ok"]:
-            failed += 1
+            failed = max(failed, _CHECK_EXIT[report["problem"]], key=_severity)
             who = f"team {team} ({one.environment}): " if team is not None else ""
             print(f"fanout check: not ok: {who}{report['error']}", file=sys.stderr, flush=True)
-    return 2 if failed else 0
+    return failed
+
+
+_CHECK_EXIT = {"usage": EXIT_USAGE, "config": EXIT_CONFIG, "unreachable": EXIT_UNREACHABLE,
+               "failed": EXIT_FAILED}
+
+
+def _severity(code: int) -> int:
+    return [EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE, EXIT_CONFIG, EXIT_USAGE].index(code)
 
 
 # --------------------------------------------------------------------------- demo
@@ -222,7 +263,7 @@ async def _demo_main(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 mock.kill()
     print(json.dumps(summary), flush=True)
-    return 0
+    return _exit(args, progress, None)
 
 
 # --------------------------------------------------------------------------- mock
@@ -294,7 +335,7 @@ async def _channels_main(args: argparse.Namespace) -> int:
                 out = {"deleted": args.channel_id}
         except ChannelError as exc:
             print(f"fanout channels {args.action}: {exc}", file=sys.stderr)
-            return 2
+            return EXIT_CONFIG if exc.status == 403 else EXIT_FAILED
     print(json.dumps(out), flush=True)
     return 0
 
@@ -425,16 +466,22 @@ def main(argv: list[str] | None = None) -> int:
             return trio.run(run_main, args)
         except (FanoutError, OSError) as exc:
             print(f"fanout {args.command}: error: {exc}", file=sys.stderr)
-            return 2
+            return _error_exit(exc)
     runner = {"demo": _demo_main, "send": _send_main, "check": _check_main,
               "mock": _mock_main, "channels": _channels_main}[args.command]
     try:
         return trio.run(runner, args)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_FORCED
     except (FanoutError, OSError) as exc:
         print(f"fanout {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _error_exit(exc)
+
+
+def _error_exit(exc: BaseException) -> int:
+    """A command that stopped on an exception: a transport failure (channel management
+    that cannot connect) is an unreachable APNs; anything else is usage (settings, files)."""
+    return EXIT_UNREACHABLE if isinstance(exc, TransportError) else EXIT_USAGE
 
 
 if __name__ == "__main__":

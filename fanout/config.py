@@ -89,6 +89,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     connections: int = 2
     timeout: float = 10.0
     connect_timeout: float = 10.0
+    unavailable_timeout: float = 30.0  # no usable connection this long: APNs is unreachable
+    ping_timeout: float = 5.0  # a PING unanswered (or writes stuck) this long: connection dead
+    topic_guard: int = 100  # refusals in a row for one topic, none delivered: wrong topic
     rate: float | None = None  # pushes/s, all topics
     topic_rates: dict[str, float] = {}  # pushes/s per topic
     max_attempts: int = 5
@@ -131,6 +134,15 @@ _HELP = {
     "connections": "HTTP/2 connections (default 2)",
     "timeout": "per-push deadline, seconds (default 10)",
     "connect_timeout": "connect + TLS handshake deadline, seconds (default 10)",
+    "unavailable_timeout": "seconds without a usable connection after which APNs counts as "
+                           "unreachable: waiting pushes fail together (fanout run: input "
+                           "pauses instead, see --on-unavailable) (default 30)",
+    "ping_timeout": "a PING unanswered, or writes that cannot drain, for this many seconds "
+                    "close the connection (PINGs follow 2 s of silence with pushes in "
+                    "flight) (default 5)",
+    "topic_guard": "BadDeviceToken/DeviceTokenNotForTopic answers in a row for one topic with "
+                   "none delivered that stop the topic with config_error instead of calling "
+                   "the tokens dead (wrong topic or environment); 0: off (default 100)",
     "rate": "global limit, pushes/s (default none)",
     "topic_rates": "per-topic limit, pushes/s; repeatable",
     "max_attempts": "attempts per push for 429/5xx/transport failures (default 5)",
@@ -344,7 +356,10 @@ def _validate(s: Settings, sources: dict[str, str]) -> None:
     for name in ("connections", "max_attempts", "max_in_flight"):
         if getattr(s, name) < 1:
             fail(name, f"{name} must be >= 1, got {getattr(s, name)}")
-    for name in ("timeout", "connect_timeout", "refresh_after", "team_idle_timeout"):
+    if s.topic_guard < 0:
+        fail("topic_guard", f"topic_guard must be >= 0, got {s.topic_guard}")
+    for name in ("timeout", "connect_timeout", "refresh_after", "team_idle_timeout",
+                 "unavailable_timeout", "ping_timeout"):
         value = getattr(s, name)
         if not (math.isfinite(value) and value > 0):
             fail(name, f"{name} must be a positive number of seconds, got {value!r}")
@@ -478,6 +493,9 @@ def make_client(settings: Settings, **extra: Any) -> Any:
         "connections": settings.connections,
         "timeout": settings.timeout,
         "connect_timeout": settings.connect_timeout,
+        "unavailable_timeout": settings.unavailable_timeout,
+        "ping_timeout": settings.ping_timeout,
+        "topic_guard": settings.topic_guard,
         "rate": settings.rate,
         "topic_rates": dict(settings.topic_rates) or None,
         "max_attempts": settings.max_attempts,
@@ -520,16 +538,21 @@ async def check(settings: Settings) -> dict[str, Any]:
         "stream_limit": None,
         "jwt_age_s": None,
         "error": None,
+        # what is wrong (fanout.exits): usage (settings, files), config (APNs refused the
+        # set-up), unreachable (no connection), failed (another answer); None when ok
+        "problem": None,
     }
     if not settings.topic:
         report["error"] = (f"check needs a topic: {FLAGS['topic']} (or {ENV['topic']}, "
                            f"or topic in the --config file)")
+        report["problem"] = "usage"
         return report
     try:
         client = make_client(settings, connections=1, max_attempts=1, rate=None,
                              topic_rates=None, unavailable_timeout=settings.connect_timeout)
     except (FanoutError, OSError) as exc:
         report["error"] = str(exc)
+        report["problem"] = "usage"
         return report
 
     note = Notification(token=CHECK_TOKEN, payload={"aps": {"content-available": 1}},
@@ -548,8 +571,10 @@ async def check(settings: Settings) -> dict[str, Any]:
                 report["stream_limit"] = _stream_limit(client)
     except trio.TooSlowError:
         report["error"] = f"no answer from {report['host']}:{settings.port} within {budget:g} s"
+        report["problem"] = "unreachable"
     except (FanoutError, OSError) as exc:
         report["error"] = str(exc)
+        report["problem"] = "config" if isinstance(exc, ConfigError) else "unreachable"
     if hasattr(client.auth, "age"):
         report["jwt_age_s"] = round(client.auth.age(), 3)
     if result is None:
@@ -562,8 +587,13 @@ async def check(settings: Settings) -> dict[str, Any]:
         if result.status is not None:
             report["error"] = client.config_error or result.error or \
                 f"APNs answered {result.status} {result.reason or ''}".rstrip()
+            report["problem"] = "config" if result.outcome == "config_error" or \
+                result.status == 403 else "failed"
         else:
             report["error"] = result.error or f"no answer ({result.outcome})"
+            report["problem"] = "config" if result.outcome == "config_error" else \
+                "unreachable" if result.outcome in ("retries_exhausted", "maybe_delivered") \
+                else "failed"
     return report
 
 

@@ -33,6 +33,7 @@ import trio
 
 from . import checkpoint as ckpt
 from .errors import ConfigError, FanoutError, ValidationError
+from .exits import EXIT_CONFIG, EXIT_FORCED, EXIT_OK, EXIT_USAGE, exit_code, is_unreachable
 from .flow import drain, put
 from .lines import LineError, ResultLine, decode_line, result_encoder
 from .payload import Prepared, PushTemplate
@@ -41,7 +42,6 @@ log = logging.getLogger("fanout.daemon")
 
 HIGH_WATER_STEP = 1024    # lines: how far ahead the "may have been sent" mark is moved
 CHANNEL_SIZE = 256
-EXIT_OK, EXIT_USAGE, EXIT_CONFIG, EXIT_FORCED = 0, 2, 3, 130
 CHILD_SETTINGS_ENV = "FANOUT_CHILD_SETTINGS"
 METRICS_INTERVAL = 1.0    # seconds between samples of the metrics' gauges and line counts
 
@@ -213,6 +213,8 @@ class Daemon:
         self.forced = False
         self.config_stopped = False
         self.exit_code = EXIT_OK
+        self.unreachable = 0        # pushes that ended because APNs was unreachable
+        self._unreachable_logged = False
         self.client: Any = None
         self._nursery: trio.Nursery | None = None
         self._reader_scope = trio.CancelScope()
@@ -231,6 +233,8 @@ class Daemon:
     async def run(self) -> int:
         send, recv = trio.open_memory_channel[Prepared](CHANNEL_SIZE)
         extra = self._start_metrics()
+        # APNs unreachable: wait (input pauses, nothing turns into failures) unless told
+        extra["on_unavailable"] = getattr(self.args, "on_unavailable", "wait")
         try:
             client = self._make_client(self.settings, on_invalid_token=self._on_invalid, **extra)
         except BaseException:
@@ -250,6 +254,7 @@ class Daemon:
                     nursery.start_soon(self._read_all, send)
                     nursery.start_soon(self._checkpointer)
                     nursery.start_soon(self._status_loop)
+                    nursery.start_soon(self._watch_unreachable)
                     if self.metrics is not None:
                         nursery.start_soon(self._metrics_loop)
                     with self._consume_scope:
@@ -262,7 +267,9 @@ class Daemon:
         if self.client is not None and self.client.config_error:
             print(f"fanout run: {self.client.config_error}", file=sys.stderr)
             return EXIT_CONFIG
-        return EXIT_FORCED if self.forced else self.exit_code
+        if self.forced:
+            return EXIT_FORCED
+        return max(self.exit_code, exit_code(self.counts, unreachable=self.unreachable))
 
     def _finish(self) -> None:
         """Flush results, then record the checkpoints (in that order)."""
@@ -571,8 +578,11 @@ class Daemon:
             status=result.status, reason=result.reason, apns_id=result.apns_id,
             timestamp=result.timestamp, attempts=result.attempts,
             latency_ms=round(latency, 3) if latency is not None else None, error=result.error,
+            resent=result.resent,
             input=state.input.label, team=result.team, environment=result.environment,
             wrong_environment=result.wrong_environment), state)
+        if result.error is not None and is_unreachable(result):
+            self.unreachable += 1
         state.pending -= 1
         if state.closed and not state.pending:
             state.done()
@@ -637,6 +647,22 @@ class Daemon:
         await trio.sleep(self.args.drain_timeout)
         self._force(f"drain timeout ({self.args.drain_timeout:g} s)")
 
+    async def _watch_unreachable(self) -> None:
+        """Say once when APNs becomes unreachable (input pauses: the pushes read so far wait
+        for a connection, unread lines stay after the checkpoint) and when it is back."""
+        timeout = self.settings.unavailable_timeout
+        while True:
+            await trio.sleep(min(1.0, timeout / 4))
+            down = self.client.pool.unavailable_for()
+            if down >= timeout and not self._unreachable_logged:
+                self._unreachable_logged = True
+                log.warning("APNs unreachable for %.0f s (%s); input paused, unread lines stay "
+                            "after the checkpoint; going on when a connection comes up",
+                            down, self.client.pool.last_error or "no connection")
+            elif down == 0.0 and self._unreachable_logged:
+                self._unreachable_logged = False
+                log.warning("APNs reachable again: input resumed")
+
     async def _status_loop(self) -> None:
         interval = 1.0 if self._status_tty else self.args.status_interval
         if interval <= 0:
@@ -651,6 +677,8 @@ class Daemon:
         info = {"lines": self.lines_read, "results": self.results_written,
                 "per_s": round(self.results_written / elapsed, 1), "in_flight": in_flight,
                 "counts": dict(sorted(self.counts.items())), "tasks": _task_count(),
+                "unreachable_s": round(self.client.pool.unavailable_for(), 1)
+                if self.client is not None else 0.0,
                 "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
         if self._status_tty and not final:
             counts = " ".join(f"{k}={v:,}" for k, v in info["counts"].items())
@@ -695,6 +723,10 @@ def add_run_parser(sub: Any, settings_args: Callable[[argparse.ArgumentParser], 
     p.add_argument("--drain-timeout", type=float, default=30.0)
     p.add_argument("--on-config-error", choices=["stop", "drain"], default="stop",
                    help="stop reading (default), or mark every remaining line config_error")
+    p.add_argument("--on-unavailable", choices=["wait", "fail"], default="wait",
+                   help="APNs unreachable for unavailable_timeout: pause the input until a "
+                        "connection comes up (default), or end the waiting pushes "
+                        "retries_exhausted and go on (exit 4)")
     p.add_argument("--max-line-bytes", type=int, default=16 * 1024 * 1024)
     p.add_argument("--status-interval", type=float, default=10.0,
                    help="seconds between status log lines when not on a TTY (0: none)")

@@ -135,6 +135,14 @@ class Metrics(Events):
             "fanout_wrong_environment_total",
             "pushes APNs refused as BadDeviceToken and the other environment accepted",
             [*T, "accepted_by"], registry=r)
+        self.resent = Counter(
+            "fanout_pushes_resent_total",
+            "pushes sent again after an attempt timed out or its connection was lost (they "
+            "may arrive twice)", T, registry=r)
+        self.unreachable = Gauge(
+            "fanout_apns_unreachable_seconds",
+            "seconds without a usable connection to APNs (0 while one is up)", T,
+            registry=r, multiprocess_mode="livemax")
         self.daemon = DaemonMetrics(r) if daemon else None
         self._views: dict[str, Metrics] = {"": self}
         self._bind("")
@@ -169,6 +177,8 @@ class Metrics(Events):
         self._invalid = self.invalid_tokens.labels(team)
         self._in_flight = self.in_flight.labels(team)
         self._queued = self.queue_depth.labels(team)
+        self._resent = self.resent.labels(team)
+        self._unreachable = self.unreachable.labels(team)
         self._jwt_age = self.jwt_age.labels(team)
         self._rotations = self.jwt_rotations.labels(team)
         self._rotations_seen: dict[int, int] = {}
@@ -187,6 +197,8 @@ class Metrics(Events):
         children[0].inc()
         if latency_s is not None:
             children[1].observe(latency_s)
+        if result.resent:
+            self._resent.inc()
 
     def _push_child(self, push_type: bytes, outcome: Any, reason: str | None) -> tuple[Any, Any]:
         pt = push_type.decode("ascii", "replace") if isinstance(push_type, bytes) \
@@ -286,6 +298,7 @@ class Metrics(Events):
         """A team's view samples its clients of both environments; connection labels of
         its sandbox client are ``sandbox-N``."""
         in_flight = queued = 0
+        unreachable = 0.0
         limits: dict[str, int] = {}
         open_: dict[str, int] = {}
         auths: dict[int, Any] = {}
@@ -294,6 +307,7 @@ class Metrics(Events):
             conns = (*pool.conns, *pool.draining)
             in_flight += sum(len(c.streams) for c in conns)
             queued += client.limiter.waiting + len(pool._lot)
+            unreachable = max(unreachable, pool.unavailable_for())
             prefix = "sandbox-" if self.team and client.environment == "sandbox" else ""
             for c in pool.conns:  # the slot's ready connection sets its limit
                 limits[prefix + str(c.index)] = c.stream_limit
@@ -306,6 +320,7 @@ class Metrics(Events):
                 auths[id(auth)] = auth  # a team's environments share one key
         self._in_flight.set(in_flight)
         self._queued.set(queued)
+        self._unreachable.set(unreachable)
         for label, n in open_.items():
             children = self._conn_children.get(label)
             if children is None:

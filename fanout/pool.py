@@ -26,6 +26,7 @@ import trio
 
 from .connection import Connection
 from .errors import ConfigError, TransportError
+from .exits import UNREACHABLE
 from .limiter import Backoff
 
 log = logging.getLogger("fanout.pool")
@@ -102,7 +103,7 @@ class Pool:
 
     def unavailable_error(self) -> TransportError:
         return TransportError(
-            f"APNs unreachable: no usable connection to {self.host}:{self.port} for "
+            f"{UNREACHABLE}: no usable connection to {self.host}:{self.port} for "
             f"{self._unavailable_timeout:g} s; last error: {self.last_error or 'none'}")
 
     def retire_all(self, why: str) -> None:

@@ -566,6 +566,18 @@ class _PoolView:
         return sum(h.client.pool.in_flight for h in self._engine._open.values()
                    if h.ready.is_set())
 
+    @property
+    def last_error(self) -> BaseException | None:
+        for h in self._engine._open.values():
+            if h.ready.is_set() and h.client.pool.unavailable_for():
+                return h.client.pool.last_error
+        return None
+
+    def unavailable_for(self) -> float:
+        """The longest time any open team client has been without a usable connection."""
+        return max((h.client.pool.unavailable_for() for h in self._engine._open.values()
+                    if h.ready.is_set()), default=0.0)
+
 
 class TeamsEngine(Teams):
     """What ``fanout run`` needs of its engine (``send_many``, ``abort_in_flight``,
@@ -594,6 +606,8 @@ def make_teams_engine(settings: Any, **extra: Any) -> TeamsEngine:
     settings give what every team shares (timeouts, rate, delivery, environment, proxy ...);
     each table gives a team's credentials, topics and connections."""
     shared = {"timeout": settings.timeout, "connect_timeout": settings.connect_timeout,
+              "unavailable_timeout": settings.unavailable_timeout,
+              "ping_timeout": settings.ping_timeout, "topic_guard": settings.topic_guard,
               "max_attempts": settings.max_attempts, "delivery": settings.delivery,
               "max_in_flight": settings.max_in_flight, "rate": settings.rate,
               "proxy": settings.proxy, "insecure": settings.insecure}

@@ -29,14 +29,12 @@ import trio
 
 from .daemon import (
     CHILD_SETTINGS_ENV,
-    EXIT_CONFIG,
-    EXIT_FORCED,
-    EXIT_OK,
     HIGH_WATER_STEP,
     Daemon,
     InputState,
     LineState,
 )
+from .exits import EXIT_CONFIG, EXIT_FAILED, EXIT_FORCED, EXIT_OK, EXIT_UNREACHABLE
 from .payload import Prepared
 from .reader import InputBlock, InputLine, split_block
 
@@ -86,6 +84,7 @@ class Coordinator(Daemon):
         cmd = [sys.executable, "-m", "fanout", "run", "--child", "--checkpoint-interval",
                "0.02", "--max-line-bytes", str(self.args.max_line_bytes),
                "--on-config-error", self.args.on_config_error,
+               "--on-unavailable", self.args.on_unavailable,
                "--la-budget", str(self.args.la_budget),
                "--la-over-budget", self.args.la_over_budget]
         if self.args.invalid_tokens:
@@ -128,7 +127,13 @@ class Coordinator(Daemon):
             print("fanout run: a worker stopped on a configuration error (see above)",
                   file=sys.stderr)
             return EXIT_CONFIG
-        return EXIT_FORCED if self.forced else EXIT_OK
+        if self.forced:
+            return EXIT_FORCED
+        # the most serious of the workers' own codes (fanout.exits): unreachable, failed
+        for code in (EXIT_UNREACHABLE, EXIT_FAILED):
+            if code in codes:
+                return code
+        return EXIT_OK
 
     # ----------------------------------------------------------------- metrics
 

@@ -72,7 +72,7 @@ def test_send_reports_a_wrong_key_clearly_and_exits_nonzero(mock_process, signin
                  "127.0.0.1", "--port", str(port), "--ca-file", str(ca), "--key-path",
                  str(other.path), "--key-id", other.key_id, "--team-id", other.team_id,
                  "--topic", "com.example.app"])
-    assert out.returncode == 2
+    assert out.returncode == 3  # fanout.exits: APNs refused the configuration
     summary = json.loads(out.stdout.decode().strip().splitlines()[-1])
     assert "InvalidProviderToken" in summary["config_error"]
     assert b"InvalidProviderToken" in out.stderr
@@ -122,6 +122,6 @@ def test_channels_commands_and_send_channel(mock_process, signing_key, tmp_path)
     assert json.loads(sent.stdout.splitlines()[-1])["counts"] == {"delivered": 1}
     assert _send(["channels", "delete", channel] + common).returncode == 0
     gone = _send(["channels", "show", channel] + common)
-    assert gone.returncode == 2 and b"ChannelNotRegistered" in gone.stderr
+    assert gone.returncode == 1 and b"ChannelNotRegistered" in gone.stderr
     again = _send(["send", "--channel", channel, "--payload", str(payload)] + common)
     assert b"ChannelNotRegistered" in again.stderr

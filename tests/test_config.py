@@ -316,7 +316,8 @@ def test_make_client_passes_every_setting(signing_key, monkeypatch):
                  host="h.example", port=8443, ca_file="/ca.pem", connections=3, timeout=2.0,
                  connect_timeout=1.5, rate=10.0, topic_rates={"com.example.app": 5.0},
                  max_attempts=2, delivery="at_most_once", max_in_flight=64,
-                 proxy="http://proxy.example:3128")
+                 proxy="http://proxy.example:3128", unavailable_timeout=7.0,
+                 ping_timeout=2.5, topic_guard=40)
     captured = {}
     monkeypatch.setattr(fanout.client, "Client", lambda **kw: captured.update(kw) or "client")
 
@@ -329,6 +330,7 @@ def test_make_client_passes_every_setting(signing_key, monkeypatch):
     assert captured == {
         "topic": "com.example.app", "environment": "sandbox", "host": "h.example", "port": 8443,
         "ca_file": "/ca.pem", "connections": 3, "timeout": 2.0, "connect_timeout": 1.5,
+        "unavailable_timeout": 7.0, "ping_timeout": 2.5, "topic_guard": 40,
         "rate": 10.0, "topic_rates": {"com.example.app": 5.0}, "max_attempts": 2,
         "delivery": "at_most_once", "max_in_flight": 64, "insecure": False,
         "proxy": "http://proxy.example:3128", "on_invalid_token": sink}
@@ -400,7 +402,7 @@ def test_check_with_a_wrong_key_is_not_ok(mock_process, signing_key, tmp_path):
     out = _run(["check", "--host", "127.0.0.1", "--port", str(port), "--ca-file", str(ca),
                 "--key-path", str(other.path), "--key-id", other.key_id, "--team-id",
                 other.team_id, "--topic", "com.example.app", "-v"])
-    assert out.returncode == 2, out.stderr.decode()
+    assert out.returncode == 3, out.stderr.decode()  # APNs refused the credentials
     report = json.loads(out.stdout.decode().strip().splitlines()[-1])
     assert report["ok"] is False
     assert report["answer"]["reason"] == "InvalidProviderToken"
@@ -436,7 +438,7 @@ def test_check_cannot_connect_is_not_ok(signing_key, pki):
                 str(pki.ca_file), "--key-path", str(signing_key.path), "--key-id",
                 signing_key.key_id, "--team-id", signing_key.team_id, "--topic",
                 "com.example.app", "--connect-timeout", "1"])
-    assert out.returncode == 2
+    assert out.returncode == 4  # fanout.exits: APNs unreachable
     report = json.loads(out.stdout)
     assert report["ok"] is False and f"127.0.0.1:{port}" in report["error"]
     assert report["answer"]["status"] is None

@@ -188,7 +188,7 @@ async def test_fan_out_lines_and_tokens_file(tmp_path, pki, signing_key):
     data = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
     async with mock_server(pki, signing_key) as mock:
         proc = await run_daemon(daemon_cmd(mock, pki, signing_key), stdin=data)
-    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert proc.returncode == 1, proc.stderr.decode()[-2000:]  # fanout.exits: "zz" rejected
     results = [json.loads(x) for x in proc.stdout.splitlines()]
     by_id = defaultdict(Counter)
     for r in results:
@@ -503,7 +503,7 @@ async def test_live_activity_and_broadcast_lines(tmp_path, pki, signing_key):
         data = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
         proc = await run_daemon(daemon_cmd(mock, pki, signing_key, "--la-budget", "3"),
                                 stdin=data)
-    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert proc.returncode == 1, proc.stderr.decode()[-2000:]  # "gone" was rejected
     results = {r["id"] if r["id"] else f"line{r['line']}": r
                for r in (json.loads(x) for x in proc.stdout.splitlines())}
     assert results["start"]["outcome"] == "delivered"

@@ -217,7 +217,7 @@ async def test_plain_daemon_takes_its_own_environment_only(tmp_path, pki, signin
     async with mock_server(pki, signing_key) as mock:
         proc = await run_daemon(daemon_cmd(mock, pki, signing_key, "--results", str(out)),
                                 stdin=b"".join(json.dumps(x).encode() + b"\n" for x in lines))
-    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert proc.returncode == 3, proc.stderr.decode()[-2000:]  # the other env: config_error
     by_id = {r.get("id"): r for r in read_results(out)}
     assert by_id[1]["outcome"] == by_id[4]["outcome"] == "delivered"
     assert by_id[2]["outcome"] == "config_error" and "[[team]]" in by_id[2]["error"]
@@ -290,7 +290,7 @@ async def test_check_tries_every_team_in_every_environment(tmp_path, pki, signin
     reports = [json.loads(x) for x in ok.stdout.splitlines()]
     assert [(r["team"], r["environment"], r["port"], r["ok"]) for r in reports] == [
         ("acme", "production", prod.port, True), ("acme", "sandbox", sandbox.port, True)]
-    assert bad.returncode == 2
+    assert bad.returncode == 3  # fanout.exits: APNs refused the credentials
     reports = [json.loads(x) for x in bad.stdout.splitlines()]
     assert [r["ok"] for r in reports] == [True, False]
     assert reports[1]["answer"]["reason"] == "InvalidProviderToken"

@@ -151,6 +151,7 @@ def test_bounded_labels_and_listen_parsing():
     class R:
         reason = "SomethingNew"
         outcome = "rejected"
+        resent = False
 
     registry = CollectorRegistry()
     metrics = Metrics(registry=registry)

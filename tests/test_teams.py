@@ -203,7 +203,7 @@ async def test_daemon_revoked_team_stops_alone(pki, keys, tmp_path):
         acme.config.keys = {other.key_id: other.public_key}  # acme's key revoked
         proc, results, topic_of = await _run_daemon_with_teams(
             tmp_path, keys, {"acme": acme, "beta": beta}, pki, 4000)
-    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert proc.returncode == 3, proc.stderr.decode()[-2000:]  # config_error results
     assert len(results) == 4000
     for r in results:
         want = "config_error" if topic_of[r["id"]].startswith("com.acme") else "delivered"
