@@ -378,8 +378,13 @@ class Connection:
                     try:
                         sock = await trio.open_tcp_stream(self.host, self.port)
                     except OSError as exc:
+                        # trio's "all attempts to connect failed" hides the why in __cause__
+                        cause = exc.__cause__
+                        leaf = _first_leaf(cause) if isinstance(cause, BaseExceptionGroup) \
+                            else exc
+                        why = getattr(leaf, "strerror", None) or leaf
                         raise TransportError(
-                            f"connect to {self.host}:{self.port} failed: {exc}") from None
+                            f"connect to {self.host}:{self.port} failed: {why}") from None
                 tls = TLSStream(sock, self._ctx, self.host)
                 try:
                     await tls.handshake()

@@ -583,6 +583,8 @@ class Daemon:
             wrong_environment=result.wrong_environment), state)
         if result.error is not None and is_unreachable(result):
             self.unreachable += 1
+        elif self._unreachable_logged and result.status is not None:
+            self._reachable_again()
         state.pending -= 1
         if state.closed and not state.pending:
             state.done()
@@ -660,8 +662,11 @@ class Daemon:
                             "after the checkpoint; going on when a connection comes up",
                             down, self.client.pool.last_error or "no connection")
             elif down == 0.0 and self._unreachable_logged:
-                self._unreachable_logged = False
-                log.warning("APNs reachable again: input resumed")
+                self._reachable_again()
+
+    def _reachable_again(self) -> None:
+        self._unreachable_logged = False
+        log.warning("APNs reachable again: input resumed")
 
     async def _status_loop(self) -> None:
         interval = 1.0 if self._status_tty else self.args.status_interval

@@ -6,7 +6,8 @@ APNs documents them (path, headers, JWT, topic, payload) and answers with APNs s
 reasons. On top of that it misbehaves on demand: stream-limit changes (1 until the first valid
 token, back to 1 after a rejection), latency and jitter, random 429/500/503, 410 Unregistered,
 GOAWAY (optionally with a last-stream-id below streams it received), abrupt closes, streams that
-are never answered, and "wedged" connections after ``ExpiredProviderToken``.
+are never answered, "wedged" connections after ``ExpiredProviderToken``, a token that expires once
+mid-run, connections that stop reading, server PINGs, and stream windows that never open.
 
 The same listener also plays Apple's *broadcast* side (APNS.md §6), so one mock serves a whole
 test: the channel management API (``POST/GET/DELETE /1/apps/<bundleId>/channels``,
@@ -45,6 +46,7 @@ import logging
 import random
 import re
 import secrets
+import socket
 import time
 import uuid
 from collections import Counter
@@ -104,6 +106,10 @@ _HEX = re.compile(rb"[0-9a-fA-F]+")
 _UUID = re.compile(rb"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _TOPIC = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _GOAWAY_PING = b"fanoutGA"  # PING sent right after our GOAWAY; its ACK proves the client saw it
+_SERVER_PING = b"fanoutSP"  # server_ping_interval's PINGs
+_STOPPED_POLL = 0.1  # stop_reading_after: how often a connection that stopped reading checks
+# whether the client went away (the socket's TCP state; it cannot read the EOF)
+_TCP_ESTABLISHED = 1  # tcpi_state in Linux's struct tcp_info
 _LINGER = 0.5  # seconds to wait for the client's EOF before closing our side
 _DRAIN_TIMEOUT = 5.0  # seconds after a GOAWAY before the connection is closed regardless
 _HOLD_FALLBACK = 0.05  # goaway_last_stream_low: GOAWAY this soon if the client stops sending
@@ -172,6 +178,10 @@ class MockConfig:
     bad_token_fraction: float = 0.0
     """Fraction of tokens answered 400 BadDeviceToken (a rejection: the stream limit drops
     to 1), chosen by a hash of the token from the other end of the range than 410's."""
+    token_topic: str | None = None
+    """The bundle id every device token belongs to: a push to another (allowed) topic gets
+    400 DeviceTokenNotForTopic for every token, as APNs answers a sender with the wrong
+    topic. ``None``: tokens fit any topic."""
     environment: str = "production"
     sandbox_token_fraction: float = 0.0
     """Fraction of tokens that belong to the sandbox (by a hash of the token, from the middle
@@ -203,6 +213,34 @@ class MockConfig:
     broadcast send gets 400 FeatureNotEnabled."""
     max_channels: int = 10_000
     """Channels per bundle id; creating one more gets 400 CannotCreateChannelConfig."""
+    stop_reading_after: int | None = None
+    """Per connection: once this many complete requests were received (silent ones included),
+    the mock stops reading that connection's socket for good (0: nothing after the TLS
+    handshake, not even the client's preface). Nothing after them is processed (frames behind
+    the last one in the same read are dropped unseen) or read, so the client's socket send
+    buffer fills and its writes block. Requests already received are still answered and writing
+    goes on (answers, ``server_ping_interval`` PINGs, GOAWAY). A stopped connection ends when a
+    write fails, when the mock stops, or (Linux) within 0.1 s of the client's FIN or RST reaching
+    the socket (a FIN queued behind data the mock does not read never arrives)."""
+    server_ping_interval: float | None = None
+    """Every connection sends an HTTP/2 PING (data ``fanoutSP``) every this many seconds, whatever
+    else it does (stopped reading included), until it closes; counted in ``stats.server_pings``
+    and, when the client's ACK is read, ``stats.server_ping_acks``. Read when a connection opens
+    (later changes of the interval apply from the next PING; ``None`` then stops them)."""
+    initial_window_size: int | None = None
+    """SETTINGS_INITIAL_WINDOW_SIZE announced in the server's first SETTINGS (and enforced by h2
+    from the start, see :class:`_Connection`). When set, the mock never opens a stream's window
+    (no stream WINDOW_UPDATE, ever): each request can carry at most this many body bytes, and with
+    0 none at all, so a request with a body never completes. The connection window is credited
+    back for a stream's bytes once the stream is answered. Read when a connection opens."""
+    expire_token_once_after: int | None = None
+    """After this many 200 answers across the whole mock (``stats.by_status[200]``, so
+    :meth:`MockStats.reset` restarts the count), the next request whose token is otherwise valid
+    gets 403 ExpiredProviderToken, once (set another value to arm it again); later requests are
+    validated normally. The connection's token is not replaced by that request's, so a fresh
+    token on the same connection is then subject to ``token_update_min_interval`` (429
+    TooManyProviderTokenUpdates), as on APNs. With ``expired_token_wedge`` the connection wedges.
+    Needs ``validate=True`` for device pushes."""
 
 
 @dataclass
@@ -231,6 +269,12 @@ class MockStats:
     never_answered: int = 0
     streams_after_goaway: int = 0
     """New streams opened after the client acknowledged a PING sent right behind our GOAWAY."""
+    stopped_reading: int = 0
+    """Connections that stopped reading (``stop_reading_after``)."""
+    server_pings: int = 0
+    """PINGs sent by ``server_ping_interval``."""
+    server_ping_acks: int = 0
+    """ACKs of those PINGs read from clients."""
     protocol_errors: list[str] = field(default_factory=list)
     """HTTP/2 violations by the client (stream-limit excess, h2 ProtocolError)."""
     broadcasts: Counter[str] = field(default_factory=Counter)
@@ -418,7 +462,15 @@ def _channel_body_reason(body: bytearray) -> str | None:
 
 
 class _Connection:
-    """Server side of one HTTP/2 connection: a reader feeding h2 and a writer flushing it."""
+    """Server side of one HTTP/2 connection: a reader feeding h2 and a writer flushing it.
+
+    The server's first SETTINGS are h2's ``local_settings`` built with ``initial_values``: h2
+    sends exactly those values (``initiate_connection``) and treats them as current at once, not
+    only after the client's ACK (later changes, made with ``update_settings``, apply on the ACK).
+    So an announced SETTINGS_INITIAL_WINDOW_SIZE is the window h2 gives every inbound stream, and
+    a client that overruns it gets h2's FLOW_CONTROL_ERROR. (The connection window is not a
+    setting: h2 keeps 65,535 for it.)
+    """
 
     def __init__(
         self, mock: MockAPNs, stream: trio.SSLStream[trio.SocketStream], index: int
@@ -440,14 +492,18 @@ class _Connection:
                 normalize_outbound_headers=False,
             )
         )
-        self.conn.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                SettingCodes.HEADER_TABLE_SIZE: 4096,
-                SettingCodes.MAX_CONCURRENT_STREAMS: cfg.initial_max_streams,
-                SettingCodes.MAX_HEADER_LIST_SIZE: 8000,
-            },
-        )
+        initial_values = {
+            SettingCodes.HEADER_TABLE_SIZE: 4096,
+            SettingCodes.MAX_CONCURRENT_STREAMS: cfg.initial_max_streams,
+            SettingCodes.MAX_HEADER_LIST_SIZE: 8000,
+        }
+        # initial_window_size: stream windows are never opened; a stream's bytes are credited
+        # to the connection window once it is answered (stream id -> bytes held)
+        self._held_credit: dict[int, int] | None = None
+        if cfg.initial_window_size is not None:
+            initial_values[SettingCodes.INITIAL_WINDOW_SIZE] = cfg.initial_window_size
+            self._held_credit = {}
+        self.conn.local_settings = h2.settings.Settings(client=False, initial_values=initial_values)
         self.conn.decoder.max_header_list_size = 8000
         self.conn.initiate_connection()
         self.advertised_limit = cfg.initial_max_streams
@@ -470,6 +526,9 @@ class _Connection:
         self._goaway_last: int | None = None
         self._goaway_acked = False
         self._dead = False  # stop feeding h2 (protocol error or abort)
+        self._halt = False  # stop feeding frames: _dead, or stopped reading
+        self._stopped = False  # stop_reading_after reached: never read the socket again
+        self._completed = 0  # complete requests received on this connection
         self._close_mode: Literal["graceful", "abort"] | None = None
         self._wake = trio.Event()
         self._reader_scope = trio.CancelScope()
@@ -483,6 +542,8 @@ class _Connection:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._write_loop)
+            if self.mock.config.server_ping_interval is not None:
+                nursery.start_soon(self._ping_loop)
             self._kick()  # our SETTINGS
             with self._reader_scope:
                 await self._read_loop()
@@ -492,15 +553,51 @@ class _Connection:
 
     async def _read_loop(self) -> None:
         try:
-            while True:
+            stop = self.mock.config.stop_reading_after
+            if stop is not None and stop <= 0:
+                self._stop_reading()  # not even the client's preface
+            while not self._stopped:
                 data = await self.stream.receive_some(_READ_SIZE)
                 if not data:
                     return
                 if not self._dead:
                     self._receive(data)
                     self._kick()
+            await self._wait_client_gone()
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
             return
+
+    async def _wait_client_gone(self) -> None:
+        """Stopped reading: return once the TCP connection is no longer established (the client's
+        FIN or RST arrived, or we closed our side), seen without reading the socket."""
+        tcp_info = getattr(socket, "TCP_INFO", None)
+        if tcp_info is None:  # not Linux: only a failed write or a cancel ends the connection
+            await trio.sleep_forever()
+        sock = self.stream.transport_stream.socket
+        while True:  # ends when the client is gone, or by cancellation with the connection
+            try:
+                state = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, 8)[0]
+            except OSError:
+                return
+            if state != _TCP_ESTABLISHED:
+                return
+            await trio.sleep(_STOPPED_POLL)
+
+    async def _ping_loop(self) -> None:
+        """server_ping_interval: a PING every interval until the connection closes."""
+        while True:  # ends when the connection closes or the interval is set to None
+            interval = self.mock.config.server_ping_interval
+            if interval is None:
+                return
+            await trio.sleep(interval)
+            if self._dead or self._close_mode is not None:
+                return
+            try:
+                self.conn.ping(_SERVER_PING)
+            except h2.exceptions.ProtocolError:  # h2 has closed the connection
+                return
+            self.mock.stats.server_pings += 1
+            self._kick()
 
     async def _write_loop(self) -> None:
         try:
@@ -553,7 +650,7 @@ class _Connection:
             return
         self._close_mode = mode
         if mode == "abort":
-            self._dead = True
+            self._dead = self._halt = True
             self.mock.stats.closes += 1
         self._kick()
 
@@ -580,7 +677,7 @@ class _Connection:
             pos = _PREFACE_LEN
             self._preface_done = True
         size = len(buf)
-        while not self._dead and size - pos >= _FRAME_HEADER_LEN:
+        while not self._halt and size - pos >= _FRAME_HEADER_LEN:
             length = int.from_bytes(buf[pos : pos + 3], "big")
             if length > _MAX_FRAME_SIZE:  # let h2 raise FrameTooLargeError
                 self._feed(bytes(buf[pos:]))
@@ -631,7 +728,7 @@ class _Connection:
                 f"connection {self.index}: {type(exc).__name__}: {exc}"
             )
             self.mock.stats.goaways_sent += 1
-            self._dead = True
+            self._dead = self._halt = True
             self._close("graceful")
             return
         for event in events:
@@ -647,13 +744,17 @@ class _Connection:
             elif kind is h2.events.StreamReset:
                 self._streams.pop(event.stream_id, None)
                 self._pending.discard(event.stream_id)
+                if self._held_credit:
+                    self._release_credit(event.stream_id)
                 self._check_drain()
             elif kind is h2.events.PingAckReceived:
                 if event.ping_data == _GOAWAY_PING:
                     self._goaway_acked = True
+                elif event.ping_data == _SERVER_PING:
+                    self.mock.stats.server_ping_acks += 1
             elif kind is h2.events.ConnectionTerminated:
                 # The client's GOAWAY: h2 can no longer answer anything, so just close.
-                self._dead = True
+                self._dead = self._halt = True
                 self._close("graceful")
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
@@ -687,7 +788,19 @@ class _Connection:
         if stream is not None and len(stream.body) <= _BODY_CAP:
             stream.body += event.data
         if event.flow_controlled_length:
-            self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            held = self._held_credit
+            if held is None:
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            else:  # initial_window_size: never reopen the stream's window
+                held[event.stream_id] = held.get(event.stream_id, 0) + event.flow_controlled_length
+
+    def _release_credit(self, stream_id: int) -> None:
+        """initial_window_size: credit a finished stream's bytes to the connection window only
+        (h2 does not open the windows of streams that are closed)."""
+        assert self._held_credit is not None
+        size = self._held_credit.pop(stream_id, 0)
+        if size and not self._dead:
+            self.conn.acknowledge_received_data(size, stream_id)
 
     def _on_complete(self, stream: _Stream) -> None:
         stats = self.mock.stats
@@ -695,9 +808,12 @@ class _Connection:
         token = self._token_of(stream)
         if token is not None:
             stats.seen[token] += 1
+        cfg = self.mock.config
+        self._completed = n = self._completed + 1
+        if cfg.stop_reading_after is not None and n >= cfg.stop_reading_after:
+            self._stop_reading()
         if stream.silent:
             return
-        cfg = self.mock.config
         rng = self.mock.rng
         if cfg.never_answer and rng.random() < cfg.never_answer:
             stats.never_answered += 1
@@ -713,6 +829,14 @@ class _Connection:
             self._spawn(self._answer_later, stream, delay)
         else:
             self._answer(stream)
+
+    def _stop_reading(self) -> None:
+        """stop_reading_after: feed no more frames and never read the socket again."""
+        if not self._stopped:
+            self._stopped = self._halt = True
+            self.mock.stats.stopped_reading += 1
+            if self._debug:
+                log.debug("connection %d: stopped reading", self.index)
 
     @staticmethod
     def _token_of(stream: _Stream) -> str | None:
@@ -813,8 +937,12 @@ class _Connection:
             except h2.exceptions.ProtocolError:
                 pass
             self._forget(stream.id)
+            if self._held_credit:
+                self._release_credit(stream.id)
             return
         self._forget(stream.id)
+        if self._held_credit:
+            self._release_credit(stream.id)
 
         stats = mock.stats
         stats.by_status[status] += 1
@@ -950,6 +1078,10 @@ class _Connection:
             if cfg.sandbox_token_fraction and \
                     (cfg.environment == "sandbox") != is_sandbox_token(token, cfg):
                 return fail(400, "BadDeviceToken", auth_ok)
+            if cfg.token_topic is not None:
+                topic = fields.get(b"apns-topic", b"").decode("ascii", "replace")
+                if topic != cfg.token_topic and not topic.startswith(cfg.token_topic + "."):
+                    return fail(400, "DeviceTokenNotForTopic", auth_ok)
         if cfg.p429 and rng.random() < cfg.p429:
             return fail(429, "TooManyRequests", auth_ok)
         if cfg.record_bodies and token is not None:
@@ -1144,7 +1276,11 @@ class _Connection:
                 and now - self._jwt_since < cfg.token_update_min_interval
             ):
                 return "TooManyProviderTokenUpdates"
+            if cfg.expire_token_once_after is not None and mock.expire_token_now():
+                return "ExpiredProviderToken"  # not the connection's token: not recorded
             self._jwt, self._jwt_since = token, now
+        elif cfg.expire_token_once_after is not None and mock.expire_token_now():
+            return "ExpiredProviderToken"
         return None
 
     def _check_headers(
@@ -1208,6 +1344,7 @@ class MockAPNs:
         self.port = 0
         self._connections: set[_Connection] = set()
         self._jwt_cache: dict[bytes, _TokenInfo] = {}
+        self._expired_for: int | None = None  # expire_token_once_after value already used
 
     @property
     def stream_limits(self) -> list[int]:
@@ -1219,6 +1356,15 @@ class MockAPNs:
         self.config.max_streams = n
         for connection in self._connections:
             connection.retarget_limit()
+
+    def expire_token_now(self) -> bool:
+        """Whether ``expire_token_once_after`` calls for its one ExpiredProviderToken now (and
+        if so, uses it up)."""
+        after = self.config.expire_token_once_after
+        if after is None or after == self._expired_for or self.stats.by_status[200] < after:
+            return False
+        self._expired_for = after
+        return True
 
     def token_info(self, token: bytes) -> _TokenInfo:
         """Cached parse of a JWT (the signature is checked once per key); records its digest."""
