@@ -187,6 +187,13 @@ class Client:
     ``auth`` is a :class:`fanout.auth.TokenAuth` (one JWT shared by every connection) or a
     :class:`fanout.auth.CertAuth`. ``topic`` is the default bundle id. Point ``host``/
     ``port``/``ca_file`` at a mock to test without Apple.
+
+    At the edges: ``ping_timeout`` (a PING unanswered, or writes that cannot drain, this
+    long: the connection is dead), ``unavailable_timeout`` (no usable connection this long:
+    waiting pushes end ``retries_exhausted`` together, or wait with
+    ``on_unavailable="wait"``), ``topic_guard`` (this many BadDeviceToken /
+    DeviceTokenNotForTopic answers in a row for a topic with no success stop the topic with
+    ``config_error`` instead of calling its tokens dead; 0: off).
     """
 
     def __init__(

@@ -184,6 +184,8 @@ class Connection:
         self._ready_event = trio.Event()
         self._finished = trio.Event()
         self._ping_ack = trio.Event()
+        self._probe_now = trio.Event()
+        self.suspect = False     # probed (a sibling died): no new streams until PING answered
         self._last_recv = 0.0
         self._last_complete = float("-inf")  # _last_recv of the latest answered stream
         self._reset_tokens = float(RESET_BURST)
@@ -196,7 +198,7 @@ class Connection:
 
     @property
     def capacity(self) -> int:
-        if not self.ready or self.retiring:
+        if not self.ready or self.retiring or self.suspect:
             return 0
         return min(self.remote_max_streams, self._cap) - len(self.streams)
 
@@ -524,9 +526,12 @@ class Connection:
         after ``ping_interval`` s when idle; no answer within ``ping_timeout``: dead."""
         step = min(self._stall_after, self._ping_interval)
         while True:
-            await trio.sleep(step)
+            with trio.move_on_after(step):
+                await self._probe_now.wait()
             now = trio.current_time()
-            if self.streams:
+            if self.suspect:
+                self._probe_now = trio.Event()
+            elif self.streams:
                 oldest = next(iter(self.streams.values())).sent_at
                 if now - max(self._last_recv, oldest) < self._stall_after:
                     continue
@@ -537,8 +542,19 @@ class Connection:
             self._send(fr.ping(b"fanout\x00\x00"))
             with trio.move_on_after(self._ping_timeout):
                 await self._ping_ack.wait()
+                if self.suspect:
+                    self.suspect = False
+                    self._listener.on_capacity(self)
                 continue
             raise TransportError(f"no PING answer within {self._ping_timeout:g} s")
+
+    def probe(self) -> None:
+        """Another connection to the same server just died of silence or a wedge: this one
+        may be going the same way. It takes no new streams until it answers a PING, so the
+        pushes resent from the dead one do not spend their next attempt here unseen."""
+        if self.ready and not self.closed and not self.suspect:
+            self.suspect = True
+            self._probe_now.set()
 
     # ------------------------------------------------------------------ receiving
 

@@ -233,6 +233,11 @@ class Pool:
 
     def on_closed(self, conn: Connection) -> None:
         self.draining.discard(conn)
+        if conn.error is not None and conn.opened_at:
+            # it died (silence, wedge, reset): its siblings prove they are alive before
+            # they take the pushes it leaves behind
+            for other in self.conns:
+                other.probe()
         if self._events:
             self._events.connection_closed(conn)
 

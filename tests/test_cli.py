@@ -125,3 +125,4 @@ def test_channels_commands_and_send_channel(mock_process, signing_key, tmp_path)
     assert gone.returncode == 1 and b"ChannelNotRegistered" in gone.stderr
     again = _send(["send", "--channel", channel, "--payload", str(payload)] + common)
     assert b"ChannelNotRegistered" in again.stderr
+    assert again.returncode == 1  # fanout.exits: a rejected broadcast is a failed push
