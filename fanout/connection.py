@@ -185,7 +185,8 @@ class Connection:
         self._finished = trio.Event()
         self._ping_ack = trio.Event()
         self._probe_now = trio.Event()
-        self.suspect = False     # probed (a sibling died): no new streams until PING answered
+        self.suspect = False     # probed (a sibling died): no new streams until proven alive
+        self._needs_answer = False  # ... by an answered stream, not just a PING
         self._last_recv = 0.0
         self._last_complete = float("-inf")  # _last_recv of the latest answered stream
         self._reset_tokens = float(RESET_BURST)
@@ -542,19 +543,27 @@ class Connection:
             self._send(fr.ping(b"fanout\x00\x00"))
             with trio.move_on_after(self._ping_timeout):
                 await self._ping_ack.wait()
-                if self.suspect:
-                    self.suspect = False
-                    self._listener.on_capacity(self)
+                if self.suspect and not self._needs_answer:
+                    self._clear_suspect()
                 continue
             raise TransportError(f"no PING answer within {self._ping_timeout:g} s")
 
     def probe(self) -> None:
         """Another connection to the same server just died of silence or a wedge: this one
-        may be going the same way. It takes no new streams until it answers a PING, so the
+        may be going the same way. It takes no new streams until it answers a PING, or, if
+        nothing was answered on it since its oldest stream in flight was sent (a window that
+        never opens, a server that answers PINGs only), until it answers a stream; so the
         pushes resent from the dead one do not spend their next attempt here unseen."""
         if self.ready and not self.closed and not self.suspect:
             self.suspect = True
+            streams = self.streams
+            self._needs_answer = bool(streams) and \
+                self._last_complete <= next(iter(streams.values())).sent_at
             self._probe_now.set()
+
+    def _clear_suspect(self) -> None:
+        self.suspect = self._needs_answer = False
+        self._listener.on_capacity(self)
 
     # ------------------------------------------------------------------ receiving
 
@@ -755,6 +764,8 @@ class Connection:
         self._last_complete = self._last_recv
         if job.status == 200:
             self.successes += 1
+        if self.suspect:
+            self._clear_suspect()
         body = bytes(job.resp_body) if job.resp_body else b""
         self._listener.on_response(self, job, job.status, job.resp_headers, body)
         self._after_stream_end()
