@@ -51,6 +51,7 @@ if [ -n "$QUICK" ]; then
     step latency    $PY bench/latency.py --quick
     step scaling    $PY bench/scaling.py --quick
     step rejections $PY bench/rejections.py --quick
+    step faults     $PY bench/faults.py --quick
     step teams      $PY bench/teams.py --quick
     step memory     $PY bench/memory.py --quick
 else
@@ -59,6 +60,7 @@ else
     step latency    $PY bench/latency.py
     step scaling    $PY bench/scaling.py --rounds 5
     step rejections $PY bench/rejections.py --rounds 2
+    step faults     $PY bench/faults.py
     step teams      $PY bench/teams.py
     step memory     $PY bench/memory.py
 fi

@@ -493,11 +493,12 @@ class Connection:
     async def _reaper(self) -> None:
         """Stream deadlines (APNs sometimes never answers a stream).
 
-        A stream past its deadline, while some stream on this connection was answered after
-        it was sent, was dropped by the server: it is reset (within the reset budget) and
-        reported. If nothing was answered since it was sent,
-        the connection is wedged: it is closed and every stream on it is reported lost once;
-        resetting them one by one would be a Rapid Reset burst and waste an attempt each."""
+        A stream past its deadline, while the connection goes on answering others (one after
+        it was sent, and one within the last ``stall_after`` seconds), was dropped by the
+        server: it is reset (within the reset budget) and reported. Otherwise the connection
+        is wedged: it is closed and every stream on it is reported lost once; resetting them
+        one by one would be a Rapid Reset burst and waste an attempt each (and a push sent
+        just before the server stalled would be resent onto a sibling stalling with it)."""
         while True:
             if not self.streams:
                 await trio.sleep(self._stall_after)
@@ -508,8 +509,10 @@ class Connection:
             if due > now:
                 await trio.sleep_until(due)
                 continue
-            if self._last_complete <= first.sent_at:
-                raise TransportError(f"wedged: no stream answered for {self.timeout:g} s "
+            last = self._last_complete
+            if last <= first.sent_at or now - last >= self._stall_after:
+                quiet = self.timeout if last <= first.sent_at else now - last
+                raise TransportError(f"wedged: no stream answered for {quiet:.3g} s "
                                      f"({len(self.streams)} in flight)")
             last_complete = self._last_complete
             expired = []
@@ -525,16 +528,26 @@ class Connection:
         """PING after ``stall_after`` s of silence while streams are in flight (a relay or
         NAT that forgot the flow looks like a slow server until a PING goes unanswered),
         after ``ping_interval`` s when idle; no answer within ``ping_timeout``: dead."""
-        step = min(self._stall_after, self._ping_interval)
+        stall = self._stall_after
         while True:
-            with trio.move_on_after(step):
-                await self._probe_now.wait()
+            # due: stall_after after the later of the last frame received and the oldest
+            # stream in flight (re-checked at least every stall_after: a stream may start)
             now = trio.current_time()
+            if self.streams:
+                oldest = next(iter(self.streams.values())).sent_at
+                due = max(self._last_recv, oldest) + stall
+            else:
+                due = min(self._last_recv + self._ping_interval, now + stall)
+            if due > now and not self.suspect:
+                with trio.move_on_at(due):
+                    await self._probe_now.wait()
+                if not self.suspect:
+                    continue
             if self.suspect:
                 self._probe_now = trio.Event()
             elif self.streams:
                 oldest = next(iter(self.streams.values())).sent_at
-                if now - max(self._last_recv, oldest) < self._stall_after:
+                if now - max(self._last_recv, oldest) < stall:
                     continue
             elif now - self._last_recv < self._ping_interval:
                 continue
