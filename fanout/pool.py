@@ -223,6 +223,8 @@ class Pool:
             self.conns.remove(conn)
             if not self.conns:
                 self.down_since = trio.current_time()
+                # waiters parked while a connection was up have no unavailable deadline yet
+                self._lot.unpark_all()
             if not conn.closed:
                 self.draining.add(conn)
         else:

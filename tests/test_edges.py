@@ -377,6 +377,45 @@ async def test_an_unreachable_apns_fails_every_waiting_push_together(pki, signin
     assert "refused" in results[0].error  # the last connect error, named
 
 
+async def test_pushes_waiting_for_a_slot_end_when_apns_goes_away(pki, signing_key):
+    """APNs vanishes (its port closes) while pushes wait for a stream slot: they must not
+    wait forever for a connection that never comes."""
+    from .relay import FaultRelay
+
+    async with mock_server(pki, signing_key, latency=0.3, max_streams=5) as mock, \
+            trio.open_nursery() as nursery:
+        relay = FaultRelay(mock.port)
+        relay_scope = trio.CancelScope()
+
+        async def serve_relay(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            with relay_scope:
+                await relay.serve(task_status=task_status)
+
+        await nursery.start(serve_relay)
+        async with back_to_baseline():
+            async with Client(auth=TokenAuth.from_file(signing_key.path, signing_key.key_id,
+                                                       signing_key.team_id),
+                              topic=TOPIC, host="127.0.0.1", port=relay.port,
+                              ca_file=str(pki.ca_file), unavailable_timeout=1.0,
+                              **FAST) as client:
+                results: list = []
+
+                async def send() -> None:
+                    results.extend(await fan_out(client, tokens(200, "4a")))
+
+                async with trio.open_nursery() as senders:
+                    senders.start_soon(send)
+                    with trio.fail_after(BOUND):
+                        await relay.wait_until(lambda: mock.stats.requests >= 10)
+                    relay_scope.cancel()  # the relay's port and connections are gone
+    assert sorted(r.token for r in results) == sorted(tokens(200, "4a"))
+    counts = Counter(r.outcome for r in results)
+    assert set(counts) <= {"delivered", "maybe_delivered", "retries_exhausted"}, counts
+    assert counts["retries_exhausted"] > 0
+    assert all("APNs unreachable" in r.error for r in results
+               if r.outcome != "delivered")
+
+
 async def test_fanout_send_to_an_unreachable_apns_exits_4(pki, signing_key, tmp_path):
     (tmp_path / "t.txt").write_text("\n".join(tokens(1000, "1e")) + "\n")
     proc = await run_daemon(FANOUT + [
