@@ -53,17 +53,23 @@ class _TopicGuard:
     With a wrong topic APNs answers every token ``DeviceTokenNotForTopic``; with sandbox
     tokens sent to production (or the reverse), every token ``BadDeviceToken``. Reporting
     them as invalid tokens tells the user to delete their whole audience. So such answers
-    wait here: a success for the topic releases them as ``invalid_token`` results; when the
-    topic has nothing else in flight they are released too (too few to judge); ``limit``
-    of them in a row with no success trips the guard: they and every later push for the
-    topic end ``config_error``, and no token is reported dead.
+    wait here until a verdict:
+
+    * a push to the topic is delivered: the topic is *confirmed*, and what waits is
+      released as ``invalid_token`` (the hook hears of each);
+    * ``topic_guard`` of them in a row with no delivery between (held or not): the guard
+      trips, what waits and every later push for the topic end ``config_error``;
+    * nothing else of the topic is in flight, so no verdict is coming (sequential sends,
+      a trickle): on a confirmed topic they are dead tokens; on a topic with no delivery
+      yet they end ``rejected`` ("not confirmed dead"), never ``invalid_token``.
     """
 
-    __slots__ = ("held", "tripped")
+    __slots__ = ("held", "run", "confirmed")
 
     def __init__(self) -> None:
         self.held: list[tuple[Push, dict[str, Any]]] = []
-        self.tripped: str | None = None
+        self.run = 0             # such answers since the topic's last delivery
+        self.confirmed = False   # a push to the topic was delivered
 
 
 class Push(Exchange):
@@ -190,10 +196,11 @@ class Client:
 
     At the edges: ``ping_timeout`` (a PING unanswered, or writes that cannot drain, this
     long: the connection is dead), ``unavailable_timeout`` (no usable connection this long:
-    waiting pushes end ``retries_exhausted`` together, or wait with
-    ``on_unavailable="wait"``), ``topic_guard`` (this many BadDeviceToken /
-    DeviceTokenNotForTopic answers in a row for a topic with no success stop the topic with
-    ``config_error`` instead of calling its tokens dead; 0: off).
+    waiting pushes end ``retries_exhausted`` together, ``maybe_delivered`` if an earlier
+    attempt may have arrived, or wait with ``on_unavailable="wait"``), ``topic_guard``
+    (this many BadDeviceToken / DeviceTokenNotForTopic answers in a row for a topic with no
+    delivery stop the topic with ``config_error`` instead of calling its tokens dead; such
+    answers call a token dead only on a topic with a delivery; 0: off).
     """
 
     def __init__(
@@ -609,7 +616,7 @@ class Client:
             if self._held:
                 guard = self._guards.get(topic)
                 if guard is not None and guard.held and left <= len(guard.held):
-                    self._release(guard)  # only held answers left: too few to judge
+                    self._settle(guard)  # only held answers left: no verdict is coming
         else:
             del out[topic]
 
@@ -633,8 +640,8 @@ class Client:
                 if not push.abandoned:
                     if isinstance(push.sink, _Batch):
                         push.sink.live.discard(push)
-                    self._invalidated(push.prepared.token, answer["reason"], answer["timestamp"])
-                    results.append(self._close(push, Outcome.INVALID_TOKEN, **answer))
+                    outcome, error = self._unjudged(push, guard, answer)
+                    results.append(self._close(push, outcome, error=error, **answer))
         return results
 
     # ------------------------------------------------------------------ connection events
@@ -642,9 +649,13 @@ class Client:
     def on_response(self, conn: Any, push: Push, status: int, headers: list, body: bytes) -> None:
         latency = trio.current_time() - push.sent_at
         if status == 200:
-            if self._held:
-                guard = self._guards.get(push.prepared.topic)
-                if guard is not None and guard.held:
+            guard = self._guards.get(push.prepared.topic)
+            if guard is None:  # the topic's first delivery: it is confirmed
+                guard = self._guards[push.prepared.topic] = _TopicGuard()
+            if guard.run or not guard.confirmed:
+                guard.confirmed = True
+                guard.run = 0
+                if guard.held:
                     self._release(guard)
             self._finish(push, Outcome.DELIVERED, status=200,
                          apns_id=_header(headers, b"apns-id")
@@ -771,13 +782,14 @@ class Client:
             guard = self._guards[topic] = _TopicGuard()
         guard.held.append((push, answer))
         self._held += 1
-        if len(guard.held) >= self.topic_guard:
+        guard.run += 1
+        if guard.run >= self.topic_guard:
             self._trip(topic, guard)
         elif self._topic_out[topic] == len(guard.held):
-            self._release(guard)
+            self._settle(guard)
 
     def _release(self, guard: _TopicGuard) -> None:
-        """The topic is good (or the run too short to judge): the held tokens are dead."""
+        """The topic is confirmed good: the held tokens are dead."""
         held, guard.held = guard.held, []
         self._held -= len(held)
         for push, answer in held:
@@ -785,15 +797,42 @@ class Client:
                 self._invalidated(push.prepared.token, answer["reason"], answer["timestamp"])
                 self._finish(push, Outcome.INVALID_TOKEN, **answer)
 
+    def _settle(self, guard: _TopicGuard) -> None:
+        """No verdict is coming (nothing else of the topic in flight): end what waits."""
+        if guard.confirmed:
+            self._release(guard)
+            return
+        held, guard.held = guard.held, []
+        self._held -= len(held)
+        for push, answer in held:
+            if not push.abandoned:
+                outcome, error = self._unjudged(push, guard, answer)
+                self._finish(push, outcome, error=error, **answer)
+
+    def _unjudged(self, push: Push, guard: _TopicGuard,
+                  answer: dict[str, Any]) -> tuple[Outcome, str | None]:
+        """The outcome of a held answer that ends before any verdict (settled, or a forced
+        stop): dead on a confirmed topic, else rejected and not called dead."""
+        if guard.confirmed:
+            self._invalidated(push.prepared.token, answer["reason"], answer["timestamp"])
+            return Outcome.INVALID_TOKEN, None
+        topic = push.prepared.topic
+        name = topic.decode(errors="replace") if topic else "broadcasts"
+        return Outcome.REJECTED, (
+            f"not confirmed dead: APNs answered {answer['reason']}, but no push to {name} in "
+            f"{self.environment} has been delivered yet, and a wrong topic or environment "
+            f"gets this answer for every token; not reported as an invalid token (send it "
+            f"again once pushes to {name} are delivered)")
+
     def _trip(self, topic: bytes, guard: _TopicGuard) -> None:
         held, guard.held = guard.held, []
         self._held -= len(held)
         reasons = sorted({answer["reason"] for _, answer in held})
-        name = topic.decode(errors="replace")
+        name = topic.decode(errors="replace") if topic else "broadcasts"
         why = (f"every token refused for topic {name} in {self.environment}: "
-               f"{len(held)} answers {' / '.join(reasons)} in a row and none delivered; is "
-               f"the topic (bundle id) and the environment right? Sending to {name} stopped, "
-               f"no token reported invalid")
+               f"{guard.run} answers {' / '.join(reasons) or 'of the same kind'} in a row and "
+               f"none delivered; is the topic (bundle id) and the environment right? Sending "
+               f"to {name} stopped, no token reported invalid")
         self._tripped[topic] = why
         log.error("%s", why)
         for push, answer in held:
@@ -803,8 +842,13 @@ class Client:
         """Send to a topic the guard stopped (all topics if None) once the cause is fixed."""
         if topic is None:
             self._tripped.clear()
+            for guard in self._guards.values():
+                guard.run = 0
         else:
             self._tripped.pop(topic.encode(), None)
+            guard = self._guards.get(topic.encode())
+            if guard is not None:
+                guard.run = 0
 
     def forget_invalid(self, token: str) -> None:
         """Send to ``token`` again: the device registered it anew after APNs called it

@@ -187,6 +187,7 @@ class Connection:
         self._probe_now = trio.Event()
         self.suspect = False     # probed (a sibling died): no new streams until proven alive
         self._needs_answer = False  # ... by an answered stream, not just a PING
+        self._probe_acked = False   # the probe's PING was answered
         self._last_recv = 0.0
         self._last_complete = float("-inf")  # _last_recv of the latest answered stream
         self._reset_tokens = float(RESET_BURST)
@@ -367,6 +368,8 @@ class Connection:
         if self.retiring and not self.streams:
             self._finished.set()
         else:
+            if self.suspect and self._probe_acked and not self.streams:
+                self._clear_suspect()  # the stuck streams are gone; the PING was answered
             self._listener.on_capacity(self)
 
     # ------------------------------------------------------------------ lifecycle
@@ -538,26 +541,28 @@ class Connection:
                 due = max(self._last_recv, oldest) + stall
             else:
                 due = min(self._last_recv + self._ping_interval, now + stall)
-            if due > now and not self.suspect:
+            if due > now and not self._probe_now.is_set():
                 with trio.move_on_at(due):
                     await self._probe_now.wait()
+            if self._probe_now.is_set():  # probe(): PING now, once
+                self._probe_now = trio.Event()
                 if not self.suspect:
                     continue
-            if self.suspect:
-                self._probe_now = trio.Event()
             elif self.streams:
                 oldest = next(iter(self.streams.values())).sent_at
-                if now - max(self._last_recv, oldest) < stall:
+                if trio.current_time() - max(self._last_recv, oldest) < stall:
                     continue
-            elif now - self._last_recv < self._ping_interval:
+            elif trio.current_time() - self._last_recv < self._ping_interval:
                 continue
             self._ping_ack = trio.Event()
             self.pings_sent += 1
             self._send(fr.ping(b"fanout\x00\x00"))
             with trio.move_on_after(self._ping_timeout):
                 await self._ping_ack.wait()
-                if self.suspect and not self._needs_answer:
-                    self._clear_suspect()
+                if self.suspect:
+                    self._probe_acked = True
+                    if not self._needs_answer or not self.streams:
+                        self._clear_suspect()
                 continue
             raise TransportError(f"no PING answer within {self._ping_timeout:g} s")
 
@@ -569,13 +574,14 @@ class Connection:
         pushes resent from the dead one do not spend their next attempt here unseen."""
         if self.ready and not self.closed and not self.suspect:
             self.suspect = True
+            self._probe_acked = False
             streams = self.streams
             self._needs_answer = bool(streams) and \
                 self._last_complete <= next(iter(streams.values())).sent_at
             self._probe_now.set()
 
     def _clear_suspect(self) -> None:
-        self.suspect = self._needs_answer = False
+        self.suspect = self._needs_answer = self._probe_acked = False
         self._listener.on_capacity(self)
 
     # ------------------------------------------------------------------ receiving

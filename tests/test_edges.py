@@ -524,10 +524,51 @@ async def test_five_percent_dead_tokens_do_not_trip_the_guard(pki, signing_key):
     assert len(heard) == counts["invalid_token"]  # each dead token reported, once
 
 
-async def test_a_short_run_of_refusals_is_reported_not_held(pki, signing_key):
-    # three tokens, all refused: too few to judge; they come back invalid_token, promptly
+async def test_a_short_run_of_refusals_ends_promptly_and_is_not_called_dead(pki, signing_key):
+    # three tokens, all refused, nothing delivered: too few to trip the guard, and no
+    # verdict is coming; they end at once, rejected, not confirmed dead
     results, heard, _, _ = await _guarded(pki, signing_key, 3, **WRONG_ENVIRONMENT)
-    assert Counter(r.outcome for r in results) == {"invalid_token": 3} and len(heard) == 3
+    assert Counter(r.outcome for r in results) == {"rejected": 3} and heard == []
+    assert all(r.reason == "BadDeviceToken" and "not confirmed dead" in r.error
+               for r in results)
+
+
+async def test_one_at_a_time_sends_to_a_wrong_topic_trip_the_guard(pki, signing_key):
+    """Sequential sends (a trickle, a POS backend) never have 100 in flight: the guard
+    counts the refusals in a row all the same, and calls none of the tokens dead."""
+    heard: list = []
+    async with mock_server(pki, signing_key, token_topic="com.example.other") as mock, \
+            back_to_baseline():
+        async with Client(auth=TokenAuth.from_file(signing_key.path, signing_key.key_id,
+                                                   signing_key.team_id),
+                          topic=TOPIC, host="127.0.0.1", port=mock.port,
+                          ca_file=str(pki.ca_file), topic_guard=5,
+                          on_invalid_token=lambda *a: heard.append(a), **FAST) as client:
+            with trio.fail_after(BOUND):
+                results = [await client.send(Notification(token=t, payload=PAYLOAD))
+                           for t in tokens(12, "5a")]
+    assert [r.outcome for r in results] == ["rejected"] * 4 + ["config_error"] * 8
+    assert heard == [] and mock.stats.requests == 5  # the rest never went out
+
+
+async def test_one_at_a_time_dead_tokens_on_a_good_topic_are_dead(pki, signing_key):
+    dead = tokens(3, "6a")
+    heard: list = []
+    async with mock_server(pki, signing_key, sandbox_token_fraction=1e-9,
+                           unregistered=None) as mock, back_to_baseline():
+        mock.config.environment = "production"
+        async with Client(auth=TokenAuth.from_file(signing_key.path, signing_key.key_id,
+                                                   signing_key.team_id),
+                          topic=TOPIC, host="127.0.0.1", port=mock.port,
+                          ca_file=str(pki.ca_file),
+                          on_invalid_token=lambda *a: heard.append(a), **FAST) as client:
+            with trio.fail_after(BOUND):
+                first = await client.send(Notification(token="7b" * 32, payload=PAYLOAD))
+                mock.config.environment = "sandbox"  # now every token is refused
+                later = [await client.send(Notification(token=t, payload=PAYLOAD))
+                         for t in dead]
+    assert first.ok
+    assert [r.outcome for r in later] == ["invalid_token"] * 3 and len(heard) == 3
 
 
 async def test_fanout_send_with_a_wrong_topic_writes_no_dead_tokens(pki, signing_key, tmp_path):
