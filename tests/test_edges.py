@@ -571,10 +571,15 @@ async def test_one_at_a_time_dead_tokens_on_a_good_topic_are_dead(pki, signing_k
     assert [r.outcome for r in later] == ["invalid_token"] * 3 and len(heard) == 3
 
 
-async def test_fanout_send_with_a_wrong_topic_writes_no_dead_tokens(pki, signing_key, tmp_path):
+WRONG = {"topic": {"token_topic": "com.example.other"}, "environment": WRONG_ENVIRONMENT}
+
+
+@pytest.mark.parametrize("wrong", ["topic", "environment"])
+async def test_fanout_send_with_a_wrong_topic_or_environment_writes_no_dead_tokens(
+        wrong, pki, signing_key, tmp_path):
     (tmp_path / "t.txt").write_text("\n".join(tokens(1000, "2c")) + "\n")
     dead = tmp_path / "dead.ndjson"
-    async with mock_server(pki, signing_key, token_topic="com.example.other") as mock:
+    async with mock_server(pki, signing_key, **WRONG[wrong]) as mock:
         proc = await run_daemon(FANOUT + [
             "send", "--tokens", str(tmp_path / "t.txt"), "--title", "x", "--host", "127.0.0.1",
             "--port", str(mock.port), "--ca-file", str(pki.ca_file), "--key-path",
@@ -584,15 +589,17 @@ async def test_fanout_send_with_a_wrong_topic_writes_no_dead_tokens(pki, signing
     assert not dead.exists() or dead.read_text() == ""
     assert json.loads(proc.stdout.splitlines()[-1])["counts"] == {"config_error": 1000}
     assert b"is the topic" in proc.stderr
+    assert mock.stats.requests <= 250
 
 
-async def test_fanout_run_with_the_wrong_environment_writes_no_dead_tokens(pki, signing_key,
-                                                                            tmp_path):
+@pytest.mark.parametrize("wrong", ["topic", "environment"])
+async def test_fanout_run_with_a_wrong_topic_or_environment_writes_no_dead_tokens(
+        wrong, pki, signing_key, tmp_path):
     inp = tmp_path / "in.ndjson"
     inp.write_text("".join(json.dumps({"token": t, "payload": PAYLOAD}) + "\n"
                            for t in tokens(1000, "2d")))
     dead = tmp_path / "dead.ndjson"
-    async with mock_server(pki, signing_key, **WRONG_ENVIRONMENT) as mock:
+    async with mock_server(pki, signing_key, **WRONG[wrong]) as mock:
         proc = await run_daemon(daemon_cmd(mock, pki, signing_key, str(inp), "--results",
                                            str(tmp_path / "r.ndjson"), "--invalid-tokens",
                                            str(dead)), timeout=60)
