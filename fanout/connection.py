@@ -189,6 +189,7 @@ class Connection:
         self._needs_answer = False  # ... by an answered stream, not just a PING
         self._probe_acked = False   # the probe's PING was answered
         self._last_recv = 0.0
+        self._write_since = 0.0  # a write under way since (trio clock); 0.0: none
         self._last_complete = float("-inf")  # _last_recv of the latest answered stream
         self._reset_tokens = float(RESET_BURST)
         self._reset_at = 0.0
@@ -478,7 +479,6 @@ class Connection:
 
     async def _write_loop(self) -> None:
         tls = self._tls
-        stall = self._ping_timeout
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
@@ -488,10 +488,15 @@ class Connection:
                 self._out.clear()
                 tls.write(data)
             # a server that stops reading (or a zero TCP window) blocks the send: what is
-            # queued behind it would grow without bound, so a stalled write kills the
-            # connection like an unanswered PING
-            if not await tls.flush_within(stall, WRITE_CHUNK):
-                raise TransportError(f"writes stalled: the server took nothing for {stall:g} s")
+            # queued behind it would grow without bound, so the watchdog kills a connection
+            # whose write has not moved a chunk for ping_timeout, like an unanswered PING
+            if tls.pending():
+                self._write_since = trio.current_time()
+                await tls.flush_chunks(WRITE_CHUNK, self._wrote)
+                self._write_since = 0.0
+
+    def _wrote(self) -> None:
+        self._write_since = trio.current_time()
 
     async def _reaper(self) -> None:
         """Stream deadlines (APNs sometimes never answers a stream).
@@ -530,12 +535,18 @@ class Connection:
     async def _watchdog(self) -> None:
         """PING after ``stall_after`` s of silence while streams are in flight (a relay or
         NAT that forgot the flow looks like a slow server until a PING goes unanswered),
-        after ``ping_interval`` s when idle; no answer within ``ping_timeout``: dead."""
+        after ``ping_interval`` s when idle; no answer within ``ping_timeout``: dead. Also
+        dead: a write that has not moved a chunk for ``ping_timeout``."""
         stall = self._stall_after
         while True:
             # due: stall_after after the later of the last frame received and the oldest
-            # stream in flight (re-checked at least every stall_after: a stream may start)
+            # stream in flight (re-checked at least every stall_after: a stream may start,
+            # a write may stall)
             now = trio.current_time()
+            since = self._write_since
+            if since and now - since >= self._ping_timeout:
+                raise TransportError(f"writes stalled: the server took nothing for "
+                                     f"{now - since:.3g} s")
             if self.streams:
                 oldest = next(iter(self.streams.values())).sent_at
                 due = max(self._last_recv, oldest) + stall
