@@ -596,7 +596,13 @@ class Client:
         push.abandoned = True
         self.outstanding -= 1
         p = push.prepared
-        self._topic_done(p.topic)
+        out = self._topic_out  # _topic_done, inlined: this runs once per push
+        left = out[p.topic] - 1
+        if left and not self._held:
+            out[p.topic] = left
+        else:
+            out[p.topic] = left + 1
+            self._topic_done(p.topic)
         channel = p.channel_id
         result = Result(
             outcome=outcome, id=push.id, token=p.token if channel is None else None,
