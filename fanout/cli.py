@@ -122,13 +122,28 @@ def _payload_from_args(args: argparse.Namespace) -> Any:
     return {"aps": aps}
 
 
-def _read_tokens(path: str):
-    stream = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
-    with stream:
-        for line in stream:
-            token = line.strip()
-            if token and not token.startswith("#"):
-                yield token
+class TokenLines:
+    """The tokens of a file (or stdin), one per line; a line that is not UTF-8 is reported
+    by its number and skipped (the pushes around it go on), never a traceback."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.skipped = 0
+
+    def __iter__(self):
+        where = "stdin" if self.path == "-" else self.path
+        stream = sys.stdin.buffer if self.path == "-" else open(self.path, "rb")  # noqa: SIM115
+        with stream:
+            for number, raw in enumerate(stream, 1):
+                try:
+                    token = raw.decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    self.skipped += 1
+                    print(f"fanout send: {where} line {number}: not UTF-8 text; skipped",
+                          file=sys.stderr, flush=True)
+                    continue
+                if token and not token.startswith("#"):
+                    yield token
 
 
 async def _send_main(args: argparse.Namespace) -> int:
@@ -139,6 +154,7 @@ async def _send_main(args: argparse.Namespace) -> int:
                                  ("expiration", args.expiration),
                                  ("collapse_id", args.collapse_id)) if v is not None}
     invalid_out = open(args.invalid_tokens, "a", encoding="utf-8") if args.invalid_tokens else None  # noqa: SIM115
+    skipped = 0
 
     def on_invalid(token: str, reason: str | None, timestamp: int | None) -> None:
         if invalid_out:
@@ -156,14 +172,17 @@ async def _send_main(args: argparse.Namespace) -> int:
                     print(f"fanout send: broadcast {result.outcome}: {result.reason or ''} "
                           f"{result.error or ''}".rstrip(), file=sys.stderr)
             else:
-                async for result in client.fan_out(payload, _read_tokens(args.tokens),
-                                                   **options):
+                lines = TokenLines(args.tokens)
+                async for result in client.fan_out(payload, lines, **options):
                     progress.add(result)
+                skipped = lines.skipped
             config_error = client.config_error
     finally:
         if invalid_out:
             invalid_out.close()
     summary = progress.summary()
+    if skipped:
+        summary["skipped_lines"] = skipped
     if config_error:
         summary["config_error"] = config_error
     print(json.dumps(summary), flush=True)

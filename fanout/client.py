@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import ssl
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
@@ -121,6 +122,14 @@ class _Batch:
             self.live.discard(push)
         self.results.append(result)
         self.readable.set()
+
+
+def _window(window: int | None) -> int | None:
+    """``send_many``/``fan_out``'s window, checked at the door (0 or less hung forever)."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or window < 1):
+        raise ConfigError(f"window must be a whole number >= 1 (or None), not {window!r}")
+    return window
 
 
 def _header(headers: list[tuple[bytes, bytes]] | None, name: bytes) -> bytes | None:
@@ -245,6 +254,16 @@ class Client:
             raise ConfigError("max_attempts must be at least 1")
         if not isinstance(topic_guard, int) or topic_guard < 0:
             raise ConfigError(f"topic_guard must be a whole number >= 0, not {topic_guard!r}")
+        for name, value in (("timeout", timeout), ("connect_timeout", connect_timeout),
+                            ("unavailable_timeout", unavailable_timeout),
+                            ("ping_interval", ping_interval), ("ping_timeout", ping_timeout)):
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
+        for name, value in (("connections", connections), ("max_in_flight", max_in_flight),
+                            ("max_streams_cap", max_streams_cap)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a whole number >= 1, not {value!r}")
         self.environment = environment
         self.host = host or HOSTS[environment]
         self.port = port
@@ -343,8 +362,7 @@ class Client:
 
     async def send(self, notification: Notification | Prepared) -> Result:
         """Send one push and return its result. Raises ValidationError on bad input."""
-        prepared = notification if isinstance(notification, Prepared) \
-            else prepare(notification, default_topic=self.topic)
+        prepared = self._convert(notification)
         waiter = _Waiter()
         push = Push(prepared, waiter)
         self.outstanding += 1
@@ -367,9 +385,11 @@ class Client:
         """Stream one result per notification, in completion order.
 
         Input is pulled only as pushes complete; a notification that fails validation
-        yields a ``rejected`` result with the problem in ``error`` and the rest go on.
+        yields a ``rejected`` result with the problem in ``error`` and the rest go on. If
+        the iterable itself raises, the pushes already sent finish and their results are
+        yielded first; then its exception comes out.
         """
-        return self._stream(notifications, self._convert, window)
+        return self._stream(notifications, self._convert, _window(window))
 
     @property
     def channels(self) -> Any:
@@ -409,7 +429,7 @@ class Client:
     ) -> AsyncIterator[Result]:
         """One payload to many tokens: encoded and validated once, then streamed."""
         template = PushTemplate(payload, default_topic=self.topic, **options)
-        return self._stream(tokens, template.for_token, window)
+        return self._stream(tokens, template.for_token, _window(window))
 
     # ------------------------------------------------------------------ streaming
 
@@ -435,9 +455,11 @@ class Client:
                     if batch.outstanding < batch.window:
                         batch.space.set()
                     yield result
-                elif batch.error is not None:
-                    raise batch.error
                 elif batch.done_feeding and batch.outstanding == 0:
+                    # the caller's iterable failed: what was already sent has finished and
+                    # been yielded above, so the caller knows exactly what went out
+                    if batch.error is not None:
+                        raise batch.error
                     return
                 else:
                     batch.readable = trio.Event()

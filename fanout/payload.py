@@ -202,9 +202,28 @@ _EMPTY_APS = b"{}"
 
 def _encode_or_raise(obj: Any) -> bytes:
     try:
-        return _encode(obj)
+        out = _encode(obj)
     except (TypeError, ValueError, OverflowError, RecursionError, msgspec.MsgspecError) as e:
         raise ValidationError("payload", f"cannot be encoded as JSON: {e}") from None
+    # msgspec writes NaN and Infinity as null: the device would get a value nobody sent
+    if b"null" in out and _non_finite(msgspec.to_builtins(obj)):
+        raise ValidationError("payload", "holds NaN or Infinity, which JSON cannot carry "
+                                         "(msgspec would send null)")
+    return out
+
+
+def _non_finite(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, float):
+            if v != v or v in (float("inf"), float("-inf")):
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list | tuple):
+            stack.extend(v)
+    return False
 
 
 class Payload(msgspec.Struct, omit_defaults=True):

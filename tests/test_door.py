@@ -1,0 +1,90 @@
+"""Bad arguments are refused at the door, and an input that fails half way loses no result
+(issue 14, "Inputs that fail half way")."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import trio
+
+from fanout.auth import TokenAuth
+from fanout.client import Client
+from fanout.errors import ConfigError, ValidationError
+from fanout.payload import Notification
+
+from .baseline import back_to_baseline
+from .test_daemon import FANOUT, mock_server, run_daemon
+
+TOPIC = "com.example.app"
+PAYLOAD = {"aps": {"alert": "hi"}}
+
+
+@pytest.mark.parametrize("kw", [{"timeout": -1}, {"timeout": math.nan},
+                                {"connect_timeout": 0}, {"ping_timeout": math.inf},
+                                {"unavailable_timeout": "30"}, {"connections": 0},
+                                {"max_in_flight": -5}])
+def test_client_arguments_are_checked(kw):
+    with pytest.raises(ConfigError, match=next(iter(kw))):
+        Client(topic=TOPIC, **kw)
+
+
+async def test_send_and_send_many_refuse_what_is_not_a_push(pki, signing_key):
+    async with mock_server(pki, signing_key) as mock, back_to_baseline():
+        async with Client(auth=TokenAuth.from_file(signing_key.path, signing_key.key_id,
+                                                   signing_key.team_id),
+                          topic=TOPIC, host="127.0.0.1", port=mock.port,
+                          ca_file=str(pki.ca_file)) as client:
+            for bad in ({"token": "ab" * 32}, None):
+                with pytest.raises(ValidationError, match="expected a Notification"):
+                    await client.send(bad)
+            with pytest.raises(ConfigError, match="window"):
+                client.send_many([], window=-1)
+            with pytest.raises(ConfigError, match="window"):
+                client.fan_out(PAYLOAD, [], window=0)
+            nan = Notification(token="ab" * 32, payload={"aps": {}, "score": math.nan})
+            with pytest.raises(ValidationError, match="NaN"):
+                await client.send(nan)
+            with trio.fail_after(10):
+                results = [r async for r in client.send_many([nan])]
+    assert [r.outcome for r in results] == ["rejected"] and "NaN" in results[0].error
+    assert mock.stats.requests == 0
+
+
+async def test_an_iterable_that_fails_half_way_loses_no_result(pki, signing_key):
+    """The 100 pushes already sent are reported before the iterable's exception."""
+    def notes():
+        for i in range(100):
+            yield Notification(token=f"{i:064x}", payload=PAYLOAD)
+        raise RuntimeError("the database went away")
+
+    async with mock_server(pki, signing_key, latency=0.05) as mock, back_to_baseline():
+        async with Client(auth=TokenAuth.from_file(signing_key.path, signing_key.key_id,
+                                                   signing_key.team_id),
+                          topic=TOPIC, host="127.0.0.1", port=mock.port,
+                          ca_file=str(pki.ca_file)) as client:
+            seen = []
+            with trio.fail_after(20), pytest.raises(RuntimeError, match="went away"):
+                async for r in client.send_many(notes()):
+                    seen.append(r)
+    assert len(seen) == 100 and all(r.ok for r in seen)
+    assert len(mock.stats.delivered) == 100
+
+
+async def test_a_tokens_file_with_a_bad_line_is_reported_by_line(pki, signing_key, tmp_path):
+    path = tmp_path / "t.txt"
+    good = [f"{i:064x}" for i in range(600)]
+    path.write_bytes("\n".join(good[:300]).encode() + b"\n\xff\xfe bad\n"
+                     + "\n".join(good[300:]).encode() + b"\n")
+    async with mock_server(pki, signing_key) as mock:
+        proc = await run_daemon(FANOUT + [
+            "send", "--tokens", str(path), "--title", "x", "--host", "127.0.0.1",
+            "--port", str(mock.port), "--ca-file", str(pki.ca_file), "--key-path",
+            str(signing_key.path), "--key-id", signing_key.key_id, "--team-id",
+            signing_key.team_id, "--topic", TOPIC], timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert b"Traceback" not in proc.stderr
+    assert f"{path} line 301: not UTF-8".encode() in proc.stderr
+    summary = json.loads(proc.stdout.splitlines()[-1])
+    assert summary["counts"] == {"delivered": 600} and summary["skipped_lines"] == 1
