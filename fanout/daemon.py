@@ -153,9 +153,42 @@ class Output:
         if self.path is None or self.path == "-":
             return sys.stdout.buffer
         try:
-            return open(self.path, "ab", buffering=1 << 16)  # noqa: SIM115 - lives with the daemon
+            fh = open(self.path, "ab", buffering=1 << 16)  # noqa: SIM115 - lives with the daemon
         except OSError as exc:
             raise ConfigError(f"cannot open {self.path} for writing: {exc.strerror}") from None
+        try:
+            self._repair(fh)
+        except OSError as exc:
+            fh.close()
+            raise ConfigError(f"cannot repair {self.path}: {exc.strerror}") from None
+        return fh
+
+    def _repair(self, fh: BinaryIO) -> None:
+        """A file whose last line is torn (a run stopped mid-write: disk full, kill -9) is
+        cut back to its last newline, or the next record would be glued onto the half one.
+        Nothing is lost: the checkpoint never covers a result that was not written whole,
+        so the torn record's line is sent again."""
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            return
+        with open(self.path, "rb") as r:
+            r.seek(st.st_size - 1)
+            if r.read(1) == b"\n":
+                return
+            end = st.st_size
+            keep = 0
+            while end > 0:  # the last newline, reading back in 64 KiB steps
+                start = max(0, end - (1 << 16))
+                r.seek(start)
+                at = r.read(end - start).rfind(b"\n")
+                if at >= 0:
+                    keep = start + at + 1
+                    break
+                end = start
+        os.truncate(self.path, keep)
+        log.warning("%s: its last line was torn (%d bytes without a newline, from a run "
+                    "that stopped mid-write); cut back to the last whole line, whose "
+                    "successor is sent again", self.path, st.st_size - keep)
 
     def write(self, data: bytes) -> None:
         try:

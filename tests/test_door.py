@@ -88,3 +88,23 @@ async def test_a_tokens_file_with_a_bad_line_is_reported_by_line(pki, signing_ke
     assert f"{path} line 301: not UTF-8".encode() in proc.stderr
     summary = json.loads(proc.stdout.splitlines()[-1])
     assert summary["counts"] == {"delivered": 600} and summary["skipped_lines"] == 1
+
+
+async def test_a_torn_results_file_is_repaired_on_open(pki, signing_key, tmp_path):
+    """A run that stopped mid-write (disk full, kill -9) left half a record: the next run
+    cuts it off instead of gluing its first record onto it; every line parses."""
+    from .test_daemon import daemon_cmd, read_results, write_input
+
+    inp = tmp_path / "in.ndjson"
+    write_input(inp, 50)
+    out = tmp_path / "results.ndjson"
+    out.write_bytes(b'{"id":"old","line":1,"outcome":"delivered","attempts":1}\n'
+                    b'{"id":"old2","line":2,"outcome":"deliv')
+    async with mock_server(pki, signing_key) as mock:
+        proc = await run_daemon(daemon_cmd(mock, pki, signing_key, str(inp), "--results",
+                                           str(out)))
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert b"last line was torn" in proc.stderr
+    results = read_results(out)  # every line parses
+    assert results[0]["id"] == "old"
+    assert sorted(r["line"] for r in results[1:]) == list(range(1, 51))
