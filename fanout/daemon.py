@@ -16,6 +16,8 @@ output files); a status task reports progress.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import gc
 import json
 import logging
@@ -33,7 +35,15 @@ import trio
 
 from . import checkpoint as ckpt
 from .errors import ConfigError, FanoutError, ValidationError
-from .exits import EXIT_CONFIG, EXIT_FORCED, EXIT_OK, EXIT_USAGE, exit_code, is_unreachable
+from .exits import (
+    EXIT_CONFIG,
+    EXIT_FORCED,
+    EXIT_OK,
+    EXIT_OUTPUT,
+    EXIT_USAGE,
+    exit_code,
+    is_unreachable,
+)
 from .flow import drain, put
 from .lines import LineError, ResultLine, decode_line, result_encoder
 from .payload import Prepared, PushTemplate
@@ -133,11 +143,16 @@ class Tag:
         self.id = id
 
 
+class OutputError(FanoutError):
+    """The results (or dead tokens) could not be written: exit 5, checkpoint not advanced."""
+
+
 class Output:
     """An append-only NDJSON output: stdout or a file reopened on SIGHUP."""
 
     def __init__(self, path: str | None) -> None:
         self.path = path
+        self.failed: OutputError | None = None
         self._fh: BinaryIO = self._open()
         self._fsync = False
         self._check_fsync()
@@ -191,12 +206,16 @@ class Output:
                     "successor is sent again", self.path, st.st_size - keep)
 
     def write(self, data: bytes) -> None:
+        if self.failed is not None:
+            raise self.failed
         try:
             self._fh.write(data)
         except OSError as exc:
             raise self._error(exc) from None
 
     def flush(self) -> None:
+        if self.failed is not None:
+            raise self.failed
         try:
             self._fh.flush()
             if self._fsync:
@@ -204,10 +223,21 @@ class Output:
         except OSError as exc:
             raise self._error(exc) from None
 
-    def _error(self, exc: OSError) -> FanoutError:
+    def _error(self, exc: OSError) -> OutputError:
         # the checkpoint is never advanced past results that could not be written
-        return FanoutError(f"cannot write to {self.path or 'stdout'}: "
-                           f"{exc.strerror or exc}; the checkpoint was not advanced")
+        where = self.path or "stdout"
+        if exc.errno == errno.EPIPE:
+            why = ("broken pipe: the reader went away; what it read but did not process is "
+                   "lost to it, and lines written since the last checkpoint are sent again "
+                   "by the next run")
+            if self.path in (None, "-"):  # nothing more can go there, not even at exit
+                with contextlib.suppress(OSError):
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        else:
+            why = exc.strerror or str(exc)
+        self.failed = OutputError(f"cannot write to {where}: {why}; the checkpoint was not "
+                                  f"advanced")
+        return self.failed
 
     def reopen(self) -> None:
         if self.path in (None, "-"):
@@ -218,9 +248,11 @@ class Output:
         self._check_fsync()
 
     def close(self) -> None:
-        self.flush()
+        if self.failed is None:
+            self.flush()
         if self.path not in (None, "-"):
-            self._fh.close()
+            with contextlib.suppress(OSError):
+                self._fh.close()
 
     @property
     def closed(self) -> bool:
@@ -294,6 +326,11 @@ class Daemon:
                         async for result in client.send_many(drain(recv)):
                             self._write(result)
                 nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            failed = self._output_failed()
+            if failed is not None and group.subgroup(OutputError) is not None:
+                raise failed from None  # one clear line, not a traceback per task
+            raise
         finally:
             self._finish()
             self._stop_metrics()
@@ -304,12 +341,25 @@ class Daemon:
             return EXIT_FORCED
         return max(self.exit_code, exit_code(self.counts, unreachable=self.unreachable))
 
+    def _output_failed(self) -> OutputError | None:
+        """The error of the results or dead-token output, if one failed (a --workers child
+        writes frames instead: they have no such state)."""
+        for out in (self.results, self.invalid):
+            failed = getattr(out, "failed", None)
+            if failed is not None:
+                return failed
+        return None
+
     def _finish(self) -> None:
         """Flush results, then record the checkpoints (in that order)."""
         self._sample_metrics()
         self.results.close()
         if self.invalid is not None:
             self.invalid.close()
+        if self._output_failed() is not None:
+            # results were lost: the checkpoint stays where the last whole write left it
+            self._status(final=True)
+            return
         for state in self.states:
             # nothing past the last line handed to the engine can have been sent
             line, offset = state.prefix()
@@ -833,6 +883,9 @@ async def run_main(args: argparse.Namespace) -> int:
 
             return await Coordinator(settings, args, inputs).run()
         return await Daemon(settings, args, inputs, make_engine).run()
+    except OutputError as exc:
+        print(f"fanout run: error: {exc}", file=sys.stderr)
+        return EXIT_OUTPUT
     except FanoutError as exc:
         print(f"fanout run: error: {exc}", file=sys.stderr)
         return EXIT_USAGE if not isinstance(exc, ConfigError) else EXIT_CONFIG

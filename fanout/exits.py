@@ -7,6 +7,7 @@
 | 2 | usage: a bad flag, setting, config file, key file or input; nothing was sent |
 | 3 | configuration: APNs (or the server) refused the set-up: ``config_error`` results (credentials, topic, clock, the topic guard), no HTTP/2 by ALPN, an untrusted certificate |
 | 4 | APNs unreachable: no usable connection for ``unavailable_timeout`` seconds |
+| 5 | the results could not be written (disk full, a broken pipe): the checkpoint covers only what was written |
 | 130 | stopped by a second signal (or Ctrl-C) |
 
 When several apply the most serious wins: 3, then 4, then 1.
@@ -21,6 +22,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_CONFIG = 3
 EXIT_UNREACHABLE = 4
+EXIT_OUTPUT = 5
 EXIT_FORCED = 130
 
 #: Outcomes that make a run fail (exit 1) unless something worse happened.

@@ -108,3 +108,43 @@ async def test_a_torn_results_file_is_repaired_on_open(pki, signing_key, tmp_pat
     results = read_results(out)  # every line parses
     assert results[0]["id"] == "old"
     assert sorted(r["line"] for r in results[1:]) == list(range(1, 51))
+
+
+async def test_a_reader_that_goes_away_is_a_clear_error_not_a_traceback(pki, signing_key,
+                                                                       tmp_path):
+    """fanout run | head -100: a broken pipe is one line naming it, exit 5, and the exit
+    does not advance the checkpoint; the next run gives every other line its result."""
+    import subprocess
+
+    from fanout.exits import EXIT_OUTPUT
+
+    from .test_daemon import daemon_cmd, read_results, write_input
+
+    inp = tmp_path / "in.ndjson"
+    write_input(inp, 3000)
+    async with mock_server(pki, signing_key) as mock:
+        cmd = daemon_cmd(mock, pki, signing_key, str(inp), "--checkpoint-interval", "600")
+        proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE,
+                                                stderr=subprocess.PIPE)
+        got = b""
+        with trio.fail_after(60):
+            while got.count(b"\n") < 100:
+                chunk = await proc.stdout.receive_some(4096)
+                assert chunk
+                got += chunk
+            await proc.stdout.aclose()  # the reader goes away
+            err = b""
+            while chunk := await proc.stderr.receive_some(65536):
+                err += chunk
+            await proc.wait()
+        assert proc.returncode == EXIT_OUTPUT, err.decode()[-2000:]
+        assert b"broken pipe" in err and b"Traceback" not in err
+        first = [json.loads(x) for x in got.split(b"\n")[:100]]
+        checkpoint = json.loads((tmp_path / "in.ndjson.checkpoint").read_text())
+        assert checkpoint["line"] <= 100  # nothing the reader did not get is marked done
+        out = tmp_path / "again.ndjson"
+        again = await run_daemon(daemon_cmd(mock, pki, signing_key, str(inp), "--results",
+                                            str(out)))
+    assert again.returncode == 0, again.stderr.decode()[-2000:]
+    lines = {r["line"] for r in first} | {r["line"] for r in read_results(out)}
+    assert lines == set(range(1, 3001))  # every line accounted for
