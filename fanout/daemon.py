@@ -767,7 +767,7 @@ class Daemon:
                 "counts": dict(sorted(self.counts.items())), "tasks": _task_count(),
                 "unreachable_s": round(self.client.pool.unavailable_for(), 1)
                 if self.client is not None else 0.0,
-                "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+                "max_rss_mb": round(peak_rss_mb(), 1)}
         if self._status_tty and not final:
             counts = " ".join(f"{k}={v:,}" for k, v in info["counts"].items())
             sys.stderr.write(f"\r{info['lines']:,} lines  {info['per_s']:,.0f}/s  "
@@ -782,6 +782,19 @@ class Daemon:
         else:
             log.warning("%s: %s", "final" if final else "status",
                         " ".join(f"{k}={v}" for k, v in info.items()))
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM). ``ru_maxrss`` is inherited across fork and
+    exec, so a daemon started by a big parent reported the parent's peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _task_count() -> int:

@@ -40,6 +40,15 @@ from .reader import InputBlock, InputLine, split_block
 
 log = logging.getLogger("fanout.workers")
 
+
+def child_settings(settings: Any, workers: int) -> Any:
+    """What each of ``workers`` engine processes is given: ``rate`` and ``topic_rates``
+    are global limits, so each worker gets its share (a rate of 1,000 with two workers
+    sent 2,111 pushes/s when each took the whole rate)."""
+    rate = settings.rate / workers if settings.rate else settings.rate
+    topic_rates = {topic: r / workers for topic, r in settings.topic_rates.items()}
+    return msgspec.structs.replace(settings, rate=rate, topic_rates=topic_rates)
+
 MAX_LINES_PER_WORKER = 4096   # lines handed to a worker and not yet done
 BLOCK_BYTES = 64 * 1024       # input read (and handed on) this much at a time
 FRAME_BYTES = 64 * 1024       # a worker sends its results at least this often
@@ -80,7 +89,8 @@ class Coordinator(Daemon):
 
     async def run(self) -> int:
         env = dict(os.environ)
-        env[CHILD_SETTINGS_ENV] = msgspec.json.encode(self.settings).decode()
+        env[CHILD_SETTINGS_ENV] = msgspec.json.encode(
+            child_settings(self.settings, self.args.workers)).decode()
         cmd = [sys.executable, "-m", "fanout", "run", "--child", "--checkpoint-interval",
                "0.02", "--max-line-bytes", str(self.args.max_line_bytes),
                "--on-config-error", self.args.on_config_error,

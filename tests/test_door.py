@@ -148,3 +148,29 @@ async def test_a_reader_that_goes_away_is_a_clear_error_not_a_traceback(pki, sig
     assert again.returncode == 0, again.stderr.decode()[-2000:]
     lines = {r["line"] for r in first} | {r["line"] for r in read_results(out)}
     assert lines == set(range(1, 3001))  # every line accounted for
+
+
+def test_workers_share_the_global_rate():
+    from fanout.config import Settings
+    from fanout.workers import child_settings
+
+    s = Settings(rate=1000.0, topic_rates={"com.example.app": 300.0})
+    child = child_settings(s, 2)
+    assert child.rate == 500.0 and child.topic_rates == {"com.example.app": 150.0}
+    assert child_settings(Settings(), 2).rate is None
+
+
+def test_the_status_reports_this_process_peak_rss():
+    """A parent that peaked at 300 MB execs the daemon's code: ru_maxrss says 300, the
+    status's figure must be the process's own."""
+    import subprocess
+    import sys
+
+    child = ("from fanout.daemon import peak_rss_mb; import resource; "
+             "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    parent = ("import os, sys; b = bytearray(300 << 20); b[::4096] = b'x' * len(range(0, "
+              f"len(b), 4096)); os.execv(sys.executable, [sys.executable, '-c', {child!r}])")
+    own, inherited = map(float, subprocess.run([sys.executable, "-c", parent], check=True,
+                                               capture_output=True, text=True,
+                                               timeout=60).stdout.split())
+    assert inherited > 300 and own < 200, (own, inherited)
