@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 
-from .errors import ConfigError
+from .errors import FanoutError
 
 
 class Checkpoint(msgspec.Struct, kw_only=True):
@@ -30,18 +30,22 @@ def default_path(input_path: str) -> str:
     return input_path + ".checkpoint"
 
 
+class CheckpointError(FanoutError):
+    """A checkpoint that cannot be used: one line naming it and the fix, exit 2."""
+
+
 def load(path: str | os.PathLike[str]) -> Checkpoint | None:
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise ConfigError(f"checkpoint {path}: cannot read: {exc.strerror}") from None
+        raise CheckpointError(f"checkpoint {path}: cannot read: {exc.strerror}") from None
     try:
         return msgspec.json.decode(data, type=Checkpoint)
     except msgspec.MsgspecError as exc:
-        raise ConfigError(f"checkpoint {path} is corrupt ({exc}); move it away to start over") \
-            from None
+        raise CheckpointError(f"checkpoint {path} is corrupt ({exc}); move it away to start "
+                              f"over (or run with --no-checkpoint)") from None
 
 
 def save(path: str | os.PathLike[str], cp: Checkpoint) -> None:

@@ -330,6 +330,12 @@ class Daemon:
             failed = self._output_failed()
             if failed is not None and group.subgroup(OutputError) is not None:
                 raise failed from None  # one clear line, not a traceback per task
+            ours = group.subgroup(FanoutError)
+            if ours is not None and group.split(FanoutError)[1] is None:
+                leaf: BaseException = ours
+                while isinstance(leaf, BaseExceptionGroup):
+                    leaf = leaf.exceptions[0]
+                raise leaf from None  # a named problem (a corrupt checkpoint ...): one line
             raise
         finally:
             self._finish()
@@ -899,6 +905,9 @@ async def run_main(args: argparse.Namespace) -> int:
     except OutputError as exc:
         print(f"fanout run: error: {exc}", file=sys.stderr)
         return EXIT_OUTPUT
+    except ckpt.CheckpointError as exc:
+        print(f"fanout run: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except FanoutError as exc:
         print(f"fanout run: error: {exc}", file=sys.stderr)
         return EXIT_USAGE if not isinstance(exc, ConfigError) else EXIT_CONFIG

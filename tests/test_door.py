@@ -174,3 +174,17 @@ def test_the_status_reports_this_process_peak_rss():
                                                capture_output=True, text=True,
                                                timeout=60).stdout.split())
     assert inherited > 300 and own < 200, (own, inherited)
+
+
+async def test_a_corrupt_checkpoint_is_one_line_and_exit_2(pki, signing_key, tmp_path):
+    from .test_daemon import daemon_cmd, write_input
+
+    inp = tmp_path / "in.ndjson"
+    write_input(inp, 5)
+    (tmp_path / "in.ndjson.checkpoint").write_text("garbage{")
+    async with mock_server(pki, signing_key) as mock:
+        proc = await run_daemon(daemon_cmd(mock, pki, signing_key, str(inp)))
+    assert proc.returncode == 2, proc.stderr.decode()[-2000:]
+    assert b"Traceback" not in proc.stderr
+    assert b"in.ndjson.checkpoint is corrupt" in proc.stderr and b"move it away" in proc.stderr
+    assert mock.stats.requests == 0
