@@ -293,6 +293,8 @@ class Coordinator(Daemon):
         worker.alive = False
         orphans = [s for s in self._by_number.values() if s.worker is worker]
         self._room.set()
+        if not orphans and code and not self.forced and code != EXIT_CONFIG:
+            log.error("worker %d exited (code %s) with no lines unfinished", worker.index, code)
         if not orphans or self.forced or code == EXIT_CONFIG:
             return
         lines = sum(s.lines for s in orphans)

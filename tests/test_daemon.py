@@ -277,7 +277,9 @@ async def test_workers_a_worker_killed_hands_its_lines_to_the_other(tmp_path, pk
                 await trio.sleep(0.05)
         stderr = proc.stderr.read().decode()
     assert proc.returncode == 0, stderr[-2000:]
-    assert "exited (code -9)" in stderr and "marked resent" in stderr
+    assert "exited (code -9)" in stderr
+    # the kill may land between two of the victim's blocks: then nothing is handed over
+    assert "marked resent" in stderr or "with no lines unfinished" in stderr
     per_line = defaultdict(list)
     for r in read_results(out):
         per_line[r["line"]].append(r)
