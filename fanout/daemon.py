@@ -16,20 +16,17 @@ output files); a status task reports progress.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
 import gc
 import json
 import logging
 import os
 import resource
 import signal
-import stat
 import sys
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO
+from typing import Any
 
 import trio
 
@@ -46,6 +43,7 @@ from .exits import (
 )
 from .flow import drain, put
 from .lines import LineError, ResultLine, decode_line, result_encoder
+from .output import Output, OutputError
 from .payload import Prepared, PushTemplate
 
 log = logging.getLogger("fanout.daemon")
@@ -54,6 +52,7 @@ HIGH_WATER_STEP = 1024    # lines: how far ahead the "may have been sent" mark i
 CHANNEL_SIZE = 256
 CHILD_SETTINGS_ENV = "FANOUT_CHILD_SETTINGS"
 METRICS_INTERVAL = 1.0    # seconds between samples of the metrics' gauges and line counts
+FORCED_FLUSH_S = 2.0      # after a forced stop: how long the last results may take to write
 
 
 # --------------------------------------------------------------------------- bookkeeping
@@ -91,9 +90,10 @@ class InputState:
         key = (line, offset, self.high_water)
         if key == self.saved:
             return
+        tail = ckpt.tail_of(self.path, offset, (self.dev, self.ino)) if offset else None
         ckpt.save(self.checkpoint_path, ckpt.Checkpoint(
             input=self.path, dev=self.dev, ino=self.ino, offset=offset, line=line,
-            high_water=self.high_water))
+            high_water=self.high_water, tail=tail))
         self.saved = key
 
     def open_line(self, line: Any, high_water_step: int) -> LineState:
@@ -143,122 +143,6 @@ class Tag:
         self.id = id
 
 
-class OutputError(FanoutError):
-    """The results (or dead tokens) could not be written: exit 5, checkpoint not advanced."""
-
-
-class Output:
-    """An append-only NDJSON output: stdout or a file reopened on SIGHUP."""
-
-    def __init__(self, path: str | None) -> None:
-        self.path = path
-        self.failed: OutputError | None = None
-        self._fh: BinaryIO = self._open()
-        self._fsync = False
-        self._check_fsync()
-
-    def _check_fsync(self) -> None:
-        # fsync only regular files (a pipe, a tty or /dev/null cannot be synced)
-        try:
-            self._fsync = stat.S_ISREG(os.fstat(self._fh.fileno()).st_mode)
-        except (OSError, ValueError):
-            self._fsync = False
-
-    def _open(self) -> BinaryIO:
-        if self.path is None or self.path == "-":
-            return sys.stdout.buffer
-        try:
-            fh = open(self.path, "ab", buffering=1 << 16)  # noqa: SIM115 - lives with the daemon
-        except OSError as exc:
-            raise ConfigError(f"cannot open {self.path} for writing: {exc.strerror}") from None
-        try:
-            self._repair(fh)
-        except OSError as exc:
-            fh.close()
-            raise ConfigError(f"cannot repair {self.path}: {exc.strerror}") from None
-        return fh
-
-    def _repair(self, fh: BinaryIO) -> None:
-        """A file whose last line is torn (a run stopped mid-write: disk full, kill -9) is
-        cut back to its last newline, or the next record would be glued onto the half one.
-        Nothing is lost: the checkpoint never covers a result that was not written whole,
-        so the torn record's line is sent again."""
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
-            return
-        with open(self.path, "rb") as r:
-            r.seek(st.st_size - 1)
-            if r.read(1) == b"\n":
-                return
-            end = st.st_size
-            keep = 0
-            while end > 0:  # the last newline, reading back in 64 KiB steps
-                start = max(0, end - (1 << 16))
-                r.seek(start)
-                at = r.read(end - start).rfind(b"\n")
-                if at >= 0:
-                    keep = start + at + 1
-                    break
-                end = start
-        os.truncate(self.path, keep)
-        log.warning("%s: its last line was torn (%d bytes without a newline, from a run "
-                    "that stopped mid-write); cut back to the last whole line, whose "
-                    "successor is sent again", self.path, st.st_size - keep)
-
-    def write(self, data: bytes) -> None:
-        if self.failed is not None:
-            raise self.failed
-        try:
-            self._fh.write(data)
-        except OSError as exc:
-            raise self._error(exc) from None
-
-    def flush(self) -> None:
-        if self.failed is not None:
-            raise self.failed
-        try:
-            self._fh.flush()
-            if self._fsync:
-                os.fsync(self._fh.fileno())
-        except OSError as exc:
-            raise self._error(exc) from None
-
-    def _error(self, exc: OSError) -> OutputError:
-        # the checkpoint is never advanced past results that could not be written
-        where = self.path or "stdout"
-        if exc.errno == errno.EPIPE:
-            why = ("broken pipe: the reader went away; what it read but did not process is "
-                   "lost to it, and lines written since the last checkpoint are sent again "
-                   "by the next run")
-            if self.path in (None, "-"):  # nothing more can go there, not even at exit
-                with contextlib.suppress(OSError):
-                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        else:
-            why = exc.strerror or str(exc)
-        self.failed = OutputError(f"cannot write to {where}: {why}; the checkpoint was not "
-                                  f"advanced")
-        return self.failed
-
-    def reopen(self) -> None:
-        if self.path in (None, "-"):
-            return
-        self.flush()
-        self._fh.close()
-        self._fh = self._open()
-        self._check_fsync()
-
-    def close(self) -> None:
-        if self.failed is None:
-            self.flush()
-        if self.path not in (None, "-"):
-            with contextlib.suppress(OSError):
-                self._fh.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._fh.closed
-
-
 # --------------------------------------------------------------------------- the daemon
 
 class Daemon:
@@ -268,8 +152,13 @@ class Daemon:
         self.args = args
         self.inputs = inputs
         self._make_client = make_client
-        self.results = Output(args.results)
-        self.invalid = Output(args.invalid_tokens) if args.invalid_tokens else None
+        buffer = getattr(args, "output_buffer", 8.0)
+        if not buffer > 0:
+            raise ConfigError(f"--output-buffer must be more than 0 MB, not {buffer!r}")
+        limit = int(buffer * (1 << 20))
+        self.results = Output(args.results, limit=limit)
+        self.invalid = Output(args.invalid_tokens, limit=limit) if args.invalid_tokens \
+            else None
         self.counts: Counter[str] = Counter()
         self.lines_read = 0
         self.results_written = 0
@@ -284,6 +173,8 @@ class Daemon:
         self._nursery: trio.Nursery | None = None
         self._reader_scope = trio.CancelScope()
         self._consume_scope = trio.CancelScope()
+        self._exit_scope: trio.CancelScope | None = None
+        self.flushed = False        # every result written is out (the exit's sync returned)
         self._started = time.monotonic()
         self._status_tty = sys.stderr.isatty()
         from .liveactivity import ActivityTracker
@@ -325,17 +216,12 @@ class Daemon:
                     with self._consume_scope:
                         async for result in client.send_many(drain(recv)):
                             self._write(result)
+                    await self._flush_at_exit()
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            failed = self._output_failed()
-            if failed is not None and group.subgroup(OutputError) is not None:
-                raise failed from None  # one clear line, not a traceback per task
-            ours = group.subgroup(FanoutError)
-            if ours is not None and group.split(FanoutError)[1] is None:
-                leaf: BaseException = ours
-                while isinstance(leaf, BaseExceptionGroup):
-                    leaf = leaf.exceptions[0]
-                raise leaf from None  # a named problem (a corrupt checkpoint ...): one line
+            one = self._one_error(group)
+            if one is not None:
+                raise one from None  # one clear line, not a traceback per task
             raise
         finally:
             self._finish()
@@ -347,6 +233,20 @@ class Daemon:
             return EXIT_FORCED
         return max(self.exit_code, exit_code(self.counts, unreachable=self.unreachable))
 
+    def _one_error(self, group: BaseExceptionGroup) -> BaseException | None:
+        """The one error to report for ``group``: the output's failure, or a named problem
+        (a checkpoint that does not match ...) when the group holds only such problems."""
+        failed = self._output_failed()
+        if failed is not None and group.subgroup(OutputError) is not None:
+            return failed
+        ours = group.subgroup(FanoutError)
+        if ours is not None and group.split(FanoutError)[1] is None:
+            leaf: BaseException = ours
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            return leaf
+        return None
+
     def _output_failed(self) -> OutputError | None:
         """The error of the results or dead-token output, if one failed (a --workers child
         writes frames instead: they have no such state)."""
@@ -356,13 +256,30 @@ class Daemon:
                 return failed
         return None
 
+    async def _flush_at_exit(self) -> None:
+        """Wait until every result is written: as long as the reader of a pipe takes, but
+        within the drain deadline once stopping, and briefly after a forced stop (a third
+        signal gives up at once). What is not written is not covered by the checkpoint."""
+        self._exit_scope = scope = trio.CancelScope()
+        if self.forced:
+            scope.deadline = trio.current_time() + FORCED_FLUSH_S
+        with scope:
+            await self.results.sync()
+            if self.invalid is not None:
+                await self.invalid.sync()
+            self.flushed = True
+        if not self.flushed and self._output_failed() is None:
+            log.error("%s did not take the last %d bytes of results before the stop; the "
+                      "checkpoint stays before their lines, which the next run sends again "
+                      "(marked resent)", self.results.name, self.results.backlog)
+
     def _finish(self) -> None:
-        """Flush results, then record the checkpoints (in that order)."""
+        """Close the outputs, then record the checkpoints if every result is out."""
         self._sample_metrics()
         self.results.close()
         if self.invalid is not None:
             self.invalid.close()
-        if self._output_failed() is not None:
+        if not self.flushed or self._output_failed() is not None:
             # results were lost: the checkpoint stays where the last whole write left it
             self._status(final=True)
             return
@@ -439,6 +356,8 @@ class Daemon:
                             None if path == "-" else path, start_offset=start_offset,
                             start_line=start_line, follow=self.args.follow,
                             max_line_bytes=self.args.max_line_bytes):
+                        if self.results.over:  # a slow reader of the results: wait
+                            await self.results.room()
                         identity = getattr(line, "identity", None)
                         if identity and identity != (state.dev, state.ino):
                             state.dev, state.ino = identity  # rotated (follow mode)
@@ -465,10 +384,7 @@ class Daemon:
         cp = ckpt.load(cp_path)
         if cp is None:
             return state
-        if (cp.dev, cp.ino) != (state.dev, state.ino) or cp.offset > size:
-            log.warning("checkpoint %s belongs to another file than %s now: starting from "
-                        "the beginning", cp_path, path)
-            return state
+        ckpt.check(cp, cp_path, path, (state.dev, state.ino), size)
         state.last_line, state.last_end = cp.line, cp.offset
         state.high_water = state.resend_until = cp.high_water
         state.saved = (cp.line, cp.offset, cp.high_water)
@@ -695,9 +611,9 @@ class Daemon:
         while True:
             await trio.sleep(self.args.checkpoint_interval)
             snapshot = [(s, s.prefix()) for s in self.states if s.checkpoint_path]
-            self.results.flush()         # results first ...
+            await self.results.sync()    # results first ...
             if self.invalid is not None:
-                self.invalid.flush()
+                await self.invalid.sync()
             for state, (line, offset) in snapshot:   # ... then the checkpoint that covers them
                 state.record(line, offset)
 
@@ -720,6 +636,7 @@ class Daemon:
 
     def _force(self, why: str) -> None:
         if self.forced:
+            self._hurry_exit_flush(again=True)
             return
         log.warning("%s: stopping now; pushes in flight are reported maybe_delivered", why)
         self.forced = True
@@ -728,6 +645,16 @@ class Daemon:
             for result in self.client.abort_in_flight("stopped before APNs answered"):
                 self._write(result)
         self._consume_scope.cancel()
+        self._hurry_exit_flush()
+
+    def _hurry_exit_flush(self, again: bool = False) -> None:
+        """A forced stop while the last results are being written: give them a little
+        longer, or (another signal) none at all."""
+        scope = self._exit_scope
+        if scope is not None:
+            scope.deadline = min(scope.deadline, trio.current_time() + FORCED_FLUSH_S)
+            if again:
+                scope.cancel()
 
     def _reopen(self) -> None:
         self.results.reopen()
@@ -835,6 +762,9 @@ def add_run_parser(sub: Any, settings_args: Callable[[argparse.ArgumentParser], 
                         "connection comes up (default), or end the waiting pushes "
                         "retries_exhausted and go on (exit 4)")
     p.add_argument("--max-line-bytes", type=int, default=16 * 1024 * 1024)
+    p.add_argument("--output-buffer", type=float, default=8.0, metavar="MB",
+                   help="results held in memory while their reader (a pipe, a FIFO, a slow "
+                        "disk) does not take them; past this, input pauses (default 8)")
     p.add_argument("--status-interval", type=float, default=10.0,
                    help="seconds between status log lines when not on a TTY (0: none)")
     p.add_argument("--log-format", choices=["text", "json"], default="text")

@@ -277,7 +277,7 @@ class StreamDaemon(Daemon):
         acks, self._acks = self._acks, []
         results, self._pending_results = self._pending_results, []
         if not self.results.closed:
-            self.results.flush()
+            await self.results.sync()
         try:
             if results:
                 async with self.redis.pipeline(transaction=False) as pipe:

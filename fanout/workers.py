@@ -35,6 +35,7 @@ from .daemon import (
     LineState,
 )
 from .exits import EXIT_CONFIG, EXIT_FAILED, EXIT_FORCED, EXIT_OK, EXIT_UNREACHABLE
+from .output import Output
 from .payload import Prepared
 from .reader import InputBlock, InputLine, split_block
 
@@ -123,7 +124,13 @@ class Coordinator(Daemon):
                     for worker in self.workers:
                         await worker.proc.wait()
                         self._worker_dead(worker, metrics_dir)
+                await self._flush_at_exit()
                 nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            one = self._one_error(group)
+            if one is not None:
+                raise one from None  # one clear line, not a traceback per task
+            raise
         finally:
             for worker in self.workers:
                 if worker.proc.returncode is None:
@@ -209,6 +216,8 @@ class Coordinator(Daemon):
                         self._malformed(state.open_line(unit, step), unit.error)
                         continue
                     self.lines_read += unit.last - unit.number + 1
+                    if self.results.over:  # a slow reader of the results: wait
+                        await self.results.room()
                     sent = Sent(state.open_line(unit, step), unit, state.resend_until)
                     await self._dispatch(sent)
                     state.last_sent_line = unit.last
@@ -309,6 +318,7 @@ class Coordinator(Daemon):
 
     def _force(self, why: str) -> None:
         if self.forced:
+            self._hurry_exit_flush(again=True)
             return
         log.warning("%s: stopping now; pushes in flight are reported maybe_delivered", why)
         self.forced = True
@@ -316,6 +326,7 @@ class Coordinator(Daemon):
         for worker in self.workers:
             if worker.proc.returncode is None:
                 worker.proc.send_signal(signal.SIGTERM)
+        self._hurry_exit_flush()
 
     def _reopen(self) -> None:
         super()._reopen()
@@ -334,10 +345,12 @@ class Coordinator(Daemon):
 
 class Frames:
     """A worker's stdout, to the coordinator: result lines gathered into ``R`` frames that
-    carry their outcome counts; a control line goes out after every result before it."""
+    carry their outcome counts; a control line goes out after every result before it.
+    Written by an :class:`~fanout.output.Output` thread: a coordinator that stops reading
+    (its own output is stalled) never blocks this worker's event loop."""
 
     def __init__(self, counts: Counter[str]) -> None:
-        self._out = sys.stdout.buffer
+        self._out = Output(None)
         self._buf = bytearray()
         self._counts = counts
         self._sent: Counter[str] = Counter()
@@ -350,7 +363,7 @@ class Frames:
     def control(self, line: bytes) -> None:
         self._frame()
         self._out.write(line)
-        self._out.flush()
+        self._out.push()
 
     def _frame(self) -> None:
         delta = self._counts - self._sent
@@ -358,19 +371,38 @@ class Frames:
             return
         self._sent = self._counts.copy()
         counts = ",".join(f"{k}={v}" for k, v in delta.items()).encode() or b"-"
-        self._out.write(b"R %d %s\n" % (len(self._buf), counts))
-        self._out.write(self._buf)
+        self._out.write(b"R %d %s\n" % (len(self._buf), counts) + bytes(self._buf))
         self._buf.clear()
 
-    def flush(self) -> None:
+    @property
+    def name(self) -> str:
+        return "the coordinator"
+
+    @property
+    def failed(self) -> Any:
+        return self._out.failed
+
+    @property
+    def backlog(self) -> int:
+        return self._out.backlog + len(self._buf)
+
+    @property
+    def over(self) -> bool:
+        return self._out.over
+
+    async def room(self) -> None:
+        await self._out.room()
+
+    async def sync(self) -> None:
         self._frame()
-        self._out.flush()
+        await self._out.sync()
 
     def reopen(self) -> None:
         pass
 
     def close(self) -> None:
-        self.flush()
+        self._frame()
+        self._out.close()
 
 
 class WorkerDaemon(Daemon):

@@ -78,7 +78,10 @@ class StrictH2Server:
             async with send_lock:
                 data = conn.data_to_send()
                 if data:
-                    await stream.send_all(data)
+                    try:
+                        await stream.send_all(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass  # the client went away (an answer task may still write)
 
         def wake() -> None:
             pending.set()

@@ -484,6 +484,28 @@ async def test_follow_truncation_restarts_at_zero(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("truncate", [False, True])
+async def test_follow_rewrite_in_place_is_read_whole(tmp_path: Path, truncate: bool) -> None:
+    """New content written over the old (same inode), already longer than the old offset
+    when the reader looks: its size alone never showed it (4,931 of 6,000 lines skipped)."""
+    p = tmp_path / "f"
+    p.write_bytes(b"".join(b"old %03d\n" % i for i in range(10)))
+    new = b"".join(b"new line %04d\n" % i for i in range(60))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            fol = Follower(nursery, str(p))
+            assert len(await fol.take(10)) == 10
+            with p.open("r+b") as f:  # one write: the reader never sees it short
+                if truncate:
+                    f.truncate(0)
+                f.write(new)
+            got = await fol.take(60)
+            assert [x.data for x in got] == new.splitlines()
+            assert got[0].start == 0 and got[0].number == 11
+            await fol.assert_quiet()
+            nursery.cancel_scope.cancel()
+
+
 async def test_follow_waits_for_missing_path(tmp_path: Path) -> None:
     p = tmp_path / "later"
     with trio.fail_after(10):
