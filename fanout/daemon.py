@@ -74,6 +74,8 @@ class InputState:
         self.last_sent_line = 0    # the last line with a push handed to the engine
         self.saved: tuple[int, int, int] | None = None
         self.on_done: Callable[[int], None] | None = None
+        self.high_water_due = False  # raised, not persisted yet: persist before sending
+        self._saving = trio.Lock()
 
     def prefix(self) -> tuple[int, int]:
         """(line, offset) up to which every line is done."""
@@ -96,24 +98,32 @@ class InputState:
             high_water=self.high_water, tail=tail))
         self.saved = key
 
+    async def save(self, line: int, offset: int) -> None:
+        """:meth:`record`, in a thread: an fsync on a stalled disk must not stall the
+        event loop (answers, the reaper, signals)."""
+        async with self._saving:
+            await trio.to_thread.run_sync(self.record, line, offset)
+
     def open_line(self, line: Any, high_water_step: int) -> LineState:
         """Start accounting for ``line`` (an InputLine, or an InputBlock of lines kept as
-        one): it is pending until its results are written. Moves the persisted high-water
-        mark first if the line is beyond it."""
+        one): it is pending until its results are written. Moves the high-water mark if
+        the line is beyond it: ``high_water_due`` says :meth:`save_high_water` must run
+        before the line is sent."""
         number = line.number
         state = LineState(self, number, line.start, number <= self.resend_until)
         self.pending[number] = state
         self.last_line, self.last_end = line.last, line.end
         if line.last > self.high_water and self.checkpoint_path is not None:
-            self.raise_high_water(line.last + high_water_step)
+            self.high_water = line.last + high_water_step
+            self.high_water_due = True
         return state
 
-    def raise_high_water(self, line: int) -> None:
-        """Lines up to ``line`` may be sent from now on: persist that before sending them
-        (with the last recorded position: results since then may not be flushed yet)."""
-        self.high_water = line
+    async def save_high_water(self) -> None:
+        """Lines up to ``high_water`` may be sent from now on: persist that before sending
+        them (with the last recorded position: results since then may not be flushed)."""
+        self.high_water_due = False
         last_line, last_offset = self.saved[:2] if self.saved else (0, 0)
-        self.record(last_line, last_offset)
+        await self.save(last_line, last_offset)
 
 
 class LineState:
@@ -398,6 +408,8 @@ class Daemon:
         number = line.number
         self.lines_read += 1
         state = inp.open_line(line, max(HIGH_WATER_STEP, self.settings.max_in_flight))
+        if inp.high_water_due:
+            await inp.save_high_water()
         if line.error:
             self._malformed(state, line.error)
             return
@@ -615,7 +627,7 @@ class Daemon:
             if self.invalid is not None:
                 await self.invalid.sync()
             for state, (line, offset) in snapshot:   # ... then the checkpoint that covers them
-                state.record(line, offset)
+                await state.save(line, offset)
 
     # ----------------------------------------------------------------- control
 

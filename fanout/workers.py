@@ -214,11 +214,13 @@ class Coordinator(Daemon):
                     if unit.error is not None:  # a line too long, spanning blocks
                         self.lines_read += 1
                         self._malformed(state.open_line(unit, step), unit.error)
-                        continue
+                        continue  # (sends nothing: the next block saves the high water)
                     self.lines_read += unit.last - unit.number + 1
                     if self.results.over:  # a slow reader of the results: wait
                         await self.results.room()
                     sent = Sent(state.open_line(unit, step), unit, state.resend_until)
+                    if state.high_water_due:
+                        await state.save_high_water()
                     await self._dispatch(sent)
                     state.last_sent_line = unit.last
                 if path != "-":
