@@ -31,6 +31,7 @@ import msgspec
 from .auth import CertAuth, TokenAuth
 from .errors import ConfigError, FanoutError, TransportError, ValidationError
 from .outcome import REASONS, parse_error_body
+from .payload import TOPIC_SUFFIXES
 
 __all__ = [
     "MANAGE_HOSTS",
@@ -57,16 +58,6 @@ MANAGE_HOSTS: dict[str, tuple[str, int]] = {
 #: 0 = No Message Stored, 1 = Most Recent Message Stored (APNS.md §6.1).
 STORAGE_POLICIES = (0, 1)
 _PUSH_TYPE = "LiveActivity"
-_TOPIC_SUFFIXES = (
-    ".push-type.liveactivity",
-    ".push-type.widgets",
-    ".push-type.controls",
-    ".location-query",
-    ".voip",
-    ".voip-ptt",
-    ".complication",
-    ".pushkit.fileprovider",
-)
 
 
 class ChannelError(FanoutError):
@@ -148,7 +139,7 @@ def check_bundle_id(bundle_id: object) -> str:
         raise ValidationError("bundle_id", f"must be a non-empty ASCII string, got {bundle_id!r}")
     if not all(c.isalnum() or c in ".-_" for c in bundle_id) or bundle_id[0] in ".-_":
         raise ValidationError("bundle_id", f"{bundle_id!r} is not a bundle id")
-    if ".push-type." in bundle_id or bundle_id.endswith(_TOPIC_SUFFIXES):
+    if ".push-type." in bundle_id or bundle_id.endswith(TOPIC_SUFFIXES):
         raise ValidationError(
             "bundle_id",
             f"{bundle_id!r} carries a push-type suffix; broadcast channels take the bare bundle id",

@@ -28,6 +28,7 @@ from .exits import (
     exit_code,
     is_unreachable,
 )
+from .payload import ENVIRONMENTS
 
 log = logging.getLogger("fanout")
 
@@ -408,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "stream limit to 1 until the next 200)")
     mock.add_argument("--penalty-accepts", type=int, default=1,
                       help="accepted pushes needed before a dropped stream limit is restored")
-    mock.add_argument("--environment", choices=["production", "sandbox"], default="production",
+    mock.add_argument("--environment", choices=ENVIRONMENTS, default="production",
                       help="the environment this mock stands for (see --sandbox-token-fraction)")
     mock.add_argument("--sandbox-token-fraction", type=float, default=0.0,
                       help="fraction of tokens that are sandbox tokens (by hash); a token of "

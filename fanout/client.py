@@ -31,7 +31,17 @@ from .errors import ConfigError, TransportError, ValidationError, redact
 from .events import Events
 from .limiter import Backoff, Limiter, parse_retry_after
 from .outcome import Action, Outcome, Result, classify, parse_error_body
-from .payload import Notification, Payload, Prepared, PushTemplate, PushType, prepare
+from .payload import (
+    PRIORITIES,
+    Environment,
+    Notification,
+    Payload,
+    Prepared,
+    PushTemplate,
+    PushType,
+    bundle_of,
+    prepare,
+)
 from .pool import Pool
 
 log = logging.getLogger("fanout")
@@ -168,7 +178,7 @@ def prepare_broadcast(channel_id: str, payload: Payload | dict | bytes, *, bundl
     if not isinstance(channel_id, str) or not channel_id.strip() or not channel_id.isascii():
         raise ValidationError("channel_id", "must be a non-empty base64 channel id")
     bundle = check_bundle_id(bundle_id)
-    if priority not in (10, 5, 1):
+    if priority not in PRIORITIES:
         raise ValidationError("priority", f"must be 10, 5 or 1, not {priority!r}")
     if expiration is not None and (not isinstance(expiration, int) or expiration < 0):
         raise ValidationError("expiration", "must be a non-negative epoch in seconds")
@@ -217,7 +227,7 @@ class Client:
         *,
         auth: Any = None,
         topic: str | None = None,
-        environment: Literal["production", "sandbox"] = "production",
+        environment: Environment = "production",
         host: str | None = None,
         port: int = 443,
         ca_file: str | None = None,
@@ -400,7 +410,7 @@ class Client:
 
             if not self.topic:
                 raise ConfigError("channel management needs the client's topic (bundle id)")
-            self._channels = Channels(auth=self.auth, bundle_id=self.topic.split(".push-type.")[0],
+            self._channels = Channels(auth=self.auth, bundle_id=bundle_of(self.topic),
                                       environment=self.environment, host=self._manage[0],
                                       port=self._manage[1], ca_file=self._ca_file,
                                       ssl_context=None, proxy=self._proxy_setting)

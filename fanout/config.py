@@ -64,7 +64,7 @@ class TeamSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     cert: str | None = None
     cert_key: str | None = None
     connections: int = 2
-    environments: list[str] = msgspec.field(default_factory=lambda: ["production", "sandbox"])
+    environments: list[str] = msgspec.field(default_factory=lambda: list(ENVIRONMENTS))
     rate: float | None = None  # pushes/s for this team (default: the shared rate)
     host: str | None = None
     port: int | None = None

@@ -44,7 +44,7 @@ from .exits import (
 from .flow import drain, put
 from .lines import LineError, ResultLine, decode_line, result_encoder
 from .output import Output, OutputError
-from .payload import Prepared, PushTemplate
+from .payload import Prepared, PushTemplate, bundle_of
 
 log = logging.getLogger("fanout.daemon")
 
@@ -515,7 +515,7 @@ class Daemon:
                     else push.payload
             tag = Tag(state, push.id)
             if push.channel_id is not None:
-                bundle = (push.topic or self.settings.topic or "").split(".push-type.")[0]
+                bundle = bundle_of(push.topic or self.settings.topic or "")
                 body = payload.encode() if isinstance(payload, Payload) else payload
                 prepared = prepare_broadcast(
                     push.channel_id, body, bundle_id=bundle or None, priority=priority,

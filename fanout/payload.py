@@ -12,7 +12,7 @@ import enum
 import math
 import uuid
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal, get_args
 
 import msgspec
 
@@ -25,16 +25,20 @@ __all__ = [
     "MAX_COLLAPSE_ID_BYTES",
     "MAX_TOKEN_LENGTH",
     "PRIORITIES",
+    "ENVIRONMENTS",
     "TOPIC_SUFFIX",
+    "TOPIC_SUFFIXES",
     "VOIP_PAYLOAD_LIMIT",
     "Alert",
     "Aps",
+    "Environment",
     "CriticalSound",
     "Notification",
     "Payload",
     "Prepared",
     "PushTemplate",
     "PushType",
+    "bundle_of",
     "decode_payload",
     "encode_payload",
     "payload_limit",
@@ -82,6 +86,22 @@ TOPIC_SUFFIX: dict[PushType, str | None] = {
     PushType.CONTROLS: ".push-type.controls",
 }
 _SUFFIXES: tuple[tuple[PushType, str], ...] = tuple((pt, s) for pt, s in TOPIC_SUFFIX.items() if s)
+#: Every suffix a topic can carry, longest first so ``.voip-ptt`` is tried before ``.voip``.
+TOPIC_SUFFIXES: tuple[str, ...] = tuple(sorted({s for _, s in _SUFFIXES}, key=len, reverse=True))
+
+#: APNs environments: ``production`` (api.push.apple.com) and ``sandbox`` (development builds).
+Environment = Literal["production", "sandbox"]
+ENVIRONMENTS: tuple[Environment, ...] = get_args(Environment)
+
+
+def bundle_of(topic: str) -> str:
+    """The bundle id a topic belongs to (``com.x.app.voip-ptt`` -> ``com.x.app``): any push
+    type's suffix goes, and so does any ``.push-type.*`` one Apple adds later."""
+    topic = topic.split(".push-type.")[0]
+    for suffix in TOPIC_SUFFIXES:
+        if topic.endswith(suffix) and len(topic) > len(suffix):
+            return topic[: -len(suffix)]
+    return topic
 
 
 def payload_limit(push_type: PushType) -> int:
@@ -568,9 +588,6 @@ class PushTemplate:
             id,
             self.limit,
         )
-
-
-ENVIRONMENTS = ("production", "sandbox")
 
 
 def check_environment(environment: Any) -> str | None:

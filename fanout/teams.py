@@ -40,22 +40,12 @@ from .errors import ConfigError
 from .events import Events
 from .flow import drain, put
 from .outcome import Outcome, Result
-from .payload import Notification, Prepared
+from .payload import ENVIRONMENTS, Notification, Prepared, bundle_of
 
 log = logging.getLogger("fanout.teams")
 
 QUEUE = 1024  # pushes waiting per team inside send_many, beyond what its clients hold
-_SUFFIXES = (".voip", ".complication", ".pushkit.fileprovider")
 _OTHER = {"production": "sandbox", "sandbox": "production"}
-
-
-def bundle_of(topic: str) -> str:
-    """The bundle id a topic belongs to (``com.x.app.voip`` -> ``com.x.app``)."""
-    topic = topic.split(".push-type.")[0]
-    for suffix in _SUFFIXES:
-        if topic.endswith(suffix):
-            return topic[: -len(suffix)]
-    return topic
 
 
 @dataclass
@@ -69,7 +59,7 @@ class Team:
     auth: Any
     topics: set[str]
     connections: int = 2
-    environments: tuple[str, ...] = ("production", "sandbox")
+    environments: tuple[str, ...] = ENVIRONMENTS
     client: dict[str, Any] = field(default_factory=dict)
     per_environment: dict[str, dict[str, Any]] = field(default_factory=dict)
 

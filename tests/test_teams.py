@@ -15,7 +15,7 @@ from fanout.auth import TokenAuth
 from fanout.devcerts import make_signing_key
 from fanout.errors import ConfigError
 from fanout.metrics import Metrics
-from fanout.payload import Notification
+from fanout.payload import Notification, PushType, topic_for
 from fanout.teams import Team, Teams, bundle_of
 
 from .test_daemon import mock_server
@@ -209,3 +209,15 @@ async def test_daemon_revoked_team_stops_alone(pki, keys, tmp_path):
         want = "config_error" if topic_of[r["id"]].startswith("com.acme") else "delivered"
         assert r["outcome"] == want, r
     assert acme.stats.requests <= 4
+
+
+@pytest.mark.parametrize("push_type", [pt for pt in PushType if pt is not PushType.MDM])
+def test_every_push_types_topic_routes_to_its_team(push_type):
+    """Each push type's topic (the bundle id plus its suffix) reaches the team serving the
+    bundle id: the router shares the payload module's table of suffixes."""
+    router = Teams([Team("acme", None, {"com.acme.app"}), Team("beta", None, {"com.beta.app"})])
+    for bundle, name in (("com.acme.app", "acme"), ("com.beta.app", "beta")):
+        topic = topic_for(bundle, push_type)
+        assert bundle_of(topic) == bundle, topic
+        team = router.team_for(topic)
+        assert team is not None and team.name == name, topic
