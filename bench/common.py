@@ -119,7 +119,7 @@ def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 15)
 
 def make_keys(tmpdir: Path):
     """A throwaway CA + server certificate and an ES256 .p8 signing key under ``tmpdir``."""
-    from fanout.devcerts import make_pki, make_signing_key
+    from fanout.testing.devcerts import make_pki, make_signing_key
 
     return make_pki(tmpdir), make_signing_key(tmpdir)
 
@@ -133,13 +133,13 @@ def start_sink(kind: str, tmp: Path, pki, key, *, core: int | None = 1, latency:
     prefix = pin(core) if core is not None else []
     if kind == "nginx":
         from fanout.errors import ConfigError
-        from fanout.nginx import start_nginx
+        from fanout.testing.nginx import start_nginx
 
         try:
             return start_nginx(tmp, pki.cert_file, pki.key_file, prefix=prefix)
         except ConfigError as exc:
             raise SystemExit(f"{exc} (or use --server mock)") from None
-    from fanout.nginx import free_port
+    from fanout.testing.nginx import free_port
 
     port = free_port()
     cmd = prefix + [

@@ -38,8 +38,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--max-seconds", type=float, default=600)
     args = ap.parse_args()
-    from fanout.devcerts import make_pki, make_signing_key
-    from fanout.nginx import start_nginx
+    from fanout.testing.devcerts import make_pki, make_signing_key
+    from fanout.testing.nginx import start_nginx
 
     with tempfile.TemporaryDirectory(prefix="fanout-rss-") as tmp:
         tmpdir = Path(tmp)

@@ -65,8 +65,8 @@ from common import PAYLOAD, TOPIC, machine, make_keys, now, write_results  # noq
 from fanout.auth import TokenAuth  # noqa: E402
 from fanout.client import Client  # noqa: E402
 from fanout.events import Events  # noqa: E402
-from fanout.mock import MockConfig, open_mock  # noqa: E402
-from fanout.nginx import free_port  # noqa: E402
+from fanout.testing.mock import MockConfig, open_mock  # noqa: E402
+from fanout.testing.nginx import free_port  # noqa: E402
 from tests.relay import open_relay  # noqa: E402
 
 # (label, kind, relay mode)

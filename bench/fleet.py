@@ -44,7 +44,7 @@ from common import (  # noqa: E402
     write_results,
 )
 
-from fanout.nginx import free_port  # noqa: E402
+from fanout.testing.nginx import free_port  # noqa: E402
 
 STREAM = "bench"
 

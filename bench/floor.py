@@ -1,7 +1,7 @@
 """The bare framer loop beside the engine: what fanout's features cost.
 
 A thin wrapper over bench/throughput.py: its ``floor`` worker drives one
-``fanout.connection.Connection`` per socket with a fixed request and nothing around it
+``fanout._engine.connection.Connection`` per socket with a fixed request and nothing around it
 (no outcomes, limiter, retries, metrics); its ``fanout`` worker is the full engine. The two
 run interleaved, pinned like every other benchmark, and engine/floor CPU per push (median
 of per-round paired ratios) is checked against the target <= 1.5. Results go to

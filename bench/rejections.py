@@ -57,7 +57,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     from fanout.auth import TokenAuth
     from fanout.client import Client
-    from fanout.mock import _hash_fraction
+    from fanout.testing.mock import _hash_fraction
 
     def bad(t: str) -> bool:
         return 1.0 - _hash_fraction(t) <= BAD

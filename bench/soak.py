@@ -82,8 +82,8 @@ def proc_fds(pid: int) -> int | None:
 async def soak(args: argparse.Namespace, tmp: Path) -> dict:
     import trio
 
-    from fanout.devcerts import make_pki, make_signing_key
-    from fanout.mock import MockAPNs, MockConfig
+    from fanout.testing.devcerts import make_pki, make_signing_key
+    from fanout.testing.mock import MockAPNs, MockConfig
 
     pki, key = make_pki(tmp), make_signing_key(tmp)
     config = MockConfig(keys={key.key_id: key.public_key}, team_id=key.team_id, seed=11)

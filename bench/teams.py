@@ -131,8 +131,8 @@ def run_case(case: str, args, pki, key, beta_port: int, acme_port: int) -> dict:
 def start_revoked_mock(tmpdir: Path, key) -> tuple[subprocess.Popen, int]:
     """The fanout mock validating JWTs against another key under acme's key id: every
     push is refused 403 InvalidProviderToken, as after a revoked key."""
-    from fanout.devcerts import make_signing_key
-    from fanout.nginx import free_port
+    from fanout.testing.devcerts import make_signing_key
+    from fanout.testing.nginx import free_port
 
     other = make_signing_key(tmpdir / "revoked", key_id=key.key_id, team_id=key.team_id)
     port = free_port()

@@ -99,8 +99,8 @@ def worker_floor(args: argparse.Namespace) -> dict:
 
     import trio
 
+    from fanout._engine.connection import Connection, Exchange
     from fanout.auth import TokenAuth
-    from fanout.connection import Connection, Exchange
     from fanout.payload import PushTemplate
 
     auth = TokenAuth.from_file(args.key, args.key_id, args.team_id)
@@ -333,7 +333,7 @@ def _matrix_sink(latency: float, streams: int, reject: float, tmpdir: Path, pki,
     """nginx (its stream limit patched into the config) when there is no latency to inject,
     else the fanout mock."""
     if not latency:
-        import fanout.nginx as ng
+        import fanout.testing.nginx as ng
 
         saved = ng.CONF
         ng.CONF = saved.replace("http2_max_concurrent_streams 1000;",

@@ -1,13 +1,73 @@
-"""fanout: high-volume APNs sender on trio."""
+"""fanout: high-volume APNs sender on trio.
 
+The public API is what this module exports, plus the feature modules :mod:`fanout.teams`
+(several developer teams), :mod:`fanout.liveactivity`, :mod:`fanout.channels` (broadcast
+channels), :mod:`fanout.metrics` (Prometheus), :mod:`fanout.config` (settings files) and
+:mod:`fanout.testing` (a mock APNs and throwaway credentials). Modules whose names start
+with ``_`` are internal and may change in any release.
+
+The layers, from the bottom: ``_engine`` (HTTP/2 framer, TLS, connection, pool, proxy),
+the library (payload, outcome, auth, events, client), the features, ``config``, then the
+``fanout run`` daemon (``_daemon``) and the command line (``_cli``). Each imports only
+from below it; ``tests/test_layers.py`` checks that.
+
+A push goes by several names on its way: a :class:`Notification` (what you write) is
+validated into a ``Prepared`` (bytes ready for the wire), sent as a ``Push`` (one HTTP/2
+stream) and ends as a :class:`Result`. In the daemon a line is a ``PushLine`` and its
+answer a ``ResultLine``.
+"""
+
+from ._engine.backoff import Backoff
+from .auth import CertAuth, TokenAuth
 from .client import Client
-from .errors import ConfigError, FanoutError, KeyFileError, TransportError, ValidationError
+from .errors import (
+    ConfigError,
+    FanoutError,
+    KeyFileError,
+    ProtocolError,
+    TransportError,
+    ValidationError,
+)
+from .events import Events
 from .outcome import Outcome, Result
-from .payload import Alert, Aps, Notification, Payload, PushType
+from .payload import (
+    Alert,
+    Aps,
+    CriticalSound,
+    Environment,
+    Notification,
+    Payload,
+    PushTemplate,
+    PushType,
+    bundle_of,
+    topic_for,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Alert", "Aps", "Client", "ConfigError", "FanoutError", "KeyFileError", "Notification",
-    "Outcome", "Payload", "PushType", "Result", "TransportError", "ValidationError",
+    "Alert",
+    "Aps",
+    "Backoff",
+    "CertAuth",
+    "Client",
+    "ConfigError",
+    "CriticalSound",
+    "Environment",
+    "Events",
+    "FanoutError",
+    "KeyFileError",
+    "Notification",
+    "Outcome",
+    "Payload",
+    "ProtocolError",
+    "PushTemplate",
+    "PushType",
+    "Result",
+    "TokenAuth",
+    "TransportError",
+    "ValidationError",
+    "__version__",
+    "bundle_of",
+    "topic_for",
 ]

@@ -201,7 +201,7 @@ class Channels:
         self._ca_file = os.fspath(ca_file) if ca_file is not None else None
         self._ssl_context = ssl_context
         self._client: httpx.AsyncClient | None = None
-        from .proxy import resolve
+        from ._engine.proxy import resolve
 
         # the same rules as the push connections: this argument, else HTTPS_PROXY /
         # ALL_PROXY minus NO_PROXY ("none": direct)

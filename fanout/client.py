@@ -26,10 +26,12 @@ from typing import Any, Literal
 
 import trio
 
-from .connection import Exchange
+from ._engine.backoff import Backoff
+from ._engine.connection import Exchange
+from ._engine.pool import Pool
+from ._limiter import Limiter, parse_retry_after
 from .errors import ConfigError, TransportError, ValidationError, redact
 from .events import Events
-from .limiter import Backoff, Limiter, parse_retry_after
 from .outcome import Action, Outcome, Result, classify, parse_error_body
 from .payload import (
     PRIORITIES,
@@ -38,11 +40,9 @@ from .payload import (
     Payload,
     Prepared,
     PushTemplate,
-    PushType,
     bundle_of,
     prepare,
 )
-from .pool import Pool
 
 log = logging.getLogger("fanout")
 
@@ -306,7 +306,7 @@ class Client:
         if auth is not None and hasattr(auth, "apply"):
             auth.apply(self._ssl)
         header_auth = auth if auth is not None and hasattr(auth, "generation") else None
-        from .proxy import resolve
+        from ._engine.proxy import resolve
 
         # an HTTP CONNECT proxy: this argument, or HTTPS_PROXY / ALL_PROXY minus NO_PROXY
         self.proxy = resolve(proxy, self.host)
@@ -899,4 +899,4 @@ class Client:
         self.pool.halt_error = None
 
 
-__all__ = ["Client", "Notification", "Payload", "PushType", "Result", "Outcome"]
+__all__ = ["Client", "prepare_broadcast"]

@@ -538,7 +538,7 @@ async def check(settings: Settings) -> dict[str, Any]:
         "stream_limit": None,
         "jwt_age_s": None,
         "error": None,
-        # what is wrong (fanout.exits): usage (settings, files), config (APNs refused the
+        # what is wrong (fanout._exits): usage (settings, files), config (APNs refused the
         # set-up), unreachable (no connection), failed (another answer); None when ok
         "problem": None,
     }

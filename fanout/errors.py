@@ -40,8 +40,8 @@ class ProtocolError(TransportError):
     """The peer broke the HTTP/2 protocol (malformed frame, bad state, oversized block)."""
 
 
-class ConnectionLost(TransportError):
-    """The connection closed while streams were in flight."""
+#: The start of a push's ``error`` when it ended because APNs could not be reached.
+UNREACHABLE = "APNs unreachable"
 
 
 def redact(token: str | bytes | None) -> str:

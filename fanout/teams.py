@@ -35,10 +35,10 @@ from typing import Any
 import msgspec
 import trio
 
+from ._flow import drain, put
 from .client import Client
 from .errors import ConfigError
 from .events import Events
-from .flow import drain, put
 from .outcome import Outcome, Result
 from .payload import ENVIRONMENTS, Notification, Prepared, bundle_of
 

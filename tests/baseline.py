@@ -8,7 +8,7 @@ import os
 
 import trio
 
-from fanout.daemon import _task_count as _tasks  # tasks alive in this trio run
+from fanout._daemon.core import _task_count as _tasks  # tasks alive in this trio run
 
 
 def _fds() -> int:

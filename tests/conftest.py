@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fanout.devcerts import make_pki, make_signing_key
+from fanout.testing.devcerts import make_pki, make_signing_key
 
 
 @pytest.fixture(scope="session")

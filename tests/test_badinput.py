@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fanout.lines import LineError, decode_line
+from fanout._daemon.lines import LineError, decode_line
 
 from .test_auth import KEY_ID, TEAM_ID, key_file_cases
 from .test_daemon import PAYLOAD, daemon_cmd, mock_server, read_results, run_daemon
@@ -72,7 +72,7 @@ async def test_every_bad_line_gets_its_own_error_and_the_rest_goes(tmp_path, pki
         proc = await run_daemon(daemon_cmd(mock, pki, signing_key, str(inp), "--results",
                                            str(out), "--max-line-bytes", str(MAX_LINE)),
                                 timeout=120)
-    # fanout.exits: some bad lines end rejected (exit 1); malformed ones alone would be 0
+    # fanout._exits: some bad lines end rejected (exit 1); malformed ones alone would be 0
     assert proc.returncode == 1, proc.stderr.decode()[-2000:]
     assert b"Traceback" not in proc.stderr
     by_line: dict[int, list[dict]] = {}

@@ -22,10 +22,10 @@ from fanout.channels import (
     Channels,
     FeatureNotEnabled,
 )
-from fanout.devcerts import TestPKI, TestSigningKey, client_ssl_context, make_signing_key
 from fanout.errors import ConfigError, FanoutError, ValidationError
-from fanout.mock import MockAPNs, MockConfig
 from fanout.outcome import Action, classify
+from fanout.testing.devcerts import TestPKI, TestSigningKey, client_ssl_context, make_signing_key
+from fanout.testing.mock import MockAPNs, MockConfig
 
 BUNDLE = "com.example.app"
 TOKEN = "ab" * 32

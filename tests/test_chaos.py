@@ -16,11 +16,11 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fanout import framer as fr
-from fanout.connection import Connection, Exchange
+from fanout._engine import framer as fr
+from fanout._engine.connection import Connection, Exchange
 from fanout.errors import FanoutError, ProtocolError
-from fanout.mock import MockConfig
 from fanout.payload import Notification
+from fanout.testing.mock import MockConfig
 
 from .baseline import _fds, _rss_mb, back_to_baseline
 from .test_daemon import daemon_cmd, mock_server, read_results, run_daemon, write_input
@@ -296,9 +296,9 @@ async def test_descriptors_return_to_baseline_after_faults(pki, signing_key):
 # ---------------------------------------------------------------- APNs faults
 
 async def _fan_out(mock, pki, signing_key, n: int, **client_kw):
+    from fanout import Backoff
     from fanout.auth import TokenAuth
     from fanout.client import Client
-    from fanout.limiter import Backoff
 
     auth = TokenAuth.from_file(signing_key.path, signing_key.key_id, signing_key.team_id)
     client_kw.setdefault("backoff", Backoff(base=0.01, cap=0.05))

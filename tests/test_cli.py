@@ -62,7 +62,7 @@ def test_send_command_against_mock_process(mock_process, signing_key, tmp_path):
 
 
 def test_send_reports_a_wrong_key_clearly_and_exits_nonzero(mock_process, signing_key, tmp_path):
-    from fanout.devcerts import make_signing_key
+    from fanout.testing.devcerts import make_signing_key
 
     port, ca = mock_process
     other = make_signing_key(tmp_path / "other", key_id=signing_key.key_id,
@@ -72,7 +72,7 @@ def test_send_reports_a_wrong_key_clearly_and_exits_nonzero(mock_process, signin
                  "127.0.0.1", "--port", str(port), "--ca-file", str(ca), "--key-path",
                  str(other.path), "--key-id", other.key_id, "--team-id", other.team_id,
                  "--topic", "com.example.app"])
-    assert out.returncode == 3  # fanout.exits: APNs refused the configuration
+    assert out.returncode == 3  # fanout._exits: APNs refused the configuration
     summary = json.loads(out.stdout.decode().strip().splitlines()[-1])
     assert "InvalidProviderToken" in summary["config_error"]
     assert b"InvalidProviderToken" in out.stderr
@@ -125,4 +125,4 @@ def test_channels_commands_and_send_channel(mock_process, signing_key, tmp_path)
     assert gone.returncode == 1 and b"ChannelNotRegistered" in gone.stderr
     again = _send(["send", "--channel", channel, "--payload", str(payload)] + common)
     assert b"ChannelNotRegistered" in again.stderr
-    assert again.returncode == 1  # fanout.exits: a rejected broadcast is a failed push
+    assert again.returncode == 1  # fanout._exits: a rejected broadcast is a failed push

@@ -394,7 +394,7 @@ connections = 4
 
 
 def test_check_with_a_wrong_key_is_not_ok(mock_process, signing_key, tmp_path):
-    from fanout.devcerts import make_signing_key
+    from fanout.testing.devcerts import make_signing_key
 
     port, ca = mock_process
     other = make_signing_key(tmp_path / "other", key_id=signing_key.key_id,
@@ -438,7 +438,7 @@ def test_check_cannot_connect_is_not_ok(signing_key, pki):
                 str(pki.ca_file), "--key-path", str(signing_key.path), "--key-id",
                 signing_key.key_id, "--team-id", signing_key.team_id, "--topic",
                 "com.example.app", "--connect-timeout", "1"])
-    assert out.returncode == 4  # fanout.exits: APNs unreachable
+    assert out.returncode == 4  # fanout._exits: APNs unreachable
     report = json.loads(out.stdout)
     assert report["ok"] is False and f"127.0.0.1:{port}" in report["error"]
     assert report["answer"]["status"] is None
@@ -456,7 +456,7 @@ def test_send_still_reads_the_config_file(tmp_path):
 def test_run_hook_registers_the_daemon_and_dispatches_to_run_main(monkeypatch, capsys):
     import types
 
-    from fanout import cli
+    from fanout import _cli as cli
 
     seen = {}
 
@@ -472,9 +472,9 @@ def test_run_hook_registers_the_daemon_and_dispatches_to_run_main(monkeypatch, c
         run.add_argument("--fail", action="store_true")
         run.set_defaults(run_main=run_main)
 
-    fake = types.ModuleType("fanout.daemon")
+    fake = types.ModuleType("fanout._daemon.command")
     fake.add_run_parser = add_run_parser
-    monkeypatch.setitem(sys.modules, "fanout.daemon", fake)
+    monkeypatch.setitem(sys.modules, "fanout._daemon.command", fake)
     assert cli.main(["run", "--connections", "3"]) == 7
     assert seen["settings"].connections == 3
     assert cli.main(["run", "--fail"]) == 2

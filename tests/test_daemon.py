@@ -18,7 +18,7 @@ from pathlib import Path
 
 import trio
 
-from fanout.mock import MockAPNs, MockConfig
+from fanout.testing.mock import MockAPNs, MockConfig
 
 FANOUT = [sys.executable, "-m", "fanout"]
 PAYLOAD = {"aps": {"alert": {"title": "t", "body": "hello"}}}
@@ -188,7 +188,7 @@ async def test_fan_out_lines_and_tokens_file(tmp_path, pki, signing_key):
     data = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
     async with mock_server(pki, signing_key) as mock:
         proc = await run_daemon(daemon_cmd(mock, pki, signing_key), stdin=data)
-    assert proc.returncode == 1, proc.stderr.decode()[-2000:]  # fanout.exits: "zz" rejected
+    assert proc.returncode == 1, proc.stderr.decode()[-2000:]  # fanout._exits: "zz" rejected
     results = [json.loads(x) for x in proc.stdout.splitlines()]
     by_id = defaultdict(Counter)
     for r in results:
@@ -408,7 +408,7 @@ async def test_sighup_reopens_the_results_file(tmp_path, pki, signing_key):
 
 
 async def test_config_error_stops_or_drains_and_exits_nonzero(tmp_path, pki, signing_key):
-    from fanout.devcerts import make_signing_key
+    from fanout.testing.devcerts import make_signing_key
 
     other = make_signing_key(tmp_path / "other", key_id=signing_key.key_id,
                              team_id=signing_key.team_id)

@@ -116,7 +116,7 @@ async def test_a_reader_that_goes_away_is_a_clear_error_not_a_traceback(pki, sig
     does not advance the checkpoint; the next run gives every other line its result."""
     import subprocess
 
-    from fanout.exits import EXIT_OUTPUT
+    from fanout._exits import EXIT_OUTPUT
 
     from .test_daemon import daemon_cmd, read_results, write_input
 
@@ -151,8 +151,8 @@ async def test_a_reader_that_goes_away_is_a_clear_error_not_a_traceback(pki, sig
 
 
 def test_workers_share_the_global_rate():
+    from fanout._daemon.workers import child_settings
     from fanout.config import Settings
-    from fanout.workers import child_settings
 
     s = Settings(rate=1000.0, topic_rates={"com.example.app": 300.0})
     child = child_settings(s, 2)
@@ -166,7 +166,7 @@ def test_the_status_reports_this_process_peak_rss():
     import subprocess
     import sys
 
-    child = ("from fanout.daemon import peak_rss_mb; import resource; "
+    child = ("from fanout._daemon.core import peak_rss_mb; import resource; "
              "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     parent = ("import os, sys; b = bytearray(300 << 20); b[::4096] = b'x' * len(range(0, "
               f"len(b), 4096)); os.execv(sys.executable, [sys.executable, '-c', {child!r}])")

@@ -21,12 +21,12 @@ import pytest
 import trio
 from h2.settings import SettingCodes
 
+from fanout._engine.connection import RESET_BURST
+from fanout._exits import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, exit_code
 from fanout.auth import TokenAuth
 from fanout.client import Client
-from fanout.connection import RESET_BURST
-from fanout.exits import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, exit_code
-from fanout.mock import MockAPNs, MockConfig
 from fanout.payload import Notification
+from fanout.testing.mock import MockAPNs, MockConfig
 
 from .baseline import back_to_baseline
 from .relay import open_relay
@@ -244,7 +244,7 @@ async def test_a_stream_the_server_dropped_is_reset_and_sent_elsewhere(pki, sign
                                                                         monkeypatch):
     """5% of streams are never answered while the rest are: the connection is healthy, the
     stream is reset, and its push goes out again on the other connection."""
-    from fanout import connection as connection_module
+    from fanout._engine import connection as connection_module
 
     starts: dict[str, list[int]] = {}
     real_start = connection_module.Connection.start

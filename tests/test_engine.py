@@ -13,10 +13,10 @@ import trio
 
 from fanout.auth import TokenAuth
 from fanout.client import Client
-from fanout.devcerts import make_signing_key
 from fanout.errors import ValidationError
-from fanout.mock import MockAPNs, MockConfig
 from fanout.payload import Notification, PushType
+from fanout.testing.devcerts import make_signing_key
+from fanout.testing.mock import MockAPNs, MockConfig
 
 from .baseline import back_to_baseline
 
@@ -84,7 +84,7 @@ async def test_stream_limit_one_then_raised_then_dropped_on_rejection(pki, signi
         # raw bytes are only size-checked by the client: the mock answers 400 BadRequestPayload
         notes.append(Notification(token=f"{i:064x}", payload=b"[1, 2]" if bad else PAYLOAD,
                                   id=i, priority=10, push_type=PushType.ALERT))
-    from fanout.connection import Connection
+    from fanout._engine.connection import Connection
 
     history: list[int] = []
     original = Connection._on_settings
@@ -272,7 +272,7 @@ async def test_validation_rejects_before_any_network_io(pki, signing_key, note, 
 
 
 async def test_429_and_5xx_are_retried_with_backoff(pki, signing_key):
-    from fanout.limiter import Backoff
+    from fanout import Backoff
 
     async with running(pki, signing_key, p429=0.1, p503=0.05, retry_after=0, seed=3,
                        client_kw={"backoff": Backoff(base=0.01, cap=0.05),

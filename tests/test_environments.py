@@ -19,9 +19,9 @@ from fanout.auth import TokenAuth
 from fanout.config import read_teams_file
 from fanout.errors import ConfigError
 from fanout.metrics import Metrics
-from fanout.mock import MockConfig, _hash_fraction, is_sandbox_token
 from fanout.payload import Notification
 from fanout.teams import Team, Teams
+from fanout.testing.mock import MockConfig, _hash_fraction, is_sandbox_token
 
 from .test_daemon import FANOUT, daemon_cmd, mock_server, read_results, run_daemon
 from .test_metrics import feed_and_scrape, free_port
@@ -277,7 +277,7 @@ async def test_daemon_with_team_tables_workers_and_metrics(tmp_path, pki, signin
 
 
 async def test_check_tries_every_team_in_every_environment(tmp_path, pki, signing_key):
-    from fanout.devcerts import make_signing_key
+    from fanout.testing.devcerts import make_signing_key
 
     async with mock_server(pki, signing_key, environment="production") as prod, \
             mock_server(pki, signing_key, environment="sandbox") as sandbox:
@@ -290,7 +290,7 @@ async def test_check_tries_every_team_in_every_environment(tmp_path, pki, signin
     reports = [json.loads(x) for x in ok.stdout.splitlines()]
     assert [(r["team"], r["environment"], r["port"], r["ok"]) for r in reports] == [
         ("acme", "production", prod.port, True), ("acme", "sandbox", sandbox.port, True)]
-    assert bad.returncode == 3  # fanout.exits: APNs refused the credentials
+    assert bad.returncode == 3  # fanout._exits: APNs refused the credentials
     reports = [json.loads(x) for x in bad.stdout.splitlines()]
     assert [r["ok"] for r in reports] == [True, False]
     assert reports[1]["answer"]["reason"] == "InvalidProviderToken"

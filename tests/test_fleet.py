@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from fanout.nginx import free_port
+from fanout.testing.nginx import free_port
 
 from .test_daemon import PAYLOAD, daemon_cmd, mock_server
 

@@ -18,7 +18,7 @@ from h2.settings import SettingCodes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fanout import framer as fr
+from fanout._engine import framer as fr
 from fanout.auth import TokenAuth
 from fanout.client import Client
 from fanout.errors import ProtocolError

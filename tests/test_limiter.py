@@ -1,4 +1,4 @@
-"""Tests for fanout.limiter: token bucket, backoff, Retry-After parsing and the Limiter.
+"""Tests for fanout._limiter: token bucket, backoff, Retry-After parsing and the Limiter.
 
 Time is either a FakeClock (sync tests) or trio's MockClock with autojump (async tests),
 so nothing here asserts on wall-clock time.
@@ -16,7 +16,8 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fanout.limiter import Backoff, Limiter, TokenBucket, parse_retry_after
+from fanout import Backoff
+from fanout._limiter import Limiter, TokenBucket, parse_retry_after
 
 
 class FakeClock:

@@ -129,7 +129,7 @@ async def test_live_activity_and_broadcast_scenario(pki, signing_key):
     from fanout.auth import TokenAuth
     from fanout.client import Client
     from fanout.liveactivity import LiveActivities
-    from fanout.mock import MockAPNs, MockConfig
+    from fanout.testing.mock import MockAPNs, MockConfig
 
     mock = MockAPNs(MockConfig(keys={signing_key.key_id: signing_key.public_key},
                                team_id=signing_key.team_id, record_bodies=True), pki)

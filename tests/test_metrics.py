@@ -16,10 +16,10 @@ import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from fanout import Backoff
 from fanout.auth import TokenAuth
-from fanout.devcerts import make_signing_key
-from fanout.limiter import Backoff
 from fanout.metrics import Metrics, parse_listen, reason_label
+from fanout.testing.devcerts import make_signing_key
 
 from .conftest import ROOT
 from .test_daemon import PAYLOAD, daemon_cmd, mock_server

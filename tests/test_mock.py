@@ -1,4 +1,4 @@
-"""Tests of the mock APNs server (fanout.mock) and the test credentials (fanout.devcerts)."""
+"""Tests of the mock APNs server (fanout.testing.mock) and the test credentials (fanout.testing.devcerts)."""
 
 from __future__ import annotations
 
@@ -21,14 +21,14 @@ import trio
 from h2.errors import ErrorCodes
 from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame
 
-from fanout.devcerts import (
+from fanout.testing.devcerts import (
     TestPKI,
     TestSigningKey,
     client_ssl_context,
     make_pki,
     make_signing_key,
 )
-from fanout.mock import STREAM_LIMIT_VIOLATION, MockAPNs, MockConfig, open_mock
+from fanout.testing.mock import STREAM_LIMIT_VIOLATION, MockAPNs, MockConfig, open_mock
 
 TOKEN = "ab" * 32
 TOPIC = "com.example.app"

@@ -14,8 +14,8 @@ import pytest
 import trio
 
 from fanout.client import Client
-from fanout.nginx import nginx_binary
-from fanout.nginx import start_nginx as _start
+from fanout.testing.nginx import nginx_binary
+from fanout.testing.nginx import start_nginx as _start
 
 
 def start_nginx(tmp_path, pki, extra=""):

@@ -9,10 +9,10 @@ import base64
 import pytest
 import trio
 
+from fanout._engine.proxy import Proxy, bypassed, resolve
 from fanout.auth import TokenAuth
 from fanout.client import Client
 from fanout.errors import ConfigError
-from fanout.proxy import Proxy, bypassed, resolve
 
 from .test_daemon import mock_server
 

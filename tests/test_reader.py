@@ -1,4 +1,4 @@
-"""Tests for fanout.reader: exact offsets, resume, over-long lines, stdin, tail -F behaviour.
+"""Tests for fanout._daemon.reader: exact offsets, resume, over-long lines, stdin, tail -F behaviour.
 
 Every check compares against a tiny reference splitter or hand-written expectations, and
 every follow test runs under ``trio.fail_after`` with a short poll interval; nothing asserts
@@ -21,8 +21,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fanout.errors import ConfigError
-from fanout.reader import (
+from fanout._daemon.reader import (
     InputBlock,
     InputLine,
     expand_inputs,
@@ -30,6 +29,7 @@ from fanout.reader import (
     read_lines,
     split_block,
 )
+from fanout.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 POLL = 0.02
@@ -271,7 +271,7 @@ async def test_blocks_never_hold_a_huge_line(tmp_path: Path) -> None:
 
 STDIN_SCRIPT = """
 import json, sys, trio
-from fanout.reader import read_lines
+from fanout._daemon.reader import read_lines
 
 async def main():
     kw = json.loads(sys.argv[1])
@@ -321,7 +321,7 @@ def test_stdin_resume_pipe_and_file(tmp_path: Path) -> None:
 def test_stdin_is_not_closed_for_the_process() -> None:
     script = (
         "import os, trio\n"
-        "from fanout.reader import read_lines\n"
+        "from fanout._daemon.reader import read_lines\n"
         "async def main():\n"
         "    async for _ in read_lines(None): pass\n"
         "trio.run(main)\n"
@@ -523,7 +523,7 @@ async def test_follow_rotation_retries_permission_denied(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """logrotate creates the new file before fixing its mode: a transient EACCES is retried."""
-    import fanout.reader as reader
+    import fanout._daemon.reader as reader
 
     real_open = reader._open_path
     denials = []
@@ -561,7 +561,7 @@ async def test_missing_file_without_follow(tmp_path: Path) -> None:
 async def test_unreadable_file_is_a_config_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fanout.reader as reader
+    import fanout._daemon.reader as reader
 
     def denied(path: str):  # type: ignore[no-untyped-def]
         raise PermissionError(13, "Permission denied", path)

@@ -27,9 +27,9 @@ from hyperframe.frame import DataFrame
 
 from fanout.auth import TokenAuth
 from fanout.client import Client
-from fanout.devcerts import TestPKI, TestSigningKey, client_ssl_context
-from fanout.mock import MockConfig, open_mock
 from fanout.payload import Notification
+from fanout.testing.devcerts import TestPKI, TestSigningKey, client_ssl_context
+from fanout.testing.mock import MockConfig, open_mock
 
 from .relay import FaultRelay, open_relay
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from fanout.exits import EXIT_OUTPUT
+from fanout._exits import EXIT_OUTPUT
 
 from .test_daemon import PAYLOAD, daemon_cmd, mock_server, read_results, run_daemon, write_input
 

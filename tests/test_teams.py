@@ -12,11 +12,11 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from fanout.auth import TokenAuth
-from fanout.devcerts import make_signing_key
 from fanout.errors import ConfigError
 from fanout.metrics import Metrics
 from fanout.payload import Notification, PushType, topic_for
 from fanout.teams import Team, Teams, bundle_of
+from fanout.testing.devcerts import make_signing_key
 
 from .test_daemon import mock_server
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import msgspec
 
-from .errors import FanoutError
+from ..errors import FanoutError
 from .output import OutputError
 
 

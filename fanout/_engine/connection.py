@@ -29,8 +29,8 @@ from typing import Any, Protocol
 import hpack
 import trio
 
+from ..errors import ConfigError, ProtocolError, TransportError
 from . import framer as fr
-from .errors import ConfigError, ProtocolError, TransportError
 from .proxy import Proxy, open_tunnel
 from .tls import TLSStream
 
@@ -134,7 +134,7 @@ class Connection:
         proxy: Proxy | None = None,
     ) -> None:
         self.host = host
-        self._proxy = proxy  # an HTTP CONNECT proxy to tunnel through (fanout.proxy)
+        self._proxy = proxy  # an HTTP CONNECT proxy to tunnel through (fanout._engine.proxy)
         self.port = port
         self.index = index
         self._ctx = ssl_context

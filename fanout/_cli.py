@@ -1,5 +1,5 @@
 """Command line: ``fanout demo``, ``send``, ``check``, ``mock`` (and ``run``, from
-:mod:`fanout.daemon`). APNs settings come from :mod:`fanout.config`."""
+:mod:`fanout._daemon.command`). APNs settings come from :mod:`fanout.config`."""
 
 from __future__ import annotations
 
@@ -16,9 +16,7 @@ from typing import Any
 
 import trio
 
-from .config import add_settings_args, check, load_settings, make_client
-from .errors import ConfigError, FanoutError, TransportError, ValidationError
-from .exits import (
+from ._exits import (
     EXIT_CONFIG,
     EXIT_FAILED,
     EXIT_FORCED,
@@ -28,6 +26,8 @@ from .exits import (
     exit_code,
     is_unreachable,
 )
+from .config import add_settings_args, check, load_settings, make_client
+from .errors import ConfigError, FanoutError, TransportError, ValidationError
 from .payload import ENVIRONMENTS
 
 log = logging.getLogger("fanout")
@@ -191,7 +191,7 @@ async def _send_main(args: argparse.Namespace) -> int:
 
 
 def _exit(args: argparse.Namespace, progress: Progress, config_error: str | None) -> int:
-    """The exit code (fanout.exits) and, when it is not 0, a one-line reason on stderr."""
+    """The exit code (fanout._exits) and, when it is not 0, a one-line reason on stderr."""
     code = exit_code(progress.counts, unreachable=progress.unreachable,
                      config_error=bool(config_error))
     if code != EXIT_OK:
@@ -241,7 +241,7 @@ def _severity(code: int) -> int:
 async def _demo_main(args: argparse.Namespace) -> int:
     from .auth import TokenAuth
     from .client import Client
-    from .devcerts import make_pki, make_signing_key
+    from .testing.devcerts import make_pki, make_signing_key
 
     with tempfile.TemporaryDirectory(prefix="fanout-demo-") as tmp:
         tmpdir = Path(tmp)
@@ -290,8 +290,8 @@ async def _demo_main(args: argparse.Namespace) -> int:
 
 async def _mock_main(args: argparse.Namespace) -> int:
     from .auth import TokenAuth
-    from .devcerts import ensure_pki
-    from .mock import MockAPNs, MockConfig
+    from .testing.devcerts import ensure_pki
+    from .testing.mock import MockAPNs, MockConfig
 
     pki = ensure_pki(Path(args.pki_dir))
     keys = {}
@@ -443,20 +443,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help="check every team of a TOML file of [[team]] tables (those in "
                               "--config are checked without it), in each of its environments")
 
-    # ---- hook: the `run` daemon registers itself from fanout/daemon.py (sets run_main=)
-    try:
-        from .daemon import add_run_parser
-    except ImportError:  # the daemon module is being written
-        add_run_parser = None
-    if add_run_parser is not None:
-        # returns nothing; sets set_defaults(run_main=<async fn(args) -> int>), see main()
-        add_run_parser(sub, settings_args=add_settings_args)
+    # `run` registers itself: set_defaults(run_main=<async fn(args) -> int>), see main()
+    from ._daemon.command import add_run_parser
+
+    add_run_parser(sub, settings_args=add_settings_args)
     _add_enqueue_parser(sub)
     return parser
 
 
 async def _enqueue_main(args: argparse.Namespace) -> int:
-    from .fleet import enqueue_main  # coredis and the daemon only when used
+    from ._daemon.fleet import enqueue_main  # coredis and the daemon only when used
 
     return await enqueue_main(args)
 
@@ -478,10 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    # `run` (fanout/daemon.py) sets run_main; `func` is accepted too, as an async fn(args) -> int
+    # `run` (fanout/_daemon/command.py) sets run_main; `func` is accepted too, as an async fn(args) -> int
     run_main = getattr(args, "run_main", None) or getattr(args, "func", None)
     if run_main is not None:
-        # the daemon (fanout/daemon.py) handles its own signals: no KeyboardInterrupt here
+        # the daemon handles its own signals: no KeyboardInterrupt here
         try:
             return trio.run(run_main, args)
         except (FanoutError, OSError) as exc:

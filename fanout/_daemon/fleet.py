@@ -29,10 +29,10 @@ from urllib.parse import urlsplit
 
 import trio
 
-from .daemon import Daemon, InputState, LineState
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..payload import Prepared
+from .core import Daemon, InputState, LineState
 from .lines import ResultLine, result_encoder
-from .payload import Prepared
 from .reader import InputLine
 
 log = logging.getLogger("fanout.fleet")

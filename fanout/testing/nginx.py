@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 CONF = """
 worker_processes 1;

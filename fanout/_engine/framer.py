@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 from collections import deque
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from .errors import UNREACHABLE
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -28,8 +30,6 @@ EXIT_FORCED = 130
 #: Outcomes that make a run fail (exit 1) unless something worse happened.
 FAILED_OUTCOMES = frozenset({"rejected", "retries_exhausted", "maybe_delivered"})
 
-#: The start of the ``error`` of a push that ended because APNs was unreachable.
-UNREACHABLE = "APNs unreachable"
 
 
 def exit_code(counts: Mapping[str, int], *, unreachable: int = 0,

@@ -27,16 +27,15 @@ from typing import Any
 import msgspec
 import trio
 
-from .daemon import (
-    CHILD_SETTINGS_ENV,
+from .._exits import EXIT_CONFIG, EXIT_FAILED, EXIT_FORCED, EXIT_OK, EXIT_UNREACHABLE
+from ..payload import Prepared
+from .core import (
     HIGH_WATER_STEP,
     Daemon,
     InputState,
     LineState,
 )
-from .exits import EXIT_CONFIG, EXIT_FAILED, EXIT_FORCED, EXIT_OK, EXIT_UNREACHABLE
 from .output import Output
-from .payload import Prepared
 from .reader import InputBlock, InputLine, split_block
 
 log = logging.getLogger("fanout.workers")
@@ -50,6 +49,7 @@ def child_settings(settings: Any, workers: int) -> Any:
     topic_rates = {topic: r / workers for topic, r in settings.topic_rates.items()}
     return msgspec.structs.replace(settings, rate=rate, topic_rates=topic_rates)
 
+CHILD_SETTINGS_ENV = "FANOUT_CHILD_SETTINGS"  # a worker child's settings, as JSON
 MAX_LINES_PER_WORKER = 4096   # lines handed to a worker and not yet done
 BLOCK_BYTES = 64 * 1024       # input read (and handed on) this much at a time
 FRAME_BYTES = 64 * 1024       # a worker sends its results at least this often
@@ -146,7 +146,7 @@ class Coordinator(Daemon):
             return EXIT_CONFIG
         if self.forced:
             return EXIT_FORCED
-        # the most serious of the workers' own codes (fanout.exits): unreachable, failed
+        # the most serious of the workers' own codes (fanout._exits): unreachable, failed
         for code in (EXIT_UNREACHABLE, EXIT_FAILED):
             if code in codes:
                 return code
@@ -166,7 +166,7 @@ class Coordinator(Daemon):
         from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        from .metrics import DaemonMetrics
+        from ..metrics import DaemonMetrics
 
         path = tempfile.mkdtemp(prefix="fanout-metrics-")
         env["PROMETHEUS_MULTIPROC_DIR"] = path
@@ -348,7 +348,7 @@ class Coordinator(Daemon):
 class Frames:
     """A worker's stdout, to the coordinator: result lines gathered into ``R`` frames that
     carry their outcome counts; a control line goes out after every result before it.
-    Written by an :class:`~fanout.output.Output` thread: a coordinator that stops reading
+    Written by an :class:`~fanout._daemon.output.Output` thread: a coordinator that stops reading
     (its own output is stalled) never blocks this worker's event loop."""
 
     def __init__(self, counts: Counter[str]) -> None:

@@ -36,7 +36,6 @@ Typical use in a trio test::
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import dataclasses
@@ -50,10 +49,9 @@ import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any, Literal
 
 import h2.config
@@ -65,17 +63,16 @@ import jwt
 import msgspec
 import trio
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame
 
-from .devcerts import TestPKI, ensure_pki, server_ssl_context
-from .errors import redact
+from ..errors import redact
+from .devcerts import TestPKI, server_ssl_context
 
-__all__ = ["MockAPNs", "MockConfig", "MockStats", "open_mock", "run_mock_cli"]
+__all__ = ["MockAPNs", "MockConfig", "MockStats", "open_mock"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fanout.mock")
 
 #: Topic suffix each ``apns-push-type`` requires after the bundle id (APNS.md §2.1).
 PUSH_TYPE_TOPIC_SUFFIX: dict[str, str] = {
@@ -1335,7 +1332,7 @@ class MockAPNs:
 
     def __init__(self, config: MockConfig | None = None, pki: TestPKI | None = None) -> None:
         if pki is None:
-            raise ValueError("MockAPNs needs a TestPKI (see fanout.devcerts.make_pki)")
+            raise ValueError("MockAPNs needs a TestPKI (see fanout.testing.devcerts.make_pki)")
         self.config = config if config is not None else MockConfig()
         self.pki = pki
         self.stats = MockStats()
@@ -1446,46 +1443,3 @@ async def open_mock(
     mock = MockAPNs(config, pki)
     await nursery.start(partial(mock.serve, host, port))
     return mock
-
-
-def run_mock_cli(args: argparse.Namespace | Mapping[str, Any]) -> None:
-    """Run a mock until interrupted (for ``fanout mock``).
-
-    ``args`` provides ``port`` (default 2197), ``pki_dir`` (created or reused), optionally
-    ``host``, ``allow_remote``, ``key_file`` + ``key_id`` (verify JWTs with that ``.p8``'s public
-    key; otherwise any JWT is accepted) and any :class:`MockConfig` field name; ``None`` values
-    are ignored.
-    """
-    opts = {
-        k: v
-        for k, v in (vars(args) if isinstance(args, argparse.Namespace) else args).items()
-        if v is not None
-    }
-    pki = ensure_pki(opts.get("pki_dir", "fanout-mock-pki"))
-    names = {f.name for f in dataclasses.fields(MockConfig)}
-    config = MockConfig(**{k: v for k, v in opts.items() if k in names})
-    if config.topics is not None:
-        config.topics = set(config.topics)
-    if "key_file" in opts and "key_id" in opts:
-        private = load_pem_private_key(Path(opts["key_file"]).read_bytes(), password=None)
-        config.keys = {opts["key_id"]: private.public_key()}  # type: ignore[dict-item, union-attr]
-    mock = MockAPNs(config, pki)
-    host = opts.get("host", "127.0.0.1")
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(
-                partial(
-                    mock.serve,
-                    host,
-                    opts.get("port", 2197),
-                    allow_remote=opts.get("allow_remote", False),
-                )
-            )
-            print(f"mock APNs listening on https://{host}:{port}  (CA: {pki.ca_file})", flush=True)
-
-    try:
-        trio.run(main)
-    except* KeyboardInterrupt:
-        s = mock.stats
-        print(f"mock APNs stopped: {s.requests} requests, {dict(s.by_status)}", flush=True)

@@ -1,4 +1,4 @@
-"""Pacing: token buckets, retry backoff, Retry-After parsing, and the push limiter.
+"""Pacing: token buckets, Retry-After parsing, and the push limiter.
 
 Time comes from ``trio.current_time()`` unless a ``clock`` callable is injected (tests).
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import random
 import re
 import time
 from collections.abc import Callable
@@ -22,7 +21,7 @@ import trio
 
 TICK = 0.001  # seconds: a paced sender wakes at most this often (each wake costs a write)
 
-__all__ = ["Backoff", "Limiter", "TokenBucket", "parse_retry_after"]
+__all__ = ["Limiter", "TokenBucket", "parse_retry_after"]
 
 Clock = Callable[[], float]
 
@@ -101,47 +100,6 @@ class TokenBucket:
             self._tokens = min(self.burst, self._refill() + n)
             raise
         return wait
-
-
-class Backoff:
-    """Exponential backoff with full jitter: ``delay(k)`` is uniform in ``[0, min(cap, base*factor**(k-1))]``."""
-
-    __slots__ = ("base", "cap", "factor", "jitter", "_rng")
-
-    def __init__(
-        self,
-        base: float = 0.5,
-        cap: float = 60.0,
-        factor: float = 2.0,
-        jitter: bool = True,
-        rng: random.Random | None = None,
-    ) -> None:
-        if not (base >= 0 and cap >= 0 and factor >= 1):
-            raise ValueError("need base >= 0, cap >= 0 and factor >= 1")
-        self.base = float(base)
-        self.cap = float(cap)
-        self.factor = float(factor)
-        self.jitter = jitter
-        self._rng = rng or random.Random()
-
-    def ceiling(self, attempt: int) -> float:
-        """The un-jittered delay for ``attempt`` (>= 1)."""
-        if attempt < 1:
-            raise ValueError(f"attempt starts at 1, got {attempt!r}")
-        try:
-            return min(self.cap, self.base * self.factor ** (attempt - 1))
-        except OverflowError:
-            return self.cap
-
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        """Seconds to wait before retry number ``attempt`` (1-based).
-
-        A server-supplied ``retry_after`` wins over the schedule (clamped to ``[0, cap]``).
-        """
-        if retry_after is not None and not math.isnan(retry_after):
-            return min(self.cap, max(0.0, float(retry_after)))
-        ceiling = self.ceiling(attempt)
-        return self._rng.uniform(0.0, ceiling) if self.jitter else ceiling
 
 
 _DELTA_RE = re.compile(r"\d+(?:\.\d+)?")

@@ -31,7 +31,7 @@ from typing import Any
 
 import trio
 
-from .errors import ConfigError, FanoutError
+from ..errors import ConfigError, FanoutError
 
 log = logging.getLogger("fanout.daemon")
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import trio
 
-from .errors import ConfigError, TransportError
+from ..errors import ConfigError, TransportError
 
 _READ_SIZE = 256 * 1024
 

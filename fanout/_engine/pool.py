@@ -24,10 +24,9 @@ from typing import Any
 
 import trio
 
+from ..errors import UNREACHABLE, ConfigError, TransportError
+from .backoff import Backoff
 from .connection import Connection
-from .errors import ConfigError, TransportError
-from .exits import UNREACHABLE
-from .limiter import Backoff
 
 log = logging.getLogger("fanout.pool")
 

@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 import trio
 
-from .errors import ConfigError, TransportError
+from ..errors import ConfigError, TransportError
 
 MAX_RESPONSE_HEAD = 16 * 1024
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-from .payload import ENVIRONMENTS
+from ..payload import ENVIRONMENTS
 
 
 class LineError(ValueError):
