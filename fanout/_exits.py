@@ -31,7 +31,6 @@ EXIT_FORCED = 130
 FAILED_OUTCOMES = frozenset({"rejected", "retries_exhausted", "maybe_delivered"})
 
 
-
 def exit_code(counts: Mapping[str, int], *, unreachable: int = 0,
               config_error: bool = False) -> int:
     """The exit code for a run whose results had ``counts`` per outcome, of which

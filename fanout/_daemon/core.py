@@ -650,11 +650,15 @@ class Daemon:
         log.warning("%s: stopping now; pushes in flight are reported maybe_delivered", why)
         self.forced = True
         self._reader_scope.cancel()
+        self._stop_in_flight()
+        self._hurry_exit_flush()
+
+    def _stop_in_flight(self) -> None:
+        """A forced stop: end what is in flight now (the coordinator signals its workers)."""
         if self.client is not None:  # report them before send_many's cleanup resets them
             for result in self.client.abort_in_flight("stopped before APNs answered"):
                 self._write(result)
         self._consume_scope.cancel()
-        self._hurry_exit_flush()
 
     def _hurry_exit_flush(self, again: bool = False) -> None:
         """A forced stop while the last results are being written: give them a little

@@ -318,17 +318,10 @@ class Coordinator(Daemon):
 
     # ----------------------------------------------------------------- control
 
-    def _force(self, why: str) -> None:
-        if self.forced:
-            self._hurry_exit_flush(again=True)
-            return
-        log.warning("%s: stopping now; pushes in flight are reported maybe_delivered", why)
-        self.forced = True
-        self._reader_scope.cancel()
+    def _stop_in_flight(self) -> None:
         for worker in self.workers:
             if worker.proc.returncode is None:
                 worker.proc.send_signal(signal.SIGTERM)
-        self._hurry_exit_flush()
 
     def _reopen(self) -> None:
         super()._reopen()
