@@ -29,7 +29,7 @@ from .errors import (
     ValidationError,
 )
 from .events import Events
-from .outcome import Outcome, Result
+from .outcome import Outcome, Reason, Result
 from .payload import (
     Alert,
     Aps,
@@ -63,6 +63,7 @@ __all__ = [
     "ProtocolError",
     "PushTemplate",
     "PushType",
+    "Reason",
     "Result",
     "TokenAuth",
     "TransportError",

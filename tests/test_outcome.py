@@ -7,6 +7,7 @@ from fanout.outcome import (
     REASONS,
     Action,
     Outcome,
+    Reason,
     Result,
     classify,
     outcome_class,
@@ -15,7 +16,7 @@ from fanout.outcome import (
 
 A = Action
 
-# APNS.md §5, written out by hand: (status, reason) -> action.
+# Apple's device-push reasons, written out by hand: (status, reason) -> action.
 DEVICE_TABLE = {
     "BadCollapseId": (400, A.FIX),
     "BadDeviceToken": (400, A.DROP_TOKEN),
@@ -51,7 +52,7 @@ DEVICE_TABLE = {
     "Shutdown": (503, A.RECONNECT),
 }
 
-# APNS.md §6.3 reasons not already in §5.
+# Apple's broadcast reasons not already in the device table.
 BROADCAST_TABLE = {
     "FeatureNotEnabled": (400, A.CONFIG),
     "MissingChannelId": (400, A.FIX),
@@ -65,7 +66,7 @@ BROADCAST_TABLE = {
     "Service Unavailable": (503, A.RETRY_BACKOFF),
 }
 
-# Every §6.3 reason (including those shared with §5) must be known.
+# Every broadcast reason (including those shared with device pushes) must be known.
 BROADCAST_REASONS_63 = {
     "FeatureNotEnabled", "MissingChannelId", "BadChannelId", "ChannelNotRegistered",
     "BadRequestParams", "BadRequestPayload", "PayloadEmpty", "BadMessageId", "MissingPushType",
@@ -215,3 +216,35 @@ def test_result_json_omits_none_fields():
 def test_result_is_kw_only():
     with pytest.raises(TypeError):
         Result(Outcome.DELIVERED)  # type: ignore[misc]
+
+
+def test_reason_enum_is_exactly_the_table():
+    assert {r.value for r in Reason} == set(REASONS)
+    assert all(isinstance(k, Reason) for k in REASONS)
+    assert Reason("BadDeviceToken") is Reason.BAD_DEVICE_TOKEN
+    assert Reason.BAD_DEVICE_TOKEN == "BadDeviceToken"  # a str: old comparisons hold
+
+
+def test_a_reason_apple_adds_later_is_kept_not_lost():
+    new = Reason("SomethingNew")
+    assert isinstance(new, Reason) and new == "SomethingNew" and new.value == "SomethingNew"
+    assert new not in REASONS and new not in list(Reason)
+    assert classify(403, new) is Action.CONFIG  # falls back to the status
+    reason, _ = parse_error_body(b'{"reason":"SomethingNew"}')
+    assert reason == "SomethingNew" and isinstance(reason, Reason)
+    known, _ = parse_error_body(b'{"reason":"Unregistered","timestamp":1}')
+    assert known is Reason.UNREGISTERED
+    line = msgspec.json.encode(Result(outcome=Outcome.REJECTED, reason=new))
+    assert line == b'{"outcome":"rejected","reason":"SomethingNew"}'
+    back = msgspec.json.decode(line, type=Result)
+    assert back.reason == "SomethingNew" and isinstance(back.reason, Reason)
+
+
+def test_unknown_reasons_do_not_grow_memory():
+    from fanout import outcome
+
+    for i in range(outcome._MAX_UNKNOWN + 50):
+        assert Reason(f"Made{i}").value == f"Made{i}"
+    assert len(outcome._unknown) <= outcome._MAX_UNKNOWN
+    with pytest.raises(ValueError):
+        Reason("")
