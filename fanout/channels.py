@@ -1,4 +1,4 @@
-"""Broadcast channel management for Live Activities (APNS.md §6.1, iOS/iPadOS 18+).
+"""Broadcast channel management for Live Activities (docs/apns.md, Broadcast channels; iOS/iPadOS 18+).
 
 Channel management is low volume (a handful of requests per event), so it uses one
 ``httpx.AsyncClient`` over HTTP/2, kept open for the ``async with`` block, rather than the
@@ -18,6 +18,7 @@ retried. No JWT or key is ever logged or put in an exception message.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import ssl
@@ -28,6 +29,7 @@ from typing import Any
 import httpx
 import msgspec
 
+from ._engine.proxy import Proxy, resolve
 from .auth import CertAuth, TokenAuth
 from .errors import ConfigError, FanoutError, TransportError, ValidationError
 from .outcome import REASONS, parse_error_body
@@ -48,14 +50,14 @@ __all__ = [
     "check_bundle_id",
 ]
 
-log = logging.getLogger(__name__)
+log: logging.Logger = logging.getLogger(__name__)
 
-#: Channel-management host and port per environment (APNS.md §1.1).
+#: Channel-management host and port per environment (docs/apns.md, Hosts).
 MANAGE_HOSTS: dict[str, tuple[str, int]] = {
     "production": ("api-manage-broadcast.push.apple.com", 2196),
     "sandbox": ("api-manage-broadcast.sandbox.push.apple.com", 2195),
 }
-#: 0 = No Message Stored, 1 = Most Recent Message Stored (APNS.md §6.1).
+#: 0 = No Message Stored, 1 = Most Recent Message Stored (docs/apns.md, Broadcast channels).
 STORAGE_POLICIES = (0, 1)
 _PUSH_TYPE = "LiveActivity"
 
@@ -188,26 +190,24 @@ class Channels:
         if not isinstance(auth, TokenAuth | CertAuth):
             raise ConfigError(f"auth must be TokenAuth or CertAuth, got {type(auth).__name__}")
         self.auth = auth
-        self.bundle_id = check_bundle_id(bundle_id)
+        self.bundle_id: str = check_bundle_id(bundle_id)
         self.environment = environment
         default_host, default_port = MANAGE_HOSTS[environment]
-        self.host = host or default_host
-        self.port = default_port if port is None else int(port)
+        self.host: str = host or default_host
+        self.port: int = default_port if port is None else int(port)
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"port must be within 1..65535, got {self.port}")
         if not timeout > 0:
             raise ConfigError(f"timeout must be > 0, got {timeout!r}")
-        self.timeout = float(timeout)
+        self.timeout: float = float(timeout)
         self._ca_file = os.fspath(ca_file) if ca_file is not None else None
         self._ssl_context = ssl_context
         self._client: httpx.AsyncClient | None = None
-        from ._engine.proxy import resolve
-
         # the same rules as the push connections: this argument, else HTTPS_PROXY /
         # ALL_PROXY minus NO_PROXY ("none": direct)
-        self.proxy = resolve(proxy, self.host)
+        self.proxy: Proxy | None = resolve(proxy, self.host)
         host_part = f"[{self.host}]" if ":" in self.host else self.host
-        self.base_url = f"https://{host_part}:{self.port}"
+        self.base_url: str = f"https://{host_part}:{self.port}"
         self._channels_path = f"/1/apps/{self.bundle_id}/channels"
         self._all_path = f"/1/apps/{self.bundle_id}/all-channels"
 
@@ -230,12 +230,9 @@ class Channels:
             return None
         auth = (p.username, p.password or "") if p.username is not None else None
         if p.scheme != "http":
-            try:
-                import socksio  # noqa: F401  (httpx's SOCKS support)
-            except ImportError:
+            if importlib.util.find_spec("socksio") is None:  # httpx's SOCKS support
                 raise ConfigError("channel management through a SOCKS proxy needs socksio "
-                                  "(pip install socksio); push connections need nothing") \
-                    from None
+                                  "(pip install socksio); push connections need nothing")
         return httpx.Proxy(f"{p.scheme}://{p.host}:{p.port}", auth=auth)
 
     async def __aenter__(self) -> Channels:

@@ -195,15 +195,15 @@ def prepare_broadcast(channel_id: str, payload: Payload | dict | bytes, *, bundl
             apns_id = str(uuid.UUID(apns_id))
         except ValueError:
             raise ValidationError("apns_id", "must be a UUID") from None
-    prepared = Prepared(channel_id, b"/4/broadcasts/apps/" + bundle.encode(), body,
-                        b"liveactivity", None, str(priority).encode(),
-                        None if expiration is None else str(expiration).encode(), None,
-                        None, id, 5120)
-    prepared.extra = [(b"apns-channel-id", channel_id.encode())]
+    extra = [(b"apns-channel-id", channel_id.encode())]
     if apns_id is not None:
-        prepared.extra.append((b"apns-request-id", apns_id.encode()))
-    prepared.channel_id = channel_id
-    return prepared
+        extra.append((b"apns-request-id", apns_id.encode()))
+    return Prepared(
+        token=channel_id, path=b"/4/broadcasts/apps/" + bundle.encode(), body=body,
+        push_type=b"liveactivity", topic=None, priority=str(priority).encode(), limit=5120,
+        expiration=None if expiration is None else str(expiration).encode(), id=id,
+        extra=extra, channel_id=channel_id,
+    )
 
 
 class Client:

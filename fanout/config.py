@@ -181,11 +181,13 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
             g.add_argument(FLAGS[name], dest=name, action="store_const", const=True,
                            default=None, help=help_)
             continue
-        arg_type = kind if kind in (int, float) else None
         metavar = {"environment": "{production,sandbox}",
                    "delivery": "{at_least_once,at_most_once}"}.get(name)
-        g.add_argument(FLAGS[name], dest=name, type=arg_type, default=None, metavar=metavar,
-                       help=help_)
+        if kind in (int, float):
+            g.add_argument(FLAGS[name], dest=name, type=kind, default=None, metavar=metavar,
+                           help=help_)
+        else:
+            g.add_argument(FLAGS[name], dest=name, default=None, metavar=metavar, help=help_)
 
 
 def _base_type(tp: Any) -> Any:
@@ -458,16 +460,18 @@ def make_auth(settings: Settings) -> TokenAuth | CertAuth:
     """Certificate auth if ``cert`` is set, else token auth from key_path/key_id/team_id."""
     if settings.cert:
         return CertAuth(settings.cert, settings.cert_key)
-    missing = [name for name in ("key_path", "key_id", "team_id") if not getattr(settings, name)]
-    if missing:
+    key_path, key_id, team_id = settings.key_path, settings.key_id, settings.team_id
+    if not (key_path and key_id and team_id):
+        missing = [name for name, value in
+                   (("key_path", key_path), ("key_id", key_id), ("team_id", team_id))
+                   if not value]
         flags = ", ".join(FLAGS[n] for n in missing)
         envs = ", ".join(ENV[n] for n in missing)
         keys = ", ".join(missing)
         raise ConfigError(
             f"token auth needs {flags} (or {envs}, or {keys} in the --config file), "
             f"or --cert for certificate auth")
-    return TokenAuth.from_file(settings.key_path, settings.key_id, settings.team_id,
-                               refresh_after=settings.refresh_after)
+    return TokenAuth.from_file(key_path, key_id, team_id, refresh_after=settings.refresh_after)
 
 
 def make_engine(settings: Settings, **extra: Any) -> Any:

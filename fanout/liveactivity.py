@@ -22,9 +22,10 @@ from typing import Any, Literal
 
 import trio
 
+from .client import Client
 from .errors import ValidationError
 from .outcome import Outcome, Result
-from .payload import Alert, Aps, Notification, Payload, PushType, prepare
+from .payload import Alert, Aps, Notification, Payload, Prepared, PushType, prepare
 
 _MARK = 4_102_444_800  # 2100-01-01: a 10-digit marker, as wide as any timestamp until 2286
 _MARK_BYTES = b'"timestamp":4102444800'
@@ -109,7 +110,7 @@ def notification(token: str, payload: Payload, bundle_id: str, *, priority: int 
 
 
 def prepare_stamped(note: Notification, *, default_topic: str | None = None,
-                    clock: Callable[[], float] = time.time) -> Any:
+                    clock: Callable[[], float] = time.time) -> Prepared:
     """Validate and encode; if the payload's timestamp is left to fanout, attach a
     :class:`Stamper` so the connection writes the current time into it at send time."""
     prepared = prepare(note, default_topic=default_topic)
@@ -123,7 +124,14 @@ def prepare_stamped(note: Notification, *, default_topic: str | None = None,
 # --------------------------------------------------------------------------- tracking
 
 class Decision:
+    """What the budget says about one update: the priority to send it at, whether a newer
+    update made it pointless (``superseded``), and how long to hold it (``wait``, seconds)."""
+
     __slots__ = ("priority", "superseded", "wait")
+
+    priority: int
+    superseded: bool
+    wait: float
 
     def __init__(self, priority: int, superseded: bool = False, wait: float = 0.0) -> None:
         self.priority = priority
@@ -194,16 +202,16 @@ class ActivityTracker:
 class LiveActivities:
     """Start, update and end Live Activities through a client, with budget and ordering."""
 
-    def __init__(self, client: Any, bundle_id: str, *, budget_per_hour: int = 50,
+    def __init__(self, client: Client, bundle_id: str, *, budget_per_hour: int = 50,
                  over_budget: Literal["lower", "wait"] = "lower",
                  tracker: ActivityTracker | None = None) -> None:
-        self.client = client
-        self.bundle_id = bundle_id
-        self.tracker = tracker or ActivityTracker(budget_per_hour, over_budget=over_budget)
+        self.client: Client = client
+        self.bundle_id: str = bundle_id
+        self.tracker: ActivityTracker = tracker or ActivityTracker(budget_per_hour, over_budget=over_budget)
 
     def plan(self, activity_id: str, token: str, payload: Payload, *,
              source_time: float | None = None, priority: int = 10,
-             id: Any = None) -> Any:
+             id: Any = None) -> Prepared | Result | float:
         """Decide now, in call order: a prepared push to send, a ``superseded`` Result, or
         the seconds to wait (``over_budget="wait"``). Plan a burst in order, then send the
         prepared pushes concurrently (``client.send_many``)."""

@@ -136,7 +136,7 @@ class ReasonInfo:
 
 _A = Action
 _R = Reason
-REASONS: dict[Reason, ReasonInfo] = {
+REASONS: dict[str, ReasonInfo] = {  # keyed by Reason members (a str)
     # --- device push ---
     _R.BAD_COLLAPSE_ID: ReasonInfo(400, _A.FIX, "apns-collapse-id longer than 64 bytes"),
     _R.BAD_DEVICE_TOKEN: ReasonInfo(

@@ -1,4 +1,4 @@
-"""Notification model, validation and encoding (APNS.md §2, §3).
+"""Notification model, validation and encoding (docs/apns.md: Topics and push types, Payload).
 
 Everything is checked before any network I/O and raises
 :class:`fanout.errors.ValidationError` naming the field. ``PushTemplate`` validates and
@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import math
 import uuid
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, Literal, get_args
 
@@ -174,9 +175,9 @@ class CriticalSound(msgspec.Struct, rename="kebab", forbid_unknown_fields=True):
 
 
 class Alert(msgspec.Struct, omit_defaults=True, rename="kebab", forbid_unknown_fields=True):
-    title: str | dict | None = None
-    subtitle: str | dict | None = None
-    body: str | dict | None = None
+    title: str | dict[str, Any] | None = None
+    subtitle: str | dict[str, Any] | None = None
+    body: str | dict[str, Any] | None = None
     launch_image: str | None = None
     title_loc_key: str | None = None
     title_loc_args: list[str] | None = None
@@ -185,7 +186,7 @@ class Alert(msgspec.Struct, omit_defaults=True, rename="kebab", forbid_unknown_f
     loc_key: str | None = None
     loc_args: list[str] | None = None
     sound: str | CriticalSound | None = None  # Apple's Live Activity samples put it here
-    # Legacy keys still emitted by some clients (APNS.md §3.2).
+    # Legacy keys still emitted by some clients (Apple's older payload reference).
     action_loc_key: str | None = None
     summary_arg: str | None = None
     summary_arg_count: int | None = None
@@ -204,12 +205,12 @@ class Aps(msgspec.Struct, omit_defaults=True, rename="kebab", forbid_unknown_fie
     relevance_score: float | None = None
     filter_criteria: str | None = None
     stale_date: int | None = None
-    content_state: dict | None = None
+    content_state: dict[str, Any] | None = None
     timestamp: int | None = None
     event: str | None = None
     dismissal_date: int | None = None
     attributes_type: str | None = None
-    attributes: dict | None = None
+    attributes: dict[str, Any] | None = None
     input_push_token: int | None = None
     input_push_channel: str | None = None
     content_changed: bool | None = None
@@ -269,7 +270,7 @@ class Payload(msgspec.Struct, omit_defaults=True):
         return b'{"aps":' + aps + b"," + rest[1:]
 
 
-def encode_payload(p: Payload | dict | bytes | str) -> bytes:
+def encode_payload(p: Payload | dict[str, Any] | bytes | str) -> bytes:
     """Body bytes: ``bytes`` pass through unchanged (pre-encoded), ``str`` -> UTF-8."""
     if type(p) is bytes:
         return p
@@ -289,7 +290,7 @@ def encode_payload(p: Payload | dict | bytes | str) -> bytes:
     )
 
 
-def decode_payload(obj: dict) -> Payload:
+def decode_payload(obj: dict[str, Any]) -> Payload:
     """``{"aps": {...}, **custom}`` -> :class:`Payload`; unknown ``aps`` keys or wrong types fail."""
     if not isinstance(obj, dict):
         raise ValidationError("payload", f"must be a JSON object, not {type(obj).__name__}")
@@ -358,7 +359,7 @@ def _check_aps(aps: Aps, push_type: PushType) -> None:
 
 class Notification(msgspec.Struct, kw_only=True):
     token: str
-    payload: Payload | dict | bytes | str
+    payload: Payload | dict[str, Any] | bytes | str
     push_type: PushType = PushType.ALERT
     topic: str | None = None
     priority: int | None = None
@@ -372,7 +373,12 @@ class Notification(msgspec.Struct, kw_only=True):
 
 
 class Prepared:
-    """One push ready for the HTTP/2 hot path: every header value is already bytes."""
+    """One push ready for the HTTP/2 hot path: every header value is already bytes.
+
+    Built by :meth:`PushTemplate.for_token` (device pushes) and ``prepare_broadcast``;
+    ``stamp`` and ``environment`` may be set later by the Live Activity budget and the
+    daemon.
+    """
 
     __slots__ = (
         "token",
@@ -392,21 +398,42 @@ class Prepared:
         "environment",
     )
 
+    token: str  # normalised lowercase hex (a broadcast: its channel id, a key only)
+    path: bytes
+    body: bytes
+    push_type: bytes
+    topic: bytes | None  # None: a broadcast, which has no apns-topic
+    priority: bytes
+    expiration: bytes | None
+    collapse_id: bytes | None
+    apns_id: bytes | None
+    id: Any  # the caller's id, handed back in the Result
+    limit: int  # payload byte limit of this push type
+    stamp: Callable[[], bytes] | None  # Live Activities: rebuilds the body at send time
+    extra: list[tuple[bytes, bytes]] | None  # more headers (apns-channel-id)
+    channel_id: str | None  # a broadcast's channel
+    environment: str | None  # Teams routing: production | sandbox | None (default)
+
     def __init__(
         self,
+        *,
         token: str,
         path: bytes,
         body: bytes,
         push_type: bytes,
-        topic: bytes,
+        topic: bytes | None,
         priority: bytes,
-        expiration: bytes | None,
-        collapse_id: bytes | None,
-        apns_id: bytes | None,
-        id: Any,
         limit: int,
+        expiration: bytes | None = None,
+        collapse_id: bytes | None = None,
+        apns_id: bytes | None = None,
+        id: Any = None,
+        extra: list[tuple[bytes, bytes]] | None = None,
+        channel_id: str | None = None,
+        environment: str | None = None,
+        stamp: Callable[[], bytes] | None = None,
     ) -> None:
-        self.token = token  # normalised lowercase hex
+        self.token = token
         self.path = path
         self.body = body
         self.push_type = push_type
@@ -417,10 +444,10 @@ class Prepared:
         self.apns_id = apns_id
         self.id = id
         self.limit = limit
-        self.stamp: Any = None  # Live Activities: rebuilds the body with the send time
-        self.extra: list[tuple[bytes, bytes]] | None = None  # more headers (apns-channel-id)
-        self.channel_id: str | None = None  # a broadcast's channel (then token is a key only)
-        self.environment: str | None = None  # Teams routing: production | sandbox | default
+        self.stamp = stamp
+        self.extra = extra
+        self.channel_id = channel_id
+        self.environment = environment
 
     def __repr__(self) -> str:
         return (
@@ -534,9 +561,19 @@ class PushTemplate:
         "_push_type_b",
     )
 
+    payload: Payload | dict[str, Any] | bytes | str
+    body: bytes  # encoded once
+    push_type: PushType
+    topic: bytes
+    priority: bytes
+    expiration: bytes | None
+    collapse_id: bytes | None
+    apns_id: bytes | None
+    limit: int  # payload byte limit of the push type
+
     def __init__(
         self,
-        payload: Payload | dict | bytes | str,
+        payload: Payload | dict[str, Any] | bytes | str,
         *,
         push_type: PushType | str = PushType.ALERT,
         topic: str | None = None,
@@ -568,7 +605,7 @@ class PushTemplate:
                 "payload", f"is {len(body)} bytes; the limit for {pt} pushes is {limit} bytes"
             )
         self.payload = payload
-        self.body: bytes = body
+        self.body = body
         self.push_type = pt
         self.limit = limit
         self._push_type_b = pt.value.encode()
@@ -576,23 +613,28 @@ class PushTemplate:
     def for_token(self, token: str, id: Any = None) -> Prepared:
         tok = _check_token(token)
         return Prepared(
-            tok,
-            _DEVICE_PATH + tok.encode(),
-            self.body,
-            self._push_type_b,
-            self.topic,
-            self.priority,
-            self.expiration,
-            self.collapse_id,
-            self.apns_id,
-            id,
-            self.limit,
+            token=tok,
+            path=_DEVICE_PATH + tok.encode(),
+            body=self.body,
+            push_type=self._push_type_b,
+            topic=self.topic,
+            priority=self.priority,
+            limit=self.limit,
+            expiration=self.expiration,
+            collapse_id=self.collapse_id,
+            apns_id=self.apns_id,
+            id=id,
         )
 
 
-def check_environment(environment: Any) -> str | None:
-    if environment is None or environment in ENVIRONMENTS:
-        return environment
+def check_environment(environment: object) -> Environment | None:
+    """``environment`` if it is None, ``"production"`` or ``"sandbox"``; else ValidationError."""
+    if environment is None:
+        return None
+    if environment == "production":
+        return "production"
+    if environment == "sandbox":
+        return "sandbox"
     raise ValidationError("environment", f"must be production or sandbox, got {environment!r}")
 
 
@@ -610,5 +652,5 @@ def prepare(n: Notification, *, default_topic: str | None = None) -> Prepared:
         collapse_id=n.collapse_id,
         apns_id=n.apns_id,
     ).for_token(n.token, n.id)
-    prepared.environment = environment
+    prepared.environment = environment  # set after: for_token is the fan-out hot path
     return prepared

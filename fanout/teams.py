@@ -42,7 +42,7 @@ from .events import Events
 from .outcome import Outcome, Result
 from .payload import ENVIRONMENTS, Notification, Prepared, bundle_of
 
-log = logging.getLogger("fanout.teams")
+log: logging.Logger = logging.getLogger("fanout.teams")
 
 QUEUE = 1024  # pushes waiting per team inside send_many, beyond what its clients hold
 _OTHER = {"production": "sandbox", "sandbox": "production"}
@@ -156,7 +156,7 @@ class Teams:
                  idle_timeout: float = 300.0, retry_wrong_environment: bool = False,
                  on_invalid_token: Callable[[str, str | None, int | None], Any] | None = None,
                  events: Events | None = None, **client_kw: Any) -> None:
-        self.teams = list(teams)
+        self.teams: list[Team] = list(teams)
         self.environment = environment
         self.idle_timeout = idle_timeout
         self.retry_wrong_environment = retry_wrong_environment
