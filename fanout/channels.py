@@ -116,6 +116,8 @@ def channel_error(status: int, reason: str | None, request_id: str | None) -> Ch
 
 @dataclass(frozen=True)
 class Channel:
+    """A broadcast channel as APNs describes it: its id and message storage policy."""
+
     channel_id: str
     message_storage_policy: int
     push_type: str = _PUSH_TYPE
@@ -253,6 +255,7 @@ class Channels:
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Close the HTTP connection (``async with`` does it for you)."""
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()

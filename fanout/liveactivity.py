@@ -75,6 +75,8 @@ def update_payload(content_state: dict[str, Any], *, stale_date: int | None = No
                    relevance_score: float | None = None,
                    alert: str | Alert | dict[str, Any] | None = None,
                    timestamp: int | None = None, custom: dict[str, Any] | None = None) -> Payload:
+    """An ``update`` event's payload: the new ``content_state`` (with ``timestamp`` left
+    out, fanout writes the send time)."""
     return _payload(Aps(event="update", content_state=content_state, stale_date=stale_date,
                         relevance_score=relevance_score, alert=_alert(alert),
                         timestamp=_MARK if timestamp is None else timestamp), custom)
@@ -84,6 +86,8 @@ def end_payload(content_state: dict[str, Any] | None = None, *,
                 dismissal_date: int | None = None,
                 alert: str | Alert | dict[str, Any] | None = None,
                 timestamp: int | None = None, custom: dict[str, Any] | None = None) -> Payload:
+    """An ``end`` event's payload: the final ``content_state``, and when the system
+    removes the activity (``dismissal_date``, seconds since the epoch)."""
     return _payload(Aps(event="end", content_state=content_state, dismissal_date=dismissal_date,
                         alert=_alert(alert),
                         timestamp=_MARK if timestamp is None else timestamp), custom)
@@ -240,17 +244,21 @@ class LiveActivities:
 
     async def start(self, token: str, *, activity_id: str, source_time: float | None = None,
                     priority: int = 10, id: Any = None, **kw: Any) -> Result:
+        """Start an activity remotely (push-to-start token); ``kw`` as :func:`start_payload`."""
         return await self._send(activity_id, token, start_payload(**kw),
                                 source_time=source_time, priority=priority, id=id)
 
     async def update(self, token: str, content_state: dict[str, Any], *, activity_id: str,
                      source_time: float | None = None, priority: int = 10, id: Any = None,
                      **kw: Any) -> Result:
+        """Update an activity, within its budget and in source order (an update older
+        than the last one sent ends ``superseded``); ``kw`` as :func:`update_payload`."""
         return await self._send(activity_id, token, update_payload(content_state, **kw),
                                 source_time=source_time, priority=priority, id=id)
 
     async def end(self, token: str, content_state: dict[str, Any] | None = None, *,
                   activity_id: str, source_time: float | None = None, priority: int = 10,
                   id: Any = None, **kw: Any) -> Result:
+        """End an activity; ``kw`` as :func:`end_payload`."""
         return await self._send(activity_id, token, end_payload(content_state, **kw),
                                 source_time=source_time, priority=priority, id=id)

@@ -60,17 +60,20 @@ _MAX_EXPIRATION = 10**11
 
 
 class PushType(enum.StrEnum):
-    ALERT = "alert"
-    BACKGROUND = "background"
-    LOCATION = "location"
-    VOIP = "voip"
-    COMPLICATION = "complication"
-    FILEPROVIDER = "fileprovider"
-    MDM = "mdm"
-    LIVEACTIVITY = "liveactivity"
-    PUSHTOTALK = "pushtotalk"
-    WIDGETS = "widgets"
-    CONTROLS = "controls"
+    """The ``apns-push-type`` header. Each type fixes the topic's suffix (``TOPIC_SUFFIX``)
+    and the priorities APNs accepts (docs/apns.md, Topics and push types)."""
+
+    ALERT = "alert"  #: shows an alert, plays a sound or sets a badge
+    BACKGROUND = "background"  #: silent, ``content-available: 1``; priority 5 only
+    LOCATION = "location"  #: a location query; topic ``<bundle>.location-query``
+    VOIP = "voip"  #: PushKit VoIP; topic ``<bundle>.voip``, payload up to 5120 bytes
+    COMPLICATION = "complication"  #: watchOS complication; topic ``<bundle>.complication``
+    FILEPROVIDER = "fileprovider"  #: File Provider; topic ``<bundle>.pushkit.fileprovider``
+    MDM = "mdm"  #: device management wake-up; the topic comes from the MDM certificate
+    LIVEACTIVITY = "liveactivity"  #: Live Activity; topic ``<bundle>.push-type.liveactivity``
+    PUSHTOTALK = "pushtotalk"  #: Push to Talk; topic ``<bundle>.voip-ptt``
+    WIDGETS = "widgets"  #: widget reload; topic ``<bundle>.push-type.widgets``
+    CONTROLS = "controls"  #: Control Center controls; topic ``<bundle>.push-type.controls``
 
 
 TOPIC_SUFFIX: dict[PushType, str | None] = {
@@ -106,6 +109,7 @@ def bundle_of(topic: str) -> str:
 
 
 def payload_limit(push_type: PushType) -> int:
+    """Largest body APNs takes for ``push_type``: 5120 bytes for VoIP, else 4096."""
     return VOIP_PAYLOAD_LIMIT if push_type is PushType.VOIP else DEFAULT_PAYLOAD_LIMIT
 
 
@@ -159,6 +163,8 @@ def _topic_bytes(topic: str, push_type: PushType) -> bytes:
 
 
 class CriticalSound(msgspec.Struct, rename="kebab", forbid_unknown_fields=True):
+    """``aps.sound`` as a dictionary: a critical alert sound (needs Apple's entitlement)."""
+
     # No omit_defaults: a critical sound dict must carry all three keys.
     critical: int = 1
     name: str = "default"
@@ -175,6 +181,9 @@ class CriticalSound(msgspec.Struct, rename="kebab", forbid_unknown_fields=True):
 
 
 class Alert(msgspec.Struct, omit_defaults=True, rename="kebab", forbid_unknown_fields=True):
+    """``aps.alert`` as a dictionary; field names are Apple's keys in snake case
+    (``title_loc_key`` is ``title-loc-key``). Unknown keys are refused."""
+
     title: str | dict[str, Any] | None = None
     subtitle: str | dict[str, Any] | None = None
     body: str | dict[str, Any] | None = None
@@ -193,6 +202,10 @@ class Alert(msgspec.Struct, omit_defaults=True, rename="kebab", forbid_unknown_f
 
 
 class Aps(msgspec.Struct, omit_defaults=True, rename="kebab", forbid_unknown_fields=True):
+    """The ``aps`` dictionary, Live Activity keys included (``content_state``, ``event``,
+    ``stale_date`` ...); snake-case names map to Apple's kebab-case keys, unknown keys are
+    refused."""
+
     alert: str | Alert | None = None
     badge: int | None = None
     sound: str | CriticalSound | None = None
@@ -257,6 +270,7 @@ class Payload(msgspec.Struct, omit_defaults=True):
     custom: dict[str, Any] = {}
 
     def encode(self) -> bytes:
+        """The JSON body: ``{"aps": ..., **custom}``."""
         aps = _encode_or_raise(self.aps)
         custom = self.custom
         if not custom:
@@ -358,6 +372,12 @@ def _check_aps(aps: Aps, push_type: PushType) -> None:
 
 
 class Notification(msgspec.Struct, kw_only=True):
+    """One push as you write it: a device token and a payload (a :class:`Payload`, a dict,
+    or pre-encoded ``bytes``/``str``), plus the optional APNs headers. ``topic`` defaults to
+    the client's; its push-type suffix is added for you. ``id`` is yours and comes back in
+    the :class:`Result`. Validated, with a ``ValidationError`` naming the field, before any
+    network I/O."""
+
     token: str
     payload: Payload | dict[str, Any] | bytes | str
     push_type: PushType = PushType.ALERT
@@ -611,6 +631,7 @@ class PushTemplate:
         self._push_type_b = pt.value.encode()
 
     def for_token(self, token: str, id: Any = None) -> Prepared:
+        """This push for one device token (checked and lowercased); the body is shared."""
         tok = _check_token(token)
         return Prepared(
             token=tok,

@@ -30,7 +30,8 @@ import logging
 import math
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from types import TracebackType
+from typing import Any, cast
 
 import msgspec
 import trio
@@ -40,7 +41,7 @@ from .client import Client
 from .errors import ConfigError
 from .events import Events
 from .outcome import Outcome, Result
-from .payload import ENVIRONMENTS, Notification, Prepared, bundle_of
+from .payload import ENVIRONMENTS, Environment, Notification, Prepared, bundle_of
 
 log: logging.Logger = logging.getLogger("fanout.teams")
 
@@ -89,25 +90,23 @@ class _Routed:
         self.first: Result | None = None
 
 
-class _Holding:
+class _Holding(Events):
     """A team client's events while wrong-environment retries are on: a BadDeviceToken
     result and invalidation wait for the other environment's answer (the router reports
     the final one). Every other hook goes straight through."""
 
     def __init__(self, inner: Events) -> None:
         for name in Events.__dict__:
-            if not name.startswith("_"):
+            if not name.startswith("_") and name not in ("push_finished", "invalid_token"):
                 setattr(self, name, getattr(inner, name))
         self._finished = inner.push_finished
         self._invalid = inner.invalid_token
-        self.push_finished = self._push_finished  # type: ignore[method-assign]
-        self.invalid_token = self._invalid_token  # type: ignore[method-assign]
 
-    def _push_finished(self, result: Any, push_type: bytes, latency_s: float | None) -> None:
+    def push_finished(self, result: Any, push_type: bytes, latency_s: float | None) -> None:
         if not _held(result):
             self._finished(result, push_type, latency_s)
 
-    def _invalid_token(self, token: str, reason: str | None, timestamp: int | None) -> None:
+    def invalid_token(self, token: str, reason: str | None, timestamp: int | None) -> None:
         if reason != "BadDeviceToken":
             self._invalid(token, reason, timestamp)
 
@@ -152,6 +151,10 @@ class _TeamQueue:
 
 
 class Teams:
+    """A router over one :class:`Client` per team and environment (see the module's
+    docstring). ``client_kw`` go to every client; a :class:`Team`'s own ``client`` and
+    ``per_environment`` settings win over them."""
+
     def __init__(self, teams: Iterable[Team], *, environment: str = "production",
                  idle_timeout: float = 300.0, retry_wrong_environment: bool = False,
                  on_invalid_token: Callable[[str, str | None, int | None], Any] | None = None,
@@ -178,23 +181,26 @@ class Teams:
                 self._by_bundle[bundle] = team
         self._open: dict[tuple[str, str], _Open] = {}
         self._nursery: trio.Nursery | None = None
-        self._cm: Any = None
+        self._cm: contextlib.AbstractAsyncContextManager[trio.Nursery] | None = None
 
     async def __aenter__(self) -> Teams:
         self._cm = trio.open_nursery()
-        self._nursery = await self._cm.__aenter__()
-        self._nursery.start_soon(self._closer)
+        self._nursery = nursery = await self._cm.__aenter__()
+        nursery.start_soon(self._closer)
         return self
 
-    async def __aexit__(self, *exc: Any) -> bool | None:
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> bool | None:
+        assert self._nursery is not None and self._cm is not None, "not entered"
         for held in self._open.values():
             held.stop.set()
         self._nursery.cancel_scope.cancel()
-        return await self._cm.__aexit__(*exc)
+        return await self._cm.__aexit__(exc_type, exc, tb)
 
     # ----------------------------------------------------------------- routing
 
     def team_for(self, topic: str | None) -> Team | None:
+        """The team serving ``topic`` (any push-type suffix stripped), or None."""
         return self._by_bundle.get(bundle_of(topic)) if topic else None
 
     def _retries(self, team: Team) -> bool:
@@ -227,11 +233,14 @@ class Teams:
                 events = _Holding(events or Events())
                 if on_invalid is not None:
                     on_invalid = _skip_bad_token(on_invalid)
-            client = Client(auth=team.auth, connections=team.connections, environment=env,
+            # the Client checks env (a Team may name any environments)
+            client = Client(auth=team.auth, connections=team.connections,
+                            environment=cast(Environment, env),
                             events=events, on_invalid_token=on_invalid, **kw)
             if self._retries(team):  # BadDeviceToken goes to the other environment instead
                 client._guard_reasons = frozenset({"DeviceTokenNotForTopic"})
             held = self._open[key] = _Open(client)
+            assert self._nursery is not None, "use the router inside 'async with Teams(...)'"
             self._nursery.start_soon(self._hold, key, held)
             log.info("team %s (%s): opening its connections", team.name, env)
         await held.ready.wait()
@@ -262,6 +271,7 @@ class Teams:
 
     @property
     def open_teams(self) -> list[tuple[str, str]]:
+        """(team, environment) of every client open now."""
         return [k for k, held in self._open.items() if not held.stop.is_set()]
 
     def clients_by_team(self) -> dict[str, list[Client]]:
@@ -317,6 +327,8 @@ class Teams:
 
     async def send(self, notification: Notification | Prepared,
                    environment: str | None = None) -> Result:
+        """Send one push through its team's client; a topic no team serves ends
+        ``config_error`` without I/O."""
         team = self.team_for(_topic(notification))
         if team is None:
             return self._unrouted(notification, _topic(notification))
@@ -362,114 +374,140 @@ class Teams:
 
     async def _send_many(self, notifications: Any, environment: str | None
                          ) -> AsyncIterator[Result]:
-        out_send, out_recv = trio.open_memory_channel[Result](QUEUE)
-        scope = trio.CancelScope()
-        failed: list[BaseException] = []
-        default_env = environment or self.environment
-        limit = int(self._client_kw.get("max_in_flight", 8192)) + QUEUE
-
-        async def run_team(team: Team, env: str, state: _TeamQueue,
-                           recv: trio.MemoryReceiveChannel[Any],
-                           out: trio.MemorySendChannel[Result]) -> None:
-            async with recv, out:
-                try:
-                    first = await recv.receive()  # open the client only when needed
-                except trio.EndOfChannel:
-                    return
-
-                async def answer(result: Result) -> None:
-                    """Pass on a result of this team and environment, or, for a push that
-                    may belong to the other environment, send it there first."""
-                    routed = _label(result, team.name, env)
-                    if routed is not None:
-                        if routed.first is None and _held(result):
-                            routed.first = result  # try the other environment
-                            state.queues[_OTHER[env]].send_nowait(routed.item)
-                            return
-                        if routed.first is not None:
-                            result = self._final(team, routed.first, result, routed.item)
-                    await put(out, result)
-                    state.done()
-
-                async def refuse(item: Any, error: str) -> None:
-                    await answer(self._refused(item, error))
-
-                try:
-                    client = await self.client_for(team, env)
-                except ConfigError as exc:
-                    async for item in _achain(first, recv):  # until the team is done
-                        await refuse(item, str(exc))
-                    return
-                events = self.events_for(team)
-
-                async def inputs() -> AsyncIterator[Any]:
-                    # once APNs refused the team's credentials, its pushes end here: they
-                    # cost the process (and the teams beside) as little as possible
-                    async for item in _achain(first, recv):
-                        error = client.config_error
-                        if error is None:
-                            yield item
-                            continue
-                        if events is not None:
-                            events.push_finished(Result(outcome=Outcome.CONFIG_ERROR),
-                                                 _push_type(item), None)
-                        await refuse(item, error)
-
-                with self._in_use(team, env):
-                    async for result in client.send_many(inputs()):
-                        await answer(result)
-
-        async def feed() -> None:
-            # a task of the router's nursery (not of this generator): the team tasks
-            # live in its nursery, and the generator's exit cancels it through `scope`
-            states: dict[str, _TeamQueue] = {}
-            with scope:
-                async with trio.open_nursery() as nursery, out_send:
-                    try:
-                        async for item in _aiter(notifications):
-                            topic = _topic(item)
-                            team = self.team_for(topic)
-                            if team is None:
-                                await put(out_send, self._unrouted(item, topic))
-                                continue
-                            env = _env(item) or default_env
-                            if env not in team.environments:
-                                await put(out_send, self._refused(
-                                    item, f"team {team.name} does not send to {env}",
-                                    team.name, env))
-                                continue
-                            state = states.get(team.name)
-                            if state is None:
-                                state = states[team.name] = _TeamQueue(limit)
-                                for e in team.environments:
-                                    # unbounded: a retry never waits; `limit` bounds the lot
-                                    queue, recv = trio.open_memory_channel[Any](math.inf)
-                                    state.queues[e] = queue
-                                    nursery.start_soon(run_team, team, e, state, recv,
-                                                       out_send.clone())
-                            while state.pending >= state.limit:
-                                state.room = trio.Event()
-                                await state.room.wait()
-                            if self._retries(team):
-                                item = _Routed(item).item
-                            state.pending += 1
-                            state.queues[env].send_nowait(item)
-                    except Exception as exc:  # the caller's iterable failed: surface it
-                        failed.append(exc)
-                    finally:
-                        for state in states.values():
-                            state.fed = True
-                            state.close_if_done()
-
-        self._nursery.start_soon(feed)
+        assert self._nursery is not None
+        call = _SendMany(self, notifications, environment or self.environment)
+        # feed runs in the router's nursery (not in this generator): the lanes live in its
+        # nursery, and the generator's exit cancels it through `call.scope`
+        self._nursery.start_soon(call.feed)
         try:
-            async with out_recv:
-                async for result in drain(out_recv):
+            async with call.out_recv:
+                async for result in drain(call.out_recv):
                     yield result
-            if failed:
-                raise failed[0]
+            if call.failed:
+                raise call.failed[0]
         finally:
-            scope.cancel()
+            call.scope.cancel()
+
+
+class _SendMany:
+    """One ``Teams.send_many`` call: routes each input to its team's queue for its
+    environment (a :class:`_Lane` each, opened on a team's first push) and collects every
+    lane's results on one channel, in completion order."""
+
+    def __init__(self, router: Teams, notifications: Any, default_env: str) -> None:
+        self.router = router
+        self.notifications = notifications
+        self.default_env = default_env
+        self.limit = int(router._client_kw.get("max_in_flight", 8192)) + QUEUE
+        self.out_send, self.out_recv = trio.open_memory_channel[Result](QUEUE)
+        self.scope = trio.CancelScope()
+        self.failed: list[BaseException] = []  # the caller's iterable raised this
+        self.states: dict[str, _TeamQueue] = {}
+
+    async def feed(self) -> None:
+        with self.scope:
+            async with trio.open_nursery() as nursery, self.out_send:
+                try:
+                    async for item in _aiter(self.notifications):
+                        await self._route(nursery, item)
+                except Exception as exc:  # the caller's iterable failed: surface it
+                    self.failed.append(exc)
+                finally:
+                    for state in self.states.values():
+                        state.fed = True
+                        state.close_if_done()
+
+    async def _route(self, nursery: trio.Nursery, item: Any) -> None:
+        router = self.router
+        topic = _topic(item)
+        team = router.team_for(topic)
+        if team is None:
+            await put(self.out_send, router._unrouted(item, topic))
+            return
+        env = _env(item) or self.default_env
+        if env not in team.environments:
+            await put(self.out_send, router._refused(
+                item, f"team {team.name} does not send to {env}", team.name, env))
+            return
+        state = self.states.get(team.name)
+        if state is None:
+            state = self.states[team.name] = _TeamQueue(self.limit)
+            for e in team.environments:
+                # unbounded: a retry never waits; `limit` bounds the lot
+                queue, recv = trio.open_memory_channel[Any](math.inf)
+                state.queues[e] = queue
+                lane = _Lane(router, team, e, state, recv, self.out_send.clone())
+                nursery.start_soon(lane.run)
+        while state.pending >= state.limit:
+            state.room = trio.Event()
+            await state.room.wait()
+        if router._retries(team):
+            item = _Routed(item).item
+        state.pending += 1
+        state.queues[env].send_nowait(item)
+
+
+class _Lane:
+    """One team and environment inside a ``send_many``: its queue in, its client, its
+    results out (a push that may belong to the other environment goes there first)."""
+
+    def __init__(self, router: Teams, team: Team, env: str, state: _TeamQueue,
+                 recv: trio.MemoryReceiveChannel[Any],
+                 out: trio.MemorySendChannel[Result]) -> None:
+        self.router = router
+        self.team = team
+        self.env = env
+        self.state = state
+        self.recv = recv
+        self.out = out
+
+    async def run(self) -> None:
+        async with self.recv, self.out:
+            try:
+                first = await self.recv.receive()  # open the client only when needed
+            except trio.EndOfChannel:
+                return
+            items = _achain(first, self.recv)
+            try:
+                client = await self.router.client_for(self.team, self.env)
+            except ConfigError as exc:
+                async for item in items:  # until the team is done
+                    await self._refuse(item, str(exc))
+                return
+            with self.router._in_use(self.team, self.env):
+                async for result in client.send_many(self._inputs(client, items)):
+                    await self._answer(result)
+
+    async def _inputs(self, client: Client, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        # once APNs refused the team's credentials, its pushes end here: they cost the
+        # process (and the teams beside) as little as possible
+        events = self.router.events_for(self.team)
+        async for item in items:
+            error = client.config_error
+            if error is None:
+                yield item
+                continue
+            if events is not None:
+                events.push_finished(Result(outcome=Outcome.CONFIG_ERROR), _push_type(item),
+                                     None)
+            await self._refuse(item, error)
+
+    async def _answer(self, result: Result) -> None:
+        """Pass on a result of this team and environment, or, for a push that may belong
+        to the other environment, send it there first."""
+        routed = _label(result, self.team.name, self.env)
+        if routed is not None:
+            if routed.first is None and _held(result):
+                routed.first = result  # try the other environment
+                self.state.queues[_OTHER[self.env]].send_nowait(routed.item)
+                return
+            if routed.first is not None:
+                result = self.router._final(self.team, routed.first, result, routed.item)
+        await put(self.out, result)
+        self.state.done()
+
+    async def _refuse(self, item: Any, error: str) -> None:
+        await self._answer(self.router._refused(item, error))
 
 
 def _skip_bad_token(hook: Callable[[str, str | None, int | None], Any]
@@ -579,9 +617,11 @@ class TeamsEngine(Teams):
 
     @property
     def pool(self) -> _PoolView:
+        """What the daemon reads of a pool, summed over the open clients."""
         return _PoolView(self)
 
     def abort_in_flight(self, why: str) -> list[Result]:
+        """End every push in flight in every open client now (the daemon's drain deadline)."""
         out = []
         for (name, env), held in self._open.items():
             if held.ready.is_set():
