@@ -206,6 +206,29 @@ def paired_ratio(a_runs: list[dict], b_runs: list[dict], key: str = "cpu_per_pus
     return statistics.median(pairs), pairs
 
 
+def summarize(runs: dict[str, list[dict]], n: int, cpu_per_push: Any,
+              extra: Any = None) -> dict[str, dict]:
+    """Per client, the median over its good rounds of pushes/s, client and server CPU per
+    push and server load, plus ``extra(good_runs)`` fields; ``cpu_per_push(run)`` reads a
+    run's client CPU per push (seconds)."""
+    summary: dict[str, dict] = {}
+    for name, rs in runs.items():
+        good = [r for r in rs if "error" not in r]
+        if not good:
+            summary[name] = {"error": rs[0].get("error") if rs else "no run"}
+            continue
+        med = statistics.median
+        summary[name] = {
+            "pushes_per_s": round(med(n / r["seconds"] for r in good)),
+            "cpu_us_per_push": round(med(cpu_per_push(r) * 1e6 for r in good), 1),
+            "server_cpu_us_per_push": round(med(r["server_cpu"] / n * 1e6 for r in good), 1),
+            "server_busy": round(med(r["server_cpu"] / r["seconds"] for r in good), 2),
+            "ok": min(r["ok"] for r in good),
+            **(extra(name, good) if extra is not None else {}),
+        }
+    return summary
+
+
 def interleave(clients: list[str], rounds: int, run: Any, describe: Any) -> dict[str, list[dict]]:
     """Run every client once per round, in turn (A B C, A B C, ...), so that drift on a
     shared machine hits all alike. ``run(name)`` returns a result dict (``"error"`` on

@@ -45,6 +45,7 @@ from common import (  # noqa: E402
     run_json,
     sink_session,
     start_sink,
+    summarize,
     verdict,
     write_results,
 )
@@ -169,23 +170,13 @@ def main() -> None:
                          f"{res['server_cpu'] / args.n * 1e6:6.1f} us/push  "
                          f"rss {res['rss_peak_mb']:.0f} MiB  ok={res['ok']}"))
 
-    summary = {}
-    for name, rs in runs.items():
-        good = [r for r in rs if "error" not in r]
-        if not good:
-            summary[name] = {"error": rs[0].get("error") if rs else "no run"}
-            continue
-        summary[name] = {
+    summary = summarize(
+        runs, args.n, lambda r: r["cpu_per_push"],
+        lambda name, good: {
             "version": package_version(name),
-            "pushes_per_s": round(statistics.median(args.n / r["seconds"] for r in good)),
-            "cpu_us_per_push": round(statistics.median(r["cpu_per_push"] * 1e6 for r in good), 1),
-            "server_cpu_us_per_push": round(statistics.median(r["server_cpu"] / args.n * 1e6
-                                                              for r in good), 1),
-            "server_busy": round(statistics.median(r["server_cpu"] / r["seconds"] for r in good), 2),
             "rss_peak_mb": round(statistics.median(r["rss_peak_mb"] for r in good), 1),
-            "ok": min(r["ok"] for r in good),
             "rounds_ok": len(good),
-        }
+        })
     ratios = {}
     for other in clients:
         if other == "fanout":

@@ -1,7 +1,7 @@
 """Throughput with 5% bad device tokens against all valid: the stream-limit penalty.
 
-APNs drops a connection's stream limit to 1 after a rejected push (APNS.md, "Penalty on
-errors"; seen restored by the next accepted push). Against the fanout mock holding each
+APNs drops a connection's stream limit to 1 after a rejected push (docs/apns.md, "Server
+behaviour"; seen restored by the next accepted push). Against the fanout mock holding each
 stream --latency (20 ms) and answering 5% of tokens 400 BadDeviceToken, pushes/s of one
 fan-out of --n tokens, in four cases, interleaved over --rounds:
 

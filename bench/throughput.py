@@ -47,6 +47,7 @@ from common import (  # noqa: E402
     proc_cpu,
     sink_session,
     start_sink,
+    summarize,
 )
 
 WORKER_TIMEOUT = 300
@@ -144,7 +145,7 @@ def worker_floor(args: argparse.Namespace) -> dict:
         async with trio.open_nursery() as nursery:
             conns = []
             for i in range(args.connections):
-                conn = Connection("127.0.0.1", args.port, ctx, loop, auth=auth, index=i)
+                conn = Connection("127.0.0.1", args.port, ctx, loop, loop, auth=auth, index=i)
                 await nursery.start(conn.run)
                 conns.append(conn)
             state["done"] = trio.Event()
@@ -273,20 +274,7 @@ def compare(args: argparse.Namespace) -> tuple[dict, list[str]]:
                          f"{res['cpu'] / args.n * 1e6:7.1f} us CPU/push  server "
                          f"{res['server_cpu'] / args.n * 1e6:6.1f} us/push  ok={res['ok']}"))
 
-    summary = {}
-    for name, rs in runs.items():
-        good = [r for r in rs if "error" not in r]
-        if not good:
-            summary[name] = {"error": rs[0].get("error") if rs else "no run"}
-            continue
-        summary[name] = {
-            "pushes_per_s": round(statistics.median(args.n / r["seconds"] for r in good)),
-            "cpu_us_per_push": round(statistics.median(r["cpu"] / args.n * 1e6 for r in good), 1),
-            "server_cpu_us_per_push": round(statistics.median(r["server_cpu"] / args.n * 1e6
-                                                              for r in good), 1),
-            "server_busy": round(statistics.median(r["server_cpu"] / r["seconds"] for r in good), 2),
-            "ok": min(r["ok"] for r in good),
-        }
+    summary = summarize(runs, args.n, lambda r: r["cpu"] / args.n)
     # Ratios pair each round's runs (taken back to back) and take the median over rounds:
     # drift on a shared machine hits both sides of a pair alike.
     ratios = {}

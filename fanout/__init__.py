@@ -18,7 +18,7 @@ answer a ``ResultLine``.
 """
 
 from ._engine.backoff import Backoff
-from .auth import CertAuth, TokenAuth
+from .auth import Auth, CertAuth, TokenAuth
 from .client import Client
 from .errors import (
     ConfigError,
@@ -48,6 +48,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Alert",
     "Aps",
+    "Auth",
     "Backoff",
     "CertAuth",
     "Client",

@@ -2,9 +2,9 @@
 
 Time comes from ``trio.current_time()`` unless a ``clock`` callable is injected (tests).
 
-APNs policy this encodes (APNS.md §5, §7.1): 5xx means back off globally; 429
-``TooManyRequests`` is about one device token, so only that token waits; Apple documents no
-``Retry-After`` but honouring one when present costs nothing.
+APNs policy this encodes (docs/apns.md, "Responses" and "Backoff"): 5xx means back off
+globally; 429 ``TooManyRequests`` is about one device token, so only that token waits;
+Apple documents no ``Retry-After`` but honouring one when present costs nothing.
 """
 
 from __future__ import annotations
@@ -160,6 +160,17 @@ class Limiter:
         self._token_until: dict[str, float] = {}
         self._heap: list[tuple[float, str]] = []
         self.waiting = 0
+
+    @property
+    def idle(self) -> bool:
+        """No bucket and no pause: :meth:`acquire` would return at once."""
+        return self._idle
+
+    def fast_path_ok(self) -> bool:
+        """Nothing would hold a push back: no bucket, no pause, no token backing off.
+
+        The client's per-push check before it starts a stream without awaiting."""
+        return self._idle and not self._token_until
 
     async def acquire(self, topic: str) -> float:
         """Wait for the global pause, then the topic bucket, then the global bucket.

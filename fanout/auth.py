@@ -1,12 +1,12 @@
 """APNs authentication: one shared ES256 provider token (JWT) or a TLS client certificate.
 
-Token auth rules (APNS.md §4.1): the JWT is ``{"alg": "ES256", "kid": key_id}`` /
-``{"iss": team_id, "iat": now}``; APNs rejects an ``iat`` older than one hour
-(403 ``ExpiredProviderToken``) and answers 429 ``TooManyProviderTokenUpdates`` when a
-connection sees a new token more often than every 20 minutes. Minting per connection,
-per topic or per request is the most common cause of that 429 (ANCHORS.md §0, §12.2), so
-:class:`TokenAuth` holds exactly one token per (team, key) and every connection of a
-client shares it.
+Token auth rules (docs/apns.md, "Provider tokens"): the JWT is
+``{"alg": "ES256", "kid": key_id}`` / ``{"iss": team_id, "iat": now}``; APNs rejects an
+``iat`` older than one hour (403 ``ExpiredProviderToken``) and answers 429
+``TooManyProviderTokenUpdates`` when a connection sees a new token more often than every
+20 minutes. Minting per connection, per topic or per request is the most common cause of
+that 429 in other APNs clients, so :class:`TokenAuth` holds exactly one token per
+(team, key) and every connection of a client shares it.
 
 Nothing here ever logs, prints or reprs a JWT or key material; error messages name the
 file and the problem, never the file's contents.
@@ -22,7 +22,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from .errors import ConfigError, KeyFileError
 
-__all__ = ["CertAuth", "TokenAuth", "MAX_TOKEN_AGE"]
+__all__ = ["Auth", "CertAuth", "TokenAuth", "MAX_TOKEN_AGE"]
 
 log = logging.getLogger("fanout.auth")
 
@@ -130,7 +130,26 @@ def _check_id(value: object, field: str) -> str:
     return value
 
 
-class TokenAuth:
+@runtime_checkable
+class Auth(Protocol):
+    """What ``Client(auth=...)`` takes: credentials for the push connections.
+
+    :class:`TokenAuth` and :class:`CertAuth` are the two kinds APNs knows; both subclass
+    this, so a type checker rejects anything else passed as ``auth``.
+    """
+
+    __slots__ = ()
+
+    def header(self) -> bytes | None:
+        """The ``authorization`` header value of each request, or None (none is sent)."""
+        ...
+
+    def apply(self, ctx: ssl.SSLContext) -> None:
+        """Install what the TLS handshake needs (a client certificate) into ``ctx``."""
+        ...
+
+
+class TokenAuth(Auth):
     """One ES256 provider token per (team, key), shared by every connection of a client.
 
     The token is minted at construction and re-minted lazily by :meth:`header` once it is
@@ -211,7 +230,14 @@ class TokenAuth:
 
     @classmethod
     def from_file(
-        cls, path: str | os.PathLike[str], key_id: str, team_id: str, **kw: Any
+        cls,
+        path: str | os.PathLike[str],
+        key_id: str,
+        team_id: str,
+        *,
+        refresh_after: float = 3000.0,
+        min_refresh_interval: float = 1200.0,
+        clock: Callable[[], float] = time.time,
     ) -> TokenAuth:
         """Load the .p8 key at ``path``. Warns (``fanout.auth`` logger) if group/others can read it."""
         name = os.fspath(path)
@@ -225,7 +251,8 @@ class TokenAuth:
                 stat.S_IMODE(mode),
                 name,
             )
-        return cls(key, key_id, team_id, **kw)
+        return cls(key, key_id, team_id, refresh_after=refresh_after,
+                   min_refresh_interval=min_refresh_interval, clock=clock)
 
     def _mint(self, now: float) -> None:
         token = jwt.encode(
@@ -261,7 +288,11 @@ class TokenAuth:
         return self._issued_at
 
     def age(self) -> float:
+        """Seconds since the current token was minted (negative if the clock stepped back)."""
         return self._clock() - self._issued_at
+
+    def apply(self, ctx: ssl.SSLContext) -> None:
+        """Nothing: a provider token travels in the ``authorization`` header, not in TLS."""
 
     def refresh(self, seen_generation: int) -> bool:
         """Force a new token after ``ExpiredProviderToken``; True if this call regenerated.
@@ -292,7 +323,7 @@ class TokenAuth:
 
     __str__ = __repr__
 
-    def __reduce__(self) -> Any:  # never let a key travel through pickle by accident
+    def __reduce__(self) -> str | tuple[Any, ...]:  # never let a key travel through pickle by accident
         raise TypeError("TokenAuth holds a private key and cannot be pickled")
 
 
@@ -301,7 +332,7 @@ def _no_password() -> str:
     raise KeyFileError("private key is encrypted; pass password=")
 
 
-class CertAuth:
+class CertAuth(Auth):
     """Certificate (mTLS) auth: the client cert goes in the TLS handshake, no authorization header.
 
     ``cert_file`` is a PEM certificate (chain), optionally with the key appended; ``key_file``

@@ -21,18 +21,21 @@ import logging
 import math
 import ssl
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
-from typing import Any, Literal
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, TypeVarTuple
 
 import trio
 
 from ._engine.backoff import Backoff
-from ._engine.connection import Exchange
+from ._engine.connection import Connection, Exchange, Headers
 from ._engine.pool import Pool
 from ._limiter import Limiter, parse_retry_after
+from .auth import Auth, CertAuth, TokenAuth
 from .errors import ConfigError, TransportError, ValidationError, redact
 from .events import Events
-from .outcome import Action, Outcome, Result, classify, parse_error_body
+from .outcome import Action, Outcome, Reason, Result, classify, parse_error_body
 from .payload import (
     PRIORITIES,
     Environment,
@@ -40,21 +43,31 @@ from .payload import (
     Payload,
     Prepared,
     PushTemplate,
+    PushType,
     bundle_of,
     prepare,
 )
 
-log = logging.getLogger("fanout")
+if TYPE_CHECKING:
+    import uuid
 
+    from .channels import Channel, Channels
+
+log = logging.getLogger("fanout")
+_Ts = TypeVarTuple("_Ts")
+
+#: APNs' push host per environment (docs/apns.md, "Hosts").
 HOSTS = {"production": "api.push.apple.com", "sandbox": "api.sandbox.push.apple.com"}
-MAX_RESENDS = 20          # resends of never-processed streams (not counted as attempts)
-INVALID_MEMORY = 1_000_000  # invalidated tokens remembered for once-only notification
-# reasons that make a token dead for this topic and environment whatever the payload: a
-# token APNs answered so is not sent again (each rejection drops the connection's stream
-# limit to 1: resending known-bad tokens throttles everyone else's pushes)
+#: Resends of never-processed streams (not counted as attempts) before a push gives up.
+MAX_RESENDS = 20
+#: Invalidated tokens remembered, so each is reported (and kept off the wire) once.
+INVALID_MEMORY = 1_000_000
+#: Reasons that make a token dead for this topic and environment whatever the payload: a
+#: token APNs answered so is not sent again (each rejection drops the connection's stream
+#: limit to 1: resending known-bad tokens throttles everyone else's pushes).
 DEAD_REASONS = frozenset({"Unregistered", "BadDeviceToken", "ExpiredToken"})
-# what APNs answers every token when the topic or the environment is wrong: a run of these
-# with no success in between is held back, never reported as dead tokens (see _TopicGuard)
+#: What APNs answers every token when the topic or the environment is wrong: a run of these
+#: with no success in between is held back, never reported as dead tokens (the topic guard).
 SUSPECT_REASONS = frozenset({"BadDeviceToken", "DeviceTokenNotForTopic"})
 
 
@@ -88,7 +101,16 @@ class Push(Exchange):
 
     __slots__ = ("id", "attempts", "resends", "sink", "maybe", "resent", "abandoned")
 
-    def __init__(self, prepared: Prepared, sink: Any) -> None:
+    prepared: Prepared
+    id: Any                   # the caller's id, handed back in the Result
+    attempts: int             # sends that may have reached APNs
+    resends: int              # resends of attempts APNs never saw
+    sink: _Waiter | _Batch    # where its Result goes
+    maybe: bool
+    resent: bool
+    abandoned: bool           # finished or given up: never sent nor reported again
+
+    def __init__(self, prepared: Prepared, sink: _Waiter | _Batch) -> None:
         super().__init__(prepared)
         self.id = prepared.id
         self.attempts = 0
@@ -142,35 +164,42 @@ def _window(window: int | None) -> int | None:
     return window
 
 
-def _header(headers: list[tuple[bytes, bytes]] | None, name: bytes) -> bytes | None:
-    if headers:
-        for k, v in headers:
-            if k == name:
-                return v
+def _header(headers: Headers, name: bytes) -> bytes | None:
+    for k, v in headers:
+        if k == name:
+            return v
     return None
 
 
-class _OpenOnUse:
-    """Channels opened on first use and closed with the client."""
+class LazyChannels:
+    """:class:`fanout.channels.Channels` opened on first use and closed with the client
+    (what :attr:`Client.channels` returns)."""
 
-    def __init__(self, channels: Any) -> None:
-        self._channels = channels
+    __slots__ = ("channels",)
 
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._channels, name)
-        if not callable(method) or name.startswith("_"):
-            return method
+    def __init__(self, channels: Channels) -> None:
+        self.channels = channels
 
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            if getattr(self._channels, "_client", None) is None:
-                await self._channels.__aenter__()
-            return await method(*args, **kwargs)
-        return call
+    async def create(self, storage_policy: int = 0) -> Channel:
+        """Create a channel; ``storage_policy`` 0 = No Message Stored, 1 = Most Recent."""
+        return await (await self.channels.__aenter__()).create(storage_policy)
+
+    async def read(self, channel_id: str) -> Channel:
+        """The channel's settings."""
+        return await (await self.channels.__aenter__()).read(channel_id)
+
+    async def list(self) -> list[str]:
+        """Ids of every channel of the bundle id in this environment."""
+        return await (await self.channels.__aenter__()).list()
+
+    async def delete(self, channel_id: str) -> None:
+        """Delete a channel (irreversible)."""
+        await (await self.channels.__aenter__()).delete(channel_id)
 
 
-def prepare_broadcast(channel_id: str, payload: Payload | dict | bytes, *, bundle_id: str | None,
-                      priority: int = 10, expiration: int | None = 0,
-                      apns_id: str | None = None, id: Any = None) -> Prepared:
+def prepare_broadcast(channel_id: str, payload: Payload | dict[str, Any] | bytes, *,
+                      bundle_id: str | None, priority: int = 10, expiration: int | None = 0,
+                      apns_id: str | None = None, id: object = None) -> Prepared:
     """Validate and encode a broadcast push (5120-byte limit, bare bundle id)."""
     from .channels import check_bundle_id
     from .payload import encode_payload
@@ -213,19 +242,48 @@ class Client:
     :class:`fanout.auth.CertAuth`. ``topic`` is the default bundle id. Point ``host``/
     ``port``/``ca_file`` at a mock to test without Apple.
 
-    At the edges: ``ping_timeout`` (a PING unanswered, or writes that cannot drain, this
-    long: the connection is dead), ``unavailable_timeout`` (no usable connection this long:
-    waiting pushes end ``retries_exhausted`` together, ``maybe_delivered`` if an earlier
-    attempt may have arrived, or wait with ``on_unavailable="wait"``), ``topic_guard``
-    (this many BadDeviceToken / DeviceTokenNotForTopic answers in a row for a topic with no
-    delivery stop the topic with ``config_error`` instead of calling its tokens dead; such
-    answers call a token dead only on a topic with a delivery; 0: off).
+    Args:
+        auth: credentials (:class:`~fanout.auth.Auth`); None only against a mock.
+        topic: the default bundle id of pushes that name none.
+        environment: ``production`` or ``sandbox``: picks Apple's host.
+        host, port, ca_file, ssl_context, insecure: where to connect and how to verify
+            it (a mock, a test CA); ``insecure`` turns verification off, loudly.
+        connections: long-lived HTTP/2 connections (each carries up to the server's
+            stream limit, capped by ``max_streams_cap``).
+        timeout: seconds a stream waits for its answer; then it is reset and the push
+            resent elsewhere (it may have arrived: see ``delivery``).
+        ping_timeout: a PING unanswered, or writes that cannot drain, this long: the
+            connection is dead.
+        unavailable_timeout: no usable connection this long: waiting pushes end
+            ``retries_exhausted`` together (``maybe_delivered`` if an earlier attempt may
+            have arrived), unless ``on_unavailable="wait"``.
+        max_attempts: sends per push that may have reached APNs (resends of streams the
+            server never saw do not count).
+        delivery: ``at_least_once`` resends a push that may have arrived (then marked
+            ``resent``); ``at_most_once`` reports it ``maybe_delivered`` instead.
+        rate, topic_rates: pushes per second overall and per topic (None: unlimited).
+        max_in_flight: pushes in flight or unconsumed per ``send_many`` by default.
+        on_invalid_token: called once per token APNs calls dead ``(token, reason,
+            timestamp)``; its errors are logged, never raised.
+        events: the hooks (:class:`~fanout.events.Events`, e.g. metrics).
+        resend_invalid: send to tokens already called dead (default: answer at once).
+        proxy: an ``http://`` or ``socks5://`` proxy URL, ``"none"``, or None for
+            HTTPS_PROXY / ALL_PROXY minus NO_PROXY.
+        topic_guard: this many BadDeviceToken / DeviceTokenNotForTopic answers in a row
+            for a topic with no delivery stop the topic with ``config_error`` instead of
+            calling its tokens dead; such answers call a token dead only on a topic with a
+            delivery (0: off).
+        manage_host, manage_port: the channel-management endpoint (default: Apple's, or
+            the push host when that is a mock).
+        max_streams_cap, first_stream_id: test hooks.
+
+    Raises ConfigError for a setting that cannot work.
     """
 
     def __init__(
         self,
         *,
-        auth: Any = None,
+        auth: Auth | None = None,
         topic: str | None = None,
         environment: Environment = "production",
         host: str | None = None,
@@ -245,7 +303,7 @@ class Client:
         topic_rates: dict[str, float] | None = None,
         max_in_flight: int = 8192,
         backoff: Backoff | None = None,
-        on_invalid_token: Callable[[str, str | None, int | None], Any] | None = None,
+        on_invalid_token: Callable[[str, str | None, int | None], object] | None = None,
         events: Events | None = None,
         max_streams_cap: int = 4000,
         first_stream_id: int = 1,
@@ -285,27 +343,28 @@ class Client:
         self.events = events or Events()
         self._on_invalid = on_invalid_token
         # token -> (reason, timestamp) APNs gave when it called the token invalid
-        self._invalid_seen: OrderedDict[str, tuple[str | None, int | None]] = OrderedDict()
+        self._invalid_seen: OrderedDict[str, tuple[Reason | None, int | None]] = OrderedDict()
         self.resend_invalid = resend_invalid
         self._backoff = backoff or Backoff(base=0.5, cap=60.0)
         self.limiter = Limiter(rate, topic_rates)
         self._limited = bool(rate or topic_rates)
-        self.config_error: str | None = None
         self.topic_guard = topic_guard
         self._guard_reasons = SUSPECT_REASONS  # Teams narrows it when it retries environments
-        self._guards: dict[bytes, _TopicGuard] = {}
+        self._guards: dict[bytes | None, _TopicGuard] = {}
         self._held = 0                          # answers held by the guards
-        self._tripped: dict[bytes, str] = {}    # topic -> config_error message
-        self._topic_out: dict[bytes, int] = {}  # pushes outstanding per topic
+        self._tripped: dict[bytes | None, str] = {}    # topic -> config_error message
+        self._topic_out: dict[bytes | None, int] = {}  # pushes outstanding per topic
         self._ssl = ssl_context or self._make_ssl_context(ca_file)
         if insecure:
             self._ssl.check_hostname = False
             self._ssl.verify_mode = ssl.CERT_NONE
             log.warning("TLS certificate verification is OFF (insecure): anybody on the path "
                         "can read the provider token and the pushes; use only for testing")
-        if auth is not None and hasattr(auth, "apply"):
-            auth.apply(self._ssl)
-        header_auth = auth if auth is not None and hasattr(auth, "generation") else None
+        if auth is not None:
+            if not isinstance(auth, Auth):
+                raise ConfigError(f"auth must be TokenAuth or CertAuth, not {type(auth).__name__}")
+            auth.apply(self._ssl)  # a client certificate, if any
+        header_auth = auth if isinstance(auth, TokenAuth) else None
         from ._engine.proxy import resolve
 
         # an HTTP CONNECT proxy: this argument, or HTTPS_PROXY / ALL_PROXY minus NO_PROXY
@@ -313,7 +372,8 @@ class Client:
         self._proxy_setting = proxy  # the channel-management host resolves its own
         if self.proxy is not None:
             log.info("connecting to %s through proxy %s", self.host, self.proxy)
-        self.pool = Pool(self.host, port, self._ssl, self, auth=header_auth, size=connections,
+        self.pool: Pool[Push] = Pool(self.host, port, self._ssl, self, auth=header_auth,
+                         size=connections,
                          proxy=self.proxy,
                          timeout=timeout, connect_timeout=connect_timeout,
                          unavailable_timeout=unavailable_timeout,
@@ -325,14 +385,14 @@ class Client:
         self._retry_seq = itertools.count()
         self._retry_wake = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self._nursery_cm: Any = None
+        self._nursery_cm: AbstractAsyncContextManager[trio.Nursery] | None = None
         self.outstanding = 0
         self._ca_file = ca_file
         # channel management: Apple's own host, or the push host when pointed at a mock
         custom = host is not None and host not in HOSTS.values()
         self._manage = (manage_host or (self.host if custom else None),
                         manage_port or (port if custom else None))
-        self._channels: Any = None
+        self._channels: Channels | None = None
 
     @staticmethod
     def _make_ssl_context(ca_file: str | None) -> ssl.SSLContext:
@@ -344,29 +404,65 @@ class Client:
     # ------------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> Client:
-        self._nursery_cm = trio.open_nursery()
-        self._nursery = await self._nursery_cm.__aenter__()
+        """Open the connections (in the background) and start the retry task."""
+        self._nursery_cm = manager = trio.open_nursery()
+        self._nursery = nursery = await manager.__aenter__()
         try:
-            await self._nursery.start(self.pool.run)
-            self._nursery.start_soon(self._retry_loop)
+            await nursery.start(self.pool.run)
+            nursery.start_soon(self._retry_loop)
         except BaseException as exc:
-            self._nursery.cancel_scope.cancel()
-            await self._nursery_cm.__aexit__(type(exc), exc, exc.__traceback__)
+            nursery.cancel_scope.cancel()
+            await manager.__aexit__(type(exc), exc, exc.__traceback__)
             raise
         return self
 
-    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool | None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> bool | None:
+        """Close the channel client and every connection; pushes still out get no result."""
+        nursery, manager = self._nursery, self._nursery_cm
+        assert nursery is not None and manager is not None, "__aexit__ without __aenter__"
         if self._channels is not None:
             with trio.CancelScope(shield=True):
                 await self._channels.aclose()
-        self._nursery.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
         try:
-            return await self._nursery_cm.__aexit__(exc_type, exc, tb)
+            return await manager.__aexit__(exc_type, exc, tb)
         except BaseExceptionGroup as group:
             # our own tasks never raise: give the caller back their own exception, unwrapped
             if exc is not None and len(group.exceptions) == 1 and group.exceptions[0] is exc:
                 raise exc from None
             raise
+
+    @property
+    def guard_reasons(self) -> frozenset[str]:
+        """The answers the topic guard holds back (BadDeviceToken, DeviceTokenNotForTopic).
+
+        :class:`fanout.teams.Teams` narrows it to DeviceTokenNotForTopic when it retries
+        BadDeviceToken in the other environment instead."""
+        return self._guard_reasons
+
+    @guard_reasons.setter
+    def guard_reasons(self, reasons: frozenset[str]) -> None:
+        self._guard_reasons = reasons
+
+    @property
+    def config_error(self) -> str | None:
+        """Why APNs refused the credentials or topic, once it did: sending has stopped
+        (every push ends ``config_error``) until :meth:`reset_config_error`."""
+        halted = self.pool.halt_error
+        return None if halted is None else str(halted)
+
+    @property
+    def running(self) -> bool:
+        """``async with`` has entered: pushes can be sent and tasks started."""
+        return self._nursery is not None
+
+    def start_soon(self, fn: Callable[[*_Ts], Awaitable[object]], *args: *_Ts) -> None:
+        """Run ``fn(*args)`` in the client's nursery: it is cancelled when the client
+        closes (a metrics sampler, say). Raises RuntimeError outside ``async with``."""
+        if self._nursery is None:
+            raise RuntimeError("use the client inside 'async with Client(...)'")
+        self._nursery.start_soon(fn, *args)
 
     # ------------------------------------------------------------------ public API
 
@@ -384,7 +480,9 @@ class Client:
         except BaseException:
             self._abandon(push)
             raise
-        return waiter.result
+        result = waiter.result
+        assert result is not None  # the event is set only with a result
+        return result
 
     def send_many(
         self,
@@ -402,7 +500,7 @@ class Client:
         return self._stream(notifications, self._convert, _window(window))
 
     @property
-    def channels(self) -> Any:
+    def channels(self) -> LazyChannels:
         """Broadcast channel management for ``topic`` (:class:`fanout.channels.Channels`):
         ``await client.channels.create(storage_policy)``, ``read``, ``list``, ``delete``."""
         if self._channels is None:
@@ -410,16 +508,19 @@ class Client:
 
             if not self.topic:
                 raise ConfigError("channel management needs the client's topic (bundle id)")
-            self._channels = Channels(auth=self.auth, bundle_id=bundle_of(self.topic),
+            auth = self.auth
+            if not isinstance(auth, TokenAuth | CertAuth):
+                raise ConfigError(f"auth must be TokenAuth or CertAuth, got {type(auth).__name__}")
+            self._channels = Channels(auth=auth, bundle_id=bundle_of(self.topic),
                                       environment=self.environment, host=self._manage[0],
                                       port=self._manage[1], ca_file=self._ca_file,
                                       ssl_context=None, proxy=self._proxy_setting)
-        return _OpenOnUse(self._channels)
+        return LazyChannels(self._channels)
 
-    async def broadcast(self, channel_id: str, payload: Payload | dict | bytes, *,
+    async def broadcast(self, channel_id: str, payload: Payload | dict[str, Any] | bytes, *,
                         bundle_id: str | None = None, priority: int = 10,
                         expiration: int | None = 0, apns_id: str | None = None,
-                        id: Any = None) -> Result:
+                        id: object = None) -> Result:
         """One Live Activity push to every device subscribed to ``channel_id`` (iOS 18).
 
         ``POST /4/broadcasts/apps/<bundle id>`` with ``apns-channel-id`` through the same
@@ -431,14 +532,31 @@ class Client:
 
     def fan_out(
         self,
-        payload: Payload | dict | bytes,
+        payload: Payload | dict[str, Any] | bytes,
         tokens: Iterable[str] | AsyncIterable[str],
         *,
         window: int | None = None,
-        **options: Any,
+        push_type: PushType | str = PushType.ALERT,
+        topic: str | None = None,
+        priority: int | None = None,
+        expiration: int | None = None,
+        collapse_id: str | None = None,
+        apns_id: str | uuid.UUID | None = None,
     ) -> AsyncIterator[Result]:
-        """One payload to many tokens: encoded and validated once, then streamed."""
-        template = PushTemplate(payload, default_topic=self.topic, **options)
+        """One payload to many tokens: encoded and validated once, then streamed.
+
+        Args:
+            window: pushes in flight or unconsumed at most (default ``max_in_flight``).
+            topic: the push's topic, else the client's (the push type's suffix is added).
+            push_type, priority, expiration, collapse_id, apns_id: as in
+                :class:`~fanout.payload.Notification`, the same for every token.
+
+        Raises ValidationError at once if the payload or an option is invalid; a bad token
+        yields a ``rejected`` result and the rest go on.
+        """
+        template = PushTemplate(payload, push_type=push_type, topic=topic,
+                                default_topic=self.topic, priority=priority,
+                                expiration=expiration, collapse_id=collapse_id, apns_id=apns_id)
         return self._stream(tokens, template.for_token, _window(window))
 
     # ------------------------------------------------------------------ streaming
@@ -514,8 +632,9 @@ class Client:
         out = self._topic_out
         out[prepared.topic] = out.get(prepared.topic, 0) + 1
         # fast path: nothing to wait for, a slot is free: start without awaiting
-        if self.config_error is None and self.limiter._idle and not self.limiter._token_until \
-                and not self._tripped and prepared.token not in self._invalid_seen:
+        # (a halted pool declines too: then _dispatch ends it config_error)
+        if self.limiter.fast_path_ok() and not self._tripped \
+                and prepared.token not in self._invalid_seen:
             push.attempts = 1
             if self.pool.try_start(push):
                 return
@@ -525,8 +644,9 @@ class Client:
     # ------------------------------------------------------------------ dispatch and retry
 
     async def _dispatch(self, push: Push) -> None:
-        if self.config_error is not None:
-            self._finish(push, Outcome.CONFIG_ERROR, error=self.config_error)
+        halted = self.pool.halt_error
+        if halted is not None:
+            self._finish(push, Outcome.CONFIG_ERROR, error=str(halted))
             return
         p = push.prepared
         if self._tripped:
@@ -543,14 +663,15 @@ class Client:
                                    f"again)")
                 return
         limiter = self.limiter
-        if not limiter._idle:
-            waited = await limiter.acquire(p.topic.decode())
-            if waited:
-                self.events.limiter_wait(waited)
-        wait = limiter.token_ready_in(p.token) if limiter._token_until else 0.0
-        if wait > 0:
-            self._schedule(push, wait)
-            return
+        if not limiter.fast_path_ok():
+            if not limiter.idle:
+                waited = await limiter.acquire(p.topic.decode() if p.topic else "")
+                if waited:
+                    self.events.limiter_wait(waited)
+            wait = limiter.token_ready_in(p.token)
+            if wait > 0:
+                self._schedule(push, wait)
+                return
         push.attempts += 1
         try:
             await self.pool.submit(push)
@@ -592,7 +713,7 @@ class Client:
             del push
 
     def _retry(self, push: Push, cause: str, delay: float = 0.0, *, status: int | None = None,
-               reason: str | None = None, counts: bool = True) -> None:
+               reason: Reason | None = None, counts: bool = True) -> None:
         if counts and push.attempts >= self.max_attempts:
             self._finish(push, Outcome.RETRIES_EXHAUSTED, status=status, reason=reason,
                          error=f"gave up after {push.attempts} attempts (last: {cause})")
@@ -611,7 +732,7 @@ class Client:
         self._topic_done(push.prepared.topic)
 
     def _finish(self, push: Push, outcome: Outcome, *, status: int | None = None,
-                reason: str | None = None, apns_id: bytes | None = None,
+                reason: Reason | None = None, apns_id: bytes | None = None,
                 timestamp: int | None = None, latency: float | None = None,
                 error: str | None = None) -> None:
         if push.abandoned:
@@ -621,7 +742,7 @@ class Client:
         push.sink.deliver(push, result)
 
     def _close(self, push: Push, outcome: Outcome, *, status: int | None = None,
-               reason: str | None = None, apns_id: bytes | None = None,
+               reason: Reason | None = None, apns_id: bytes | None = None,
                timestamp: int | None = None, latency: float | None = None,
                error: str | None = None) -> Result:
         """Mark ``push`` finished (never again) and build its result."""
@@ -646,7 +767,7 @@ class Client:
         self.events.push_finished(result, p.push_type, latency)
         return result
 
-    def _topic_done(self, topic: bytes) -> None:
+    def _topic_done(self, topic: bytes | None) -> None:
         out = self._topic_out
         left = out[topic] - 1
         if left:
@@ -684,7 +805,9 @@ class Client:
 
     # ------------------------------------------------------------------ connection events
 
-    def on_response(self, conn: Any, push: Push, status: int, headers: list, body: bytes) -> None:
+    def on_response(self, conn: Connection[Push], push: Push, status: int, headers: Headers,
+                    body: bytes) -> None:
+        """APNs answered ``push``: classify the answer and finish, hold or retry it."""
         latency = trio.current_time() - push.sent_at
         if status == 200:
             guard = self._guards.get(push.prepared.topic)
@@ -734,10 +857,9 @@ class Client:
             # nothing about the token, so only the first answer on a connection may refresh
             # (and only if nobody refreshed since this push's token was minted).
             auth = self.auth
-            refresh = getattr(auth, "refresh", None)
-            if not conn.retiring and refresh is not None:
+            if not conn.retiring and isinstance(auth, TokenAuth):
                 current = push.auth_generation == auth.generation
-                if refresh(push.auth_generation):
+                if auth.refresh(push.auth_generation):
                     # the new token goes out on new connections only: presented on a
                     # connection within 20 minutes of its last token, APNs answers 429
                     # TooManyProviderTokenUpdates
@@ -759,7 +881,8 @@ class Client:
         else:  # pragma: no cover - classify() is total
             self._finish(push, Outcome.REJECTED, status=status, reason=reason, latency=latency)
 
-    def on_unprocessed(self, conn: Any, push: Push, why: str) -> None:
+    def on_unprocessed(self, conn: Connection[Push], push: Push, why: str) -> None:
+        """APNs never saw ``push``: resend it, not counted as an attempt."""
         push.attempts -= 1  # the server never saw it
         push.resends += 1
         if push.resends > MAX_RESENDS:
@@ -767,10 +890,12 @@ class Client:
             return
         self._retry(push, "unprocessed", 0.0, counts=False)
 
-    def on_lost(self, conn: Any, push: Push, why: str) -> None:
+    def on_lost(self, conn: Connection[Push], push: Push, why: str) -> None:
+        """The stream broke after ``push`` was sent: it may have been delivered."""
         self._maybe(push, f"connection lost: {why}", "lost")
 
-    def on_timeout(self, conn: Any, push: Push) -> None:
+    def on_timeout(self, conn: Connection[Push], push: Push) -> None:
+        """No answer by the deadline: resend elsewhere, or report it maybe delivered."""
         push.avoid = conn  # never sent again where it timed out, if another connection is up
         self._maybe(push, f"no answer within {conn.timeout:g} s", "timeout")
 
@@ -784,19 +909,19 @@ class Client:
         else:
             self._retry(push, cause, self._backoff.delay(push.attempts) if cause == "lost" else 0.0)
 
-    def _config_failed(self, status: int, reason: str | None, hint: str = "") -> None:
-        if self.config_error is not None:
+    def _config_failed(self, status: int, reason: Reason | None, hint: str = "") -> None:
+        if self.pool.halt_error is not None:
             return
         who = ""
-        if self.auth is not None and hasattr(self.auth, "key_id"):
+        if isinstance(self.auth, TokenAuth):
             who = f" (key id {self.auth.key_id}, team {self.auth.team_id})"
         hint = f": {hint}" if hint else ""
-        self.config_error = (f"APNs refused the credentials or topic: {status} {reason}{who}"
-                             f"{hint}; sending stopped")
-        self.pool.halt_error = ConfigError(self.config_error)
-        log.error("%s", self.config_error)
+        error = (f"APNs refused the credentials or topic: {status} {reason}{who}{hint}; "
+                 f"sending stopped")
+        self.pool.halt(ConfigError(error))
+        log.error("%s", error)
 
-    def _invalidated(self, token: str, reason: str | None, timestamp: int | None) -> None:
+    def _invalidated(self, token: str, reason: Reason | None, timestamp: int | None) -> None:
         seen = self._invalid_seen
         if token in seen:
             return
@@ -862,7 +987,7 @@ class Client:
             f"gets this answer for every token; not reported as an invalid token (send it "
             f"again once pushes to {name} are delivered)")
 
-    def _trip(self, topic: bytes, guard: _TopicGuard) -> None:
+    def _trip(self, topic: bytes | None, guard: _TopicGuard) -> None:
         held, guard.held = guard.held, []
         self._held -= len(held)
         reasons = sorted({answer["reason"] for _, answer in held})
@@ -884,9 +1009,9 @@ class Client:
                 guard.run = 0
         else:
             self._tripped.pop(topic.encode(), None)
-            guard = self._guards.get(topic.encode())
-            if guard is not None:
-                guard.run = 0
+            found = self._guards.get(topic.encode())
+            if found is not None:
+                found.run = 0
 
     def forget_invalid(self, token: str) -> None:
         """Send to ``token`` again: the device registered it anew after APNs called it
@@ -895,8 +1020,7 @@ class Client:
 
     def reset_config_error(self) -> None:
         """Resume sending after the operator fixed the credentials."""
-        self.config_error = None
-        self.pool.halt_error = None
+        self.pool.halt(None)
 
 
 __all__ = ["Client", "prepare_broadcast"]

@@ -579,7 +579,7 @@ async def check(settings: Settings) -> dict[str, Any]:
     except (FanoutError, OSError) as exc:
         report["error"] = str(exc)
         report["problem"] = "config" if isinstance(exc, ConfigError) else "unreachable"
-    if hasattr(client.auth, "age"):
+    if isinstance(client.auth, TokenAuth):
         report["jwt_age_s"] = round(client.auth.age(), 3)
     if result is None:
         return report

@@ -2,35 +2,52 @@
 
 The engine calls these hooks; backends (Prometheus metrics, progress lines, tests) subclass
 :class:`Events` and override what they need. Hooks run on the hot path: keep them cheap
-and never raise.
+and never raise. ``conn`` is the live connection (``fanout._engine.connection``): read it,
+never keep it or call it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+from ._engine.connection import Connection
+from .outcome import Result
+
+__all__ = ["Events", "MultiEvents"]
+
+#: A connection of any client, as the hooks see it.
+AnyConnection = Connection[Any]
 
 
 class Events:
-    def push_finished(self, result: Any, push_type: bytes, latency_s: float | None) -> None:
-        """One push reached its final result."""
+    """Every hook, each doing nothing: override the ones a backend needs."""
+
+    def push_finished(self, result: Result, push_type: bytes, latency_s: float | None) -> None:
+        """One push reached its final result (``latency_s``: send to answer, if answered)."""
 
     def retry(self, cause: str) -> None:
         """A push is being sent again (cause: unprocessed, lost, timeout, 429, 5xx, auth ...)."""
 
-    def connection_opened(self, conn: Any) -> None: ...
+    def connection_opened(self, conn: AnyConnection) -> None:
+        """A connection is ready (TLS, ALPN h2 and the server's SETTINGS done)."""
 
-    def connection_retired(self, conn: Any, why: str) -> None: ...
+    def connection_retired(self, conn: AnyConnection, why: str) -> None:
+        """A connection takes no new streams (GOAWAY, ids exhausted, error ...)."""
 
-    def connection_closed(self, conn: Any) -> None: ...
+    def connection_closed(self, conn: AnyConnection) -> None:
+        """A connection closed; its streams have all ended (``conn.error``: why, if it failed)."""
 
-    def connection_failed(self, index: int, exc: BaseException) -> None: ...
+    def connection_failed(self, index: int, exc: BaseException) -> None:
+        """Opening connection slot ``index`` failed (it is retried with backoff)."""
 
-    def invalid_token(self, token: str, reason: str | None, timestamp: int | None) -> None: ...
+    def invalid_token(self, token: str, reason: str | None, timestamp: int | None) -> None:
+        """APNs called ``token`` invalid (once per token; ``timestamp`` in ms, if given)."""
 
-    def stream_reset(self, conn: Any) -> None:
+    def stream_reset(self, conn: AnyConnection) -> None:
         """A stream was reset: by us (deadline, cancel) or by the server (RST_STREAM)."""
 
-    def goaway(self, conn: Any, reason: str | None) -> None:
+    def goaway(self, conn: AnyConnection, reason: str | None) -> None:
         """A GOAWAY frame arrived; ``reason`` from its debug data (free-form, may be None)."""
 
     def auth_failure(self, reason: str | None) -> None:
@@ -45,7 +62,7 @@ class Events:
 
 
 class MultiEvents(Events):
-    """Fans every hook out to several backends."""
+    """Fans every hook out to several backends, in order."""
 
     def __init__(self, *backends: Events) -> None:
         self._backends = backends
@@ -54,9 +71,9 @@ class MultiEvents(Events):
         if name.startswith("_") or name not in Events.__dict__:
             return object.__getattribute__(self, name)
         backends = object.__getattribute__(self, "_backends")
-        methods = [getattr(b, name) for b in backends]
+        methods: list[Callable[..., None]] = [getattr(b, name) for b in backends]
 
-        def call(*args: Any) -> None:
+        def call(*args: object) -> None:
             for m in methods:
                 m(*args)
         return call

@@ -17,14 +17,17 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Protocol
+from wsgiref.simple_server import WSGIServer
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .events import Events
-from .outcome import REASONS
+from .auth import TokenAuth
+from .client import Client
+from .events import AnyConnection, Events
+from .outcome import REASONS, Outcome, Result
 from .payload import PushType
 
 __all__ = ["DaemonMetrics", "Metrics", "LATENCY_BUCKETS", "parse_listen", "reason_label",
@@ -32,11 +35,23 @@ __all__ = ["DaemonMetrics", "Metrics", "LATENCY_BUCKETS", "parse_listen", "reaso
 
 log = logging.getLogger("fanout.metrics")
 
+#: Buckets of ``fanout_push_latency_seconds``: APNs answers in milliseconds, a stall in seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0)
+#: ``push_type`` label values (anything else is ``other``: labels stay bounded).
 PUSH_TYPES = frozenset(t.value for t in PushType)
+#: ``cause`` label values of ``fanout_retries_total`` (anything else is ``other``).
 RETRY_CAUSES = frozenset({"unprocessed", "lost", "timeout", "429", "5xx", "auth", "reconnect"})
+#: ``cause`` label values of ``fanout_connections_closed_total``.
 CLOSE_CAUSES = ("goaway", "reset", "idle", "error", "closed")
+
+
+class ClientsByTeam(Protocol):
+    """What :meth:`Metrics.sample` reads of a :class:`fanout.teams.Teams` router."""
+
+    def clients_by_team(self) -> dict[str, list[Client]]:
+        """Each team's clients (one per environment in use)."""
+        ...
 
 
 def reason_label(reason: str | None) -> str:
@@ -50,17 +65,17 @@ def _multiprocess() -> bool:
     return "PROMETHEUS_MULTIPROC_DIR" in os.environ or "prometheus_multiproc_dir" in os.environ
 
 
-def close_cause(conn: Any) -> str:
+def close_cause(conn: AnyConnection) -> str:
     """Why a connection closed, as one of :data:`CLOSE_CAUSES`."""
-    if getattr(conn, "goaway_last_id", None) is not None:
+    if conn.goaway_last_id is not None:
         return "goaway"
-    error = getattr(conn, "error", None)
+    error = conn.error
     if error is not None:
         text = str(error)
         if "closed by the server" in text or "reset" in text.lower():
             return "reset"
         return "error"
-    if "IdleTimeout" in (getattr(conn, "retire_reason", "") or ""):
+    if "IdleTimeout" in conn.retire_reason:
         return "idle"
     return "closed"
 
@@ -163,13 +178,13 @@ class Metrics(Events):
         """This view's label children (created up front: every series exists from the
         start)."""
         self.team = team
-        self._push_children: dict[tuple, tuple[Any, Any]] = {}
+        self._push_children: dict[tuple[bytes, Outcome, str | None], tuple[Counter, Histogram]] = {}
         self._retry_children = {c: self.retries.labels(team, c) for c in sorted(RETRY_CAUSES)}
         self._closed_children = {c: self.connections_closed.labels(team, c)
                                  for c in CLOSE_CAUSES}
-        self._goaway_children: dict[str, Any] = {}
-        self._auth_children: dict[str, Any] = {}
-        self._conn_children: dict[str, tuple[Any, Any]] = {}
+        self._goaway_children: dict[str, Counter] = {}
+        self._auth_children: dict[str, Counter] = {}
+        self._conn_children: dict[str, tuple[Gauge, Gauge]] = {}
         self._opened = self.connections_opened.labels(team)
         self._failures = self.connection_failures.labels(team)
         self._reset_inc = self.streams_reset.labels(team).inc
@@ -182,12 +197,13 @@ class Metrics(Events):
         self._jwt_age = self.jwt_age.labels(team)
         self._rotations = self.jwt_rotations.labels(team)
         self._rotations_seen: dict[int, int] = {}
-        self._client: Any = None
+        self._client: Client | ClientsByTeam | None = None
 
     # ------------------------------------------------------------------ engine hooks
 
-    def push_finished(self, result: Any, push_type: bytes, latency_s: float | None) -> None:
-        reason = result.reason
+    def push_finished(self, result: Result, push_type: bytes, latency_s: float | None) -> None:
+        """Count the push by type, outcome and reason; observe its latency."""
+        reason: str | None = result.reason
         if reason is not None and reason not in REASONS:
             reason = "other"
         key = (push_type, result.outcome, reason)
@@ -200,7 +216,8 @@ class Metrics(Events):
         if result.resent:
             self._resent.inc()
 
-    def _push_child(self, push_type: bytes, outcome: Any, reason: str | None) -> tuple[Any, Any]:
+    def _push_child(self, push_type: bytes, outcome: Outcome,
+                    reason: str | None) -> tuple[Counter, Histogram]:
         pt = push_type.decode("ascii", "replace") if isinstance(push_type, bytes) \
             else str(push_type)
         if pt not in PUSH_TYPES:
@@ -212,6 +229,7 @@ class Metrics(Events):
         return children
 
     def retry(self, cause: str) -> None:
+        """Count a resend by cause (an unknown cause as ``other``)."""
         child = self._retry_children.get(cause)
         if child is None:  # not a known cause: bounded as "other"
             child = self._retry_children.get("other")
@@ -219,34 +237,41 @@ class Metrics(Events):
                 child = self._retry_children["other"] = self.retries.labels(self.team, "other")
         child.inc()
 
-    def connection_opened(self, conn: Any) -> None:
+    def connection_opened(self, conn: AnyConnection) -> None:
+        """Count an opened connection."""
         self._opened.inc()
 
-    def connection_closed(self, conn: Any) -> None:
+    def connection_closed(self, conn: AnyConnection) -> None:
+        """Count a closed connection by cause; drop its slot's series unless replaced."""
         self._closed_children[close_cause(conn)].inc()
-        index = getattr(conn, "index", None)
-        if self.team or index is None or str(index) not in self._conn_children:
+        index = conn.index
+        if self.team or str(index) not in self._conn_children:
             return  # (a team's clients, one per environment: the sampler drops what closed)
-        pool = getattr(self._client, "pool", None)
-        if pool is not None and any(c is not conn and c.index == index
-                                    for c in (*pool.conns, *pool.draining)):
-            return  # the slot's replacement is already up: keep its series
+        client = self._client
+        if isinstance(client, Client):
+            pool = client.pool
+            if any(c is not conn and c.index == index for c in (*pool.conns, *pool.draining)):
+                return  # the slot's replacement is already up: keep its series
         self._drop_connection(str(index))
 
     def connection_failed(self, index: int, exc: BaseException) -> None:
+        """Count a failed connection attempt."""
         self._failures.inc()
 
     def invalid_token(self, token: str, reason: str | None, timestamp: int | None) -> None:
+        """Count an invalidated token."""
         self._invalid.inc()
 
     def wrong_environment_found(self, accepted_by: str) -> None:
         """A push the other environment accepted (fanout.teams, retry_wrong_environment)."""
         self.wrong_environment.labels(self.team, accepted_by).inc()
 
-    def stream_reset(self, conn: Any) -> None:
+    def stream_reset(self, conn: AnyConnection) -> None:
+        """Count a reset stream."""
         self._reset_inc()
 
-    def goaway(self, conn: Any, reason: str | None) -> None:
+    def goaway(self, conn: AnyConnection, reason: str | None) -> None:
+        """Count a GOAWAY by (bounded) reason."""
         label = reason_label(reason)
         child = self._goaway_children.get(label)
         if child is None:
@@ -254,6 +279,7 @@ class Metrics(Events):
         child.inc()
 
     def auth_failure(self, reason: str | None) -> None:
+        """Count a 403 / TooManyProviderTokenUpdates answer by reason."""
         label = reason_label(reason)
         child = self._auth_children.get(label)
         if child is None:
@@ -261,52 +287,51 @@ class Metrics(Events):
         child.inc()
 
     def limiter_wait(self, seconds: float) -> None:
+        """Add the seconds a push waited in the limiter."""
         if seconds > 0:
             self._waited.inc(seconds)
 
     # ------------------------------------------------------------------ sampling
 
-    def attach(self, client: Any, interval: float | None = None) -> None:
+    def attach(self, client: Client, interval: float | None = None) -> None:
         """Sample ``client``'s gauges every ``interval`` s (default ``self.interval``) in the
         client's nursery: call it inside ``async with client``."""
-        nursery = getattr(client, "_nursery", None)
-        if nursery is None:
+        if not client.running:
             raise RuntimeError("attach the metrics inside 'async with Client(...)', or run "
                                "metrics.run_sampler(client) in a nursery of your own")
-        nursery.start_soon(self.run_sampler, client,
-                           self.interval if interval is None else interval)
+        client.start_soon(self.run_sampler, client,
+                          self.interval if interval is None else interval)
 
-    async def run_sampler(self, client: Any, interval: float = 1.0) -> None:
+    async def run_sampler(self, client: Client | ClientsByTeam, interval: float = 1.0) -> None:
         """Sample ``client`` now and every ``interval`` seconds until cancelled."""
         self._client = client
         while True:
             self.sample(client)
             await trio.sleep(interval)
 
-    def sample(self, client: Any) -> None:
+    def sample(self, client: Client | ClientsByTeam) -> None:
         """Set the state gauges from ``client`` now (cheap: a walk over the pool's
         connections). A :class:`fanout.teams.Teams` router is sampled team by team."""
         self._client = client
-        by_team = getattr(client, "clients_by_team", None)
-        if by_team is not None:
-            for team, clients in by_team().items():
-                self.for_team(team)._sample_clients(clients)
+        if isinstance(client, Client):
+            self._sample_clients([client])
             return
-        self._sample_clients([client])
+        for team, clients in client.clients_by_team().items():
+            self.for_team(team)._sample_clients(clients)
 
-    def _sample_clients(self, clients: list[Any]) -> None:
+    def _sample_clients(self, clients: Sequence[Client]) -> None:
         """A team's view samples its clients of both environments; connection labels of
         its sandbox client are ``sandbox-N``."""
         in_flight = queued = 0
         unreachable = 0.0
         limits: dict[str, int] = {}
         open_: dict[str, int] = {}
-        auths: dict[int, Any] = {}
+        auths: dict[int, TokenAuth] = {}
         for client in clients:
             pool = client.pool
             conns = (*pool.conns, *pool.draining)
             in_flight += sum(len(c.streams) for c in conns)
-            queued += client.limiter.waiting + len(pool._lot)
+            queued += client.limiter.waiting + pool.waiting
             unreachable = max(unreachable, pool.unavailable_for())
             prefix = "sandbox-" if self.team and client.environment == "sandbox" else ""
             for c in pool.conns:  # the slot's ready connection sets its limit
@@ -316,7 +341,7 @@ class Metrics(Events):
                 open_[label] = open_.get(label, 0) + len(c.streams)
                 limits.setdefault(label, c.stream_limit)
             auth = client.auth
-            if auth is not None and hasattr(auth, "rotations"):
+            if isinstance(auth, TokenAuth):
                 auths[id(auth)] = auth  # a team's environments share one key
         self._in_flight.set(in_flight)
         self._queued.set(queued)
@@ -378,6 +403,7 @@ class DaemonMetrics:
         self._seen = [0, 0, 0]
 
     def update(self, lines: int, malformed: int, results: int, lag: int) -> None:
+        """Advance the counters to the daemon's running totals; set the checkpoint lag."""
         seen = self._seen
         for i, (total, counter) in enumerate(((lines, self.input_lines),
                                               (malformed, self.malformed_lines),
@@ -414,7 +440,7 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def serve(listen: str, registry: CollectorRegistry) -> tuple[Any, Callable[[], None]]:
+def serve(listen: str, registry: CollectorRegistry) -> tuple[WSGIServer, Callable[[], None]]:
     """Start the HTTP exposition of ``registry`` on ``[HOST:]PORT`` in a thread; returns
     ``(server, stop)``. A non-loopback host is allowed (it was asked for) but logged."""
     from prometheus_client import start_http_server

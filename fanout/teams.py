@@ -238,7 +238,7 @@ class Teams:
                             environment=cast(Environment, env),
                             events=events, on_invalid_token=on_invalid, **kw)
             if self._retries(team):  # BadDeviceToken goes to the other environment instead
-                client._guard_reasons = frozenset({"DeviceTokenNotForTopic"})
+                client.guard_reasons = frozenset({"DeviceTokenNotForTopic"})
             held = self._open[key] = _Open(client)
             assert self._nursery is not None, "use the router inside 'async with Teams(...)'"
             self._nursery.start_soon(self._hold, key, held)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import ssl
 
 import hpack
 import jwt
@@ -19,10 +20,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fanout._engine import framer as fr
+from fanout._engine.connection import Connection, Exchange
 from fanout.auth import TokenAuth
 from fanout.client import Client
-from fanout.errors import ProtocolError
-from fanout.payload import Notification, PushType
+from fanout.errors import FanoutError, ProtocolError
+from fanout.payload import Notification, PushTemplate, PushType
 
 from .h2server import StrictH2Server
 
@@ -105,6 +107,54 @@ def test_frame_reader_rejects_oversized_frame():
         reader.feed(fr.frame_header(16385, fr.DATA, 0, 1))
 
 
+class _Ends:
+    """Records each stream's end (a StreamListener); ignores the lifecycle (an observer)."""
+
+    def __init__(self) -> None:
+        self.sids: list[int] = []
+
+    def on_response(self, conn, job, status, headers, body):
+        self.sids.append(job.sid)
+
+    def on_unprocessed(self, conn, job, why):
+        self.sids.append(job.sid)
+
+    on_lost = on_unprocessed
+
+    def on_timeout(self, conn, job):
+        self.sids.append(job.sid)
+
+    def on_capacity(self, conn):
+        pass
+
+    def on_retired(self, conn, why):
+        pass
+
+    def on_closed(self, conn):
+        pass
+
+
+_CTX = ssl.create_default_context()  # never connects
+
+
+async def _each_stream_ends_once(data: bytes) -> None:
+    """Three streams in flight, ``data`` from the server, then the close: each stream ends
+    through exactly one listener call, whatever the bytes."""
+    ends = _Ends()
+    conn = Connection("127.0.0.1", 1, _CTX, ends, ends)
+    conn._handle(fr.SETTINGS, 0, 0, b"")  # the server's (empty) SETTINGS: ready
+    template = PushTemplate({"aps": {"alert": "x"}}, topic="com.example.app")
+    for i in range(3):
+        conn.start(Exchange(template.for_token(f"{i:064x}")))
+    try:
+        for frame in conn._reader.feed(data):
+            conn._handle(*frame)
+    except FanoutError:
+        pass  # the connection closes
+    conn._fail_all("closed")  # what run() does then
+    assert sorted(ends.sids) == [1, 3, 5]
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
 def test_frame_reader_random_bytes_never_crash(data):
@@ -119,6 +169,7 @@ def test_frame_reader_random_bytes_never_crash(data):
                 fr.strip_padding(flags, payload, ftype)
     except ProtocolError:
         pass
+    trio.run(_each_stream_ends_once, data)
 
 
 # ---------------------------------------------------------------- h2 as the server (wire)

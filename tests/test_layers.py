@@ -18,8 +18,8 @@ LAYERS: list[dict[str, str]] = [
     {"fanout.errors": "errors", "fanout._flow": "flow"},
     {"fanout._engine": "engine"},
     {"fanout._limiter": "limiter", "fanout._exits": "exits", "fanout.payload": "payload",
-     "fanout.outcome": "outcome", "fanout.auth": "auth", "fanout.events": "events"},
-    {"fanout.channels": "channels"},
+     "fanout.outcome": "outcome", "fanout.auth": "auth"},
+    {"fanout.channels": "channels", "fanout.events": "events"},  # events: hooks see Result
     {"fanout.client": "client"},
     {"fanout.teams": "teams", "fanout.liveactivity": "liveactivity",
      "fanout.metrics": "metrics"},

@@ -14,7 +14,7 @@ from fanout.auth import TokenAuth
 from fanout.client import Client
 from fanout.errors import ConfigError
 
-from .test_daemon import mock_server
+from .helpers import mock_server
 
 PAYLOAD = {"aps": {"alert": "through the proxy"}}
 

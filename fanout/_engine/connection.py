@@ -2,7 +2,8 @@
 
 A connection is a state machine driven by one reader task (h2's model): it parses frames,
 decodes response headers with hpack's Decoder and hands each finished exchange to its
-listener (the pool). Streams are started synchronously by :meth:`Connection.start`, which
+:class:`StreamListener` (the client); its own lifecycle goes to a
+:class:`ConnectionObserver` (the pool). Streams are started synchronously by :meth:`Connection.start`, which
 encodes the request and appends its frames to an output list; a writer task encrypts all
 pending frames in one TLS write per scheduler turn. There is no task per push.
 
@@ -14,9 +15,12 @@ Liveness: a connection is declared dead, closed once and its streams reported on
 a PING goes unanswered for ``ping_timeout`` (PINGs follow ``stall_after`` seconds of
 silence while streams are in flight, ``ping_interval`` when idle), when its writes cannot
 drain for ``ping_timeout``, or when a stream misses its deadline and no stream was
-answered since it was sent (wedged: the server may still answer PINGs). Every stream leaves through exactly one
-listener call: ``on_response``, ``on_unprocessed`` (never seen by the server: safe to
-resend), ``on_lost`` (may have been delivered) or ``on_timeout``.
+answered since it was sent (wedged: the server may still answer PINGs).
+
+Every stream leaves through :meth:`Connection._end_stream`, with exactly one listener
+call: ``on_response``, ``on_unprocessed`` (never seen by the server: safe to resend),
+``on_lost`` (may have been delivered) or ``on_timeout``; none only for a stream the caller
+itself cancelled (:meth:`Connection.cancel`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from __future__ import annotations
 import logging
 import ssl
 from collections import deque
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, Protocol, Self, TypeVar
 
 import hpack
 import trio
@@ -72,7 +77,8 @@ def _quiet_hpack() -> None:
 
     logger = hpack_module.log
     if isinstance(logger, logging.Logger) and not logger.isEnabledFor(logging.DEBUG):
-        hpack_module.log = _QuietDebug(logger)
+        # duck-typed: hpack only calls the logger's methods
+        hpack_module.log = _QuietDebug(logger)  # type: ignore[assignment]
 
 
 _quiet_hpack()
@@ -85,42 +91,142 @@ def _first_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-class Listener(Protocol):
-    def on_response(self, conn: Connection, job: Any, status: int,
-                    headers: list[tuple[bytes, bytes]], body: bytes) -> None: ...
-    def on_unprocessed(self, conn: Connection, job: Any, why: str) -> None: ...
-    def on_lost(self, conn: Connection, job: Any, why: str) -> None: ...
-    def on_timeout(self, conn: Connection, job: Any) -> None: ...
-    def on_capacity(self, conn: Connection) -> None: ...
-    def on_retired(self, conn: Connection, why: str) -> None: ...
-    def on_closed(self, conn: Connection) -> None: ...
+Headers = Sequence[tuple[bytes, bytes]]
+
+
+class Request(Protocol):
+    """What a connection reads of a push ready to send (``fanout.payload.Prepared``)."""
+
+    path: bytes
+    body: bytes
+    topic: bytes | None  # None: a broadcast, which has no apns-topic
+    push_type: bytes
+    priority: bytes
+    expiration: bytes | None
+    collapse_id: bytes | None
+    apns_id: bytes | None
+    extra: list[tuple[bytes, bytes]] | None
+    stamp: Callable[[], bytes] | None  # rebuilds the body at send time (Live Activities)
+
+
+class HeaderAuth(Protocol):
+    """Credentials sent in every request's ``authorization`` header (a provider token)."""
+
+    @property
+    def generation(self) -> int:
+        """Changes with every new token (a stream remembers the one it was sent with)."""
+        ...
+
+    def header(self) -> bytes:
+        """The header value, ``b"bearer <jwt>"``."""
+        ...
+
+
+class EngineEvents(Protocol):
+    """The hooks of ``fanout.events.Events`` the engine calls (it cannot import them)."""
+
+    def stream_reset(self, conn: Connection[Any]) -> None:
+        """A stream was reset, by either side."""
+
+    def goaway(self, conn: Connection[Any], reason: str | None) -> None:
+        """A GOAWAY arrived."""
+
+    def connection_opened(self, conn: Connection[Any]) -> None:
+        """A connection is ready."""
+
+    def connection_retired(self, conn: Connection[Any], why: str) -> None:
+        """A connection takes no new streams."""
+
+    def connection_closed(self, conn: Connection[Any]) -> None:
+        """A connection closed."""
+
+    def connection_failed(self, index: int, exc: BaseException) -> None:
+        """A connection attempt failed."""
 
 
 class Exchange:
-    """Per-stream state the connection keeps on the job object (the engine's push)."""
+    """Per-stream state the connection keeps on the job object (the engine's push).
+
+    ``__init__`` sets what lives across attempts; :meth:`Connection.start` sets the
+    per-stream fields before anything reads them (a push costs no more than that)."""
 
     __slots__ = ("prepared", "sid", "conn", "sent_at", "window", "body_off", "status",
                  "resp_headers", "resp_body", "auth_generation", "avoid")
 
-    def __init__(self, prepared: Any) -> None:
-        # the per-stream fields (sent_at, window, body_off, status, resp_*) are set by
-        # Connection.start before anything reads them
+    prepared: Request
+    sid: int                          # its stream id on ``conn``
+    conn: Connection[Self] | None     # where it is in flight; None between attempts
+    sent_at: float                    # trio clock at start
+    window: int                       # the stream's send window
+    body_off: int                     # body bytes sent so far
+    status: int                       # 0 until the response's :status arrives
+    resp_headers: Headers
+    resp_body: bytearray | None
+    auth_generation: int              # the provider token's generation it was sent with
+    avoid: Connection[Self] | None    # timed out there: resend elsewhere if possible
+
+    def __init__(self, prepared: Request) -> None:
         self.prepared = prepared
         self.sid = 0
-        self.conn: Connection | None = None
+        self.conn = None
         self.auth_generation = 0
-        self.avoid: Connection | None = None  # timed out there: resend elsewhere if possible
+        self.avoid = None
 
 
-class Connection:
+E = TypeVar("E", bound=Exchange)
+
+
+class StreamListener(Protocol[E]):
+    """Where each stream ends (the client): exactly one call per stream, except one the
+    caller itself cancelled (:meth:`Connection.cancel`)."""
+
+    def on_response(self, conn: Connection[E], job: E, status: int, headers: Headers,
+                    body: bytes) -> None:
+        """The server answered (any status)."""
+
+    def on_unprocessed(self, conn: Connection[E], job: E, why: str) -> None:
+        """The server never saw the stream (GOAWAY above last-stream-id, REFUSED_STREAM):
+        safe to resend."""
+
+    def on_lost(self, conn: Connection[E], job: E, why: str) -> None:
+        """The stream broke after it was sent: it may have been delivered."""
+
+    def on_timeout(self, conn: Connection[E], job: E) -> None:
+        """No answer by the deadline; the stream was reset (it may have been delivered)."""
+
+
+class ConnectionObserver(Protocol[E]):
+    """The connection's lifecycle (the pool)."""
+
+    def on_capacity(self, conn: Connection[E]) -> None:
+        """A stream slot may have freed, or the connection became usable."""
+
+    def on_retired(self, conn: Connection[E], why: str) -> None:
+        """No new streams from now on; it closes once its streams have ended."""
+
+    def on_closed(self, conn: Connection[E]) -> None:
+        """Closed, every stream ended (``conn.error`` says why, if it failed)."""
+
+
+# how a stream ends (_end_stream): the listener call it gets
+_ANSWERED, _UNPROCESSED, _LOST, _TIMED_OUT, _CANCELLED = range(5)
+_NO_RESET = -1
+_NO_HEADERS: Headers = ()
+
+
+class Connection(Generic[E]):
+    """One HTTP/2 connection: streams of jobs of type ``E`` end at ``listener``; its
+    lifecycle goes to ``observer``."""
+
     def __init__(
         self,
         host: str,
         port: int,
         ssl_context: ssl.SSLContext,
-        listener: Listener,
+        listener: StreamListener[E],
+        observer: ConnectionObserver[E],
         *,
-        auth: Any = None,
+        auth: HeaderAuth | None = None,
         index: int = 0,
         timeout: float = 10.0,
         connect_timeout: float = 10.0,
@@ -130,7 +236,7 @@ class Connection:
         max_streams_cap: int = 4000,
         first_stream_id: int = 1,
         authority: str | None = None,
-        events: Any = None,
+        events: EngineEvents | None = None,
         proxy: Proxy | None = None,
     ) -> None:
         self.host = host
@@ -139,6 +245,7 @@ class Connection:
         self.index = index
         self._ctx = ssl_context
         self._listener = listener
+        self._observer = observer
         self._auth = auth
         self._events = events  # fanout.events.Events or None: stream_reset, goaway
         self.timeout = timeout
@@ -150,7 +257,7 @@ class Connection:
         self._cap = max_streams_cap
         self._authority = (authority or (host if port == 443 else f"{host}:{port}")).encode()
 
-        self.streams: dict[int, Any] = {}
+        self.streams: dict[int, E] = {}
         self.remote_max_streams = 0          # 0 until the server's first SETTINGS arrives
         self.ready = False
         self.retiring = False
@@ -172,7 +279,7 @@ class Connection:
         self._initial_window = 65535
         self._max_frame_out = fr.DEFAULT_MAX_FRAME
         self._recv_unacked = 0
-        self._blocked: deque[Any] = deque()
+        self._blocked: deque[E] = deque()
         self._cont_sid = 0
         self._cont_flags = 0
         self._cont_buf: list[bytes] = []
@@ -201,12 +308,14 @@ class Connection:
 
     @property
     def capacity(self) -> int:
+        """Streams it can start now (0 unless ready, not retiring and not suspect)."""
         if not self.ready or self.retiring or self.suspect:
             return 0
         return min(self.remote_max_streams, self._cap) - len(self.streams)
 
     @property
     def stream_limit(self) -> int:
+        """The server's SETTINGS_MAX_CONCURRENT_STREAMS, capped by ``max_streams_cap``."""
         return min(self.remote_max_streams, self._cap)
 
     # ------------------------------------------------------------------ sending
@@ -217,26 +326,31 @@ class Connection:
             self._wake_pending = True
             self._wake.set()
 
-    def start(self, job: Any) -> None:
+    def start(self, job: E) -> None:
         """Open a stream for ``job`` and queue its frames. Requires ``capacity > 0``."""
         p = job.prepared
         sid = self._next_sid
         self._next_sid = sid + 2
         auth = self._auth
-        enc = self._encoder
+        topic = p.topic
+        consts: tuple[bytes, ...]
         if auth is not None:
             token = auth.header()
             job.auth_generation = auth.generation
-            consts = (b":authority", self._authority, b"authorization", token,
-                      b"apns-topic", p.topic, b"apns-push-type", p.push_type,
-                      b"apns-priority", p.priority)
-        else:
-            consts = (b":authority", self._authority, b"apns-topic", p.topic,
+            if topic is not None:
+                consts = (b":authority", self._authority, b"authorization", token,
+                          b"apns-topic", topic, b"apns-push-type", p.push_type,
+                          b"apns-priority", p.priority)
+            else:  # broadcasts: no apns-topic
+                consts = (b":authority", self._authority, b"authorization", token,
+                          b"apns-push-type", p.push_type, b"apns-priority", p.priority)
+        elif topic is not None:
+            consts = (b":authority", self._authority, b"apns-topic", topic,
                       b"apns-push-type", p.push_type, b"apns-priority", p.priority)
-        if p.topic is None:  # broadcasts: no apns-topic
-            i = consts.index(b"apns-topic")
-            consts = consts[:i] + consts[i + 2:]
-        lead, rest = enc.constant(consts)
+        else:
+            consts = (b":authority", self._authority, b"apns-push-type", p.push_type,
+                      b"apns-priority", p.priority)
+        lead, rest = self._encoder.constant(consts)
         block = lead + fr.METHOD_POST + fr.SCHEME_HTTPS \
             + fr.literal_never_indexed(b":path", p.path) + rest
         if p.apns_id is not None:
@@ -254,7 +368,7 @@ class Connection:
         job.conn = self
         job.sent_at = trio.current_time()
         job.status = 0
-        job.resp_headers = None
+        job.resp_headers = _NO_HEADERS
         job.resp_body = None
         self.streams[sid] = job
         self.streams_started += 1
@@ -300,7 +414,7 @@ class Connection:
 
     def _pump_blocked(self) -> None:
         """Send body bytes of flow-controlled streams, oldest first, as windows allow."""
-        keep: deque[Any] = deque()
+        keep: deque[E] = deque()
         blocked = self._blocked
         while blocked:
             job = blocked.popleft()
@@ -325,25 +439,28 @@ class Connection:
                     break
         self._blocked = keep
 
-    def cancel(self, job: Any, code: int = fr.CANCEL) -> bool:
+    def cancel(self, job: E, code: int = fr.CANCEL) -> bool:
         """Reset ``job``'s stream (RST_STREAM) and free its slot. False if not in flight here.
 
-        Within the reset budget only: past it the stream is dropped without a frame and the
-        connection retires (no new streams; it closes once the others have ended)."""
+        The caller decides the push's outcome: the listener hears nothing of it. Within the
+        reset budget only: past it the stream is dropped without a frame and the connection
+        retires (no new streams; it closes once the others have ended)."""
         if self.streams.get(job.sid) is not job:
             return False
-        del self.streams[job.sid]
-        job.conn = None
-        if not self.closed:
-            if self._take_reset():
-                self._send(fr.rst_stream(job.sid, code))
-                if self._events is not None:
-                    self._events.stream_reset(self)
-            else:
-                self.resets_withheld += 1
-                self.retire("too many stream resets (Rapid Reset guard)")
-        self._after_stream_end()
+        self._end_stream(job.sid, job, _CANCELLED, "", code)
         return True
+
+    def _reset(self, sid: int, code: int) -> None:
+        """RST_STREAM for a stream that just ended here, within the reset budget."""
+        if self.closed:
+            return
+        if self._take_reset():
+            self._send(fr.rst_stream(sid, code))
+            if self._events is not None:
+                self._events.stream_reset(self)
+        else:
+            self.resets_withheld += 1
+            self.retire("too many stream resets (Rapid Reset guard)")
 
     def _take_reset(self) -> bool:
         now = trio.current_time()
@@ -361,21 +478,46 @@ class Connection:
             self.retiring = True
             self.retire_reason = why
             self.retired_event.set()
-            self._listener.on_retired(self, why)
+            self._observer.on_retired(self, why)
         if not self.streams:
             self._finished.set()
 
-    def _after_stream_end(self) -> None:
-        if self.retiring and not self.streams:
-            self._finished.set()
+    def _end_stream(self, sid: int, job: E, how: int, why: str = "",
+                    reset: int = _NO_RESET) -> None:
+        """The one way out of a stream: it leaves ``streams``, gets its one listener call
+        (none if the caller cancelled it), and its slot goes back to the pool. ``reset``:
+        an RST_STREAM error code to send first."""
+        del self.streams[sid]
+        job.conn = None
+        if how == _ANSWERED:
+            self._last_complete = self._last_recv
+            status = job.status
+            if status == 200:
+                self.successes += 1
+            if self.suspect:
+                self._clear_suspect()
+            body = bytes(job.resp_body) if job.resp_body else b""
+            self._listener.on_response(self, job, status, job.resp_headers, body)
         else:
-            if self.suspect and self._probe_acked and not self.streams:
-                self._clear_suspect()  # the stuck streams are gone; the PING was answered
-            self._listener.on_capacity(self)
+            if reset != _NO_RESET:
+                self._reset(sid, reset)
+            if how == _UNPROCESSED:
+                self._listener.on_unprocessed(self, job, why)
+            elif how == _LOST:
+                self._listener.on_lost(self, job, why)
+            elif how == _TIMED_OUT:
+                self._listener.on_timeout(self, job)
+        if self.retiring:  # no capacity to announce
+            if not self.streams:
+                self._finished.set()
+            return
+        if self.suspect and self._probe_acked and not self.streams:
+            self._clear_suspect()  # the stuck streams are gone; the PING was answered
+        self._observer.on_capacity(self)
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, serve until retired and drained. Errors before ready are raised."""
         try:
             with trio.fail_after(self._connect_timeout):
@@ -449,10 +591,10 @@ class Connection:
             if not self.retiring:
                 self.retiring = True
                 self.retire_reason = why
-                self._listener.on_retired(self, why)
+                self._observer.on_retired(self, why)
             self.retired_event.set()
             self._fail_all(why)
-            self._listener.on_closed(self)
+            self._observer.on_closed(self)
         if error is not None and not started:
             raise error
         if error is not None:
@@ -460,25 +602,28 @@ class Connection:
                         error)
 
     async def _flush_now(self) -> None:
+        tls = self._tls
+        assert tls is not None  # connected
         if self._out:
             data = b"".join(self._out)
             self._out.clear()
-            self._tls.write(data)
-        await self._tls.flush()
+            tls.write(data)
+        await tls.flush()
 
     def _fail_all(self, why: str) -> None:
-        streams, self.streams = self.streams, {}
+        """The connection closed: every stream still open ends (unprocessed if above a
+        GOAWAY's last-stream-id, else lost)."""
         self._blocked.clear()
         last = self.goaway_last_id
-        for sid, job in streams.items():
-            job.conn = None
+        for sid, job in list(self.streams.items()):
             if last is not None and sid > last:
-                self._listener.on_unprocessed(self, job, "GOAWAY: above last-stream-id")
+                self._end_stream(sid, job, _UNPROCESSED, "GOAWAY: above last-stream-id")
             else:
-                self._listener.on_lost(self, job, why)
+                self._end_stream(sid, job, _LOST, why)
 
     async def _write_loop(self) -> None:
         tls = self._tls
+        assert tls is not None  # started once connected
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
@@ -529,8 +674,8 @@ class Connection:
                     break
                 expired.append(job)
             for job in expired:
-                if self.cancel(job, fr.CANCEL):
-                    self._listener.on_timeout(self, job)
+                if self.streams.get(job.sid) is job:
+                    self._end_stream(job.sid, job, _TIMED_OUT, "", fr.CANCEL)
 
     async def _watchdog(self) -> None:
         """PING after ``stall_after`` s of silence while streams are in flight (a relay or
@@ -593,12 +738,13 @@ class Connection:
 
     def _clear_suspect(self) -> None:
         self.suspect = self._needs_answer = self._probe_acked = False
-        self._listener.on_capacity(self)
+        self._observer.on_capacity(self)
 
     # ------------------------------------------------------------------ receiving
 
     async def _read_loop(self) -> None:
         tls = self._tls
+        assert tls is not None  # started once connected
         reader = self._reader
         handle = self._handle
         while True:
@@ -670,16 +816,14 @@ class Connection:
                 self._send(fr.ping(payload, ack=True))
         elif ftype == fr.RST_STREAM:
             code = fr.parse_u32(payload, "RST_STREAM")
-            job = self.streams.pop(sid, None)
+            job = self.streams.get(sid)
             if job is not None:
-                job.conn = None
                 if self._events is not None:
                     self._events.stream_reset(self)
                 if code == fr.REFUSED_STREAM:
-                    self._listener.on_unprocessed(self, job, "RST_STREAM(REFUSED_STREAM)")
+                    self._end_stream(sid, job, _UNPROCESSED, "RST_STREAM(REFUSED_STREAM)")
                 else:
-                    self._listener.on_lost(self, job, f"RST_STREAM(code {code})")
-                self._after_stream_end()
+                    self._end_stream(sid, job, _LOST, f"RST_STREAM(code {code})")
         elif ftype == fr.GOAWAY:
             self._on_goaway(payload)
         elif ftype == fr.PUSH_PROMISE:
@@ -711,7 +855,7 @@ class Connection:
         if not self.ready:
             self.ready = True
             self._ready_event.set()
-        self._listener.on_capacity(self)
+        self._observer.on_capacity(self)
 
     def _on_goaway(self, payload: bytes) -> None:
         last, code, debug = fr.parse_goaway(payload)
@@ -727,15 +871,15 @@ class Connection:
         self.goaway_reason = str(reason) if reason else None
         if self._events is not None:
             self._events.goaway(self, self.goaway_reason)
-        for sid in [s for s in self.streams if s > last]:
-            job = self.streams.pop(sid)
-            job.conn = None
-            self._listener.on_unprocessed(self, job, "GOAWAY: above last-stream-id")
+        # retired first: the streams handed back are never restarted here
         self.retire(f"GOAWAY (code {code}, reason {self.goaway_reason or '-'})")
+        for sid in [s for s in self.streams if s > last]:
+            self._end_stream(sid, self.streams[sid], _UNPROCESSED, "GOAWAY: above last-stream-id")
 
     def _on_headers(self, sid: int, flags: int, block: bytes) -> None:
         try:
-            headers = self._decoder.decode(block, raw=True)
+            # hpack annotates an Iterable; it returns a list of (bytes, bytes) tuples
+            headers: Headers = self._decoder.decode(block, raw=True)  # type: ignore[assignment]
         except hpack.HPACKError as exc:
             # hpack's messages may end with the repr of a memoryview: keep the words only
             why = str(exc).split(": <memory")[0]
@@ -761,7 +905,7 @@ class Connection:
             job.status = status
             job.resp_headers = headers
         if flags & fr.END_STREAM:
-            self._complete(sid, job)
+            self._end_stream(sid, job, _ANSWERED)
 
     def _on_data(self, sid: int, flags: int, payload: bytes) -> None:
         self._recv_unacked += len(payload)
@@ -782,20 +926,7 @@ class Connection:
             else:
                 job.resp_body += data
             if len(job.resp_body) > MAX_BODY:
-                self.cancel(job, fr.CANCEL)
-                self._listener.on_lost(self, job, "response body too large")
+                self._end_stream(sid, job, _LOST, "response body too large", fr.CANCEL)
                 return
         if flags & fr.END_STREAM:
-            self._complete(sid, job)
-
-    def _complete(self, sid: int, job: Any) -> None:
-        del self.streams[sid]
-        job.conn = None
-        self._last_complete = self._last_recv
-        if job.status == 200:
-            self.successes += 1
-        if self.suspect:
-            self._clear_suspect()
-        body = bytes(job.resp_body) if job.resp_body else b""
-        self._listener.on_response(self, job, job.status, job.resp_headers, body)
-        self._after_stream_end()
+            self._end_stream(sid, job, _ANSWERED)

@@ -1,16 +1,17 @@
 """The HTTP/2 framing of the hot path (RFC 9113 frames, RFC 7541 HPACK for requests).
 
-Why hand-written: the h2 state machine costs 475-950 µs per push in Python, this framer about
-100 (PERF.md). Requests are encoded here; responses are decoded with hpack's Decoder, an
-independent implementation. Tests check every frame written here against h2 acting as the
-server, and the engine runs against nginx too.
+Why hand-written: the h2 state machine costs 475-950 µs per push in Python, this framer
+about 100 (docs/perf.md, "Header encoding"). Requests are encoded here; responses are
+decoded with hpack's Decoder, an independent implementation. Tests check every frame
+written here against h2 acting as the server, and the engine runs against nginx too.
 
-Request header strategy (PERF.md, APNS.md §1.2): constant headers (:authority,
-authorization, apns-topic, apns-push-type, apns-priority) are inserted once into the
-server's dynamic table and sent afterwards as one-byte indexes; per-request values
-(:path, apns-id, apns-collapse-id, apns-expiration) go as literals never indexed, without
-Huffman coding. The encoder models the table it builds, evicting as the peer would at its
-SETTINGS_HEADER_TABLE_SIZE, so a JWT rotation simply inserts a new entry.
+Request header strategy (docs/perf.md, "Header encoding"; docs/apns.md, "Headers"):
+constant headers (:authority, authorization, apns-topic, apns-push-type, apns-priority)
+are inserted once into the server's dynamic table and sent afterwards as one-byte
+indexes; per-request values (:path, apns-id, apns-collapse-id, apns-expiration) go as
+literals never indexed, without Huffman coding. The encoder models the table it builds,
+evicting as the peer would at its SETTINGS_HEADER_TABLE_SIZE, so a JWT rotation simply
+inserts a new entry.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def parse_goaway(payload: bytes) -> tuple[int, int, bytes]:
 def parse_u32(payload: bytes, what: str) -> int:
     if len(payload) != 4:
         raise ProtocolError(f"{what} payload must be 4 bytes, got {len(payload)}")
-    return _U32.unpack(payload)[0] & MAX_STREAM_ID
+    value: int = _U32.unpack(payload)[0]
+    return value & MAX_STREAM_ID
 
 
 # --------------------------------------------------------------------------- HPACK (encode)
@@ -149,7 +151,7 @@ class RequestEncoder:
         self._lookup: dict[tuple[bytes, bytes], int] = {}           # (name, value) -> seq
         self._inserted = 0
         self._pending_update: int | None = None
-        self._cache: dict[tuple[bytes, ...], bytes] = {}
+        self._cache: dict[tuple[bytes, ...], tuple[bytes, bytes]] = {}  # pairs -> (lead, rest)
 
     def set_max_size(self, peer_max: int, cap: int = 4096) -> None:
         """The peer's SETTINGS_HEADER_TABLE_SIZE changed: shrink (never grow past ``cap``)."""

@@ -20,40 +20,46 @@ from __future__ import annotations
 
 import logging
 import ssl
-from typing import Any
+from typing import Generic, Literal
 
 import trio
 
 from ..errors import UNREACHABLE, ConfigError, TransportError
 from .backoff import Backoff
-from .connection import Connection
+from .connection import Connection, E, EngineEvents, HeaderAuth, StreamListener
+from .proxy import Proxy
 
 log = logging.getLogger("fanout.pool")
 
 MIN_HEALTHY_LIFETIME = 1.0  # a connection that dies sooner counts as a failed attempt
 
 
-class Pool:
+class Pool(Generic[E]):
+    """The connections to one host, and the jobs (of type ``E``) waiting for a stream slot.
+
+    Each stream's end goes straight from its connection to ``listener`` (the client); the
+    pool observes the connections' lifecycle (:class:`ConnectionObserver`)."""
+
     def __init__(
         self,
         host: str,
         port: int,
         ssl_context: ssl.SSLContext,
-        handler: Any,
+        listener: StreamListener[E],
         *,
-        auth: Any = None,
+        auth: HeaderAuth | None = None,
         size: int = 2,
         timeout: float = 10.0,
         connect_timeout: float = 10.0,
         unavailable_timeout: float = 30.0,
-        on_unavailable: str = "fail",
+        on_unavailable: Literal["fail", "wait"] = "fail",
         ping_interval: float = 60.0,
         ping_timeout: float = 5.0,
         max_streams_cap: int = 4000,
         first_stream_id: int = 1,
         backoff: Backoff | None = None,
-        events: Any = None,
-        proxy: Any = None,
+        events: EngineEvents | None = None,
+        proxy: Proxy | None = None,
     ) -> None:
         if size < 1:
             raise ConfigError("connections must be at least 1")
@@ -61,29 +67,33 @@ class Pool:
         self.port = port
         self.size = size
         self._ctx = ssl_context
-        self._handler = handler
+        self._listener = listener
         self._auth = auth
         self._events = events
-        self._conn_kw = dict(auth=auth, timeout=timeout, connect_timeout=connect_timeout,
-                             ping_interval=ping_interval, ping_timeout=ping_timeout,
-                             max_streams_cap=max_streams_cap,
-                             first_stream_id=first_stream_id, events=events, proxy=proxy)
+        self._timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._max_streams_cap = max_streams_cap
+        self._first_stream_id = first_stream_id
+        self._proxy = proxy
         if on_unavailable not in ("fail", "wait"):
             raise ConfigError(f"on_unavailable must be fail or wait, not {on_unavailable!r}")
         self._unavailable_timeout = unavailable_timeout
         self.on_unavailable = on_unavailable
         self.down_since: float | None = None    # no usable connection since (trio clock)
         self._backoff = backoff or Backoff(base=0.1, cap=30.0)
-        self.conns: list[Connection] = []       # ready and accepting streams
-        self.draining: set[Connection] = set()  # retired, finishing their streams
+        self.conns: list[Connection[E]] = []       # ready and accepting streams
+        self.draining: set[Connection[E]] = set()  # retired, finishing their streams
         self.last_error: BaseException | None = None
         self.fatal_error: ConfigError | None = None
-        self.halt_error: ConfigError | None = None  # set by the client: send nothing more
+        self.halt_error: ConfigError | None = None  # halt(): start nothing more
         self.opened = 0
         self._lot = trio.lowlevel.ParkingLot()
         self._nursery: trio.Nursery | None = None
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Supervise ``size`` connection slots until :meth:`close` (or cancellation)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.down_since = trio.current_time()
@@ -92,6 +102,7 @@ class Pool:
             task_status.started()
 
     def close(self) -> None:
+        """Stop the supervisors and their connections."""
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
@@ -101,6 +112,7 @@ class Pool:
         return 0.0 if since is None or self.conns else trio.current_time() - since
 
     def unavailable_error(self) -> TransportError:
+        """The error of jobs that gave up waiting for an unreachable host."""
         return TransportError(
             f"{UNREACHABLE}: no usable connection to {self.host}:{self.port} for "
             f"{self._unavailable_timeout:g} s; last error: {self.last_error or 'none'}")
@@ -112,14 +124,33 @@ class Pool:
 
     @property
     def in_flight(self) -> int:
+        """Streams open on every connection, draining ones included."""
         return sum(len(c.streams) for c in self.conns) + sum(len(c.streams) for c in self.draining)
 
+    @property
+    def waiting(self) -> int:
+        """Jobs parked in :meth:`submit` for a free stream slot."""
+        return len(self._lot)
+
+    def halt(self, error: ConfigError | None) -> None:
+        """Start nothing more: :meth:`submit` raises ``error`` (a job parked there, once
+        it wakes) and :meth:`try_start` declines, until ``halt(None)``."""
+        self.halt_error = error
+
     async def _supervise(self, index: int) -> None:
+        nursery = self._nursery
+        assert nursery is not None  # started by run()
         failures = 0
         while True:
-            conn = Connection(self.host, self.port, self._ctx, self, index=index, **self._conn_kw)
+            conn = Connection(self.host, self.port, self._ctx, self._listener, self,
+                              auth=self._auth, index=index, timeout=self._timeout,
+                              connect_timeout=self._connect_timeout,
+                              ping_interval=self._ping_interval, ping_timeout=self._ping_timeout,
+                              max_streams_cap=self._max_streams_cap,
+                              first_stream_id=self._first_stream_id, events=self._events,
+                              proxy=self._proxy)
             try:
-                await self._nursery.start(conn.run)
+                await nursery.start(conn.run)
             except (TransportError, ConfigError) as exc:
                 failures += 1
                 self.last_error = exc
@@ -158,22 +189,33 @@ class Pool:
                      "%.1f s", index, conn.successes, conn.retire_reason, delay)
             await trio.sleep(delay)
 
-    def try_start(self, job: Any) -> bool:
-        """Start ``job`` now if a slot is free and nobody is queued before it."""
-        if self._lot or self.halt_error is not None:
-            return False
+    def _best(self, avoid: Connection[E] | None) -> Connection[E] | None:
+        """The connection with the most free slots; ``avoid`` only if it is the only one up."""
         best = None
         room = 0
+        others = False
         for conn in self.conns:
+            if conn is avoid:
+                continue
+            others = True
             cap = conn.capacity
             if cap > room:
                 best, room = conn, cap
+        if best is None and not others and avoid is not None and avoid.capacity > 0:
+            best = avoid
+        return best
+
+    def try_start(self, job: E) -> bool:
+        """Start ``job`` now if a slot is free and nobody is queued before it."""
+        if self._lot or self.halt_error is not None:
+            return False
+        best = self._best(job.avoid)
         if best is None:
             return False
         best.start(job)
         return True
 
-    async def submit(self, job: Any) -> None:
+    async def submit(self, job: E) -> None:
         """Start ``job`` on the connection with the most free slots, waiting for one.
 
         ``job.avoid`` (a connection the job timed out on) is used only when no other
@@ -183,18 +225,7 @@ class Pool:
         while True:
             if self.halt_error is not None:
                 raise self.halt_error
-            best = None
-            room = 0
-            others = False
-            for conn in self.conns:
-                if conn is avoid:
-                    continue
-                others = True
-                cap = conn.capacity
-                if cap > room:
-                    best, room = conn, cap
-            if best is None and not others and avoid is not None and avoid.capacity > 0:
-                best = avoid
+            best = self._best(avoid)
             if best is not None:
                 best.start(job)
                 return
@@ -209,15 +240,17 @@ class Pool:
             else:
                 await self._lot.park()
 
-    # ------------------------------------------------------------ connection listener
+    # ------------------------------------------------------------ connection observer
 
-    def on_capacity(self, conn: Connection) -> None:
+    def on_capacity(self, conn: Connection[E]) -> None:
+        """Wake as many parked jobs as ``conn`` has free slots."""
         if self._lot:  # anybody waiting for a slot?
             n = conn.capacity
             if n > 0:
                 self._lot.unpark(count=n)
 
-    def on_retired(self, conn: Connection, why: str) -> None:
+    def on_retired(self, conn: Connection[E], why: str) -> None:
+        """Out of the ready set, into draining (its replacement opens meanwhile)."""
         if conn in self.conns:
             self.conns.remove(conn)
             if not self.conns:
@@ -232,7 +265,8 @@ class Pool:
             self._events.connection_retired(conn, why)
         log.info("connection %d retired: %s", conn.index, why)
 
-    def on_closed(self, conn: Connection) -> None:
+    def on_closed(self, conn: Connection[E]) -> None:
+        """Gone; a death (not a goodbye) makes its siblings prove they are alive."""
         self.draining.discard(conn)
         if conn.error is not None and conn.opened_at:
             # it died (silence, wedge, reset): its siblings prove they are alive before
@@ -241,15 +275,3 @@ class Pool:
                 other.probe()
         if self._events:
             self._events.connection_closed(conn)
-
-    def on_response(self, conn: Connection, job: Any, status: int, headers: list, body: bytes) -> None:
-        self._handler.on_response(conn, job, status, headers, body)
-
-    def on_unprocessed(self, conn: Connection, job: Any, why: str) -> None:
-        self._handler.on_unprocessed(conn, job, why)
-
-    def on_lost(self, conn: Connection, job: Any, why: str) -> None:
-        self._handler.on_lost(conn, job, why)
-
-    def on_timeout(self, conn: Connection, job: Any) -> None:
-        self._handler.on_timeout(conn, job)

@@ -28,6 +28,8 @@ _DEFAULT_PORTS = {"http": 8080, "socks5": 1080, "socks5h": 1080}
 
 
 class Proxy:
+    """A proxy for the push connections (password never in its repr)."""
+
     __slots__ = ("scheme", "host", "port", "username", "password")
 
     def __init__(self, host: str, port: int, username: str | None = None,
@@ -40,6 +42,7 @@ class Proxy:
 
     @classmethod
     def parse(cls, url: str) -> Proxy:
+        """``http://``, ``socks5://`` or ``socks5h://[USER:PASSWORD@]HOST[:PORT]``."""
         parts = urlsplit(url if "://" in url else f"http://{url}")
         scheme = parts.scheme.lower()
         if scheme == "https":

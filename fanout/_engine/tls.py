@@ -1,9 +1,10 @@
 """TLS over a trio socket with batched records (ssl.MemoryBIO).
 
-``trio.SSLStream`` returns one TLS record per read and encrypts each ``send_all`` on its own,
-which defeats batching (PERF.md: 23-35% of the client's CPU). Here the connection appends
-plaintext with :meth:`write` (no I/O), :meth:`flush` sends everything encrypted so far in one
-socket write, and :meth:`receive` decrypts every record that has arrived.
+``trio.SSLStream`` returns one TLS record per read and encrypts each ``send_all`` on its
+own, which defeats batching (23-35% of the client's CPU; docs/perf.md, "TLS write
+batching"). Here the connection appends plaintext with :meth:`write` (no I/O),
+:meth:`flush` sends everything encrypted so far in one socket write, and :meth:`receive`
+decrypts every record that has arrived.
 
 One task may call :meth:`receive` while another calls :meth:`flush`; the SSLObject calls are
 synchronous, so they never interleave mid-call.
@@ -22,6 +23,8 @@ _READ_SIZE = 256 * 1024
 
 
 class TLSStream:
+    """A TLS client session over ``sock``: plaintext in and out, one socket write per flush."""
+
     def __init__(self, sock: trio.SocketStream, ctx: ssl.SSLContext, server_hostname: str) -> None:
         self._sock = sock
         self._in = ssl.MemoryBIO()
@@ -32,9 +35,11 @@ class TLSStream:
 
     @property
     def alpn(self) -> str | None:
+        """The protocol the server chose by ALPN (APNs: ``h2``)."""
         return self._obj.selected_alpn_protocol()
 
     async def handshake(self) -> None:
+        """Run the TLS handshake; a certificate that fails verification is a ConfigError."""
         while True:
             try:
                 self._obj.do_handshake()
@@ -56,9 +61,11 @@ class TLSStream:
         self._obj.write(data)
 
     def pending(self) -> int:
+        """Encrypted bytes not yet sent."""
         return self._out.pending
 
     async def flush(self) -> None:
+        """Send everything encrypted so far, in one write."""
         async with self._send_lock:
             if self._out.pending:
                 data = self._out.read()
@@ -114,6 +121,7 @@ class TLSStream:
                 return out
 
     async def aclose(self) -> None:
+        """Close the socket (best effort, at most a second, even when cancelled)."""
         with trio.move_on_after(1) as scope:
             scope.shield = True
             try:
