@@ -159,7 +159,7 @@ class Limiter:
         self._paused_until = -math.inf
         self._token_until: dict[str, float] = {}
         self._heap: list[tuple[float, str]] = []
-        self.waiting = 0
+        self.waiting: int = 0
 
     @property
     def idle(self) -> bool:

@@ -33,7 +33,7 @@ from .errors import ConfigError, KeyFileError
 
 __all__ = ["Auth", "CertAuth", "TokenAuth", "MAX_TOKEN_AGE"]
 
-log = logging.getLogger("fanout.auth")
+log: logging.Logger = logging.getLogger("fanout.auth")
 
 #: APNs rejects a provider token whose ``iat`` is older than this (seconds).
 MAX_TOKEN_AGE = 3600.0
@@ -198,8 +198,8 @@ class TokenAuth(Auth):
         min_refresh_interval: float = 1200.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.key_id = _check_id(key_id, "key_id")
-        self.team_id = _check_id(team_id, "team_id")
+        self.key_id: str = _check_id(key_id, "key_id")
+        self.team_id: str = _check_id(team_id, "team_id")
         if not 0 <= min_refresh_interval <= MAX_TOKEN_AGE:
             raise ConfigError(
                 f"min_refresh_interval must be within [0, {MAX_TOKEN_AGE:g}] s, got {min_refresh_interval!r}"
@@ -215,12 +215,12 @@ class TokenAuth(Auth):
             self._key = _load_private_key(bytes(key), "key")
         else:
             self._key = _check_key(key, "key")
-        self.refresh_after = float(refresh_after)
-        self.min_refresh_interval = float(min_refresh_interval)
+        self.refresh_after: float = float(refresh_after)
+        self.min_refresh_interval: float = float(min_refresh_interval)
         self._clock = clock
         self._generation = 0
-        self.rotations = 0
-        self.forced_refreshes = 0
+        self.rotations: int = 0
+        self.forced_refreshes: int = 0
         self._last_early_refresh = float("-inf")
         self._lock = threading.Lock()
         self._header = b""
@@ -346,8 +346,8 @@ class CertAuth(Auth):
         key_file: str | os.PathLike[str] | None = None,
         password: str | None = None,
     ) -> None:
-        self.cert_file = os.fspath(cert_file)
-        self.key_file = os.fspath(key_file) if key_file is not None else None
+        self.cert_file: str = os.fspath(cert_file)
+        self.key_file: str | None = os.fspath(key_file) if key_file is not None else None
         self._password = password
         data, _ = _read_file(self.cert_file, "certificate file")
         if "CERTIFICATE" not in _pem_labels(data):

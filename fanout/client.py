@@ -31,6 +31,7 @@ import trio
 from ._engine.backoff import Backoff
 from ._engine.connection import Connection, Exchange, Headers
 from ._engine.pool import Pool
+from ._engine.proxy import Proxy, resolve
 from ._limiter import Limiter, parse_retry_after
 from .auth import Auth, CertAuth, TokenAuth
 from .errors import ConfigError, TransportError, ValidationError, redact
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
 
     from .channels import Channel, Channels
 
-log = logging.getLogger("fanout")
+log: logging.Logger = logging.getLogger("fanout")
 _Ts = TypeVarTuple("_Ts")
 
 #: APNs' push host per environment (docs/apns.md, "Hosts").
@@ -127,7 +128,7 @@ class _Waiter:
     __slots__ = ("event", "result")
 
     def __init__(self) -> None:
-        self.event = trio.Event()
+        self.event: trio.Event = trio.Event()
         self.result: Result | None = None
 
     def deliver(self, push: Push | None, result: Result) -> None:
@@ -144,8 +145,8 @@ class _Batch:
         self.results: deque[Result] = deque()
         self.outstanding = 0
         self.live: set[Push] = set()
-        self.readable = trio.Event()
-        self.space = trio.Event()
+        self.readable: trio.Event = trio.Event()
+        self.space: trio.Event = trio.Event()
         self.done_feeding = False
         self.error: BaseException | None = None
 
@@ -178,7 +179,7 @@ class LazyChannels:
     __slots__ = ("channels",)
 
     def __init__(self, channels: Channels) -> None:
-        self.channels = channels
+        self.channels: Channels = channels
 
     async def create(self, storage_policy: int = 0) -> Channel:
         """Create a channel; ``storage_policy`` 0 = No Message Stored, 1 = Most Recent."""
@@ -333,20 +334,20 @@ class Client:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a whole number >= 1, not {value!r}")
         self.environment = environment
-        self.host = host or HOSTS[environment]
+        self.host: str = host or HOSTS[environment]
         self.port = port
         self.topic = topic
         self.auth = auth
         self.delivery = delivery
         self.max_attempts = max_attempts
         self.max_in_flight = max_in_flight
-        self.events = events or Events()
+        self.events: Events = events or Events()
         self._on_invalid = on_invalid_token
         # token -> (reason, timestamp) APNs gave when it called the token invalid
         self._invalid_seen: OrderedDict[str, tuple[Reason | None, int | None]] = OrderedDict()
         self.resend_invalid = resend_invalid
         self._backoff = backoff or Backoff(base=0.5, cap=60.0)
-        self.limiter = Limiter(rate, topic_rates)
+        self.limiter: Limiter = Limiter(rate, topic_rates)
         self._limited = bool(rate or topic_rates)
         self.topic_guard = topic_guard
         self._guard_reasons = SUSPECT_REASONS  # Teams narrows it when it retries environments
@@ -365,10 +366,8 @@ class Client:
                 raise ConfigError(f"auth must be TokenAuth or CertAuth, not {type(auth).__name__}")
             auth.apply(self._ssl)  # a client certificate, if any
         header_auth = auth if isinstance(auth, TokenAuth) else None
-        from ._engine.proxy import resolve
-
         # an HTTP CONNECT proxy: this argument, or HTTPS_PROXY / ALL_PROXY minus NO_PROXY
-        self.proxy = resolve(proxy, self.host)
+        self.proxy: Proxy | None = resolve(proxy, self.host)
         self._proxy_setting = proxy  # the channel-management host resolves its own
         if self.proxy is not None:
             log.info("connecting to %s through proxy %s", self.host, self.proxy)
@@ -386,7 +385,7 @@ class Client:
         self._retry_wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._nursery_cm: AbstractAsyncContextManager[trio.Nursery] | None = None
-        self.outstanding = 0
+        self.outstanding: int = 0  # pushes taken and not yet finished
         self._ca_file = ca_file
         # channel management: Apple's own host, or the push host when pointed at a mock
         custom = host is not None and host not in HOSTS.values()

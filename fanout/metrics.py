@@ -33,7 +33,7 @@ from .payload import PushType
 __all__ = ["DaemonMetrics", "Metrics", "LATENCY_BUCKETS", "parse_listen", "reason_label",
            "serve"]
 
-log = logging.getLogger("fanout.metrics")
+log: logging.Logger = logging.getLogger("fanout.metrics")
 
 #: Buckets of ``fanout_push_latency_seconds``: APNs answers in milliseconds, a stall in seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -103,62 +103,62 @@ class Metrics(Events):
 
     def __init__(self, registry: CollectorRegistry | None = None, *, daemon: bool = True,
                  interval: float = 1.0) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry: CollectorRegistry = registry if registry is not None else CollectorRegistry()
         self.interval = interval
         self._multiprocess = _multiprocess()
         r = self.registry
         T = ["team"]  # every engine metric: "" outside fanout.teams (the same as no label)
-        self.pushes = Counter("fanout_pushes_total", "pushes finished",
+        self.pushes: Counter = Counter("fanout_pushes_total", "pushes finished",
                               [*T, "push_type", "outcome", "reason"], registry=r)
-        self.latency = Histogram("fanout_push_latency_seconds", "send to answer",
+        self.latency: Histogram = Histogram("fanout_push_latency_seconds", "send to answer",
                                  [*T, "push_type", "outcome"], buckets=LATENCY_BUCKETS,
                                  registry=r)
-        self.in_flight = Gauge("fanout_in_flight", "pushes sent, not yet answered", T,
+        self.in_flight: Gauge = Gauge("fanout_in_flight", "pushes sent, not yet answered", T,
                                registry=r, multiprocess_mode="livesum")
-        self.queue_depth = Gauge("fanout_queue_depth",
+        self.queue_depth: Gauge = Gauge("fanout_queue_depth",
                                  "pushes waiting for a stream slot or a token bucket", T,
                                  registry=r, multiprocess_mode="livesum")
-        self.stream_limit = Gauge("fanout_connection_stream_limit",
+        self.stream_limit: Gauge = Gauge("fanout_connection_stream_limit",
                                   "server's current SETTINGS_MAX_CONCURRENT_STREAMS",
                                   [*T, "connection"], registry=r, multiprocess_mode="livesum")
-        self.streams_open = Gauge("fanout_connection_streams_open", "streams open now",
+        self.streams_open: Gauge = Gauge("fanout_connection_streams_open", "streams open now",
                                   [*T, "connection"], registry=r, multiprocess_mode="livesum")
-        self.connections_opened = Counter("fanout_connections_opened_total",
+        self.connections_opened: Counter = Counter("fanout_connections_opened_total",
                                           "connections that became ready", T, registry=r)
-        self.connections_closed = Counter("fanout_connections_closed_total",
+        self.connections_closed: Counter = Counter("fanout_connections_closed_total",
                                           "connections closed", [*T, "cause"], registry=r)
-        self.connection_failures = Counter("fanout_connection_failures_total",
+        self.connection_failures: Counter = Counter("fanout_connection_failures_total",
                                            "connection attempts that failed", T, registry=r)
-        self.goaways = Counter("fanout_goaways_total", "GOAWAY frames received",
+        self.goaways: Counter = Counter("fanout_goaways_total", "GOAWAY frames received",
                                [*T, "reason"], registry=r)
-        self.streams_reset = Counter("fanout_streams_reset_total", "streams reset", T,
+        self.streams_reset: Counter = Counter("fanout_streams_reset_total", "streams reset", T,
                                      registry=r)
-        self.retries = Counter("fanout_retries_total", "resends", [*T, "cause"], registry=r)
-        self.limiter_wait_seconds = Counter(
+        self.retries: Counter = Counter("fanout_retries_total", "resends", [*T, "cause"], registry=r)
+        self.limiter_wait_seconds: Counter = Counter(
             "fanout_limiter_wait_seconds_total",
             "seconds pushes waited in token buckets / global pause", T, registry=r)
-        self.invalid_tokens = Counter("fanout_invalid_tokens_total",
+        self.invalid_tokens: Counter = Counter("fanout_invalid_tokens_total",
                                       "tokens invalidated (each once)", T, registry=r)
         # livemax: the age of the oldest token among the workers (a sum means nothing)
-        self.jwt_age = Gauge("fanout_jwt_age_seconds", "age of the provider token in use", T,
+        self.jwt_age: Gauge = Gauge("fanout_jwt_age_seconds", "age of the provider token in use", T,
                              registry=r, multiprocess_mode="livemax")
-        self.jwt_rotations = Counter("fanout_jwt_rotations_total", "provider tokens minted", T,
+        self.jwt_rotations: Counter = Counter("fanout_jwt_rotations_total", "provider tokens minted", T,
                                      registry=r)
-        self.auth_failures = Counter("fanout_auth_failures_total", "403/429 auth answers",
+        self.auth_failures: Counter = Counter("fanout_auth_failures_total", "403/429 auth answers",
                                      [*T, "reason"], registry=r)
-        self.wrong_environment = Counter(
+        self.wrong_environment: Counter = Counter(
             "fanout_wrong_environment_total",
             "pushes APNs refused as BadDeviceToken and the other environment accepted",
             [*T, "accepted_by"], registry=r)
-        self.resent = Counter(
+        self.resent: Counter = Counter(
             "fanout_pushes_resent_total",
             "pushes sent again after an attempt timed out or its connection was lost (they "
             "may arrive twice)", T, registry=r)
-        self.unreachable = Gauge(
+        self.unreachable: Gauge = Gauge(
             "fanout_apns_unreachable_seconds",
             "seconds without a usable connection to APNs (0 while one is up)", T,
             registry=r, multiprocess_mode="livemax")
-        self.daemon = DaemonMetrics(r) if daemon else None
+        self.daemon: DaemonMetrics | None = DaemonMetrics(r) if daemon else None
         self._views: dict[str, Metrics] = {"": self}
         self._bind("")
 
@@ -384,20 +384,20 @@ class DaemonMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
-        self.input_lines = Counter("fanout_input_lines_total", "input lines read", registry=r)
-        self.malformed_lines = Counter("fanout_malformed_lines_total", "malformed input lines",
+        self.input_lines: Counter = Counter("fanout_input_lines_total", "input lines read", registry=r)
+        self.malformed_lines: Counter = Counter("fanout_malformed_lines_total", "malformed input lines",
                                        registry=r)
-        self.results_written = Counter("fanout_results_written_total", "result lines written",
+        self.results_written: Counter = Counter("fanout_results_written_total", "result lines written",
                                        registry=r)
-        self.checkpoint_lag = Gauge("fanout_checkpoint_lag_lines",
+        self.checkpoint_lag: Gauge = Gauge("fanout_checkpoint_lag_lines",
                                     "lines read but not yet covered by the checkpoint",
                                     registry=r, multiprocess_mode="livesum")
         # set by a fleet daemon (fanout/fleet.py) from XINFO GROUPS; the whole group's
         # figures, the same on every daemon of the group (the dashboard takes the max)
-        self.stream_lag = Gauge("fanout_stream_lag_entries",
+        self.stream_lag: Gauge = Gauge("fanout_stream_lag_entries",
                                 "Redis Stream entries not yet read by the consumer group",
                                 registry=r, multiprocess_mode="max")
-        self.stream_pending = Gauge("fanout_stream_pending_entries",
+        self.stream_pending: Gauge = Gauge("fanout_stream_pending_entries",
                                     "Redis Stream entries read by the group, not yet acked",
                                     registry=r, multiprocess_mode="max")
         self._seen = [0, 0, 0]

@@ -24,10 +24,10 @@ class Backoff:
     ) -> None:
         if not (base >= 0 and cap >= 0 and factor >= 1):
             raise ValueError("need base >= 0, cap >= 0 and factor >= 1")
-        self.base = float(base)
-        self.cap = float(cap)
-        self.factor = float(factor)
-        self.jitter = jitter
+        self.base: float = float(base)
+        self.cap: float = float(cap)
+        self.factor: float = float(factor)
+        self.jitter: bool = jitter
         self._rng = rng or random.Random()
 
     def ceiling(self, attempt: int) -> float:

@@ -258,17 +258,17 @@ class Connection(Generic[E]):
         self._authority = (authority or (host if port == 443 else f"{host}:{port}")).encode()
 
         self.streams: dict[int, E] = {}
-        self.remote_max_streams = 0          # 0 until the server's first SETTINGS arrives
-        self.ready = False
-        self.retiring = False
-        self.closed = False
-        self.retire_reason = ""
+        self.remote_max_streams: int = 0          # 0 until the server's first SETTINGS arrives
+        self.ready: bool = False
+        self.retiring: bool = False
+        self.closed: bool = False
+        self.retire_reason: str = ""
         self.goaway_last_id: int | None = None
         self.goaway_reason: str | None = None
-        self.streams_started = 0
-        self.pings_sent = 0
-        self.successes = 0            # streams answered 200: the connection did real work
-        self.resets_withheld = 0      # streams dropped without RST_STREAM (budget spent)
+        self.streams_started: int = 0
+        self.pings_sent: int = 0
+        self.successes: int = 0            # streams answered 200: the connection did real work
+        self.resets_withheld: int = 0      # streams dropped without RST_STREAM (budget spent)
         self.error: BaseException | None = None   # why the connection failed, if it did
 
         self._next_sid = first_stream_id | 1
@@ -292,7 +292,7 @@ class Connection(Generic[E]):
         self._finished = trio.Event()
         self._ping_ack = trio.Event()
         self._probe_now = trio.Event()
-        self.suspect = False     # probed (a sibling died): no new streams until proven alive
+        self.suspect: bool = False     # probed (a sibling died): no new streams until proven alive
         self._needs_answer = False  # ... by an answered stream, not just a PING
         self._probe_acked = False   # the probe's PING was answered
         self._last_recv = 0.0
@@ -301,8 +301,8 @@ class Connection(Generic[E]):
         self._reset_tokens = float(RESET_BURST)
         self._reset_at = 0.0
         self._tls: TLSStream | None = None
-        self.retired_event = trio.Event()
-        self.opened_at = 0.0
+        self.retired_event: trio.Event = trio.Event()
+        self.opened_at: float = 0.0
 
     # ------------------------------------------------------------------ capacity
 

@@ -88,7 +88,7 @@ class Pool(Generic[E]):
         self.last_error: BaseException | None = None
         self.fatal_error: ConfigError | None = None
         self.halt_error: ConfigError | None = None  # halt(): start nothing more
-        self.opened = 0
+        self.opened: int = 0
         self._lot = trio.lowlevel.ParkingLot()
         self._nursery: trio.Nursery | None = None
 

@@ -34,11 +34,11 @@ class Proxy:
 
     def __init__(self, host: str, port: int, username: str | None = None,
                  password: str | None = None, scheme: str = "http") -> None:
-        self.scheme = scheme
-        self.host = host
-        self.port = port
-        self.username = username
-        self.password = password
+        self.scheme: str = scheme
+        self.host: str = host
+        self.port: int = port
+        self.username: str | None = username
+        self.password: str | None = password
 
     @classmethod
     def parse(cls, url: str) -> Proxy:
