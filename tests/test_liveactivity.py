@@ -186,3 +186,30 @@ async def test_live_activity_and_broadcast_scenario(pki, signing_key):
     assert sent.ok and sent.channel_id == channel.channel_id and sent.token is None
     assert mock.stats.broadcasts[channel.channel_id] == 1
     assert gone.outcome == "rejected" and gone.reason == "ChannelNotRegistered"
+
+
+async def test_a_broadcast_through_a_rate_limited_client(pki, signing_key):
+    """A broadcast has no apns-topic; a client with a rate (global or per topic) must pace
+    it through the global bucket, not fail on its missing topic."""
+    import trio
+
+    from fanout.auth import TokenAuth
+    from fanout.client import Client
+    from fanout.testing.mock import MockAPNs, MockConfig
+
+    mock = MockAPNs(MockConfig(keys={signing_key.key_id: signing_key.public_key},
+                               team_id=signing_key.team_id), pki)
+    auth = TokenAuth.from_file(signing_key.path, signing_key.key_id, signing_key.team_id)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(mock.serve)
+        with trio.fail_after(30):
+            async with Client(auth=auth, topic="com.example.app", host="127.0.0.1",
+                              port=port, ca_file=str(pki.ca_file), rate=1000.0,
+                              topic_rates={"com.example.app": 500.0}) as client:
+                channel = await client.channels.create(0)
+                sent = [await client.broadcast(channel.channel_id,
+                                               {"aps": {"event": "update", "timestamp": i,
+                                                        "content-state": {"n": i}}})
+                        for i in range(3)]
+        nursery.cancel_scope.cancel()
+    assert [r.outcome for r in sent] == ["delivered"] * 3, [(r.reason, r.error) for r in sent]
