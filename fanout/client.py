@@ -236,6 +236,46 @@ def prepare_broadcast(channel_id: str, payload: Payload | dict[str, Any] | bytes
     )
 
 
+def _check_settings(environment: str, delivery: str, max_attempts: int, topic_guard: int, *,
+                    seconds: dict[str, float], counts: dict[str, int]) -> None:
+    """ConfigError for a Client setting that cannot work, naming it."""
+    if environment not in HOSTS:
+        raise ConfigError(f"environment must be production or sandbox, not {environment!r}")
+    if delivery not in ("at_least_once", "at_most_once"):
+        raise ConfigError(f"delivery must be at_least_once or at_most_once, not {delivery!r}")
+    if max_attempts < 1:
+        raise ConfigError("max_attempts must be at least 1")
+    if not isinstance(topic_guard, int) or topic_guard < 0:
+        raise ConfigError(f"topic_guard must be a whole number >= 0, not {topic_guard!r}")
+    for name, value in seconds.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
+    for name, count in counts.items():
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigError(f"{name} must be a whole number >= 1, not {count!r}")
+
+
+def _tls_context(ssl_context: ssl.SSLContext | None, ca_file: str | None, insecure: bool,
+                 auth: object) -> ssl.SSLContext:
+    """The push connections' TLS context: TLS 1.2+, ALPN h2, verified (unless
+    ``insecure``), with the client certificate of a CertAuth."""
+    if ssl_context is None:
+        ssl_context = ssl.create_default_context(cafile=ca_file)
+        ssl_context.minimum_version = ssl.TLSVersion.TLSv1_2
+        ssl_context.set_alpn_protocols(["h2"])
+    if insecure:
+        ssl_context.check_hostname = False
+        ssl_context.verify_mode = ssl.CERT_NONE
+        log.warning("TLS certificate verification is OFF (insecure): anybody on the path "
+                    "can read the provider token and the pushes; use only for testing")
+    if auth is not None:
+        if not isinstance(auth, Auth):
+            raise ConfigError(f"auth must be TokenAuth or CertAuth, not {type(auth).__name__}")
+        auth.apply(ssl_context)  # a client certificate, if any
+    return ssl_context
+
+
 class Client:
     """Sends pushes to APNs over a few long-lived HTTP/2 connections.
 
@@ -315,24 +355,13 @@ class Client:
         proxy: str | None = None,
         topic_guard: int = 100,
     ) -> None:
-        if environment not in HOSTS:
-            raise ConfigError(f"environment must be production or sandbox, not {environment!r}")
-        if delivery not in ("at_least_once", "at_most_once"):
-            raise ConfigError(f"delivery must be at_least_once or at_most_once, not {delivery!r}")
-        if max_attempts < 1:
-            raise ConfigError("max_attempts must be at least 1")
-        if not isinstance(topic_guard, int) or topic_guard < 0:
-            raise ConfigError(f"topic_guard must be a whole number >= 0, not {topic_guard!r}")
-        for name, value in (("timeout", timeout), ("connect_timeout", connect_timeout),
-                            ("unavailable_timeout", unavailable_timeout),
-                            ("ping_interval", ping_interval), ("ping_timeout", ping_timeout)):
-            if isinstance(value, bool) or not isinstance(value, int | float) \
-                    or not math.isfinite(value) or value <= 0:
-                raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
-        for name, value in (("connections", connections), ("max_in_flight", max_in_flight),
-                            ("max_streams_cap", max_streams_cap)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a whole number >= 1, not {value!r}")
+        _check_settings(
+            environment, delivery, max_attempts, topic_guard,
+            seconds={"timeout": timeout, "connect_timeout": connect_timeout,
+                     "unavailable_timeout": unavailable_timeout,
+                     "ping_interval": ping_interval, "ping_timeout": ping_timeout},
+            counts={"connections": connections, "max_in_flight": max_in_flight,
+                    "max_streams_cap": max_streams_cap})
         self.environment = environment
         self.host: str = host or HOSTS[environment]
         self.port = port
@@ -355,16 +384,7 @@ class Client:
         self._held = 0                          # answers held by the guards
         self._tripped: dict[bytes | None, str] = {}    # topic -> config_error message
         self._topic_out: dict[bytes | None, int] = {}  # pushes outstanding per topic
-        self._ssl = ssl_context or self._make_ssl_context(ca_file)
-        if insecure:
-            self._ssl.check_hostname = False
-            self._ssl.verify_mode = ssl.CERT_NONE
-            log.warning("TLS certificate verification is OFF (insecure): anybody on the path "
-                        "can read the provider token and the pushes; use only for testing")
-        if auth is not None:
-            if not isinstance(auth, Auth):
-                raise ConfigError(f"auth must be TokenAuth or CertAuth, not {type(auth).__name__}")
-            auth.apply(self._ssl)  # a client certificate, if any
+        self._ssl = _tls_context(ssl_context, ca_file, insecure, auth)
         header_auth = auth if isinstance(auth, TokenAuth) else None
         # an HTTP CONNECT proxy: this argument, or HTTPS_PROXY / ALL_PROXY minus NO_PROXY
         self.proxy: Proxy | None = resolve(proxy, self.host)
@@ -392,13 +412,6 @@ class Client:
         self._manage = (manage_host or (self.host if custom else None),
                         manage_port or (port if custom else None))
         self._channels: Channels | None = None
-
-    @staticmethod
-    def _make_ssl_context(ca_file: str | None) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=ca_file)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.set_alpn_protocols(["h2"])
-        return ctx
 
     # ------------------------------------------------------------------ lifecycle
 

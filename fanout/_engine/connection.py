@@ -474,13 +474,16 @@ class Connection(Generic[E]):
 
     def retire(self, why: str) -> None:
         """No new streams; close once the open ones have ended."""
+        self._mark_retiring(why)
+        if not self.streams:
+            self._finished.set()
+
+    def _mark_retiring(self, why: str) -> None:
         if not self.retiring:
             self.retiring = True
             self.retire_reason = why
             self.retired_event.set()
             self._observer.on_retired(self, why)
-        if not self.streams:
-            self._finished.set()
 
     def _end_stream(self, sid: int, job: E, how: int, why: str = "",
                     reset: int = _NO_RESET) -> None:
@@ -519,6 +522,36 @@ class Connection(Generic[E]):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, serve until retired and drained. Errors before ready are raised."""
+        tls = self._tls = await self._connect()
+        tls.write(fr.PREFACE + fr.settings_frame({
+            fr.S_ENABLE_PUSH: 0,
+            fr.S_MAX_CONCURRENT_STREAMS: 100,
+            fr.S_INITIAL_WINDOW_SIZE: STREAM_RECV_WINDOW,
+            fr.S_HEADER_TABLE_SIZE: 4096,
+        }) + fr.window_update(0, RECV_WINDOW - 65535))
+        started: list[bool] = []
+        error: BaseException | None = None
+        try:
+            await self._serve(started, task_status)
+        except Exception as exc:
+            error = self._failure(exc)
+        finally:
+            self.closed = True
+            self.ready = False
+            self.error = error
+            await tls.aclose()
+            why = str(error) if error else "closed"
+            self._mark_retiring(why)
+            self._fail_all(why)
+            self._observer.on_closed(self)
+        if error is not None and not started:
+            raise error
+        if error is not None:
+            log.warning("connection %d to %s:%d closed: %s", self.index, self.host, self.port,
+                        error)
+
+    async def _connect(self) -> TLSStream:
+        """TCP (or a proxy's tunnel), then TLS with ALPN h2, within ``connect_timeout``."""
         try:
             with trio.fail_after(self._connect_timeout):
                 if self._proxy is not None:
@@ -546,60 +579,38 @@ class Connection(Generic[E]):
                     raise
         except trio.TooSlowError:
             raise TransportError(f"connect to {self.host}:{self.port} timed out") from None
-        self._tls = tls
-        tls.write(fr.PREFACE + fr.settings_frame({
-            fr.S_ENABLE_PUSH: 0,
-            fr.S_MAX_CONCURRENT_STREAMS: 100,
-            fr.S_INITIAL_WINDOW_SIZE: STREAM_RECV_WINDOW,
-            fr.S_HEADER_TABLE_SIZE: 4096,
-        }) + fr.window_update(0, RECV_WINDOW - 65535))
-        started = False
-        error: BaseException | None = None
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_loop)
-                nursery.start_soon(self._write_loop)
-                self._wake.set()
-                with trio.fail_after(self._connect_timeout):
-                    await self._ready_event.wait()
-                started = True
-                self.opened_at = trio.current_time()
-                task_status.started()
-                nursery.start_soon(self._reaper)
-                nursery.start_soon(self._watchdog)
-                await self._finished.wait()
-                # say goodbye politely, then stop the tasks
-                self._send(fr.goaway(0, fr.NO_ERROR))
-                with trio.move_on_after(1):
-                    await self._flush_now()
-                nursery.cancel_scope.cancel()
-        except Exception as exc:
-            leaf = _first_leaf(exc)
-            if isinstance(leaf, trio.TooSlowError):
-                error = TransportError(f"{self.host}:{self.port}: no SETTINGS from the server")
-            elif isinstance(leaf, TransportError | ConfigError):
-                error = leaf
-            else:  # a bug or an unexpected library error: fail this connection, loudly
-                log.error("connection %d failed unexpectedly", self.index, exc_info=exc)
-                error = TransportError(f"internal error: {leaf!r}")
-        finally:
-            self.closed = True
-            self.ready = False
-            self.error = error
-            await tls.aclose()
-            why = str(error) if error else "closed"
-            if not self.retiring:
-                self.retiring = True
-                self.retire_reason = why
-                self._observer.on_retired(self, why)
-            self.retired_event.set()
-            self._fail_all(why)
-            self._observer.on_closed(self)
-        if error is not None and not started:
-            raise error
-        if error is not None:
-            log.warning("connection %d to %s:%d closed: %s", self.index, self.host, self.port,
-                        error)
+        return tls
+
+    async def _serve(self, started: list[bool], task_status: trio.TaskStatus[None]) -> None:
+        """The connection's tasks, from the server's first SETTINGS (then ``started``) until
+        it is retired and drained; a polite GOAWAY last."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_loop)
+            nursery.start_soon(self._write_loop)
+            self._wake.set()
+            with trio.fail_after(self._connect_timeout):
+                await self._ready_event.wait()
+            started.append(True)
+            self.opened_at = trio.current_time()
+            task_status.started()
+            nursery.start_soon(self._reaper)
+            nursery.start_soon(self._watchdog)
+            await self._finished.wait()
+            self._send(fr.goaway(0, fr.NO_ERROR))
+            with trio.move_on_after(1):
+                await self._flush_now()
+            nursery.cancel_scope.cancel()
+
+    def _failure(self, exc: Exception) -> BaseException:
+        """The error a connection that failed while serving reports."""
+        leaf = _first_leaf(exc)
+        if isinstance(leaf, trio.TooSlowError):
+            return TransportError(f"{self.host}:{self.port}: no SETTINGS from the server")
+        if isinstance(leaf, TransportError | ConfigError):
+            return leaf
+        # a bug or an unexpected library error: fail this connection, loudly
+        log.error("connection %d failed unexpectedly", self.index, exc_info=exc)
+        return TransportError(f"internal error: {leaf!r}")
 
     async def _flush_now(self) -> None:
         tls = self._tls
