@@ -73,6 +73,9 @@ class _QuietDebug:
 
 
 def _quiet_hpack() -> None:
+    """Runs when fanout is imported, process-wide: h2, httpx and the mock share hpack's
+    module logger, and all of them gain. To see hpack's debug output, enable DEBUG on the
+    ``hpack`` logger before importing fanout."""
     import hpack.hpack as hpack_module
 
     logger = hpack_module.log
