@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,15 @@ from ._exits import (
     EXIT_USAGE,
     exit_code,
     is_unreachable,
+    most_serious,
 )
 from .config import add_settings_args, check, load_settings, make_client
 from .errors import ConfigError, FanoutError, TransportError, ValidationError
 from .payload import ENVIRONMENTS
 
 log = logging.getLogger("fanout")
+
+_Subcommands = argparse._SubParsersAction  # what add_subparsers() returns
 
 
 # --------------------------------------------------------------------------- progress
@@ -131,7 +135,7 @@ class TokenLines:
         self.path = path
         self.skipped = 0
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         where = "stdin" if self.path == "-" else self.path
         stream = sys.stdin.buffer if self.path == "-" else open(self.path, "rb")  # noqa: SIM115
         with stream:
@@ -215,25 +219,22 @@ async def _check_main(args: argparse.Namespace) -> int:
     targets = [(None, settings)] if not settings.team else [
         (spec.name, team_settings(settings, spec, env))
         for spec in settings.team for env in spec.environments]
-    failed = 0
+    codes: list[int] = []
     for team, one in targets:
         report = await check(one)
         if team is not None:
             report = {"team": team, **report}
         print(json.dumps(report), flush=True)
         if not report["ok"]:
-            failed = max(failed, _CHECK_EXIT[report["problem"]], key=_severity)
+            codes.append(_CHECK_EXIT[report["problem"]])
             who = f"team {team} ({one.environment}): " if team is not None else ""
             print(f"fanout check: not ok: {who}{report['error']}", file=sys.stderr, flush=True)
-    return failed
+    return most_serious(codes)
 
 
+# the exit code of each problem fanout.config.check() names
 _CHECK_EXIT = {"usage": EXIT_USAGE, "config": EXIT_CONFIG, "unreachable": EXIT_UNREACHABLE,
                "failed": EXIT_FAILED}
-
-
-def _severity(code: int) -> int:
-    return [EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE, EXIT_CONFIG, EXIT_USAGE].index(code)
 
 
 # --------------------------------------------------------------------------- demo
@@ -361,13 +362,27 @@ async def _channels_main(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``fanout`` command line: one subcommand per ``_add_<command>_parser``."""
     parser = argparse.ArgumentParser(prog="fanout", description="High-volume APNs sender")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo_parser(sub, common)
+    _add_send_parser(sub, common)
+    _add_mock_parser(sub, common)
+    _add_channels_parser(sub, common)
+    _add_check_parser(sub, common)
+    # `run` registers itself: set_defaults(run_main=<async fn(args) -> int>), see main()
+    from ._daemon.command import add_run_parser
 
+    add_run_parser(sub, settings_args=add_settings_args)
+    _add_enqueue_parser(sub)
+    return parser
+
+
+def _add_demo_parser(sub: _Subcommands[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     demo = sub.add_parser("demo", parents=[common], help="fan out to the embedded mock APNs (no Apple account)")
     demo.add_argument("--count", type=int, default=100_000)
     demo.add_argument("--connections", type=int, default=2)
@@ -375,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--unregistered", type=float, default=0.01,
                       help="fraction of tokens the mock reports unregistered")
 
+
+def _add_send_parser(sub: _Subcommands[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     send = sub.add_parser("send", parents=[common], help="one payload to a file of tokens")
     add_settings_args(send)
     target = send.add_mutually_exclusive_group(required=True)
@@ -392,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--collapse-id")
     send.add_argument("--invalid-tokens", help="append invalidated tokens here as NDJSON")
 
+
+def _add_mock_parser(sub: _Subcommands[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     mock = sub.add_parser("mock", parents=[common], help="run the mock APNs server")
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8443)
@@ -421,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--close-after", type=int)
     mock.add_argument("--max-streams", type=int, default=1000)
 
+
+def _add_channels_parser(sub: _Subcommands[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     channels = sub.add_parser("channels", parents=[common],
                               help="broadcast channels (iOS 18): create, list, show, delete")
     channels_sub = channels.add_subparsers(dest="action", required=True)
@@ -436,19 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
         if action in ("show", "delete"):
             cp.add_argument("channel_id")
 
+
+def _add_check_parser(sub: _Subcommands[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     check_p = sub.add_parser("check", parents=[common],
                              help="one harmless push: are the credentials, topic and path good?")
     add_settings_args(check_p)
     check_p.add_argument("--teams", metavar="FILE",
                          help="check every team of a TOML file of [[team]] tables (those in "
                               "--config are checked without it), in each of its environments")
-
-    # `run` registers itself: set_defaults(run_main=<async fn(args) -> int>), see main()
-    from ._daemon.command import add_run_parser
-
-    add_run_parser(sub, settings_args=add_settings_args)
-    _add_enqueue_parser(sub)
-    return parser
 
 
 async def _enqueue_main(args: argparse.Namespace) -> int:
@@ -457,7 +473,7 @@ async def _enqueue_main(args: argparse.Namespace) -> int:
     return await enqueue_main(args)
 
 
-def _add_enqueue_parser(sub: Any) -> None:
+def _add_enqueue_parser(sub: _Subcommands[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("enqueue", help="feed NDJSON push lines into a Redis Stream for a fleet")
     p.add_argument("inputs", nargs="*", default=["-"], help="NDJSON files; - or nothing: stdin")
     p.add_argument("--to", required=True, metavar="redis://HOST:PORT/STREAM")
@@ -471,11 +487,13 @@ def _add_enqueue_parser(sub: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``fanout ARGS``: run the command; its exit code (:mod:`fanout._exits`)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # `run` (fanout/_daemon/command.py) sets run_main; `func` is accepted too, as an async fn(args) -> int
-    run_main = getattr(args, "run_main", None) or getattr(args, "func", None)
+    run_main: Callable[[argparse.Namespace], Awaitable[int]] | None = \
+        getattr(args, "run_main", None) or getattr(args, "func", None)
     if run_main is not None:
         # the daemon handles its own signals: no KeyboardInterrupt here
         try:

@@ -10,12 +10,13 @@
 | 5 | the results could not be written (disk full, a broken pipe): the checkpoint covers only what was written |
 | 130 | stopped by a second signal (or Ctrl-C) |
 
-When several apply the most serious wins: 3, then 4, then 1.
+When several apply the most serious wins: 3, then 4, then 1 (:data:`SEVERITY`; for
+``fanout check``, 2 comes first: settings that cannot be used at all).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from .errors import UNREACHABLE
 
@@ -26,6 +27,15 @@ EXIT_CONFIG = 3
 EXIT_UNREACHABLE = 4
 EXIT_OUTPUT = 5
 EXIT_FORCED = 130
+
+#: The exit codes from the most serious down: when several apply, the first of them wins.
+SEVERITY = (EXIT_USAGE, EXIT_CONFIG, EXIT_UNREACHABLE, EXIT_FAILED, EXIT_OK)
+
+
+def most_serious(codes: Iterable[int]) -> int:
+    """The most serious of ``codes`` (:data:`SEVERITY`); ``EXIT_OK`` when there are none."""
+    return min(codes, key=SEVERITY.index, default=EXIT_OK)
+
 
 #: Outcomes that make a run fail (exit 1) unless something worse happened.
 FAILED_OUTCOMES = frozenset({"rejected", "retries_exhausted", "maybe_delivered"})
@@ -45,5 +55,7 @@ def exit_code(counts: Mapping[str, int], *, unreachable: int = 0,
 
 
 def is_unreachable(result: object) -> bool:
+    """Whether ``result`` (a :class:`fanout.outcome.Result`) ended because APNs could not
+    be reached."""
     error = getattr(result, "error", None)
-    return bool(error) and UNREACHABLE in error  # type: ignore[operator]
+    return isinstance(error, str) and UNREACHABLE in error

@@ -8,8 +8,6 @@ import os
 
 import trio
 
-from fanout._daemon.core import _task_count as _tasks  # tasks alive in this trio run
-
 
 def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
@@ -21,6 +19,11 @@ def _rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def _tasks() -> int:
+    """Tasks alive in this trio run."""
+    return sum(_task_names().values())
 
 
 def _task_names() -> collections.Counter[str]:

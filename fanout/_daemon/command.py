@@ -7,16 +7,18 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
 
 from .._exits import EXIT_CONFIG, EXIT_OUTPUT, EXIT_USAGE
 from ..errors import ConfigError, FanoutError
 from . import checkpoint as ckpt
-from .core import Daemon
-from .output import OutputError
+from .core import Daemon, FileSink, FileSource
+from .output import OutputError, Outputs
 
 
-def add_run_parser(sub: Any, settings_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                   settings_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Add ``fanout run`` to the subcommands ``sub``; ``settings_args`` adds the APNs
+    settings' flags (:func:`fanout.config.add_settings_args`)."""
     p = sub.add_parser("run", help="daemon: NDJSON pushes from stdin or files, NDJSON results")
     settings_args(p)
     p.add_argument("inputs", nargs="*", default=["-"],
@@ -72,6 +74,7 @@ def add_run_parser(sub: Any, settings_args: Callable[[argparse.ArgumentParser], 
 
 
 async def run_main(args: argparse.Namespace) -> int:
+    """Start the daemon the flags ask for; its exit code (:mod:`fanout._exits`)."""
     from ..config import add_teams_file, load_settings, make_engine
     from .reader import expand_inputs
 
@@ -80,10 +83,10 @@ async def run_main(args: argparse.Namespace) -> int:
             import msgspec
 
             from ..config import Settings
-            from .workers import CHILD_SETTINGS_ENV, WorkerDaemon
+            from .workers import CHILD_SETTINGS_ENV, worker_daemon
 
             settings = msgspec.json.decode(os.environ[CHILD_SETTINGS_ENV], type=Settings)
-            return await WorkerDaemon(settings, args, make_engine).run()
+            return await worker_daemon(settings, args, make_engine).run()
         settings = load_settings(args)
         if getattr(args, "teams", None):
             add_teams_file(settings, args.teams)
@@ -91,9 +94,9 @@ async def run_main(args: argparse.Namespace) -> int:
             if args.inputs not in ([], ["-"]) or args.follow or args.workers > 1:
                 raise ConfigError("--source takes no input files, --follow or --workers "
                                   "(run more daemons in the group instead)")
-            from .fleet import StreamDaemon
+            from .fleet import run_group
 
-            return await StreamDaemon(settings, args, make_engine).run()
+            return await run_group(settings, args, make_engine)
         inputs = expand_inputs(args.inputs or ["-"])
         if args.follow and (len(inputs) != 1 or inputs[0] == "-"):
             raise ConfigError("--follow takes exactly one input file")
@@ -104,7 +107,10 @@ async def run_main(args: argparse.Namespace) -> int:
             from .workers import Coordinator
 
             return await Coordinator(settings, args, inputs).run()
-        return await Daemon(settings, args, inputs, make_engine).run()
+        out = Outputs.for_args(args.results, args.invalid_tokens,
+                               getattr(args, "output_buffer", 8.0))
+        return await Daemon(settings, args, FileSource(inputs, args), FileSink(out),
+                            make_engine).run()
     except OutputError as exc:
         print(f"fanout run: error: {exc}", file=sys.stderr)
         return EXIT_OUTPUT

@@ -1,4 +1,5 @@
-"""``fanout run``: the long-running daemon fed by stdin or NDJSON files.
+"""One daemon: a **source** of lines, the **engine** that sends their pushes, and a
+**sink** that writes the results and commits what they cover.
 
 Every input line is accounted for exactly once: one result per push (a fan-out line yields
 one per token), one ``malformed`` result for a line that cannot be understood. For a file
@@ -6,16 +7,23 @@ input, a checkpoint records the byte offset up to which every line has its resul
 and flushed; after a kill -9 a restart resumes there, and lines that may already have been
 sent (up to the recorded high-water line) come out marked ``resent``.
 
+The sources: :class:`FileSource` (files or stdin), a ``--workers`` child's blocks
+(``workers.BlockSource``), a Redis consumer group (``fleet.RedisGroup``). The sinks:
+:class:`FileSink` (a results file or stdout, or a child's frames, and the checkpoint), the
+Redis group (a results stream, then XACK). :class:`Control` is what every daemon and the
+``--workers`` coordinator share: the books, the stop (drain, then force), signals, status.
+
 Tasks (one nursery): a reader turns lines into prepared pushes and feeds them through a
-small channel to ``Client.send_many`` (input is read only as fast as pushes complete); the
-main task writes each result; a checkpointer flushes results and then advances the
-checkpoint; a signal task handles SIGTERM/SIGINT (drain, then force) and SIGHUP (reopen
-output files); a status task reports progress.
+small channel to the engine's ``send_many`` (input is read only as fast as pushes
+complete); the main task writes each result; a checkpointer commits (results flushed
+first, then the checkpoint); a signal task handles SIGTERM/SIGINT (drain, then force) and
+SIGHUP (reopen output files); a status task reports progress.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -25,24 +33,31 @@ import signal
 import sys
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Sequence,
+)
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from .._exits import (
-    EXIT_CONFIG,
-    EXIT_FORCED,
-    EXIT_OK,
-    exit_code,
-    is_unreachable,
-)
+from .._exits import EXIT_CONFIG, EXIT_FORCED, exit_code, is_unreachable
 from .._flow import drain, put
 from ..errors import ConfigError, FanoutError, ValidationError
-from ..payload import Prepared, PushTemplate, bundle_of
+from ..outcome import Result
+from ..payload import Payload, Prepared, PushTemplate, bundle_of
 from . import checkpoint as ckpt
-from .lines import LineError, ResultLine, decode_line, result_encoder
-from .output import Output, OutputError
+from .lines import LineError, LiveActivityLine, PushLine, ResultLine, decode_line, result_encoder
+from .output import OutputError, Outputs
+from .reader import InputBlock, InputLine
+
+if TYPE_CHECKING:
+    from ..metrics import DaemonMetrics, Metrics
 
 log = logging.getLogger("fanout.daemon")
 
@@ -50,6 +65,7 @@ HIGH_WATER_STEP = 1024    # lines: how far ahead the "may have been sent" mark i
 CHANNEL_SIZE = 256
 METRICS_INTERVAL = 1.0    # seconds between samples of the metrics' gauges and line counts
 FORCED_FLUSH_S = 2.0      # after a forced stop: how long the last results may take to write
+STAMP_MARKER = b'"timestamp":4102444800'  # liveactivity's send-time marker: to be stamped
 
 
 # --------------------------------------------------------------------------- bookkeeping
@@ -101,7 +117,7 @@ class InputState:
         async with self._saving:
             await trio.to_thread.run_sync(self.record, line, offset)
 
-    def open_line(self, line: Any, high_water_step: int) -> LineState:
+    def open_line(self, line: InputLine | InputBlock, high_water_step: int) -> LineState:
         """Start accounting for ``line`` (an InputLine, or an InputBlock of lines kept as
         one): it is pending until its results are written. Moves the high-water mark if
         the line is beyond it: ``high_water_due`` says :meth:`save_high_water` must run
@@ -124,6 +140,9 @@ class InputState:
 
 
 class LineState:
+    """One input line (or a block of lines kept as one) until its results are written:
+    ``pending`` pushes in the engine, ``closed`` once every push of it is handed over."""
+
     __slots__ = ("input", "number", "start", "pending", "closed", "resend")
 
     def __init__(self, inp: InputState, number: int, start: int, resend: bool) -> None:
@@ -135,6 +154,7 @@ class LineState:
         self.resend = resend
 
     def done(self) -> None:
+        """Every result of the line is written."""
         self.input.pending.pop(self.number, None)
         if self.input.on_done is not None:
             self.input.on_done(self.number)
@@ -150,100 +170,370 @@ class Tag:
         self.id = id
 
 
-# --------------------------------------------------------------------------- the daemon
+# --------------------------------------------------------------------------- the seams
 
-class Daemon:
-    def __init__(self, settings: Any, args: argparse.Namespace, inputs: list[str],
-                 make_client: Callable[..., Any]) -> None:
-        self.settings = settings
-        self.args = args
+LineHandler = Callable[[InputState, InputLine], Awaitable[None]]
+"""What a source hands each line to, with the input it belongs to."""
+
+
+class Source(Protocol):
+    """Where a daemon's lines come from."""
+
+    states: list[InputState]
+    """The inputs opened so far; their checkpoints are committed by the sink."""
+
+    async def read(self, handle: LineHandler, nursery: trio.Nursery) -> None:
+        """Hand every line to ``handle`` until the input ends (or reading is cancelled).
+        Tasks that must outlive the reading (until the last results are in) go into
+        ``nursery``."""
+        ...
+
+    def report(self, final: bool) -> None:
+        """Add the source's own lines to a status report."""
+        ...
+
+    def sample(self, metrics: DaemonMetrics) -> None:
+        """Set the source's own gauges."""
+        ...
+
+
+class Sink(Protocol):
+    """Where results go, and the commit that marks their lines done."""
+
+    out: Outputs
+    """The outputs written to (back-pressure, flush at exit, SIGHUP, dead tokens)."""
+
+    def write(self, record: ResultLine, state: LineState) -> None:
+        """Write one result line of the line ``state``."""
+        ...
+
+    async def commit(self, states: Sequence[InputState]) -> None:
+        """Results out first, then what covers them (checkpoints, acks)."""
+        ...
+
+    def close(self, states: Sequence[InputState], complete: bool) -> None:
+        """No more results. ``complete``: every result written is out, so the final
+        positions of ``states`` may be recorded."""
+        ...
+
+
+class Connections(Protocol):
+    """What a daemon reads of an engine's connections: the status line, the warning that
+    APNs is unreachable."""
+
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def last_error(self) -> BaseException | None: ...
+
+    def unavailable_for(self) -> float: ...
+
+
+class Engine(Protocol):
+    """What a daemon sends with: a :class:`fanout.client.Client`, or a
+    :class:`fanout.teams.TeamsEngine` (a client per team and environment)."""
+
+    @property
+    def config_error(self) -> str | None: ...
+
+    @property
+    def pool(self) -> Connections: ...
+
+    def send_many(self, notifications: AsyncIterable[Prepared], /) -> AsyncIterator[Result]:
+        """One result per push, in completion order."""
+        ...
+
+    def abort_in_flight(self, why: str) -> list[Result]:
+        """End every push in flight now (a forced stop)."""
+        ...
+
+    async def __aenter__(self) -> object: ...
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None, /) -> object: ...
+
+
+class Owner(Protocol):
+    """What :class:`Control` asks of the daemon (or coordinator) it steers."""
+
+    def stop_in_flight(self) -> None:
+        """A forced stop: end what is in flight now."""
+        ...
+
+    def reopen(self) -> None:
+        """SIGHUP: reopen the output files."""
+        ...
+
+    def status(self, final: bool = False) -> None:
+        """Report progress (``final``: the last report)."""
+        ...
+
+    def sample(self) -> None:
+        """Set the metrics' gauges and line counts now."""
+        ...
+
+
+# --------------------------------------------------------------------------- files
+
+def open_input(path: str, label: str | None, args: argparse.Namespace) -> InputState:
+    """The state of the input ``path`` (``-``: stdin): where its checkpoint is, and where
+    the previous run left off (:mod:`fanout._daemon.checkpoint`)."""
+    from .reader import input_identity
+
+    if path == "-" or args.no_checkpoint:
+        return InputState(path, label, None)
+    cp_path = args.checkpoint or ckpt.default_path(path)
+    state = InputState(path, label, cp_path)
+    try:
+        state.dev, state.ino = input_identity(path)
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise ConfigError(f"input {path}: {exc.strerror}") from None
+    cp = ckpt.load(cp_path)
+    if cp is None:
+        return state
+    ckpt.check(cp, cp_path, path, (state.dev, state.ino), size)
+    state.last_line, state.last_end = cp.line, cp.offset
+    state.high_water = state.resend_until = cp.high_water
+    state.saved = (cp.line, cp.offset, cp.high_water)
+    if cp.line:
+        log.info("%s: resuming after line %d (byte %d); lines up to %d may be resent",
+                 path, cp.line, cp.offset, cp.high_water)
+    return state
+
+
+def note_identity(state: InputState, unit: InputLine | InputBlock) -> None:
+    """Follow mode: the input was rotated when a unit comes from another file."""
+    if unit.identity and unit.identity != (state.dev, state.ino):
+        state.dev, state.ino = unit.identity
+
+
+def end_identity(state: InputState) -> None:
+    """At the end of a file: the identity its checkpoint records."""
+    from .reader import input_identity
+
+    if state.path != "-":
+        with contextlib.suppress(OSError):
+            state.dev, state.ino = input_identity(state.path)
+
+
+class FileSource:
+    """NDJSON files (or stdin) read in turn, each from where its checkpoint left off."""
+
+    def __init__(self, inputs: list[str], args: argparse.Namespace) -> None:
         self.inputs = inputs
-        self._make_client = make_client
-        buffer = getattr(args, "output_buffer", 8.0)
-        if not buffer > 0:
-            raise ConfigError(f"--output-buffer must be more than 0 MB, not {buffer!r}")
-        limit = int(buffer * (1 << 20))
-        self.results = Output(args.results, limit=limit)
-        self.invalid = Output(args.invalid_tokens, limit=limit) if args.invalid_tokens \
-            else None
-        self.counts: Counter[str] = Counter()
+        self.args = args
+        self.states: list[InputState] = []
+
+    async def read(self, handle: LineHandler, nursery: trio.Nursery) -> None:
+        """Every line of every input, in order."""
+        from .reader import read_lines
+
+        labelled = len(self.inputs) > 1
+        for path in self.inputs:
+            state = open_input(path, path if labelled else None, self.args)
+            self.states.append(state)
+            async for line in read_lines(
+                    None if path == "-" else path, start_offset=state.last_end,
+                    start_line=state.last_line, follow=self.args.follow,
+                    max_line_bytes=self.args.max_line_bytes):
+                note_identity(state, line)
+                assert isinstance(line, InputLine)  # not blocks=True
+                await handle(state, line)
+            end_identity(state)
+
+    def report(self, final: bool) -> None:
+        """Nothing beyond the daemon's own status."""
+
+    def sample(self, metrics: DaemonMetrics) -> None:
+        """No gauges of its own."""
+
+
+class FileSink:
+    """Results to a file or stdout (or a worker's frames to its coordinator); the commit
+    flushes them (and the dead tokens), then records each input's checkpoint."""
+
+    def __init__(self, out: Outputs) -> None:
+        self.out = out
+
+    def write(self, record: ResultLine, state: LineState) -> None:
+        """One NDJSON result line."""
+        self.out.results.write(result_encoder.encode(record) + b"\n")
+
+    async def commit(self, states: Sequence[InputState]) -> None:
+        """Flush the results, then save the checkpoints that cover them."""
+        snapshot = [(s, s.prefix()) for s in states if s.checkpoint_path]
+        await self.out.sync()    # results first ...
+        for state, (line, offset) in snapshot:   # ... then the checkpoint that covers them
+            await state.save(line, offset)
+
+    def close(self, states: Sequence[InputState], complete: bool) -> None:
+        """Close the outputs; then, if every result is out, record the checkpoints."""
+        self.out.close()
+        if not complete:  # results were lost: the checkpoint stays where the last write left it
+            return
+        for state in states:
+            # nothing past the last line handed to the engine can have been sent
+            line, offset = state.prefix()
+            state.high_water = max(line, min(state.high_water, state.last_sent_line))
+            state.record(line, offset)
+
+
+# --------------------------------------------------------------------------- control
+
+class Control:
+    """What every daemon and the ``--workers`` coordinator share: the books (lines read,
+    results written, counts per outcome), the stop (SIGTERM/SIGINT: drain, a second one
+    or the drain deadline: force), SIGHUP, the status line, the last flush and the one
+    error to report."""
+
+    def __init__(self, args: argparse.Namespace, sink: Sink, owner: Owner,
+                 states: list[InputState], counts: Counter[str] | None = None) -> None:
+        self.args = args
+        self.sink = sink
+        self.out = sink.out
+        self.owner = owner
+        self.states = states
+        self.counts: Counter[str] = Counter() if counts is None else counts
         self.lines_read = 0
         self.results_written = 0
-        self.states: list[InputState] = []
         self.stopping = False
         self.forced = False
-        self.config_stopped = False
-        self.exit_code = EXIT_OK
-        self.unreachable = 0        # pushes that ended because APNs was unreachable
-        self._unreachable_logged = False
-        self.client: Any = None
-        self._nursery: trio.Nursery | None = None
-        self._reader_scope = trio.CancelScope()
-        self._consume_scope = trio.CancelScope()
-        self._exit_scope: trio.CancelScope | None = None
         self.flushed = False        # every result written is out (the exit's sync returned)
+        self.reader_scope = trio.CancelScope()
+        self._exit_scope: trio.CancelScope | None = None
         self._started = time.monotonic()
-        self._status_tty = sys.stderr.isatty()
-        from ..liveactivity import ActivityTracker
-
-        self.tracker = ActivityTracker(args.la_budget, over_budget=args.la_over_budget)
-        self.metrics: Any = None           # fanout.metrics.Metrics (--metrics)
-        self.daemon_metrics: Any = None    # fanout.metrics.DaemonMetrics
+        self.tty = sys.stderr.isatty()
         self._metrics_stop: Callable[[], None] | None = None
 
-    # ----------------------------------------------------------------- main
+    # ----------------------------------------------------------------- the books
 
-    async def run(self) -> int:
-        send, recv = trio.open_memory_channel[Prepared](CHANNEL_SIZE)
-        extra = self._start_metrics()
-        # APNs unreachable: wait (input pauses, nothing turns into failures) unless told
-        extra["on_unavailable"] = getattr(self.args, "on_unavailable", "wait")
+    def emit(self, record: ResultLine, state: LineState) -> None:
+        """Write one result line and count it."""
+        if state.resend:
+            record.resent = True
+        self.sink.write(record, state)
+        self.counts[record.outcome] += 1
+        self.results_written += 1
+
+    def end_line(self, state: LineState, outcome: str, error: str, id: Any = None,
+                 **fields: Any) -> None:
+        """A line that sends nothing: its one result, and it is done."""
+        self.emit(ResultLine(id=id, line=state.number, outcome=outcome, error=error,
+                             input=state.input.label, **fields), state)
+        state.closed = True
+        state.done()
+
+    def malformed(self, state: LineState, error: str) -> None:
+        """A line that cannot be understood."""
+        self.end_line(state, "malformed", error)
+
+    async def checkpointer(self) -> None:
+        """Commit every ``--checkpoint-interval`` seconds."""
+        while True:
+            await trio.sleep(self.args.checkpoint_interval)
+            await self.sink.commit(self.states)
+
+    def sample_lines(self, metrics: DaemonMetrics | None) -> None:
+        """The line counters and the checkpoint lag, into ``metrics``."""
+        if metrics is None:
+            return
+        lag = 0
+        for state in self.states:
+            if state.checkpoint_path is not None:
+                lag += state.last_line - (state.saved[0] if state.saved else 0)
+            else:  # no checkpoint: the lines whose results are not all written
+                lag += state.last_line - state.prefix()[0]
+        metrics.update(self.lines_read, self.counts["malformed"], self.results_written, lag)
+
+    # ----------------------------------------------------------------- stop
+
+    async def signals(self, nursery: trio.Nursery, child: bool = False) -> None:
+        """SIGTERM/SIGINT: drain, then force; SIGHUP: reopen the outputs. A ``--workers``
+        child leaves SIGINT to its coordinator, whose SIGTERM means stop now."""
+        if child:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as sigs:
+                async for sig in sigs:
+                    if sig == signal.SIGHUP:
+                        self.owner.reopen()
+                    else:
+                        self.force("stopped by the coordinator")
+            return
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for sig in sigs:
+                if sig == signal.SIGHUP:
+                    log.info("SIGHUP: reopening output files")
+                    self.owner.reopen()
+                elif not self.stopping:
+                    self.stopping = True
+                    log.warning("%s: no more input; draining pushes in flight (up to %g s)",
+                                signal.Signals(sig).name, self.args.drain_timeout)
+                    self.reader_scope.cancel()
+                    nursery.start_soon(self._drain_deadline)
+                else:
+                    self.force(f"second {signal.Signals(sig).name}")
+
+    def force(self, why: str) -> None:
+        """Stop now: no more input, what is in flight ends ``maybe_delivered``."""
+        if self.forced:
+            self._hurry_exit_flush(again=True)
+            return
+        log.warning("%s: stopping now; pushes in flight are reported maybe_delivered", why)
+        self.forced = True
+        self.reader_scope.cancel()
+        self.owner.stop_in_flight()
+        self._hurry_exit_flush()
+
+    def _hurry_exit_flush(self, again: bool = False) -> None:
+        """A forced stop while the last results are being written: give them a little
+        longer, or (another signal) none at all."""
+        scope = self._exit_scope
+        if scope is not None:
+            scope.deadline = min(scope.deadline, trio.current_time() + FORCED_FLUSH_S)
+            if again:
+                scope.cancel()
+
+    async def _drain_deadline(self) -> None:
+        await trio.sleep(self.args.drain_timeout)
+        self.force(f"drain timeout ({self.args.drain_timeout:g} s)")
+
+    async def flush_at_exit(self) -> None:
+        """Wait until every result is written: as long as the reader of a pipe takes, but
+        within the drain deadline once stopping, and briefly after a forced stop (a third
+        signal gives up at once). What is not written is not covered by the checkpoint."""
+        self._exit_scope = scope = trio.CancelScope()
+        if self.forced:
+            scope.deadline = trio.current_time() + FORCED_FLUSH_S
+        with scope:
+            await self.out.sync()
+            self.flushed = True
+        if not self.flushed and self.out.failed is None:
+            log.error("%s did not take the last %d bytes of results before the stop; the "
+                      "checkpoint stays before their lines, which the next run sends again "
+                      "(marked resent)", self.out.results.name, self.out.results.backlog)
+
+    @contextlib.contextmanager
+    def ending(self) -> Iterator[None]:
+        """Around a run: one clear error rather than a group of them, then the outputs
+        closed, the final checkpoints (if every result is out), the final status."""
         try:
-            client = self._make_client(self.settings, on_invalid_token=self._on_invalid, **extra)
-        except BaseException:
-            self._stop_metrics()
-            raise
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._signals)
-                async with client:
-                    self.client = client
-                    # everything made so far (imports, config, connections) lives as long
-                    # as the process: keep it out of full collections, 20-30 ms stalls that
-                    # decide the tail latency (bench/latency.py --no-gc-freeze)
-                    gc.collect()
-                    gc.freeze()
-                    nursery.start_soon(self._read_all, send)
-                    nursery.start_soon(self._checkpointer)
-                    nursery.start_soon(self._status_loop)
-                    nursery.start_soon(self._watch_unreachable)
-                    if self.metrics is not None:
-                        nursery.start_soon(self._metrics_loop)
-                    with self._consume_scope:
-                        async for result in client.send_many(drain(recv)):
-                            self._write(result)
-                    await self._flush_at_exit()
-                nursery.cancel_scope.cancel()
+            yield
         except BaseExceptionGroup as group:
             one = self._one_error(group)
             if one is not None:
                 raise one from None  # one clear line, not a traceback per task
             raise
         finally:
-            self._finish()
-            self._stop_metrics()
-        if self.client is not None and self.client.config_error:
-            print(f"fanout run: {self.client.config_error}", file=sys.stderr)
-            return EXIT_CONFIG
-        if self.forced:
-            return EXIT_FORCED
-        return max(self.exit_code, exit_code(self.counts, unreachable=self.unreachable))
+            self.owner.sample()
+            self.sink.close(self.states, complete=self.flushed and self.out.failed is None)
+            self.owner.status(final=True)
+            self.stop_metrics()
 
-    def _one_error(self, group: BaseExceptionGroup) -> BaseException | None:
+    def _one_error(self, group: BaseExceptionGroup[BaseException]) -> BaseException | None:
         """The one error to report for ``group``: the output's failure, or a named problem
         (a checkpoint that does not match ...) when the group holds only such problems."""
-        failed = self._output_failed()
+        failed = self.out.failed
         if failed is not None and group.subgroup(OutputError) is not None:
             return failed
         ours = group.subgroup(FanoutError)
@@ -254,67 +544,10 @@ class Daemon:
             return leaf
         return None
 
-    def _output_failed(self) -> OutputError | None:
-        """The error of the results or dead-token output, if one failed (a --workers child
-        writes frames instead: they have no such state)."""
-        for out in (self.results, self.invalid):
-            failed = getattr(out, "failed", None)
-            if failed is not None:
-                return failed
-        return None
+    # ----------------------------------------------------------------- metrics, status
 
-    async def _flush_at_exit(self) -> None:
-        """Wait until every result is written: as long as the reader of a pipe takes, but
-        within the drain deadline once stopping, and briefly after a forced stop (a third
-        signal gives up at once). What is not written is not covered by the checkpoint."""
-        self._exit_scope = scope = trio.CancelScope()
-        if self.forced:
-            scope.deadline = trio.current_time() + FORCED_FLUSH_S
-        with scope:
-            await self.results.sync()
-            if self.invalid is not None:
-                await self.invalid.sync()
-            self.flushed = True
-        if not self.flushed and self._output_failed() is None:
-            log.error("%s did not take the last %d bytes of results before the stop; the "
-                      "checkpoint stays before their lines, which the next run sends again "
-                      "(marked resent)", self.results.name, self.results.backlog)
-
-    def _finish(self) -> None:
-        """Close the outputs, then record the checkpoints if every result is out."""
-        self._sample_metrics()
-        self.results.close()
-        if self.invalid is not None:
-            self.invalid.close()
-        if not self.flushed or self._output_failed() is not None:
-            # results were lost: the checkpoint stays where the last whole write left it
-            self._status(final=True)
-            return
-        for state in self.states:
-            # nothing past the last line handed to the engine can have been sent
-            line, offset = state.prefix()
-            state.high_water = max(line, min(state.high_water, state.last_sent_line))
-            state.record(line, offset)
-        self._status(final=True)
-
-    # ----------------------------------------------------------------- metrics
-
-    def _start_metrics(self) -> dict[str, Any]:
-        """--metrics: Metrics as the client's events and the HTTP endpoint; a --workers
-        child (--metrics-child) records into PROMETHEUS_MULTIPROC_DIR and serves nothing."""
-        child = getattr(self.args, "metrics_child", False)
-        listen = getattr(self.args, "metrics", None)
-        if not (child or listen) or self._make_client is None:
-            return {}
-        from ..metrics import Metrics
-
-        self.metrics = Metrics(daemon=not child)
-        self.daemon_metrics = self.metrics.daemon
-        if listen and not child:
-            self._serve_metrics(listen, self.metrics.registry)
-        return {"events": self.metrics}
-
-    def _serve_metrics(self, listen: str, registry: Any) -> None:
+    def serve_metrics(self, listen: str, registry: Any) -> None:
+        """``--metrics [HOST:]PORT``: serve ``registry`` until the run ends."""
         from ..metrics import serve
 
         try:
@@ -322,123 +555,213 @@ class Daemon:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 
-    def _stop_metrics(self) -> None:
+    def stop_metrics(self) -> None:
+        """Stop serving the metrics."""
         if self._metrics_stop is not None:
             self._metrics_stop()
             self._metrics_stop = None
 
-    def _sample_metrics(self) -> None:
-        if self.metrics is not None and self.client is not None:
-            self.metrics.sample(self.client)
-        if self.daemon_metrics is not None:
-            lag = 0
-            for state in self.states:
-                if state.checkpoint_path is not None:
-                    lag += state.last_line - (state.saved[0] if state.saved else 0)
-                else:  # no checkpoint: the lines whose results are not all written
-                    lag += state.last_line - state.prefix()[0]
-            self.daemon_metrics.update(self.lines_read, self.counts["malformed"],
-                                       self.results_written, lag)
-
-    async def _metrics_loop(self) -> None:
+    async def metrics_loop(self) -> None:
+        """Sample the metrics every second."""
         while True:
-            self._sample_metrics()
+            self.owner.sample()
             await trio.sleep(METRICS_INTERVAL)
+
+    async def status_loop(self) -> None:
+        """A status report every second on a TTY, else every ``--status-interval`` s."""
+        interval = 1.0 if self.tty else self.args.status_interval
+        if interval <= 0:
+            return
+        while True:
+            await trio.sleep(interval)
+            self.owner.status()
+
+    def status(self, final: bool, in_flight: int, unreachable_s: float) -> None:
+        """One status report: a live line on a TTY, else a log line (or JSON)."""
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        counts = dict(sorted(self.counts.items()))
+        info = {"lines": self.lines_read, "results": self.results_written,
+                "per_s": round(self.results_written / elapsed, 1), "in_flight": in_flight,
+                "counts": counts, "tasks": task_count(),
+                "unreachable_s": round(unreachable_s, 1),
+                "max_rss_mb": round(peak_rss_mb(), 1)}
+        if self.tty and not final:
+            text = " ".join(f"{k}={v:,}" for k, v in counts.items())
+            sys.stderr.write(f"\r{self.lines_read:,} lines  {info['per_s']:,.0f}/s  "
+                             f"in flight {in_flight}  {text}\x1b[K")
+            sys.stderr.flush()
+            return
+        if self.tty:
+            sys.stderr.write("\n")
+        if self.args.log_format == "json":
+            print(json.dumps({"event": "final" if final else "status", **info}),
+                  file=sys.stderr, flush=True)
+        else:
+            log.warning("%s: %s", "final" if final else "status",
+                        " ".join(f"{k}={v}" for k, v in info.items()))
+
+
+# --------------------------------------------------------------------------- the daemon
+
+class Daemon:
+    """One daemon: lines from ``source``, their pushes through the engine that
+    ``make_engine`` builds, results and their commit to ``sink``. A ``--workers`` child
+    (``child``) leaves SIGINT and the status to its coordinator."""
+
+    def __init__(self, settings: Any, args: argparse.Namespace, source: Source, sink: Sink,
+                 make_engine: Callable[..., Engine], *, child: bool = False,
+                 counts: Counter[str] | None = None) -> None:
+        self.settings = settings
+        self.args = args
+        self.source = source
+        self.sink = sink
+        self.out = sink.out
+        self.child = child
+        self._make_engine = make_engine
+        self.control = Control(args, sink, self, source.states, counts)
+        self.config_stopped = False
+        self.unreachable = 0        # pushes that ended because APNs was unreachable
+        self._unreachable_logged = False
+        self.engine: Engine | None = None
+        self._consume_scope = trio.CancelScope()
+        from ..liveactivity import ActivityTracker
+
+        self.tracker = ActivityTracker(args.la_budget, over_budget=args.la_over_budget)
+        self.metrics: Metrics | None = None                # --metrics
+        self.daemon_metrics: DaemonMetrics | None = None
+
+    # ----------------------------------------------------------------- main
+
+    async def run(self) -> int:
+        """Run until the input ends (or a stop); the exit code (:mod:`fanout._exits`)."""
+        send, recv = trio.open_memory_channel[Prepared](CHANNEL_SIZE)
+        extra = self._start_metrics()
+        # APNs unreachable: wait (input pauses, nothing turns into failures) unless told
+        extra["on_unavailable"] = getattr(self.args, "on_unavailable", "wait")
+        control = self.control
+        try:
+            engine = self._make_engine(self.settings, on_invalid_token=self.out.dead_token,
+                                       **extra)
+        except BaseException:
+            control.stop_metrics()
+            raise
+        with control.ending():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(control.signals, nursery, self.child)
+                async with engine:
+                    self.engine = engine
+                    # everything made so far (imports, config, connections) lives as long
+                    # as the process: keep it out of full collections, 20-30 ms stalls that
+                    # decide the tail latency (bench/latency.py --no-gc-freeze)
+                    gc.collect()
+                    gc.freeze()
+                    nursery.start_soon(self._read_all, send, nursery)
+                    nursery.start_soon(control.checkpointer)
+                    nursery.start_soon(control.status_loop)
+                    nursery.start_soon(self._watch_unreachable, engine)
+                    if self.metrics is not None:
+                        nursery.start_soon(control.metrics_loop)
+                    with self._consume_scope:
+                        async for result in engine.send_many(drain(recv)):
+                            self._write(result)
+                    await control.flush_at_exit()
+                nursery.cancel_scope.cancel()
+        if self.engine is not None and self.engine.config_error:
+            print(f"fanout run: {self.engine.config_error}", file=sys.stderr)
+            return EXIT_CONFIG
+        if control.forced:
+            return EXIT_FORCED
+        return exit_code(control.counts, unreachable=self.unreachable)
+
+    # ----------------------------------------------------------------- metrics
+
+    def _start_metrics(self) -> dict[str, Any]:
+        """--metrics: Metrics as the engine's events and the HTTP endpoint; a --workers
+        child (--metrics-child) records into PROMETHEUS_MULTIPROC_DIR and serves nothing."""
+        child = getattr(self.args, "metrics_child", False)
+        listen = getattr(self.args, "metrics", None)
+        if not (child or listen):
+            return {}
+        from ..metrics import Metrics
+
+        self.metrics = Metrics(daemon=not child)
+        self.daemon_metrics = self.metrics.daemon
+        if listen and not child:
+            self.control.serve_metrics(listen, self.metrics.registry)
+        return {"events": self.metrics}
+
+    def sample(self) -> None:
+        """The metrics' gauges and line counts, now."""
+        if self.metrics is not None and self.engine is not None:
+            self.metrics.sample(self.engine)  # type: ignore[arg-type]  # a Client or Teams
+        self.control.sample_lines(self.daemon_metrics)
+        if self.daemon_metrics is not None:
+            self.source.sample(self.daemon_metrics)
 
     # ----------------------------------------------------------------- input
 
-    async def _read_all(self, send: trio.MemorySendChannel[Prepared]) -> None:
-        from .reader import input_identity, read_lines
+    async def _read_all(self, send: trio.MemorySendChannel[Prepared],
+                        nursery: trio.Nursery) -> None:
+        results = self.out.results
+
+        async def handle(state: InputState, line: InputLine) -> None:
+            if results.over:  # a slow reader of the results: wait
+                await results.room()
+            await self._line(state, line, send)
 
         async with send:
-            with self._reader_scope:
-                labelled = len(self.inputs) > 1
-                for path in self.inputs:
-                    state = self._open_input(path, labelled)
-                    if state is None:
-                        continue
-                    self.states.append(state)
-                    start_line, start_offset = state.last_line, state.last_end
-                    async for line in read_lines(
-                            None if path == "-" else path, start_offset=start_offset,
-                            start_line=start_line, follow=self.args.follow,
-                            max_line_bytes=self.args.max_line_bytes):
-                        if self.results.over:  # a slow reader of the results: wait
-                            await self.results.room()
-                        identity = getattr(line, "identity", None)
-                        if identity and identity != (state.dev, state.ino):
-                            state.dev, state.ino = identity  # rotated (follow mode)
-                        await self._line(state, line, send)
-                    if path != "-":
-                        try:
-                            state.dev, state.ino = input_identity(path)
-                        except OSError:
-                            pass
+            with self.control.reader_scope:
+                await self.source.read(handle, nursery)
 
-    def _open_input(self, path: str, labelled: bool) -> InputState | None:
-        from .reader import input_identity
-
-        label = path if labelled else None
-        if path == "-" or self.args.no_checkpoint:
-            return InputState(path, label, None)
-        cp_path = self.args.checkpoint or ckpt.default_path(path)
-        state = InputState(path, label, cp_path)
-        try:
-            state.dev, state.ino = input_identity(path)
-            size = os.path.getsize(path)
-        except OSError as exc:
-            raise ConfigError(f"input {path}: {exc.strerror}") from None
-        cp = ckpt.load(cp_path)
-        if cp is None:
-            return state
-        ckpt.check(cp, cp_path, path, (state.dev, state.ino), size)
-        state.last_line, state.last_end = cp.line, cp.offset
-        state.high_water = state.resend_until = cp.high_water
-        state.saved = (cp.line, cp.offset, cp.high_water)
-        if cp.line:
-            log.info("%s: resuming after line %d (byte %d); lines up to %d may be resent",
-                     path, cp.line, cp.offset, cp.high_water)
-        return state
-
-    async def _line(self, inp: InputState, line: Any,
+    async def _line(self, inp: InputState, line: InputLine,
                     send: trio.MemorySendChannel[Prepared]) -> None:
-        number = line.number
-        self.lines_read += 1
+        control = self.control
+        control.lines_read += 1
         state = inp.open_line(line, max(HIGH_WATER_STEP, self.settings.max_in_flight))
         if inp.high_water_due:
             await inp.save_high_water()
         if line.error:
-            self._malformed(state, line.error)
+            control.malformed(state, line.error)
             return
         try:
             push = decode_line(line.data)
         except LineError as exc:
-            self._malformed(state, str(exc))
+            control.malformed(state, str(exc))
             return
         except Exception as exc:  # a decoder surprise must cost one line, not the daemon
-            log.error("line %d: unexpected %s while decoding", number, type(exc).__name__)
-            self._malformed(state, f"could not be decoded ({type(exc).__name__})")
+            log.error("line %d: unexpected %s while decoding", line.number,
+                      type(exc).__name__)
+            control.malformed(state, f"could not be decoded ({type(exc).__name__})")
             return
         env = push.environment
         if env is not None and env != self.settings.environment and not self.settings.team:
-            self._end_line(state, "config_error",
-                           f"environment {env}: this daemon sends to {self.settings.environment}"
-                           f" only (give [[team]] tables to send to both)", id=push.id)
+            control.end_line(state, "config_error",
+                             f"environment {env}: this daemon sends to "
+                             f"{self.settings.environment} only (give [[team]] tables to "
+                             f"send to both)", id=push.id)
             return
         if push.live_activity is not None or push.channel_id is not None:
             await self._single(state, push, send)
-            return
+        else:
+            await self._fan_out(state, push, send)
+
+    async def _fan_out(self, state: LineState, push: PushLine,
+                       send: trio.MemorySendChannel[Prepared]) -> None:
+        """A line of one or more tokens (``token``, ``tokens``, ``tokens_file``)."""
+        control = self.control
+        inp, number, env = state.input, state.number, push.environment
         try:
+            assert push.payload is not None  # decode_line: a payload unless live_activity
             template = PushTemplate(
                 push.payload, push_type=push.push_type or "alert", topic=push.topic,
                 default_topic=self.settings.topic, priority=push.priority,
                 expiration=push.expiration, collapse_id=push.collapse_id, apns_id=push.apns_id)
             tokens = self._tokens(push)
         except (ValidationError, ConfigError) as exc:
-            self._malformed(state, str(exc))
+            control.malformed(state, str(exc))
             return
         except (TypeError, ValueError) as exc:  # a payload of a shape nothing expected
-            self._malformed(state, f"invalid push: {exc}"[:300])
+            control.malformed(state, f"invalid push: {exc}"[:300])
             return
         try:
             for token in tokens:
@@ -446,95 +769,43 @@ class Daemon:
                     prepared = template.for_token(token, Tag(state, push.id))
                     prepared.environment = env
                 except ValidationError as exc:
-                    self._emit(ResultLine(id=push.id, line=number, outcome="rejected",
-                                          token=token if len(token) < 600 else None,
-                                          error=str(exc), input=inp.label), state)
+                    control.emit(ResultLine(id=push.id, line=number, outcome="rejected",
+                                            token=token if len(token) < 600 else None,
+                                            error=str(exc), input=inp.label), state)
                     continue
                 state.pending += 1
                 await put(send, prepared)  # no checkpoint while the channel has room
                 inp.last_sent_line = number
         except OSError as exc:  # tokens_file unreadable midway
-            self._emit(ResultLine(id=push.id, line=number, outcome="malformed",
-                                  error=f"tokens_file {push.tokens_file}: {exc.strerror}",
-                                  input=inp.label), state)
+            control.emit(ResultLine(id=push.id, line=number, outcome="malformed",
+                                    error=f"tokens_file {push.tokens_file}: {exc.strerror}",
+                                    input=inp.label), state)
         state.closed = True
         if not state.pending:
             state.done()
 
-    async def _single(self, state: LineState, push: Any,
+    async def _single(self, state: LineState, push: PushLine,
                       send: trio.MemorySendChannel[Prepared]) -> None:
         """A broadcast (``channel_id``) or a Live Activity push (``live_activity``)."""
-        from ..client import prepare_broadcast
-        from ..liveactivity import (
-            end_payload,
-            notification,
-            prepare_stamped,
-            start_payload,
-            update_payload,
-        )
-        from ..payload import Notification, Payload, decode_payload
+        from ..payload import decode_payload
 
         la = push.live_activity
         priority = push.priority if push.priority is not None else 10
         try:
             if la is not None:
-                custom = {k: v for k, v in (push.payload or {}).items() if k != "aps"}
-                if la.event == "start":
-                    payload: Any = start_payload(
-                        attributes_type=la.attributes_type, attributes=la.attributes,
-                        content_state=la.content_state, alert=la.alert,
-                        input_push_token=la.input_push_token,
-                        input_push_channel=la.input_push_channel, stale_date=la.stale_date,
-                        relevance_score=la.relevance_score, custom=custom)
-                elif la.event == "update":
-                    payload = update_payload(la.content_state, stale_date=la.stale_date,
-                                             relevance_score=la.relevance_score,
-                                             alert=la.alert, custom=custom)
-                else:
-                    payload = end_payload(la.content_state, dismissal_date=la.dismissal_date,
-                                          alert=la.alert, custom=custom)
+                payload: Payload | dict[str, Any] = _la_payload(la, push.payload)
                 if la.activity_id is not None:
-                    decision = self.tracker.decide(
-                        la.activity_id, time.time() if la.source_time is None
-                        else la.source_time, priority)
-                    while decision.wait:
-                        await trio.sleep(decision.wait)
-                        decision = self.tracker.decide(la.activity_id, la.source_time or
-                                                       time.time(), priority)
-                    if decision.superseded:
-                        self._end_line(state, "superseded",
-                                       f"older than the last update sent for {la.activity_id}",
-                                       id=push.id, token=push.token, channel_id=push.channel_id)
+                    budgeted = await self._budget(state, push, la, priority)
+                    if budgeted is None:
                         return
-                    priority = decision.priority
+                    priority = budgeted
             else:
+                assert push.payload is not None  # decode_line: a payload unless live_activity
                 payload = decode_payload(push.payload) if "aps" in push.payload \
                     else push.payload
-            tag = Tag(state, push.id)
-            if push.channel_id is not None:
-                bundle = bundle_of(push.topic or self.settings.topic or "")
-                body = payload.encode() if isinstance(payload, Payload) else payload
-                prepared = prepare_broadcast(
-                    push.channel_id, body, bundle_id=bundle or None, priority=priority,
-                    expiration=0 if push.expiration is None else push.expiration,
-                    apns_id=push.apns_id, id=tag)
-                if la is not None and b'"timestamp":4102444800' in prepared.body:
-                    from ..liveactivity import Stamper
-
-                    prepared.stamp = Stamper(prepared.body)
-            elif la is not None:
-                prepared = prepare_stamped(
-                    notification(push.token, payload, push.topic or self.settings.topic or "",
-                                 priority=priority, expiration=push.expiration,
-                                 apns_id=push.apns_id, id=tag))
-            else:
-                prepared = prepare_stamped(Notification(
-                    token=push.token, payload=payload, push_type=push.push_type or "alert",
-                    topic=push.topic, priority=push.priority, expiration=push.expiration,
-                    collapse_id=push.collapse_id, apns_id=push.apns_id, id=tag),
-                    default_topic=self.settings.topic)
+            prepared = self._prepare_single(push, payload, priority, Tag(state, push.id))
         except (ValidationError, ConfigError) as exc:
-            self._malformed(state, str(exc))
+            self.control.malformed(state, str(exc))
             return
         prepared.environment = push.environment
         state.pending += 1
@@ -542,13 +813,57 @@ class Daemon:
         state.input.last_sent_line = state.number
         state.closed = True
 
+    async def _budget(self, state: LineState, push: PushLine, la: LiveActivityLine,
+                      priority: int) -> int | None:
+        """The priority a Live Activity push goes at (its activity's hourly budget of
+        priority 10, ``--la-budget``), after a wait (``--la-over-budget wait``); ``None``
+        when it is older than the last update sent, and its line ended ``superseded``."""
+        assert la.activity_id is not None
+        decision = self.tracker.decide(
+            la.activity_id, time.time() if la.source_time is None else la.source_time,
+            priority)
+        while decision.wait:
+            await trio.sleep(decision.wait)
+            decision = self.tracker.decide(la.activity_id, la.source_time or time.time(),
+                                           priority)
+        if decision.superseded:
+            self.control.end_line(state, "superseded",
+                                  f"older than the last update sent for {la.activity_id}",
+                                  id=push.id, token=push.token, channel_id=push.channel_id)
+            return None
+        return decision.priority
+
+    def _prepare_single(self, push: PushLine, payload: Payload | dict[str, Any],
+                        priority: int, tag: Tag) -> Prepared:
+        """The prepared push of a broadcast or of a Live Activity line."""
+        from ..client import prepare_broadcast
+        from ..liveactivity import Stamper, notification, prepare_stamped
+
+        la = push.live_activity
+        topic = push.topic or self.settings.topic or ""
+        if push.channel_id is not None:
+            body = payload.encode() if isinstance(payload, Payload) else payload
+            prepared = prepare_broadcast(
+                push.channel_id, body, bundle_id=bundle_of(topic) or None, priority=priority,
+                expiration=0 if push.expiration is None else push.expiration,
+                apns_id=push.apns_id, id=tag)
+            if la is not None and STAMP_MARKER in prepared.body:
+                prepared.stamp = Stamper(prepared.body)
+            return prepared
+        # _line: with a token (not a broadcast) this is a Live Activity, its payload built
+        assert push.token is not None and la is not None and isinstance(payload, Payload)
+        return prepare_stamped(notification(
+            push.token, payload, topic, priority=priority, expiration=push.expiration,
+            apns_id=push.apns_id, id=tag))
+
     @staticmethod
-    def _tokens(push: Any) -> Iterator[str] | list[str]:
+    def _tokens(push: PushLine) -> Iterator[str] | list[str]:
         if push.token is not None:
             return [push.token]
         if push.tokens is not None:
             return push.tokens
         path = push.tokens_file
+        assert path is not None  # decode_line: exactly one of token, tokens, tokens_file
         try:
             fh = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
         except OSError as exc:
@@ -564,37 +879,11 @@ class Daemon:
 
     # ----------------------------------------------------------------- output
 
-    def _malformed(self, state: LineState, error: str) -> None:
-        self._end_line(state, "malformed", error)
-
-    def _end_line(self, state: LineState, outcome: str, error: str, id: Any = None,
-                  **fields: Any) -> None:
-        """A line that sends nothing: its one result, and it is done."""
-        self._emit(ResultLine(id=id, line=state.number, outcome=outcome, error=error,
-                              input=state.input.label, **fields), state)
-        state.closed = True
-        state.done()
-
-    def _emit(self, record: ResultLine, state: LineState) -> None:
-        if state.resend:
-            record.resent = True
-        self.results.write(result_encoder.encode(record) + b"\n")
-        self.counts[record.outcome] += 1
-        self.results_written += 1
-
-    def _write(self, result: Any) -> None:
+    def _write(self, result: Result) -> None:
         tag = result.id
-        state = tag.line
-        latency = result.latency_ms
-        self._emit(ResultLine(
-            id=tag.id, line=state.number, outcome=str(result.outcome), token=result.token,
-            channel_id=result.channel_id,
-            status=result.status, reason=result.reason, apns_id=result.apns_id,
-            timestamp=result.timestamp, attempts=result.attempts,
-            latency_ms=round(latency, 3) if latency is not None else None, error=result.error,
-            resent=result.resent,
-            input=state.input.label, team=result.team, environment=result.environment,
-            wrong_environment=result.wrong_environment), state)
+        state: LineState = tag.line
+        self.control.emit(ResultLine.from_result(result, id=tag.id, line=state.number,
+                                                 input=state.input.label), state)
         if result.error is not None and is_unreachable(result):
             self.unreachable += 1
         elif self._unreachable_logged and result.status is not None:
@@ -602,94 +891,42 @@ class Daemon:
         state.pending -= 1
         if state.closed and not state.pending:
             state.done()
-        if self.client.config_error and not self.config_stopped:
+        assert self.engine is not None  # results come from it
+        error = self.engine.config_error
+        if error and not self.config_stopped:
             self.config_stopped = True
             if self.args.on_config_error == "stop":
-                log.error("stopping: %s", self.client.config_error)
-                self._reader_scope.cancel()
+                log.error("stopping: %s", error)
+                self.control.reader_scope.cancel()
             else:
-                log.error("%s; marking the remaining lines config_error",
-                          self.client.config_error)
-
-    def _on_invalid(self, token: str, reason: str | None, timestamp: int | None) -> None:
-        if self.invalid is not None:
-            self.invalid.write(json.dumps({"token": token, "reason": reason,
-                                           "timestamp": timestamp}).encode() + b"\n")
-
-    async def _checkpointer(self) -> None:
-        while True:
-            await trio.sleep(self.args.checkpoint_interval)
-            snapshot = [(s, s.prefix()) for s in self.states if s.checkpoint_path]
-            await self.results.sync()    # results first ...
-            if self.invalid is not None:
-                await self.invalid.sync()
-            for state, (line, offset) in snapshot:   # ... then the checkpoint that covers them
-                await state.save(line, offset)
+                log.error("%s; marking the remaining lines config_error", error)
 
     # ----------------------------------------------------------------- control
 
-    async def _signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-            async for sig in sigs:
-                if sig == signal.SIGHUP:
-                    log.info("SIGHUP: reopening output files")
-                    self._reopen()
-                elif not self.stopping:
-                    self.stopping = True
-                    log.warning("%s: no more input; draining pushes in flight (up to %g s)",
-                                signal.Signals(sig).name, self.args.drain_timeout)
-                    self._reader_scope.cancel()
-                    self._nursery.start_soon(self._drain_deadline)
-                else:
-                    self._force(f"second {signal.Signals(sig).name}")
-
-    def _force(self, why: str) -> None:
-        if self.forced:
-            self._hurry_exit_flush(again=True)
-            return
-        log.warning("%s: stopping now; pushes in flight are reported maybe_delivered", why)
-        self.forced = True
-        self._reader_scope.cancel()
-        self._stop_in_flight()
-        self._hurry_exit_flush()
-
-    def _stop_in_flight(self) -> None:
-        """A forced stop: end what is in flight now (the coordinator signals its workers)."""
-        if self.client is not None:  # report them before send_many's cleanup resets them
-            for result in self.client.abort_in_flight("stopped before APNs answered"):
+    def stop_in_flight(self) -> None:
+        """A forced stop: the pushes in flight end now (reported before ``send_many``'s
+        cleanup resets them), and the results stop being consumed."""
+        if self.engine is not None:
+            for result in self.engine.abort_in_flight("stopped before APNs answered"):
                 self._write(result)
         self._consume_scope.cancel()
 
-    def _hurry_exit_flush(self, again: bool = False) -> None:
-        """A forced stop while the last results are being written: give them a little
-        longer, or (another signal) none at all."""
-        scope = self._exit_scope
-        if scope is not None:
-            scope.deadline = min(scope.deadline, trio.current_time() + FORCED_FLUSH_S)
-            if again:
-                scope.cancel()
+    def reopen(self) -> None:
+        """SIGHUP: reopen the output files."""
+        self.out.reopen()
 
-    def _reopen(self) -> None:
-        self.results.reopen()
-        if self.invalid is not None:
-            self.invalid.reopen()
-
-    async def _drain_deadline(self) -> None:
-        await trio.sleep(self.args.drain_timeout)
-        self._force(f"drain timeout ({self.args.drain_timeout:g} s)")
-
-    async def _watch_unreachable(self) -> None:
+    async def _watch_unreachable(self, engine: Engine) -> None:
         """Say once when APNs becomes unreachable (input pauses: the pushes read so far wait
         for a connection, unread lines stay after the checkpoint) and when it is back."""
         timeout = self.settings.unavailable_timeout
         while True:
             await trio.sleep(min(1.0, timeout / 4))
-            down = self.client.pool.unavailable_for()
+            down = engine.pool.unavailable_for()
             if down >= timeout and not self._unreachable_logged:
                 self._unreachable_logged = True
                 log.warning("APNs unreachable for %.0f s (%s); input paused, unread lines stay "
                             "after the checkpoint; going on when a connection comes up",
-                            down, self.client.pool.last_error or "no connection")
+                            down, engine.pool.last_error or "no connection")
             elif down == 0.0 and self._unreachable_logged:
                 self._reachable_again()
 
@@ -697,37 +934,34 @@ class Daemon:
         self._unreachable_logged = False
         log.warning("APNs reachable again: input resumed")
 
-    async def _status_loop(self) -> None:
-        interval = 1.0 if self._status_tty else self.args.status_interval
-        if interval <= 0:
+    def status(self, final: bool = False) -> None:
+        """Report progress (a ``--workers`` child leaves that to its coordinator)."""
+        if self.child:
             return
-        while True:
-            await trio.sleep(interval)
-            self._status()
+        engine = self.engine
+        self.control.status(final, engine.pool.in_flight if engine is not None else 0,
+                            engine.pool.unavailable_for() if engine is not None else 0.0)
+        self.source.report(final)
 
-    def _status(self, final: bool = False) -> None:
-        elapsed = max(time.monotonic() - self._started, 1e-9)
-        in_flight = self.client.pool.in_flight if self.client is not None else 0
-        info = {"lines": self.lines_read, "results": self.results_written,
-                "per_s": round(self.results_written / elapsed, 1), "in_flight": in_flight,
-                "counts": dict(sorted(self.counts.items())), "tasks": _task_count(),
-                "unreachable_s": round(self.client.pool.unavailable_for(), 1)
-                if self.client is not None else 0.0,
-                "max_rss_mb": round(peak_rss_mb(), 1)}
-        if self._status_tty and not final:
-            counts = " ".join(f"{k}={v:,}" for k, v in info["counts"].items())
-            sys.stderr.write(f"\r{info['lines']:,} lines  {info['per_s']:,.0f}/s  "
-                             f"in flight {in_flight}  {counts}\x1b[K")
-            sys.stderr.flush()
-            return
-        if self._status_tty:
-            sys.stderr.write("\n")
-        if self.args.log_format == "json":
-            print(json.dumps({"event": "final" if final else "status", **info}),
-                  file=sys.stderr, flush=True)
-        else:
-            log.warning("%s: %s", "final" if final else "status",
-                        " ".join(f"{k}={v}" for k, v in info.items()))
+
+def _la_payload(la: LiveActivityLine, given: dict[str, Any] | None) -> Payload:
+    """The payload of a Live Activity line; keys of ``payload`` besides ``aps`` are kept."""
+    from ..liveactivity import end_payload, start_payload, update_payload
+
+    custom = {k: v for k, v in (given or {}).items() if k != "aps"}
+    # what an event needs may be absent: it goes out without it, and APNs says what is wrong
+    la_: Any = la
+    if la.event == "start":
+        return start_payload(
+            attributes_type=la_.attributes_type, attributes=la_.attributes,
+            content_state=la_.content_state, alert=la_.alert,
+            input_push_token=la.input_push_token, input_push_channel=la.input_push_channel,
+            stale_date=la.stale_date, relevance_score=la.relevance_score, custom=custom)
+    if la.event == "update":
+        return update_payload(la_.content_state, stale_date=la.stale_date,
+                              relevance_score=la.relevance_score, alert=la.alert, custom=custom)
+    return end_payload(la.content_state, dismissal_date=la.dismissal_date, alert=la.alert,
+                       custom=custom)
 
 
 def peak_rss_mb() -> float:
@@ -743,11 +977,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _task_count() -> int:
+def task_count() -> int:
     """Tasks alive in this trio run (reported in the status: a leak would show)."""
     n, stack = 0, [trio.lowlevel.current_root_task()]
     while stack:
         task = stack.pop()
+        if task is None:
+            continue
         n += 1
         for nursery in task.child_nurseries:
             stack.extend(nursery.child_tasks)

@@ -24,16 +24,20 @@ import argparse
 import logging
 import os
 import socket
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import trio
 
 from ..errors import ConfigError
-from ..payload import Prepared
-from .core import Daemon, InputState, LineState
+from .core import Daemon, Engine, InputState, LineHandler, LineState
 from .lines import ResultLine, result_encoder
+from .output import Outputs
 from .reader import InputLine
+
+if TYPE_CHECKING:
+    from ..metrics import DaemonMetrics
 
 log = logging.getLogger("fanout.fleet")
 
@@ -88,13 +92,42 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
     return (RedisConnectionError, RedisError, TimeoutError, OSError)
 
 
-class StreamDaemon(Daemon):
-    """The file daemon with a Redis Stream consumer group as its input."""
+async def run_group(settings: Any, args: argparse.Namespace,
+                    make_engine: Callable[..., Engine]) -> int:
+    """``fanout run --source redis://...``: a daemon whose source and sink are one
+    :class:`RedisGroup`; after it ends, the last results and acks go out (for up to 10 s
+    while Redis is unreachable)."""
+    out = Outputs.for_args(args.results, args.invalid_tokens,
+                           getattr(args, "output_buffer", 8.0))
+    group = RedisGroup(args, out)
+    daemon = Daemon(settings, args, group, group, make_engine)
+    try:
+        async with group.redis:
+            code = await daemon.run()
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                while group.uncommitted:  # the last ones
+                    if not await group.commit_now():
+                        await trio.sleep(RETRY)
+    except BaseExceptionGroup as exc:  # coredis's pool wraps what passes through it
+        if len(exc.exceptions) == 1:
+            raise exc.exceptions[0] from None
+        raise
+    if group.unacked:
+        log.error("%d entries done but not acked (Redis unreachable): they will be "
+                  "taken over and resent", group.unacked)
+    return code
 
-    def __init__(self, settings: Any, args: argparse.Namespace, make_client: Any) -> None:
-        super().__init__(settings, args, [], make_client)
+
+class RedisGroup:
+    """A Redis Stream consumer group as a daemon's source (XREADGROUP, XAUTOCLAIM of what
+    dead consumers left) and sink (results to ``--results`` and/or ``--results-stream``,
+    then XACK, and XDEL unless ``--keep-acked``, of the entries they cover)."""
+
+    def __init__(self, args: argparse.Namespace, out: Outputs) -> None:
         if not args.group:
             raise ConfigError("--source needs --group (the consumer group to read in)")
+        self.args = args
+        self.out = out
         self.redis, self.stream = connect(args.source)
         self.group = args.group
         self.consumer = args.consumer or f"{socket.gethostname()}-{os.getpid()}"
@@ -107,25 +140,17 @@ class StreamDaemon(Daemon):
         self.lag = self.pending = 0
         self.state = InputState(self.stream, None, None)
         self.state.on_done = self._entry_done
+        self.states = [self.state]
 
-    # ----------------------------------------------------------------- main
+    @property
+    def uncommitted(self) -> bool:
+        """Acks or stream results not yet out."""
+        return bool(self._acks or self._pending_results)
 
-    async def run(self) -> int:
-        try:
-            async with self.redis:
-                code = await super().run()
-                with trio.CancelScope(shield=True), trio.move_on_after(10):
-                    while self._acks or self._pending_results:  # the last ones
-                        if not await self._commit():
-                            await trio.sleep(RETRY)
-        except BaseExceptionGroup as group:  # coredis's pool wraps what passes through it
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
-        if self._acks:
-            log.error("%d entries done but not acked (Redis unreachable): they will be "
-                      "taken over and resent", len(self._acks))
-        return code
+    @property
+    def unacked(self) -> int:
+        """Entries whose results are written and that are not acked yet."""
+        return len(self._acks)
 
     async def _ensure_group(self) -> None:
         from coredis.exceptions import StreamDuplicateConsumerGroupError
@@ -136,12 +161,13 @@ class StreamDaemon(Daemon):
         except StreamDuplicateConsumerGroupError:
             pass
 
-    # ----------------------------------------------------------------- input
+    # ----------------------------------------------------------------- the source
 
-    async def _read_all(self, send: trio.MemorySendChannel[Prepared]) -> None:
+    async def read(self, handle: LineHandler, nursery: trio.Nursery) -> None:
+        """New entries (and those taken over) until reading is cancelled; keeping the
+        entries in flight claimed and watching the group go on until the run ends."""
         from coredis.exceptions import StreamConsumerGroupError
 
-        self.states.append(self.state)
         stream_key = self.stream.encode()
         next_claim = 0.0
 
@@ -150,7 +176,7 @@ class StreamDaemon(Daemon):
             try:
                 if trio.current_time() >= next_claim:
                     next_claim = trio.current_time() + max(0.5, self.args.claim_idle / 2)
-                    await self._claim(send)
+                    await self._claim(handle)
                 res = await self.redis.xreadgroup(
                     self.group, self.consumer, streams={self.stream: ">"},
                     count=READ_COUNT, block=BLOCK_MS)
@@ -160,15 +186,13 @@ class StreamDaemon(Daemon):
                 await self._retry(self._ensure_group)
                 return
             for entry in (res or {}).get(stream_key, ()):
-                await self._entry(entry, False, send)
+                await self._entry(entry, False, handle)
 
-        async with send:
-            with self._reader_scope:
-                await self._retry(self._ensure_group)
-                self._nursery.start_soon(self._keep_claimed)
-                self._nursery.start_soon(self._watch_group)
-                while True:
-                    await self._retry(read_once)
+        await self._retry(self._ensure_group)
+        nursery.start_soon(self._keep_claimed)
+        nursery.start_soon(self._watch_group)
+        while True:
+            await self._retry(read_once)
 
     async def _watch_group(self) -> None:
         """The group's lag and pending count, for the metrics and the status line."""
@@ -180,14 +204,16 @@ class StreamDaemon(Daemon):
                     if _text(info.get("name")) == self.group:
                         self.lag = int(info.get("lag") or 0)
                         self.pending = int(info.get("pending") or 0)
-                        if self.daemon_metrics is not None:
-                            self.daemon_metrics.stream_lag.set(self.lag)
-                            self.daemon_metrics.stream_pending.set(self.pending)
             except errors:
                 pass
             await trio.sleep(1.0)
 
-    async def _retry(self, fn: Any) -> None:
+    def sample(self, metrics: DaemonMetrics) -> None:
+        """The group's lag and pending count, as last seen."""
+        metrics.stream_lag.set(self.lag)
+        metrics.stream_pending.set(self.pending)
+
+    async def _retry(self, fn: Callable[[], Awaitable[None]]) -> None:
         errors = _redis_errors()
         warned = False
         while True:
@@ -200,7 +226,7 @@ class StreamDaemon(Daemon):
                     warned = True
                 await trio.sleep(RETRY)
 
-    async def _claim(self, send: trio.MemorySendChannel[Prepared]) -> None:
+    async def _claim(self, handle: LineHandler) -> None:
         """Take over entries idle for --claim-idle seconds in any consumer's pending list
         (a consumer that died): they may have been sent, so their results say resent."""
         start = "0-0"
@@ -213,7 +239,7 @@ class StreamDaemon(Daemon):
                 if _text(entry.identifier) in mine:  # ours, still in flight: no takeover
                     continue
                 self.claimed += 1
-                await self._entry(entry, True, send)
+                await self._entry(entry, True, handle)
             if _text(start) == "0-0":
                 return
 
@@ -232,8 +258,7 @@ class StreamDaemon(Daemon):
             except errors:
                 pass
 
-    async def _entry(self, entry: Any, claimed: bool,
-                     send: trio.MemorySendChannel[Prepared]) -> None:
+    async def _entry(self, entry: Any, claimed: bool, handle: LineHandler) -> None:
         self._number += 1
         number = self._number
         ident = _text(entry.identifier)
@@ -244,40 +269,48 @@ class StreamDaemon(Daemon):
             line = InputLine(number, 0, 0, b"", f"entry {ident} has no {FIELD!r} field")
         else:
             line = InputLine(number, 0, 0, bytes(data))
-        await self._line(self.state, line, send)
+        await handle(self.state, line)
 
     def _entry_done(self, number: int) -> None:
         entry = self._entry_of.pop(number, None)
         if entry is not None:
             self._acks.append(entry)
 
-    # ----------------------------------------------------------------- output
+    def report(self, final: bool) -> None:
+        """The group's lag and pending count; at the end, the entries taken over."""
+        if not final:
+            log.info("stream %s group %s: lag %d, pending %d", self.stream, self.group,
+                     self.lag, self.pending)
+        if final and self.claimed:
+            log.warning("took over %d entries from other consumers", self.claimed)
 
-    def _emit(self, record: ResultLine, state: LineState) -> None:
+    # ----------------------------------------------------------------- the sink
+
+    def write(self, record: ResultLine, state: LineState) -> None:
+        """To the file or stdout (unless only ``--results-stream`` is given), and/or held
+        for the results stream, with the entry's id."""
         record.entry = self._entry_of.get(state.number)
+        data = result_encoder.encode(record)
         if self.results_stream is None or self.args.results:
-            super()._emit(record, state)  # the file or stdout (and the counts)
-            if self.results_stream is not None:
-                self._pending_results.append(result_encoder.encode(record))
-            return
-        if state.resend:  # the stream only: written by _commit
-            record.resent = True
-        self._pending_results.append(result_encoder.encode(record))
-        self.counts[record.outcome] += 1
-        self.results_written += 1
+            self.out.results.write(data + b"\n")
+        if self.results_stream is not None:
+            self._pending_results.append(data)
 
-    async def _checkpointer(self) -> None:
-        while True:
-            await trio.sleep(self.args.checkpoint_interval)
-            await self._commit()
+    async def commit(self, states: Sequence[InputState]) -> None:
+        """:meth:`commit_now` (what Redis does not take now is kept for the next one)."""
+        await self.commit_now()
 
-    async def _commit(self) -> bool:
+    def close(self, states: Sequence[InputState], complete: bool) -> None:
+        """Close the outputs (the last acks go out after the daemon, :func:`run_group`)."""
+        self.out.close()
+
+    async def commit_now(self) -> bool:
         """Results out first (file flushed, stream entries added), then ack (and delete)
         the entries they cover. False when Redis could not be reached (kept for later)."""
         acks, self._acks = self._acks, []
         results, self._pending_results = self._pending_results, []
-        if not self.results.closed:
-            await self.results.sync()
+        if not self.out.results.closed:
+            await self.out.results.sync()
         try:
             if results:
                 async with self.redis.pipeline(transaction=False) as pipe:
@@ -300,14 +333,6 @@ class StreamDaemon(Daemon):
             self._pending_results[:0] = results
             raise
         return True
-
-    def _status(self, final: bool = False) -> None:
-        super()._status(final)
-        if not final:
-            log.info("stream %s group %s: lag %d, pending %d", self.stream, self.group,
-                     self.lag, self.pending)
-        if final and self.claimed:
-            log.warning("took over %d entries from other consumers", self.claimed)
 
 
 # --------------------------------------------------------------------------- enqueue

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import msgspec
 
+from ..outcome import Result
 from ..payload import ENVIRONMENTS
 
 
@@ -121,5 +123,22 @@ class ResultLine(msgspec.Struct, omit_defaults=True):
     """The line named the other environment; this one accepted the token (see
     :attr:`fanout.outcome.Result.wrong_environment`)."""
 
+    @classmethod
+    def from_result(cls, result: Result, *, id: Any, line: int,
+                    input: str | None) -> ResultLine:
+        """The line for ``result``: every field the two share, as the result has it
+        (``latency_ms`` rounded to the microsecond), with the caller's ``id``, the input
+        ``line`` and the ``input`` label."""
+        record = cls(id, line, str(result.outcome), input=input,
+                     **dict(zip(_FROM_RESULT, _shared(result), strict=True)))
+        if record.latency_ms is not None:
+            record.latency_ms = round(record.latency_ms, 3)
+        return record
+
+
+_FROM_RESULT = tuple(name for name in ResultLine.__struct_fields__
+                     if name in Result.__struct_fields__ and name not in ("id", "outcome"))
+"""The fields :class:`ResultLine` copies from a :class:`~fanout.outcome.Result`."""
+_shared = operator.attrgetter(*_FROM_RESULT)  # as fast as naming each one
 
 result_encoder = msgspec.json.Encoder()

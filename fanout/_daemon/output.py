@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import select
@@ -27,7 +28,7 @@ import stat
 import sys
 import threading
 from collections import deque
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -42,6 +43,81 @@ PIPE_BUF = select.PIPE_BUF
 
 class OutputError(FanoutError):
     """The results (or dead tokens) could not be written: exit 5, checkpoint not advanced."""
+
+
+class ResultsOut(Protocol):
+    """Where result lines go: an :class:`Output`, or a worker's frames to its coordinator."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def failed(self) -> OutputError | None: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def backlog(self) -> int: ...
+    @property
+    def over(self) -> bool: ...
+    def write(self, data: bytes) -> None: ...
+    async def room(self) -> None: ...
+    async def sync(self) -> None: ...
+    def reopen(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def output_limit(buffer: float) -> int:
+    """``--output-buffer`` (MB) in bytes."""
+    if not buffer > 0:
+        raise ConfigError(f"--output-buffer must be more than 0 MB, not {buffer!r}")
+    return int(buffer * (1 << 20))
+
+
+class Outputs:
+    """A daemon's outputs as one: the results (``results``) and the dead tokens
+    (``invalid``, optional). Back-pressure comes from the results; a failure of either is
+    the run's output failure."""
+
+    def __init__(self, results: ResultsOut, invalid: Output | None) -> None:
+        self.results = results
+        self.invalid = invalid
+
+    @classmethod
+    def for_args(cls, results: str | None, invalid: str | None, buffer: float) -> Outputs:
+        """``--results``, ``--invalid-tokens`` and ``--output-buffer`` (MB)."""
+        limit = output_limit(buffer)
+        return cls(Output(results, limit=limit),
+                   Output(invalid, limit=limit) if invalid else None)
+
+    @property
+    def failed(self) -> OutputError | None:
+        """The error of the results or the dead-token output, if one failed."""
+        if self.results.failed is not None:
+            return self.results.failed
+        return self.invalid.failed if self.invalid is not None else None
+
+    def dead_token(self, token: str, reason: str | None, timestamp: int | None) -> None:
+        """One line for a token APNs said is dead (``--invalid-tokens``)."""
+        if self.invalid is not None:
+            self.invalid.write(json.dumps({"token": token, "reason": reason,
+                                           "timestamp": timestamp}).encode() + b"\n")
+
+    async def sync(self) -> None:
+        """Everything written so far is out (see :meth:`Output.sync`)."""
+        await self.results.sync()
+        if self.invalid is not None:
+            await self.invalid.sync()
+
+    def reopen(self) -> None:
+        """SIGHUP: reopen both files at their paths."""
+        self.results.reopen()
+        if self.invalid is not None:
+            self.invalid.reopen()
+
+    def close(self) -> None:
+        """No more writes to either."""
+        self.results.close()
+        if self.invalid is not None:
+            self.invalid.close()
 
 
 _REOPEN = object()  # a queue item: reopen the path (SIGHUP), in order with the data
@@ -239,14 +315,14 @@ class Output:
             return
         os.fsync(self._fd)
         if self.path is not None:
-            self._check_identity()
+            self._check_identity(self.path)
         self._since_sync.clear()
 
-    def _check_identity(self) -> None:
-        """The path must still name the file being written."""
+    def _check_identity(self, path: str) -> None:
+        """``path`` must still name the file being written."""
         mine = os.fstat(self._fd)
         try:
-            named = os.stat(self.path)
+            named = os.stat(path)
             same = (named.st_dev, named.st_ino) == (mine.st_dev, mine.st_ino)
         except FileNotFoundError:
             same = False
@@ -316,13 +392,13 @@ class Output:
         except OSError as exc:
             raise ConfigError(f"cannot open {self.path} for writing: {exc.strerror}") from None
         try:
-            self._repair(fd)
+            self._repair(fd, self.path)
         except OSError as exc:
             os.close(fd)
             raise ConfigError(f"cannot repair {self.path}: {exc.strerror}") from None
         return fd
 
-    def _repair(self, fd: int) -> None:
+    def _repair(self, fd: int, path: str) -> None:
         """A file whose last line is torn (a run stopped mid-write: disk full, kill -9) is
         cut back to its last newline, or the next record would be glued onto the half one.
         Nothing is lost: the checkpoint never covers a result that was not written whole,
@@ -330,7 +406,7 @@ class Output:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
             return
-        with open(self.path, "rb") as r:
+        with open(path, "rb") as r:
             r.seek(st.st_size - 1)
             if r.read(1) == b"\n":
                 return

@@ -193,9 +193,11 @@ class _Splitter:
                 data, error = b"", self.too_long
             else:
                 self.pending += memoryview(chunk)[pos:nl]
-                data = self._take_pending()
-                if data is None:
+                taken = self._take_pending()
+                if taken is None:
                     data, error = b"", self.too_long
+                else:
+                    data = taken
             yield InputLine(self.number, self.line_start, end, data, error, self.identity)
             self.line_start = end
             self._reset_pending()
@@ -479,34 +481,13 @@ async def read_lines(
         raise ValueError("poll_interval must be > 0")
     if path == "-":
         path = None
-
-    if path is None:
-        fd, st = await _in_thread(_open_stdin)
-        src = _Source(fd, st)
-        try:
-            os.lseek(fd, 0, os.SEEK_CUR)
-        except OSError:
-            src.seekable = False
-    else:
-        src = await _open_when_present(path, follow, poll_interval)
-
+    src = await _open_input(path, follow, poll_interval)
     sp = (_BlockSplitter if blocks else _Splitter)(max_line_bytes, start_offset, start_line)
-    to_discard = 0
     try:
-        if start_offset:
-            if not src.seekable:
-                to_discard = start_offset
-            elif os.fstat(src.fd).st_size < start_offset:
-                sp.restart(0, None)
-            else:
-                os.lseek(src.fd, start_offset, os.SEEK_SET)
+        to_discard = _seek_start(src, sp, start_offset)
         sp.identity = src.identity
         # a stdin pipe/tty can never grow again after EOF
-        can_follow = follow and (path is not None or src.regular)
-        seen = _Fingerprint() if can_follow and src.regular else None
-        if seen is not None:
-            seen.reset(src.fd, sp.offset)
-
+        tail = _Tail(path, src, sp) if follow and (path is not None or src.regular) else None
         while True:
             chunk = await src.receive(chunk_size)
             if chunk:
@@ -516,62 +497,126 @@ async def read_lines(
                         continue
                     chunk = chunk[to_discard:]
                     to_discard = 0
-                if seen is not None:
-                    # followed: what was read before must still be there (3 syscalls a
-                    # chunk); if not, this chunk is the middle of new content
-                    if seen.rewritten(src.fd, sp.offset, os.fstat(src.fd).st_size):
-                        for line in _reread(path, sp, src):
-                            yield line
-                        seen = _Fingerprint()
-                        continue
-                    seen.read(sp.offset, chunk)
+                if tail is not None and tail.rewritten_before(chunk):
+                    # this chunk is the middle of new content: read it all from the start
+                    if (last := tail.reread()) is not None:
+                        yield last
+                    continue
                 for line in sp.feed(chunk):
                     yield line
                 continue
-
             # EOF
-            if not can_follow:
-                last = sp.finish()
-                if last is not None:
+            if tail is None:
+                if (last := sp.finish()) is not None:
                     yield last
                 return
-            now, size = await _in_thread(_probe, path, src.fd)
-            if now is not None and now != src.identity:
-                # rotated: first drain what was written to the old file before the switch
-                # (the next EOF re-probes, so a still-growing old file is read to its end)
+            change = await tail.probe()
+            if change is _ROTATED:
+                # first drain what was written to the old file before the switch (the
+                # next EOF probes again, so a still-growing old file is read to its end)
                 chunk = await src.receive(chunk_size)
                 if chunk:
                     for line in sp.feed(chunk):
                         yield line
                     continue
-                last = sp.finish()
-                if last is not None:
+                if (last := sp.finish()) is not None:
                     yield last
-                src.close()
-                assert path is not None
-                src = await _open_when_present(path, True, poll_interval, rotated=True)
-                sp.restart(0, src.identity)
-                seen = _Fingerprint() if src.regular else None
-            elif seen is not None and await _in_thread(seen.rewritten, src.fd, sp.offset, size):
-                for line in _reread(path, sp, src):
-                    yield line
-                seen = _Fingerprint()
+                src = await tail.reopen(poll_interval)
+            elif change is _REWRITTEN:
+                if (last := tail.reread()) is not None:
+                    yield last
             else:
                 await trio.sleep(poll_interval)
     finally:
         src.close()
 
 
-def _reread(path: str | None, sp: _Splitter, src: _Source) -> Iterator[InputLine | InputBlock]:
-    """Truncated or rewritten in place: the unterminated tail (if any) will never be
-    completed; the new content is read whole, from its first line."""
-    log.warning("input %s was truncated or rewritten in place: reading it again from its "
-                "first byte", path or "stdin")
-    last = sp.finish()
-    if last is not None:
-        yield last
-    os.lseek(src.fd, 0, os.SEEK_SET)
-    sp.restart(0, src.identity)
+async def _open_input(path: str | None, follow: bool, poll_interval: float) -> _Source:
+    """``path`` (``None``: stdin) opened for reading."""
+    if path is not None:
+        return await _open_when_present(path, follow, poll_interval)
+    fd, st = await _in_thread(_open_stdin)
+    src = _Source(fd, st)
+    try:
+        os.lseek(fd, 0, os.SEEK_CUR)
+    except OSError:
+        src.seekable = False
+    return src
+
+
+def _seek_start(src: _Source, sp: _Splitter, start_offset: int) -> int:
+    """Go to ``start_offset``; the bytes still to discard (a stdin that cannot seek). A
+    file now shorter than the offset was truncated or replaced: it is read from 0."""
+    if not start_offset:
+        return 0
+    if not src.seekable:
+        return start_offset
+    if os.fstat(src.fd).st_size < start_offset:
+        sp.restart(0, None)
+    else:
+        os.lseek(src.fd, start_offset, os.SEEK_SET)
+    return 0
+
+
+_ROTATED = "rotated"      # the path names another file
+_REWRITTEN = "rewritten"  # the same file, truncated or rewritten in place
+_SAME = "same"            # nothing new yet
+
+
+class _Tail:
+    """``follow`` (like ``tail -F``): a file that may grow, be rotated, truncated or
+    rewritten in place, and what :func:`read_lines` does about it."""
+
+    def __init__(self, path: str | None, src: _Source, sp: _Splitter) -> None:
+        self.path = path
+        self.src = src
+        self.sp = sp
+        self.seen = _Fingerprint() if src.regular else None
+        if self.seen is not None:
+            self.seen.reset(src.fd, sp.offset)
+
+    def rewritten_before(self, chunk: bytes) -> bool:
+        """Whether what was read before ``chunk`` is gone (3 syscalls a chunk); if not,
+        ``chunk`` is noted as read."""
+        seen = self.seen
+        if seen is None:
+            return False
+        if seen.rewritten(self.src.fd, self.sp.offset, os.fstat(self.src.fd).st_size):
+            return True
+        seen.read(self.sp.offset, chunk)
+        return False
+
+    async def probe(self) -> str:
+        """At EOF: ``_ROTATED``, ``_REWRITTEN`` or ``_SAME``."""
+        now, size = await _in_thread(_probe, self.path, self.src.fd)
+        if now is not None and now != self.src.identity:
+            return _ROTATED
+        seen = self.seen
+        if seen is not None and await _in_thread(seen.rewritten, self.src.fd, self.sp.offset,
+                                                 size):
+            return _REWRITTEN
+        return _SAME
+
+    async def reopen(self, poll_interval: float) -> _Source:
+        """Rotated, the old file read to its end: the new file at the path, from 0."""
+        self.src.close()
+        assert self.path is not None  # stdin is never rotated
+        self.src = await _open_when_present(self.path, True, poll_interval, rotated=True)
+        self.sp.restart(0, self.src.identity)
+        self.seen = _Fingerprint() if self.src.regular else None
+        return self.src
+
+    def reread(self) -> InputLine | InputBlock | None:
+        """Truncated or rewritten in place: the unterminated tail (if any) will never be
+        completed, and is the line returned; the new content is read whole, from its
+        first line."""
+        log.warning("input %s was truncated or rewritten in place: reading it again from its "
+                    "first byte", self.path or "stdin")
+        last = self.sp.finish()
+        os.lseek(self.src.fd, 0, os.SEEK_SET)
+        self.sp.restart(0, self.src.identity)
+        self.seen = _Fingerprint()
+        return last
 
 
 def input_identity(path: str) -> Identity:

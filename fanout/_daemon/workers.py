@@ -22,21 +22,31 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
 
-from .._exits import EXIT_CONFIG, EXIT_FAILED, EXIT_FORCED, EXIT_OK, EXIT_UNREACHABLE
-from ..payload import Prepared
+from .._exits import EXIT_CONFIG, EXIT_FAILED, EXIT_FORCED, EXIT_UNREACHABLE, most_serious
 from .core import (
     HIGH_WATER_STEP,
+    Control,
     Daemon,
+    Engine,
+    FileSink,
     InputState,
+    LineHandler,
     LineState,
+    end_identity,
+    note_identity,
+    open_input,
 )
-from .output import Output
+from .output import Output, OutputError, Outputs, output_limit
 from .reader import InputBlock, InputLine, split_block
+
+if TYPE_CHECKING:
+    from ..metrics import DaemonMetrics
 
 log = logging.getLogger("fanout.workers")
 
@@ -49,6 +59,7 @@ def child_settings(settings: Any, workers: int) -> Any:
     topic_rates = {topic: r / workers for topic, r in settings.topic_rates.items()}
     return msgspec.structs.replace(settings, rate=rate, topic_rates=topic_rates)
 
+
 CHILD_SETTINGS_ENV = "FANOUT_CHILD_SETTINGS"  # a worker child's settings, as JSON
 MAX_LINES_PER_WORKER = 4096   # lines handed to a worker and not yet done
 BLOCK_BYTES = 64 * 1024       # input read (and handed on) this much at a time
@@ -56,9 +67,14 @@ FRAME_BYTES = 64 * 1024       # a worker sends its results at least this often
 
 
 class Worker:
+    """One worker process and the lines it has not finished."""
+
     def __init__(self, index: int, proc: trio.Process) -> None:
         self.index = index
         self.proc = proc
+        assert proc.stdin is not None and proc.stdout is not None  # opened with PIPE
+        self.stdin = proc.stdin
+        self.stdout = proc.stdout
         self.alive = True
         self.outstanding = 0     # lines
         self.results = 0
@@ -70,7 +86,8 @@ class Sent:
 
     __slots__ = ("state", "block", "lines", "resend_until", "worker")
 
-    def __init__(self, state: LineState, block: InputBlock, resend_until: int) -> None:
+    def __init__(self, state: LineState, block: InputBlock | InputLine,
+                 resend_until: int) -> None:
         self.state = state
         self.block = block
         self.lines = block.last - block.number + 1
@@ -78,17 +95,26 @@ class Sent:
         self.worker: Worker | None = None
 
 
-class Coordinator(Daemon):
-    """Reads input and keeps the books like the single-process daemon; the sending is
-    done by the workers."""
+class Coordinator:
+    """Reads the input and keeps the books like the single-process daemon (the same
+    :class:`~fanout._daemon.core.Control`, inputs and sink); the sending is done by the
+    workers."""
 
     def __init__(self, settings: Any, args: argparse.Namespace, inputs: list[str]) -> None:
-        super().__init__(settings, args, inputs, make_client=None)
+        self.settings = settings
+        self.args = args
+        self.inputs = inputs
+        self.out = Outputs.for_args(args.results, args.invalid_tokens,
+                                    getattr(args, "output_buffer", 8.0))
+        self.states: list[InputState] = []
+        self.control = Control(args, FileSink(self.out), self, self.states)
+        self.daemon_metrics: DaemonMetrics | None = None    # --metrics
         self.workers: list[Worker] = []
         self._room = trio.Event()
         self._by_number: dict[int, Sent] = {}
 
     async def run(self) -> int:
+        """Start the workers, hand them the input, wait for them; the exit code."""
         env = dict(os.environ)
         env[CHILD_SETTINGS_ENV] = msgspec.json.encode(
             child_settings(self.settings, self.args.workers)).decode()
@@ -102,41 +128,14 @@ class Coordinator(Daemon):
             cmd += ["--invalid-tokens", self.args.invalid_tokens]
         metrics_dir = self._start_worker_metrics(env, cmd)
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                for i in range(self.args.workers):
-                    proc = await trio.lowlevel.open_process(
-                        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-                        start_new_session=True)
-                    worker = Worker(i, proc)
-                    self.workers.append(worker)
-                    nursery.start_soon(self._collect, worker)
-                nursery.start_soon(self._signals)
-                nursery.start_soon(self._checkpointer)
-                nursery.start_soon(self._status_loop)
-                if self.daemon_metrics is not None:
-                    nursery.start_soon(self._metrics_loop)
-                await self._distribute()
-                for worker in self.workers:  # drain: no more input
-                    async with worker.lock:
-                        await worker.proc.stdin.aclose()
-                with trio.CancelScope(shield=True):
+            with self.control.ending():
+                try:
+                    await self._run(cmd, env, metrics_dir)
+                finally:
                     for worker in self.workers:
-                        await worker.proc.wait()
-                        self._worker_dead(worker, metrics_dir)
-                await self._flush_at_exit()
-                nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            one = self._one_error(group)
-            if one is not None:
-                raise one from None  # one clear line, not a traceback per task
-            raise
+                        if worker.proc.returncode is None:
+                            worker.proc.kill()
         finally:
-            for worker in self.workers:
-                if worker.proc.returncode is None:
-                    worker.proc.kill()
-            self._finish()
-            self._stop_metrics()
             if metrics_dir is not None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
         codes = [w.proc.returncode for w in self.workers]
@@ -144,13 +143,36 @@ class Coordinator(Daemon):
             print("fanout run: a worker stopped on a configuration error (see above)",
                   file=sys.stderr)
             return EXIT_CONFIG
-        if self.forced:
+        if self.control.forced:
             return EXIT_FORCED
         # the most serious of the workers' own codes (fanout._exits): unreachable, failed
-        for code in (EXIT_UNREACHABLE, EXIT_FAILED):
-            if code in codes:
-                return code
-        return EXIT_OK
+        return most_serious(c for c in codes if c in (EXIT_UNREACHABLE, EXIT_FAILED))
+
+    async def _run(self, cmd: list[str], env: dict[str, str], metrics_dir: str | None) -> None:
+        control = self.control
+        async with trio.open_nursery() as nursery:
+            for i in range(self.args.workers):
+                proc = await trio.lowlevel.open_process(
+                    cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                    start_new_session=True)
+                worker = Worker(i, proc)
+                self.workers.append(worker)
+                nursery.start_soon(self._collect, worker)
+            nursery.start_soon(control.signals, nursery)
+            nursery.start_soon(control.checkpointer)
+            nursery.start_soon(control.status_loop)
+            if self.daemon_metrics is not None:
+                nursery.start_soon(control.metrics_loop)
+            await self._distribute()
+            for worker in self.workers:  # drain: no more input
+                async with worker.lock:
+                    await worker.stdin.aclose()
+            with trio.CancelScope(shield=True):
+                for worker in self.workers:
+                    await worker.proc.wait()
+                    self._worker_dead(worker, metrics_dir)
+            await control.flush_at_exit()
+            nursery.cancel_scope.cancel()
 
     # ----------------------------------------------------------------- metrics
 
@@ -172,10 +194,10 @@ class Coordinator(Daemon):
         env["PROMETHEUS_MULTIPROC_DIR"] = path
         cmd.append("--metrics-child")
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=path)
+        MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]  # untyped upstream
         self.daemon_metrics = DaemonMetrics(registry)
         try:
-            self._serve_metrics(self.args.metrics, registry)
+            self.control.serve_metrics(self.args.metrics, registry)
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             raise
@@ -187,18 +209,24 @@ class Coordinator(Daemon):
         if metrics_dir is not None:
             from prometheus_client import multiprocess
 
-            multiprocess.mark_process_dead(worker.proc.pid, metrics_dir)
+            multiprocess.mark_process_dead(worker.proc.pid, metrics_dir)  # type: ignore[no-untyped-call]  # untyped upstream
+
+    def sample(self) -> None:
+        """The coordinator's line counters, now."""
+        self.control.sample_lines(self.daemon_metrics)
 
     # ----------------------------------------------------------------- input
 
     async def _distribute(self) -> None:
-        from .reader import input_identity, read_lines
+        from .reader import read_lines
 
+        control = self.control
         step = max(HIGH_WATER_STEP, MAX_LINES_PER_WORKER * len(self.workers))
-        with self._reader_scope:
+        results = self.out.results
+        with control.reader_scope:
             labelled = len(self.inputs) > 1
             for path in self.inputs:
-                state = self._open_input(path, labelled)
+                state = open_input(path, path if labelled else None, self.args)
                 self.states.append(state)
                 if labelled:
                     await self._wait_input_done()  # line numbers restart per input
@@ -209,25 +237,20 @@ class Coordinator(Daemon):
                         start_line=state.last_line, follow=self.args.follow,
                         max_line_bytes=self.args.max_line_bytes, blocks=True,
                         chunk_size=BLOCK_BYTES):
-                    if unit.identity and unit.identity != (state.dev, state.ino):
-                        state.dev, state.ino = unit.identity  # rotated (follow mode)
+                    note_identity(state, unit)
                     if unit.error is not None:  # a line too long, spanning blocks
-                        self.lines_read += 1
-                        self._malformed(state.open_line(unit, step), unit.error)
+                        control.lines_read += 1
+                        control.malformed(state.open_line(unit, step), unit.error)
                         continue  # (sends nothing: the next block saves the high water)
-                    self.lines_read += unit.last - unit.number + 1
-                    if self.results.over:  # a slow reader of the results: wait
-                        await self.results.room()
+                    control.lines_read += unit.last - unit.number + 1
+                    if results.over:  # a slow reader of the results: wait
+                        await results.room()
                     sent = Sent(state.open_line(unit, step), unit, state.resend_until)
                     if state.high_water_due:
                         await state.save_high_water()
                     await self._dispatch(sent)
                     state.last_sent_line = unit.last
-                if path != "-":
-                    try:
-                        state.dev, state.ino = input_identity(path)
-                    except OSError:
-                        pass
+                end_identity(state)
 
     async def _wait_input_done(self) -> None:
         while self._by_number:
@@ -241,7 +264,7 @@ class Coordinator(Daemon):
             live = [w for w in self.workers if w.alive]
             if not live:
                 log.error("every worker has stopped: no more input is read")
-                self._reader_scope.cancel()
+                self.control.reader_scope.cancel()
                 return
             worker = min(live, key=lambda w: w.outstanding)
             if not worker.outstanding or worker.outstanding + sent.lines <= MAX_LINES_PER_WORKER:
@@ -258,16 +281,17 @@ class Coordinator(Daemon):
     async def _send(self, worker: Worker, data: bytes) -> None:
         async with worker.lock:
             try:
-                await worker.proc.stdin.send_all(data)
+                await worker.stdin.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 log.error("worker %d stopped taking input", worker.index)
 
     # ----------------------------------------------------------------- output
 
     async def _collect(self, worker: Worker) -> None:
+        control = self.control
         buf = bytearray()
         while True:
-            data = await worker.proc.stdout.receive_some(1 << 18)
+            data = await worker.stdout.receive_some(1 << 18)
             if not data:
                 break
             buf += data
@@ -278,12 +302,12 @@ class Coordinator(Daemon):
                     stop = nl + 1 + int(size)
                     if len(buf) < stop:
                         break
-                    self.results.write(bytes(buf[nl + 1:stop]))
+                    self.out.results.write(bytes(buf[nl + 1:stop]))
                     for item in counts.split(b","):
                         if item:
                             outcome, _, n = item.partition(b"=")
-                            self.counts[outcome.decode()] += int(n)
-                            self.results_written += int(n)
+                            control.counts[outcome.decode()] += int(n)
+                            control.results_written += int(n)
                             worker.results += int(n)
                     pos = stop
                 else:  # D FIRST
@@ -304,9 +328,10 @@ class Coordinator(Daemon):
         worker.alive = False
         orphans = [s for s in self._by_number.values() if s.worker is worker]
         self._room.set()
-        if not orphans and code and not self.forced and code != EXIT_CONFIG:
+        forced = self.control.forced
+        if not orphans and code and not forced and code != EXIT_CONFIG:
             log.error("worker %d exited (code %s) with no lines unfinished", worker.index, code)
-        if not orphans or self.forced or code == EXIT_CONFIG:
+        if not orphans or forced or code == EXIT_CONFIG:
             return
         lines = sum(s.lines for s in orphans)
         log.error("worker %d exited (code %s) with %d lines unfinished: handing them to the "
@@ -318,19 +343,22 @@ class Coordinator(Daemon):
 
     # ----------------------------------------------------------------- control
 
-    def _stop_in_flight(self) -> None:
+    def stop_in_flight(self) -> None:
+        """A forced stop: the workers end what they have in flight (SIGTERM)."""
         for worker in self.workers:
             if worker.proc.returncode is None:
                 worker.proc.send_signal(signal.SIGTERM)
 
-    def _reopen(self) -> None:
-        super()._reopen()
+    def reopen(self) -> None:
+        """SIGHUP: reopen the results here, and the workers' invalid-tokens files."""
+        self.out.reopen()
         for worker in self.workers:  # they write the invalid-tokens file
             if worker.proc.returncode is None:
                 worker.proc.send_signal(signal.SIGHUP)
 
-    def _status(self, final: bool = False) -> None:
-        super()._status(final)
+    def status(self, final: bool = False) -> None:
+        """The status line, and at the end the results of each worker."""
+        self.control.status(final, 0, 0.0)
         if final:
             per = ", ".join(f"worker {w.index}: {w.results}" for w in self.workers)
             log.info("results per worker: %s", per)
@@ -351,11 +379,13 @@ class Frames:
         self._sent: Counter[str] = Counter()
 
     def write(self, data: bytes) -> None:
+        """Result lines, for the next ``R`` frame."""
         self._buf += data
         if len(self._buf) >= FRAME_BYTES:
             self._frame()
 
     def control(self, line: bytes) -> None:
+        """A control line (``D FIRST``), after every result written before it."""
         self._frame()
         self._out.write(line)
         self._out.push()
@@ -371,77 +401,91 @@ class Frames:
 
     @property
     def name(self) -> str:
+        """Who reads the frames."""
         return "the coordinator"
 
     @property
-    def failed(self) -> Any:
+    def failed(self) -> OutputError | None:
+        """The error of the stdout, if writing to it failed."""
         return self._out.failed
 
     @property
+    def closed(self) -> bool:
+        """No more frames."""
+        return self._out.closed
+
+    @property
     def backlog(self) -> int:
+        """Bytes not yet on the descriptor."""
         return self._out.backlog + len(self._buf)
 
     @property
     def over(self) -> bool:
+        """Too much waits for the coordinator: stop reading input."""
         return self._out.over
 
     async def room(self) -> None:
+        """Wait until the coordinator has taken enough."""
         await self._out.room()
 
     async def sync(self) -> None:
+        """Everything written so far is out, in frames."""
         self._frame()
         await self._out.sync()
 
     def reopen(self) -> None:
-        pass
+        """Nothing to reopen: a pipe."""
 
     def close(self) -> None:
+        """The last frame, then no more."""
         self._frame()
         self._out.close()
 
 
-class WorkerDaemon(Daemon):
-    """``fanout run --child``: the single-process daemon, fed blocks by the coordinator
-    and reporting through :class:`Frames`."""
+class BlockSource:
+    """A worker's input: blocks of lines from the coordinator on stdin (``B FIRST
+    RESEND_UNTIL NBYTES`` and the bytes; ``I LABEL`` when the next input begins). Once
+    every line of a block has its results, ``D FIRST`` goes back in the frames."""
 
-    def __init__(self, settings: Any, args: argparse.Namespace, make_client: Any) -> None:
-        super().__init__(settings, args, ["-"], make_client)
-        self.results = Frames(self.counts)  # type: ignore[assignment]
+    def __init__(self, frames: Frames, max_line_bytes: int) -> None:
+        self.frames = frames
+        self.max_line_bytes = max_line_bytes
+        self.state = InputState("-", None, None)
+        self.state.on_done = self._line_done
+        self.states = [self.state]
         self._blocks: list[list[int]] = []  # [first, last, lines not done]
 
-    async def _read_all(self, send: trio.MemorySendChannel[Prepared]) -> None:
-        state = InputState("-", None, None)
-        state.on_done = self._line_done
-        self.states.append(state)
+    async def read(self, handle: LineHandler, nursery: trio.Nursery) -> None:
+        """Every line of every block, until the coordinator closes stdin."""
+        state = self.state
         stream = trio.lowlevel.FdStream(os.dup(0))
         buf = bytearray()
-        async with send, stream:
-            with self._reader_scope:
-                while data := await stream.receive_some(1 << 18):
-                    buf += data
-                    while (nl := buf.find(b"\n")) >= 0:
-                        kind, _, rest = bytes(buf[:nl]).partition(b" ")
-                        if kind == b"I":
-                            state.label = rest.decode("utf-8", "replace") or None
-                            del buf[:nl + 1]
-                            continue
-                        first, resend_until, size = map(int, rest.split(b" "))
-                        if len(buf) < nl + 1 + size:
-                            break
-                        body = bytes(buf[nl + 1:nl + 1 + size])
-                        del buf[:nl + 1 + size]
-                        await self._block(state, first, resend_until, body, send)
-                if buf:
-                    log.warning("input ended inside a block (the coordinator stopped while "
-                                "sending it): its lines are left to a restart")
+        async with stream:
+            while data := await stream.receive_some(1 << 18):
+                buf += data
+                while (nl := buf.find(b"\n")) >= 0:
+                    kind, _, rest = bytes(buf[:nl]).partition(b" ")
+                    if kind == b"I":
+                        state.label = rest.decode("utf-8", "replace") or None
+                        del buf[:nl + 1]
+                        continue
+                    first, resend_until, size = map(int, rest.split(b" "))
+                    if len(buf) < nl + 1 + size:
+                        break
+                    body = bytes(buf[nl + 1:nl + 1 + size])
+                    del buf[:nl + 1 + size]
+                    await self._block(first, resend_until, body, handle)
+            if buf:
+                log.warning("input ended inside a block (the coordinator stopped while "
+                            "sending it): its lines are left to a restart")
 
-    async def _block(self, state: InputState, first: int, resend_until: int, body: bytes,
-                     send: trio.MemorySendChannel[Prepared]) -> None:
-        lines = split_block(body, self.args.max_line_bytes)
+    async def _block(self, first: int, resend_until: int, body: bytes,
+                     handle: LineHandler) -> None:
+        lines = split_block(body, self.max_line_bytes)
         self._blocks.append([first, first + len(lines) - 1, len(lines)])
-        state.resend_until = resend_until
+        self.state.resend_until = resend_until
         for i, (data, error) in enumerate(lines):
-            await self._line(state, InputLine(first + i, 0, 0, data, error), send)
+            await handle(self.state, InputLine(first + i, 0, 0, data, error))
 
     def _line_done(self, number: int) -> None:
         for block in self._blocks:
@@ -449,17 +493,23 @@ class WorkerDaemon(Daemon):
                 block[2] -= 1
                 if not block[2]:
                     self._blocks.remove(block)
-                    self.results.control(b"D %d\n" % block[0])  # type: ignore[attr-defined]
+                    self.frames.control(b"D %d\n" % block[0])
                 return
 
-    def _status(self, final: bool = False) -> None:
-        pass  # the coordinator reports
+    def report(self, final: bool) -> None:
+        """The coordinator reports."""
 
-    async def _signals(self) -> None:
-        # SIGINT is the coordinator's to handle; SIGTERM from it means stop now
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as sigs:
-            async for sig in sigs:
-                if sig == signal.SIGHUP:
-                    self._reopen()
-                else:
-                    self._force("stopped by the coordinator")
+    def sample(self, metrics: DaemonMetrics) -> None:
+        """No gauges of its own."""
+
+
+def worker_daemon(settings: Any, args: argparse.Namespace,
+                  make_engine: Callable[..., Engine]) -> Daemon:
+    """``fanout run --child``: the single-process daemon, fed blocks by the coordinator
+    and reporting through :class:`Frames` (its own dead-token file, if any)."""
+    counts: Counter[str] = Counter()
+    frames = Frames(counts)
+    limit = output_limit(getattr(args, "output_buffer", 8.0))
+    invalid = Output(args.invalid_tokens, limit=limit) if args.invalid_tokens else None
+    return Daemon(settings, args, BlockSource(frames, args.max_line_bytes),
+                  FileSink(Outputs(frames, invalid)), make_engine, child=True, counts=counts)
