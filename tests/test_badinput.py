@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from fanout._daemon.lines import LineError, decode_line
 
+from .helpers import PAYLOAD, daemon_cmd, mock_server, read_results, run_daemon
 from .test_auth import KEY_ID, TEAM_ID, key_file_cases
-from .test_daemon import PAYLOAD, daemon_cmd, mock_server, read_results, run_daemon
 
 MAX_LINE = 12_000_000
 

@@ -6,72 +6,38 @@ subprocess of the real executable, on the other core.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import signal
 import subprocess
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from fanout.testing.mock import MockAPNs, MockConfig
+from fanout.testing.devcerts import TestPKI, TestSigningKey
 
-FANOUT = [sys.executable, "-m", "fanout"]
-PAYLOAD = {"aps": {"alert": {"title": "t", "body": "hello"}}}
-MALFORMED = [b"not json at all", b'{"token": 5, "payload": {}}', b'{"payload": {"aps": {}}}',
-             b"", b'{"token": "ab", "tokens": ["cd"], "payload": {}}', b'{"token": "ab"',
-             b'{"token": "abcd", "payload": {"aps": {}}, "colour": "red"}', b"\xff\xfe{bad utf8"]
-
-
-def write_input(path: Path, n: int, *, malformed_every: int = 0, seed: int = 1) -> dict[int, str]:
-    """n lines; returns line number -> token for the push lines."""
-    rng = random.Random(seed)
-    tokens = {}
-    with open(path, "wb") as fh:
-        for i in range(1, n + 1):
-            if malformed_every and i % malformed_every == 0:
-                fh.write(rng.choice(MALFORMED) + b"\n")
-                continue
-            token = f"{i:064x}"
-            tokens[i] = token
-            fh.write(json.dumps({"id": f"p{i}", "token": token, "payload": PAYLOAD}).encode()
-                     + b"\n")
-    return tokens
+from .helpers import (
+    MALFORMED,
+    PAYLOAD,
+    count_lines,
+    daemon_cmd,
+    mock_server,
+    read_results,
+    run_daemon,
+    stderr_of,
+    wait_exit,
+    wait_lines,
+    wait_until,
+    write_input,
+)
 
 
-@contextlib.asynccontextmanager
-async def mock_server(pki, key, **config):
-    config.setdefault("keys", {key.key_id: key.public_key})
-    config.setdefault("team_id", key.team_id)
-    mock = MockAPNs(MockConfig(**config), pki)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(mock.serve)
-        yield mock
-        nursery.cancel_scope.cancel()
-
-
-def daemon_cmd(mock, pki, key, *args: str) -> list[str]:
-    return FANOUT + ["run", "--host", "127.0.0.1", "--port", str(mock.port), "--ca-file",
-                     str(pki.ca_file), "--key-path", str(key.path), "--key-id", key.key_id,
-                     "--team-id", key.team_id, "--topic", "com.example.app",
-                     "--log-format", "json", *args]
-
-
-async def run_daemon(cmd: list[str], *, stdin: bytes | None = None, timeout: float = 120):
-    with trio.fail_after(timeout):
-        return await trio.run_process(cmd, stdin=stdin, capture_stdout=True,
-                                      capture_stderr=True, check=False)
-
-
-def read_results(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_bytes().splitlines() if x.strip()]
-
-
-async def test_100k_lines_exactly_one_result_per_push(tmp_path, pki, signing_key):
+async def test_100k_lines_exactly_one_result_per_push(
+        tmp_path: Path, pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     inp = tmp_path / "in.ndjson"
     tokens = write_input(inp, 100_000, malformed_every=100)
     out = tmp_path / "results.ndjson"
@@ -104,7 +70,9 @@ async def test_100k_lines_exactly_one_result_per_push(tmp_path, pki, signing_key
     assert not any(t.encode() in proc.stderr for t in list(tokens.values())[:2000])
 
 
-async def test_kill9_three_times_then_finish(tmp_path, pki, signing_key):
+async def test_kill9_three_times_then_finish(
+        tmp_path: Path, pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     inp = tmp_path / "in.ndjson"
     write_input(inp, 20_000)
     out = tmp_path / "results.ndjson"
@@ -114,10 +82,13 @@ async def test_kill9_three_times_then_finish(tmp_path, pki, signing_key):
         cmd = daemon_cmd(mock, pki, signing_key, str(inp), "--results", str(out),
                          "--max-in-flight", str(window), "--checkpoint-interval", "0.05")
         for _ in range(3):
+            # each run writes between 500 and 3000 results (the window caps the rate at
+            # 40,000/s: the run is far from its end), then is killed
+            done = count_lines(out)
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            await trio.sleep(rng.uniform(0.8, 2.0))
+            await wait_lines(out, done + rng.randint(500, 3000))
             proc.kill()  # kill -9
-            proc.wait()
+            assert proc.wait() == -signal.SIGKILL  # the kill landed mid-run
         final = await run_daemon(cmd, timeout=180)
     assert final.returncode == 0, final.stderr.decode()[-2000:]
     results = read_results(out)
@@ -135,7 +106,9 @@ async def test_kill9_three_times_then_finish(tmp_path, pki, signing_key):
     assert sum(mock.stats.delivered.values()) - 20_000 <= 3 * (window + 1024)
 
 
-async def test_sigterm_drains_and_exits_zero_then_resumes(tmp_path, pki, signing_key):
+async def test_sigterm_drains_and_exits_zero_then_resumes(
+        tmp_path: Path, pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     inp = tmp_path / "in.ndjson"
     write_input(inp, 5000)
     out = tmp_path / "results.ndjson"
@@ -143,12 +116,12 @@ async def test_sigterm_drains_and_exits_zero_then_resumes(tmp_path, pki, signing
         cmd = daemon_cmd(mock, pki, signing_key, str(inp), "--results", str(out),
                          "--max-in-flight", "300")
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        await trio.sleep(2.0)
+        # results written: the signal handler is in place; 300 in flight x 0.3 s latency
+        # caps the rate at 1,000/s, so the run is seconds from its end
+        await wait_lines(out, 300)
         proc.send_signal(signal.SIGTERM)
-        with trio.fail_after(30):
-            while proc.poll() is None:
-                await trio.sleep(0.05)
-        stderr = proc.stderr.read().decode()
+        await wait_exit(proc, 30)
+        stderr = stderr_of(proc)
         assert proc.returncode == 0, stderr[-2000:]
         first = read_results(out)
         cp = json.loads((tmp_path / "in.ndjson.checkpoint").read_text())
@@ -163,7 +136,9 @@ async def test_sigterm_drains_and_exits_zero_then_resumes(tmp_path, pki, signing
     assert sum(mock.stats.delivered.values()) == 5000
 
 
-async def test_stdin_input_ends_cleanly_at_eof(tmp_path, pki, signing_key):
+async def test_stdin_input_ends_cleanly_at_eof(
+        tmp_path: Path, pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     inp = tmp_path / "in.ndjson"
     write_input(inp, 1000, malformed_every=50)
     async with mock_server(pki, signing_key) as mock:
@@ -176,7 +151,9 @@ async def test_stdin_input_ends_cleanly_at_eof(tmp_path, pki, signing_key):
     assert final[-1]["event"] == "final" and final[-1]["results"] == 1000
 
 
-async def test_fan_out_lines_and_tokens_file(tmp_path, pki, signing_key):
+async def test_fan_out_lines_and_tokens_file(
+        tmp_path: Path, pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     tokfile = tmp_path / "tokens.txt"
     tokfile.write_text("\n".join(f"{i:064x}" for i in range(300)) + "\n\n  \n")
     lines = [
@@ -190,7 +167,7 @@ async def test_fan_out_lines_and_tokens_file(tmp_path, pki, signing_key):
         proc = await run_daemon(daemon_cmd(mock, pki, signing_key), stdin=data)
     assert proc.returncode == 1, proc.stderr.decode()[-2000:]  # fanout._exits: "zz" rejected
     results = [json.loads(x) for x in proc.stdout.splitlines()]
-    by_id = defaultdict(Counter)
+    by_id: defaultdict[str | None, Counter[str]] = defaultdict(Counter)
     for r in results:
         by_id[r["id"]][r["outcome"]] += 1
     assert by_id["a"] == {"delivered": 100, "rejected": 1}
@@ -203,10 +180,13 @@ async def test_fan_out_lines_and_tokens_file(tmp_path, pki, signing_key):
 
 def _max_rss_mb(stderr: bytes) -> float:
     final = [json.loads(x) for x in stderr.splitlines() if x.startswith(b'{"event": "final"')]
-    return final[-1]["max_rss_mb"]
+    rss: float = final[-1]["max_rss_mb"]
+    return rss
 
 
-async def test_rss_does_not_grow_with_input_length(tmp_path, pki, signing_key):
+async def test_rss_does_not_grow_with_input_length(
+        tmp_path: Path, pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     small, large = tmp_path / "small.ndjson", tmp_path / "large.ndjson"
     write_input(small, 10_000)
     write_input(large, 60_000)
@@ -220,7 +200,9 @@ async def test_rss_does_not_grow_with_input_length(tmp_path, pki, signing_key):
     assert _max_rss_mb(b.stderr) - _max_rss_mb(a.stderr) < 15
 
 
-async def test_workers_2_on_100k_lines(tmp_path, pki, signing_key):
+async def test_workers_2_on_100k_lines(
+        tmp_path: Path, pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     inp = tmp_path / "in.ndjson"
     write_input(inp, 100_000, malformed_every=100)
     out = tmp_path / "results.ndjson"
@@ -256,26 +238,27 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-async def test_workers_a_worker_killed_hands_its_lines_to_the_other(tmp_path, pki, signing_key):
+async def test_workers_a_worker_killed_hands_its_lines_to_the_other(
+        tmp_path: Path, pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     """kill -9 of one worker mid-run: the coordinator sends the blocks it left unfinished
     through the other worker, marked resent; every line ends with a result."""
     inp = tmp_path / "in.ndjson"
     write_input(inp, 20_000)
     out = tmp_path / "results.ndjson"
-    async with mock_server(pki, signing_key, latency=0.005) as mock:
+    # 200 in flight per worker x 0.05 s latency: at most 8,000 results/s, so ~2 s of the
+    # run are left when the kill comes after 2,000 results, however fast the machine
+    async with mock_server(pki, signing_key, latency=0.05) as mock:
         cmd = daemon_cmd(mock, pki, signing_key, str(inp), "--results", str(out),
                          "--workers", "2", "--max-in-flight", "200")
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        with trio.fail_after(20):
-            while len(_children(proc.pid)) < 2 or not out.exists() \
-                    or out.stat().st_size < 200_000:
-                await trio.sleep(0.02)
+        await wait_until(lambda: len(_children(proc.pid)) == 2 and count_lines(out) >= 2000,
+                         60, "both workers up and 2,000 results written")
         victim = _children(proc.pid)[0]
         os.kill(victim, signal.SIGKILL)
-        with trio.fail_after(120):
-            while proc.poll() is None:
-                await trio.sleep(0.05)
-        stderr = proc.stderr.read().decode()
+        assert count_lines(out) < 20_000  # mid-run
+        await wait_exit(proc, 120)
+        stderr = stderr_of(proc)
     assert proc.returncode == 0, stderr[-2000:]
     assert "exited (code -9)" in stderr
     # the kill may land between two of the victim's blocks: then nothing is handed over
@@ -293,7 +276,9 @@ async def test_workers_a_worker_killed_hands_its_lines_to_the_other(tmp_path, pk
     assert cp["line"] == 20_000 and cp["offset"] == inp.stat().st_size
 
 
-async def test_workers_sigterm_drains_then_kill9_then_finish(tmp_path, pki, signing_key):
+async def test_workers_sigterm_drains_then_kill9_then_finish(
+        tmp_path: Path, pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     """With --workers: SIGTERM drains (the checkpoint covers exactly the lines written),
     a kill -9 of the coordinator loses nothing, and a last run finishes the input."""
     inp = tmp_path / "in.ndjson"
@@ -304,21 +289,21 @@ async def test_workers_sigterm_drains_then_kill9_then_finish(tmp_path, pki, sign
                          "--workers", "2", "--max-in-flight", "200",
                          "--checkpoint-interval", "0.05")
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        await trio.sleep(2.0)
+        # results written: the handler is in place; at most 8,000 results/s (2 x 200 in
+        # flight x 0.05 s), so the run is far from its end
+        await wait_lines(out, 1000)
         proc.send_signal(signal.SIGTERM)
-        with trio.fail_after(30):
-            while proc.poll() is None:
-                await trio.sleep(0.05)
-        assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+        await wait_exit(proc, 30)
+        assert proc.returncode == 0, stderr_of(proc)[-2000:]
         first = read_results(out)
         cp = json.loads((tmp_path / "in.ndjson.checkpoint").read_text())
         assert 0 < len(first) < 20_000
         assert sorted(r["line"] for r in first) == list(range(1, cp["line"] + 1))
         assert cp["high_water"] == cp["line"]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        await trio.sleep(1.5)
+        await wait_lines(out, len(first) + 1000)
         proc.kill()
-        proc.wait()
+        assert proc.wait() == -signal.SIGKILL  # the kill landed mid-run
         final = await run_daemon(cmd, timeout=120)
     assert final.returncode == 0, final.stderr.decode()[-2000:]
     per_line = defaultdict(list)
@@ -330,7 +315,9 @@ async def test_workers_sigterm_drains_then_kill9_then_finish(tmp_path, pki, sign
     assert len(mock.stats.delivered) == 20_000
 
 
-async def test_workers_bad_lines_each_get_their_error(tmp_path, pki, signing_key):
+async def test_workers_bad_lines_each_get_their_error(
+        tmp_path: Path, pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     """Malformed lines, a line over --max-line-bytes inside a block and one spanning
     blocks: one malformed result each, every good line delivered."""
     inp = tmp_path / "in.ndjson"
@@ -356,24 +343,30 @@ async def test_workers_bad_lines_each_get_their_error(tmp_path, pki, signing_key
     assert sum(r["outcome"] == "delivered" for r in results) == 3000 == len(mock.stats.delivered)
 
 
-async def test_second_sigint_stops_at_once_with_maybe_delivered(tmp_path, pki, signing_key):
+async def test_second_sigint_stops_at_once_with_maybe_delivered(
+        tmp_path: Path, pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     inp = tmp_path / "in.ndjson"
     write_input(inp, 2000)
     out = tmp_path / "results.ndjson"
     async with mock_server(pki, signing_key, latency=0.2) as mock:
         cmd = daemon_cmd(mock, pki, signing_key, str(inp), "--results", str(out),
                          "--max-in-flight", "100", "--drain-timeout", "60")
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        await trio.sleep(1.5)
-        mock.config.latency = 30.0  # what is in flight now will not be answered soon
-        await trio.sleep(0.3)
+        err = tmp_path / "stderr"
+        with open(err, "wb") as fh:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=fh)
+        await wait_lines(out, 100)  # results written: the handler is in place
+        mock.config.latency = 30.0  # what is sent from now on will not be answered soon
+        sent = mock.stats.requests
+        # the window (100) has been sent again since: everything in flight now is slow
+        await wait_until(lambda: mock.stats.requests >= sent + 100, 30, "a slow window")
         proc.send_signal(signal.SIGINT)
-        await trio.sleep(0.3)
+        # trio merges a signal that arrives before the first was read: wait for the drain
+        await wait_until(lambda: b"no more input; draining" in err.read_bytes(), 30,
+                         "the first SIGINT handled")
         proc.send_signal(signal.SIGINT)
-        with trio.fail_after(20):
-            while proc.poll() is None:
-                await trio.sleep(0.05)
-        assert proc.returncode == 130, proc.stderr.read().decode()[-2000:]
+        await wait_exit(proc, 20)
+        assert proc.returncode == 130, err.read_text()[-2000:]
         first = read_results(out)
         maybe = [r for r in first if r["outcome"] == "maybe_delivered"]
         assert 0 < len(maybe) <= 100 and all("stopped" in r["error"] for r in maybe)
@@ -386,7 +379,9 @@ async def test_second_sigint_stops_at_once_with_maybe_delivered(tmp_path, pki, s
     assert Counter(r["line"] for r in results).most_common(1)[0][1] == 1
 
 
-async def test_sighup_reopens_the_results_file(tmp_path, pki, signing_key):
+async def test_sighup_reopens_the_results_file(
+        tmp_path: Path, pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     inp = tmp_path / "in.ndjson"
     write_input(inp, 3000)
     out = tmp_path / "results.ndjson"
@@ -394,20 +389,22 @@ async def test_sighup_reopens_the_results_file(tmp_path, pki, signing_key):
         cmd = daemon_cmd(mock, pki, signing_key, str(inp), "--results", str(out),
                          "--max-in-flight", "50")
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        await trio.sleep(1.5)
+        # results written: the handler is in place (SIGHUP's default would kill); at most
+        # 1,000 results/s (50 in flight x 0.05 s), so 2,500 lines are seconds away
+        await wait_lines(out, 500)
         rotated = tmp_path / "results.ndjson.1"
         out.rename(rotated)  # what logrotate does, then it sends SIGHUP
         proc.send_signal(signal.SIGHUP)
-        with trio.fail_after(60):
-            while proc.poll() is None:
-                await trio.sleep(0.05)
+        await wait_exit(proc, 60)
     assert proc.returncode == 0
     old, new = read_results(rotated), read_results(out)
     assert old and new
     assert sorted(r["line"] for r in old + new) == list(range(1, 3001))
 
 
-async def test_config_error_stops_or_drains_and_exits_nonzero(tmp_path, pki, signing_key):
+async def test_config_error_stops_or_drains_and_exits_nonzero(
+        tmp_path: Path, pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     from fanout.testing.devcerts import make_signing_key
 
     other = make_signing_key(tmp_path / "other", key_id=signing_key.key_id,
@@ -427,7 +424,9 @@ async def test_config_error_stops_or_drains_and_exits_nonzero(tmp_path, pki, sig
     assert mock.stats.requests <= 4  # the flood never started
 
 
-async def test_follow_picks_up_appended_lines_and_rotation(tmp_path, pki, signing_key):
+async def test_follow_picks_up_appended_lines_and_rotation(
+        tmp_path: Path, pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     inp = tmp_path / "in.ndjson"
     write_input(inp, 100)
     out = tmp_path / "results.ndjson"
@@ -436,7 +435,7 @@ async def test_follow_picks_up_appended_lines_and_rotation(tmp_path, pki, signin
         return json.dumps({"id": f"x{i}", "token": f"{i:064x}", "payload": PAYLOAD}).encode() \
             + b"\n"
 
-    async def wait_results(n: int) -> list[dict]:
+    async def wait_results(n: int) -> list[dict[str, Any]]:
         with trio.fail_after(20):
             while True:
                 rs = read_results(out) if out.exists() else []
@@ -463,7 +462,7 @@ async def test_follow_picks_up_appended_lines_and_rotation(tmp_path, pki, signin
             with trio.fail_after(20):
                 while proc.poll() is None:
                     await trio.sleep(0.05)
-    assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+    assert proc.returncode == 0, stderr_of(proc)[-2000:]
     assert len(results) == 170
     assert {r["id"] for r in results} == ({f"p{i}" for i in range(1, 101)}
                                           | {f"x{i}" for i in range(101, 151)}
@@ -471,7 +470,9 @@ async def test_follow_picks_up_appended_lines_and_rotation(tmp_path, pki, signin
     assert len(mock.stats.delivered) == 170
 
 
-async def test_live_activity_and_broadcast_lines(tmp_path, pki, signing_key):
+async def test_live_activity_and_broadcast_lines(
+        tmp_path: Path, pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     """Daemon lines with live_activity (budget, ordering, send-time timestamp) and
     channel_id (broadcast), including a deleted channel."""
     from fanout.auth import TokenAuth

@@ -15,7 +15,7 @@ from fanout.errors import ConfigError, ValidationError
 from fanout.payload import Notification
 
 from .baseline import back_to_baseline
-from .test_daemon import FANOUT, mock_server, run_daemon
+from .helpers import FANOUT, mock_server, run_daemon
 
 TOPIC = "com.example.app"
 PAYLOAD = {"aps": {"alert": "hi"}}
@@ -93,7 +93,7 @@ async def test_a_tokens_file_with_a_bad_line_is_reported_by_line(pki, signing_ke
 async def test_a_torn_results_file_is_repaired_on_open(pki, signing_key, tmp_path):
     """A run that stopped mid-write (disk full, kill -9) left half a record: the next run
     cuts it off instead of gluing its first record onto it; every line parses."""
-    from .test_daemon import daemon_cmd, read_results, write_input
+    from .helpers import daemon_cmd, read_results, write_input
 
     inp = tmp_path / "in.ndjson"
     write_input(inp, 50)
@@ -118,7 +118,7 @@ async def test_a_reader_that_goes_away_is_a_clear_error_not_a_traceback(pki, sig
 
     from fanout._exits import EXIT_OUTPUT
 
-    from .test_daemon import daemon_cmd, read_results, write_input
+    from .helpers import daemon_cmd, read_results, write_input
 
     inp = tmp_path / "in.ndjson"
     write_input(inp, 3000)
@@ -177,7 +177,7 @@ def test_the_status_reports_this_process_peak_rss():
 
 
 async def test_a_corrupt_checkpoint_is_one_line_and_exit_2(pki, signing_key, tmp_path):
-    from .test_daemon import daemon_cmd, write_input
+    from .helpers import daemon_cmd, write_input
 
     inp = tmp_path / "in.ndjson"
     write_input(inp, 5)

@@ -13,9 +13,12 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import ssl
 import subprocess
 import time
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -26,14 +29,23 @@ from fanout._exits import EXIT_CONFIG, EXIT_OK, EXIT_UNREACHABLE, exit_code
 from fanout.auth import TokenAuth
 from fanout.client import Client
 from fanout.payload import Notification
+from fanout.testing.devcerts import TestPKI, TestSigningKey
 from fanout.testing.mock import MockAPNs, MockConfig
 
 from .baseline import back_to_baseline
+from .helpers import (
+    FANOUT,
+    PAYLOAD,
+    TOPIC,
+    daemon_cmd,
+    local_client,
+    mock_server,
+    read_results,
+    run_daemon,
+    tokens,
+)
 from .relay import open_relay
-from .test_daemon import FANOUT, daemon_cmd, mock_server, read_results, run_daemon
 
-TOPIC = "com.example.app"
-PAYLOAD = {"aps": {"alert": {"title": "t", "body": "hello"}}}
 # the client's clocks in these tests: a dead connection is known within stall_after
 # (timeout / 2) + ping_timeout = 2.5 s, a wedged one within timeout = 3 s; generous enough
 # that a slow mock on 2 busy cores is not taken for a dead one
@@ -41,8 +53,10 @@ FAST = {"timeout": 3.0, "ping_timeout": 1.0, "connect_timeout": 3.0}
 BOUND = 20.0  # every push has its result by then (5 attempts x 3 s would already be 15 s+)
 
 
-def tokens(n: int, prefix: str) -> list[str]:
-    return [f"{prefix}{i:0{64 - len(prefix)}x}" for i in range(n)]
+def edge_client(pki: TestPKI, port: int, auth: TokenAuth | TestSigningKey | None,
+                **kw: Any) -> Client:
+    """A Client for TOPIC on 127.0.0.1:``port`` with the FAST clocks."""
+    return local_client(pki, port, auth, **FAST, **kw)
 
 
 def free_port() -> int:
@@ -65,14 +79,9 @@ class Upstream:
 @contextlib.asynccontextmanager
 async def upstream(kind: str, pki, key, server_ssl, tmp_path, **mock_config):
     if kind == "mock":
-        mock_config.setdefault("keys", {key.key_id: key.public_key})
-        mock_config.setdefault("team_id", key.team_id)
-        mock = MockAPNs(MockConfig(**mock_config), pki)
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(mock.serve)
-            yield Upstream(port, TokenAuth.from_file(key.path, key.key_id, key.team_id),
+        async with mock_server(pki, key, **mock_config) as mock:
+            yield Upstream(mock.port, TokenAuth.from_file(key.path, key.key_id, key.team_id),
                            lambda: mock.stats.delivered, mock=mock)
-            nursery.cancel_scope.cancel()
     elif kind == "h2":
         from .h2server import StrictH2Server
 
@@ -122,16 +131,21 @@ async def fan_out(client: Client, toks: list[str]) -> list:
 @pytest.mark.parametrize("server", ["mock", "h2", "nginx"])
 @pytest.mark.parametrize("fault", ["blackhole", "blackhole_up", "blackhole_down",
                                    "stop_reading", "drip"])
-async def test_a_connection_that_goes_silent_is_replaced(server, fault, pki, signing_key,
-                                                         server_ssl, tmp_path):
+async def test_a_connection_that_goes_silent_is_replaced(
+    server: str,
+    fault: str,
+    pki: TestPKI,
+    signing_key: TestSigningKey,
+    server_ssl: ssl.SSLContext,
+    tmp_path: Path,
+) -> None:
     """A relay that forgets the flow (no FIN, no RST) in either or both directions, stops
     reading, or drips the server's bytes: the two open connections die, new ones pass."""
     async with upstream(server, pki, signing_key, server_ssl, tmp_path, latency=0.02) as up, \
             trio.open_nursery() as nursery:
         relay = await open_relay(nursery, up.port, drip_interval=1.0)
         async with back_to_baseline():
-            async with Client(auth=up.auth, topic=TOPIC, host="127.0.0.1", port=relay.port,
-                              ca_file=str(pki.ca_file), connections=2, **FAST) as client:
+            async with edge_client(pki, relay.port, up.auth, connections=2) as client:
                 warm = await fan_out(client, tokens(100, "a"))
                 assert all(r.ok for r in warm)
                 opened = relay.accepted
@@ -154,8 +168,14 @@ async def test_a_connection_that_goes_silent_is_replaced(server, fault, pki, sig
 
 @pytest.mark.parametrize("server", ["mock", "h2"])
 @pytest.mark.parametrize("fault", ["zero_window", "silent_pings_answered"])
-async def test_a_server_that_stalls_is_left(server, fault, pki, signing_key, server_ssl,
-                                            tmp_path):
+async def test_a_server_that_stalls_is_left(
+    server: str,
+    fault: str,
+    pki: TestPKI,
+    signing_key: TestSigningKey,
+    server_ssl: ssl.SSLContext,
+    tmp_path: Path,
+) -> None:
     """The first two connections' stream windows never open, or they answer PINGs but no
     stream: each push ends once, the connections are closed, later ones deliver."""
     async with upstream(server, pki, signing_key, server_ssl, tmp_path) as up:
@@ -177,8 +197,7 @@ async def test_a_server_that_stalls_is_left(server, fault, pki, signing_key, ser
             return len(up.h2.connections) >= 2
 
         async with back_to_baseline(), \
-                Client(auth=up.auth, topic=TOPIC, host="127.0.0.1", port=up.port,
-                       ca_file=str(pki.ca_file), connections=2, **FAST) as client:
+                edge_client(pki, up.port, up.auth, connections=2) as client:
             sent = tokens(300, "c")
             results: list = []
 
@@ -204,16 +223,16 @@ async def test_a_server_that_stalls_is_left(server, fault, pki, signing_key, ser
     check_duplicates_flagged(results, up)
 
 
-async def test_a_server_that_stops_reading_but_pings_is_left(pki, signing_key, server_ssl,
-                                                             tmp_path):
+async def test_a_server_that_stops_reading_but_pings_is_left(
+        pki: TestPKI, signing_key: TestSigningKey, server_ssl: ssl.SSLContext, tmp_path: Path,
+) -> None:
     """It keeps the connection "alive" with a PING every 0.2 s but reads nothing more: what
     the client queues cannot drain, so the connection is dead; nothing piles up in it."""
     async with upstream("mock", pki, signing_key, server_ssl, tmp_path,
                         stop_reading_after=20, server_ping_interval=0.2) as up:
         mock = up.mock
         async with back_to_baseline(), \
-                Client(auth=up.auth, topic=TOPIC, host="127.0.0.1", port=up.port,
-                       ca_file=str(pki.ca_file), connections=1, **FAST) as client:
+                edge_client(pki, up.port, up.auth, connections=1) as client:
             sent = tokens(1000, "d")
             results: list = []
             peak = 0
@@ -240,8 +259,9 @@ async def test_a_server_that_stops_reading_but_pings_is_left(pki, signing_key, s
     check_duplicates_flagged(results, up)
 
 
-async def test_a_stream_the_server_dropped_is_reset_and_sent_elsewhere(pki, signing_key,
-                                                                        monkeypatch):
+async def test_a_stream_the_server_dropped_is_reset_and_sent_elsewhere(
+        pki: TestPKI, signing_key: TestSigningKey, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """5% of streams are never answered while the rest are: the connection is healthy, the
     stream is reset, and its push goes out again on the other connection."""
     from fanout._engine import connection as connection_module
@@ -256,10 +276,7 @@ async def test_a_stream_the_server_dropped_is_reset_and_sent_elsewhere(pki, sign
     monkeypatch.setattr(connection_module.Connection, "start", start)
     async with mock_server(pki, signing_key, never_answer=0.05, seed=3) as mock, \
             back_to_baseline():
-        async with Client(auth=TokenAuth.from_file(signing_key.path, signing_key.key_id,
-                                                   signing_key.team_id),
-                          topic=TOPIC, host="127.0.0.1", port=mock.port,
-                          ca_file=str(pki.ca_file), connections=2, **FAST) as client:
+        async with edge_client(pki, mock.port, signing_key, connections=2) as client:
             sent = tokens(400, "e")
             results = await fan_out(client, sent)
             resets = sum(c.resets_withheld for c in client.pool.conns)
@@ -272,7 +289,7 @@ async def test_a_stream_the_server_dropped_is_reset_and_sent_elsewhere(pki, sign
     assert resets == 0
 
 
-async def test_resets_are_bounded_per_connection(pki, signing_key):
+async def test_resets_are_bounded_per_connection(pki: TestPKI, signing_key: TestSigningKey) -> None:
     """Cancelling 600 streams in flight at once must not be a Rapid Reset burst: at most
     RESET_BURST RST_STREAM frames per connection, then the connection retires instead."""
     from fanout.events import Events
@@ -285,10 +302,7 @@ async def test_resets_are_bounded_per_connection(pki, signing_key):
 
     async with mock_server(pki, signing_key, never_answer=1.0, initial_max_streams=1000) \
             as mock, back_to_baseline():
-        async with Client(auth=TokenAuth.from_file(signing_key.path, signing_key.key_id,
-                                                   signing_key.team_id),
-                          topic=TOPIC, host="127.0.0.1", port=mock.port, timeout=30.0,
-                          ca_file=str(pki.ca_file), connections=2, events=Count()) as client:
+        async with local_client(pki, mock.port, signing_key, timeout=30.0, connections=2, events=Count()) as client:
             conns: list = []
             with trio.CancelScope() as scope:
                 async def cancel_when_all_in_flight() -> None:
@@ -312,14 +326,15 @@ async def test_resets_are_bounded_per_connection(pki, signing_key):
 # ---------------------------------------------------------------- provider-token trouble
 
 
-async def test_a_clock_an_hour_behind_is_a_config_error_not_a_storm(pki, signing_key):
+async def test_a_clock_an_hour_behind_is_a_config_error_not_a_storm(
+        pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     """Every request answered ExpiredProviderToken (iat an hour old), with APNs' one stream
     until a valid token: a few tokens and a few connections, then config_error."""
     auth = TokenAuth.from_file(signing_key.path, signing_key.key_id, signing_key.team_id,
                                clock=lambda: time.time() - 3600)
     async with mock_server(pki, signing_key) as mock, back_to_baseline():
-        async with Client(auth=auth, topic=TOPIC, host="127.0.0.1", port=mock.port,
-                          ca_file=str(pki.ca_file), connections=2, **FAST) as client:
+        async with edge_client(pki, mock.port, auth, connections=2) as client:
             results = await fan_out(client, tokens(300, "1a"))
             error = client.config_error
     assert Counter(r.outcome for r in results) == {"config_error": 300}
@@ -331,7 +346,9 @@ async def test_a_clock_an_hour_behind_is_a_config_error_not_a_storm(pki, signing
     assert exit_code(Counter(r.outcome for r in results)) == EXIT_CONFIG
 
 
-async def test_every_request_expired_through_fanout_send(pki, signing_key, tmp_path):
+async def test_every_request_expired_through_fanout_send(
+        pki: TestPKI, signing_key: TestSigningKey, tmp_path: Path,
+) -> None:
     """The same seen as a user: fanout send exits with the configuration code, says why."""
     (tmp_path / "t.txt").write_text("\n".join(tokens(200, "1b")) + "\n")
     async with mock_server(pki, signing_key, token_max_age=-10.0) as mock:
@@ -348,16 +365,15 @@ async def test_every_request_expired_through_fanout_send(pki, signing_key, tmp_p
     assert b"eyJ" not in proc.stdout + proc.stderr  # no JWT in anything it wrote
 
 
-async def test_one_expired_token_with_the_20_minute_rule_delivers_everything(pki, signing_key):
+async def test_one_expired_token_with_the_20_minute_rule_delivers_everything(
+        pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     """One ExpiredProviderToken refreshes the shared token; presenting it on the other,
     healthy connection would be 429 TooManyProviderTokenUpdates (APNs' 20-minute rule):
     new connections carry it instead, and every push is delivered."""
     async with mock_server(pki, signing_key, expire_token_once_after=300,
                            token_update_min_interval=1200.0) as mock, back_to_baseline():
-        async with Client(auth=TokenAuth.from_file(signing_key.path, signing_key.key_id,
-                                                   signing_key.team_id),
-                          topic=TOPIC, host="127.0.0.1", port=mock.port,
-                          ca_file=str(pki.ca_file), connections=2, **FAST) as client:
+        async with edge_client(pki, mock.port, signing_key, connections=2) as client:
             sent = tokens(2000, "1c")
             results = await fan_out(client, sent)
     check_once_each(results, sent)
@@ -370,14 +386,13 @@ async def test_one_expired_token_with_the_20_minute_rule_delivers_everything(pki
 # ---------------------------------------------------------------- an unreachable APNs
 
 
-async def test_an_unreachable_apns_fails_every_waiting_push_together(pki, signing_key):
+async def test_an_unreachable_apns_fails_every_waiting_push_together(
+        pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     """1,000 pushes to a closed port end in about unavailable_timeout, not 1,000 times it."""
     port = free_port()
     async with back_to_baseline():
-        async with Client(auth=TokenAuth.from_file(signing_key.path, signing_key.key_id,
-                                                   signing_key.team_id),
-                          topic=TOPIC, host="127.0.0.1", port=port, ca_file=str(pki.ca_file),
-                          unavailable_timeout=1.0, **FAST) as client:
+        async with edge_client(pki, port, signing_key, unavailable_timeout=1.0) as client:
             with trio.fail_after(BOUND):  # one at a time: 1,000 s
                 results = [r async for r in client.fan_out(PAYLOAD, tokens(1000, "1d"))]
     assert Counter(r.outcome for r in results) == {"retries_exhausted": 1000}
@@ -386,7 +401,9 @@ async def test_an_unreachable_apns_fails_every_waiting_push_together(pki, signin
     assert "refused" in results[0].error  # the last connect error, named
 
 
-async def test_pushes_waiting_for_a_slot_end_when_apns_goes_away(pki, signing_key):
+async def test_pushes_waiting_for_a_slot_end_when_apns_goes_away(
+        pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     """APNs vanishes (its port closes) while pushes wait for a stream slot: they must not
     wait forever for a connection that never comes."""
     from .relay import FaultRelay
@@ -402,11 +419,7 @@ async def test_pushes_waiting_for_a_slot_end_when_apns_goes_away(pki, signing_ke
 
         await nursery.start(serve_relay)
         async with back_to_baseline():
-            async with Client(auth=TokenAuth.from_file(signing_key.path, signing_key.key_id,
-                                                       signing_key.team_id),
-                              topic=TOPIC, host="127.0.0.1", port=relay.port,
-                              ca_file=str(pki.ca_file), unavailable_timeout=1.0,
-                              **FAST) as client:
+            async with edge_client(pki, relay.port, signing_key, unavailable_timeout=1.0) as client:
                 results: list = []
 
                 async def send() -> None:
@@ -425,7 +438,9 @@ async def test_pushes_waiting_for_a_slot_end_when_apns_goes_away(pki, signing_ke
                if r.outcome != "delivered")
 
 
-async def test_fanout_send_to_an_unreachable_apns_exits_4(pki, signing_key, tmp_path):
+async def test_fanout_send_to_an_unreachable_apns_exits_4(
+        pki: TestPKI, signing_key: TestSigningKey, tmp_path: Path,
+) -> None:
     (tmp_path / "t.txt").write_text("\n".join(tokens(1000, "1e")) + "\n")
     proc = await run_daemon(FANOUT + [
         "send", "--tokens", str(tmp_path / "t.txt"), "--title", "x", "--host", "127.0.0.1",
@@ -440,8 +455,9 @@ async def test_fanout_send_to_an_unreachable_apns_exits_4(pki, signing_key, tmp_
     assert len(reason) == 1 and "APNs unreachable" in reason[0]
 
 
-async def test_the_daemon_waits_for_an_unreachable_apns_then_goes_on(pki, signing_key,
-                                                                      tmp_path):
+async def test_the_daemon_waits_for_an_unreachable_apns_then_goes_on(
+        pki: TestPKI, signing_key: TestSigningKey, tmp_path: Path,
+) -> None:
     """fanout run does not turn its input into failures: it pauses, says so, and delivers
     everything once APNs is back on the same port."""
     port = free_port()
@@ -477,7 +493,9 @@ async def test_the_daemon_waits_for_an_unreachable_apns_then_goes_on(pki, signin
     assert {r["outcome"] for r in results} == {"delivered"}
 
 
-async def test_the_daemon_can_fail_instead_of_waiting(pki, signing_key, tmp_path):
+async def test_the_daemon_can_fail_instead_of_waiting(
+        pki: TestPKI, signing_key: TestSigningKey, tmp_path: Path,
+) -> None:
     inp = tmp_path / "in.ndjson"
     inp.write_text("".join(json.dumps({"token": t, "payload": PAYLOAD}) + "\n"
                            for t in tokens(200, "2a")))
@@ -497,15 +515,14 @@ async def test_the_daemon_can_fail_instead_of_waiting(pki, signing_key, tmp_path
 async def _guarded(pki, key, n: int, **config) -> tuple[list, list, MockAPNs, Client]:
     heard: list = []
     async with mock_server(pki, key, **config) as mock, back_to_baseline():
-        async with Client(auth=TokenAuth.from_file(key.path, key.key_id, key.team_id),
-                          topic=TOPIC, host="127.0.0.1", port=mock.port,
-                          ca_file=str(pki.ca_file), connections=2,
-                          on_invalid_token=lambda *a: heard.append(a), **FAST) as client:
+        async with edge_client(pki, mock.port, key, connections=2, on_invalid_token=lambda *a: heard.append(a)) as client:
             results = await fan_out(client, tokens(n, "2b"))
     return results, heard, mock, client
 
 
-async def test_a_wrong_topic_never_calls_the_audience_dead(pki, signing_key):
+async def test_a_wrong_topic_never_calls_the_audience_dead(
+        pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     results, heard, mock, client = await _guarded(pki, signing_key, 3000,
                                                   token_topic="com.example.other")
     assert Counter(r.outcome for r in results) == {"config_error": 3000}
@@ -518,22 +535,27 @@ async def test_a_wrong_topic_never_calls_the_audience_dead(pki, signing_key):
 WRONG_ENVIRONMENT = {"environment": "sandbox", "sandbox_token_fraction": 1e-9}
 
 
-async def test_tokens_sent_to_the_wrong_environment_never_call_the_audience_dead(pki,
-                                                                                signing_key):
+async def test_tokens_sent_to_the_wrong_environment_never_call_the_audience_dead(
+        pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     results, heard, mock, _ = await _guarded(pki, signing_key, 3000, **WRONG_ENVIRONMENT)
     assert Counter(r.outcome for r in results) == {"config_error": 3000}
     assert heard == [] and mock.stats.requests <= 250
     assert {r.reason for r in results if r.reason} == {"BadDeviceToken"}
 
 
-async def test_five_percent_dead_tokens_do_not_trip_the_guard(pki, signing_key):
+async def test_five_percent_dead_tokens_do_not_trip_the_guard(
+        pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     results, heard, mock, _ = await _guarded(pki, signing_key, 3000, bad_token_fraction=0.05)
     counts = Counter(r.outcome for r in results)
     assert counts["invalid_token"] > 60 and counts["invalid_token"] + counts["delivered"] == 3000
     assert len(heard) == counts["invalid_token"]  # each dead token reported, once
 
 
-async def test_a_short_run_of_refusals_ends_promptly_and_is_not_called_dead(pki, signing_key):
+async def test_a_short_run_of_refusals_ends_promptly_and_is_not_called_dead(
+        pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     # three tokens, all refused, nothing delivered: too few to trip the guard, and no
     # verdict is coming; they end at once, rejected, not confirmed dead
     results, heard, _, _ = await _guarded(pki, signing_key, 3, **WRONG_ENVIRONMENT)
@@ -542,17 +564,15 @@ async def test_a_short_run_of_refusals_ends_promptly_and_is_not_called_dead(pki,
                for r in results)
 
 
-async def test_one_at_a_time_sends_to_a_wrong_topic_trip_the_guard(pki, signing_key):
+async def test_one_at_a_time_sends_to_a_wrong_topic_trip_the_guard(
+        pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     """Sequential sends (a trickle, a POS backend) never have 100 in flight: the guard
     counts the refusals in a row all the same, and calls none of the tokens dead."""
     heard: list = []
     async with mock_server(pki, signing_key, token_topic="com.example.other") as mock, \
             back_to_baseline():
-        async with Client(auth=TokenAuth.from_file(signing_key.path, signing_key.key_id,
-                                                   signing_key.team_id),
-                          topic=TOPIC, host="127.0.0.1", port=mock.port,
-                          ca_file=str(pki.ca_file), topic_guard=5,
-                          on_invalid_token=lambda *a: heard.append(a), **FAST) as client:
+        async with edge_client(pki, mock.port, signing_key, topic_guard=5, on_invalid_token=lambda *a: heard.append(a)) as client:
             with trio.fail_after(BOUND):
                 results = [await client.send(Notification(token=t, payload=PAYLOAD))
                            for t in tokens(12, "5a")]
@@ -560,17 +580,15 @@ async def test_one_at_a_time_sends_to_a_wrong_topic_trip_the_guard(pki, signing_
     assert heard == [] and mock.stats.requests == 5  # the rest never went out
 
 
-async def test_one_at_a_time_dead_tokens_on_a_good_topic_are_dead(pki, signing_key):
+async def test_one_at_a_time_dead_tokens_on_a_good_topic_are_dead(
+        pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
     dead = tokens(3, "6a")
     heard: list = []
     async with mock_server(pki, signing_key, sandbox_token_fraction=1e-9,
                            unregistered=None) as mock, back_to_baseline():
         mock.config.environment = "production"
-        async with Client(auth=TokenAuth.from_file(signing_key.path, signing_key.key_id,
-                                                   signing_key.team_id),
-                          topic=TOPIC, host="127.0.0.1", port=mock.port,
-                          ca_file=str(pki.ca_file),
-                          on_invalid_token=lambda *a: heard.append(a), **FAST) as client:
+        async with edge_client(pki, mock.port, signing_key, on_invalid_token=lambda *a: heard.append(a)) as client:
             with trio.fail_after(BOUND):
                 first = await client.send(Notification(token="7b" * 32, payload=PAYLOAD))
                 mock.config.environment = "sandbox"  # now every token is refused
@@ -622,7 +640,9 @@ async def test_fanout_run_with_a_wrong_topic_or_environment_writes_no_dead_token
 # ---------------------------------------------------------------- resends counted
 
 
-async def test_fanout_send_counts_resends_in_its_summary(pki, signing_key, tmp_path):
+async def test_fanout_send_counts_resends_in_its_summary(
+        pki: TestPKI, signing_key: TestSigningKey, tmp_path: Path,
+) -> None:
     """A relay that drops the server's answers: pushes reach APNs twice; the summary says
     how many may have, and each such result says resent."""
     (tmp_path / "t.txt").write_text("\n".join(tokens(2000, "2e")) + "\n")
@@ -649,7 +669,9 @@ async def test_fanout_send_counts_resends_in_its_summary(pki, signing_key, tmp_p
     assert twice > 0 and summary["resent"] >= twice
 
 
-async def test_fanout_send_to_a_server_without_h2_exits_3(pki, signing_key, tmp_path):
+async def test_fanout_send_to_a_server_without_h2_exits_3(
+        pki: TestPKI, signing_key: TestSigningKey, tmp_path: Path,
+) -> None:
     """No HTTP/2 by ALPN is a configuration problem (exit 3), not a success (it was 0)."""
     (tmp_path / "t.txt").write_text("\n".join(tokens(5, "3a")) + "\n")
     async with mock_server(pki, signing_key, alpn=False) as mock:
@@ -663,7 +685,7 @@ async def test_fanout_send_to_a_server_without_h2_exits_3(pki, signing_key, tmp_
     assert b"ALPN" in proc.stderr
 
 
-def test_exit_codes_follow_the_table():
+def test_exit_codes_follow_the_table() -> None:
     assert exit_code({"delivered": 5, "invalid_token": 2, "malformed": 1}) == EXIT_OK
     assert exit_code({"delivered": 5, "rejected": 1}) == 1
     assert exit_code({"maybe_delivered": 1, "config_error": 1}) == EXIT_CONFIG
@@ -671,12 +693,9 @@ def test_exit_codes_follow_the_table():
     assert exit_code({"retries_exhausted": 3}) == 1
 
 
-async def test_single_send_says_resent(pki, signing_key):
+async def test_single_send_says_resent(pki: TestPKI, signing_key: TestSigningKey) -> None:
     async with mock_server(pki, signing_key, never_answer=1.0) as mock, back_to_baseline():
-        async with Client(auth=TokenAuth.from_file(signing_key.path, signing_key.key_id,
-                                                   signing_key.team_id),
-                          topic=TOPIC, host="127.0.0.1", port=mock.port,
-                          ca_file=str(pki.ca_file), max_attempts=2, **FAST) as client:
+        async with edge_client(pki, mock.port, signing_key, max_attempts=2) as client:
             with trio.fail_after(BOUND):
                 result = await client.send(Notification(token="ab" * 32, payload=PAYLOAD))
     assert result.outcome == "maybe_delivered" and result.resent and result.attempts == 2

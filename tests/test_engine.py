@@ -5,8 +5,8 @@ Each test proves exactly-once from both sides: the client's results and the mock
 
 from __future__ import annotations
 
-import contextlib
 import gc
+import time
 
 import pytest
 import trio
@@ -15,44 +15,13 @@ from fanout.auth import TokenAuth
 from fanout.client import Client
 from fanout.errors import ValidationError
 from fanout.payload import Notification, PushType
-from fanout.testing.devcerts import make_signing_key
+from fanout.testing.devcerts import TestPKI, TestSigningKey, make_signing_key
 from fanout.testing.mock import MockAPNs, MockConfig
 
-from .baseline import back_to_baseline
+from .helpers import collect, running, tokens
 
 TOPIC = "com.example.app"
 PAYLOAD = {"aps": {"alert": {"title": "t", "body": "hello"}}}
-
-
-def tokens(n: int, prefix: str = "") -> list[str]:
-    return [f"{prefix}{i:0{64 - len(prefix)}x}" for i in range(n)]
-
-
-@contextlib.asynccontextmanager
-async def running(pki, key, *, auth=None, client_kw=None, **config):
-    config.setdefault("keys", {key.key_id: key.public_key})
-    config.setdefault("team_id", key.team_id)
-    mock = MockAPNs(MockConfig(**config), pki)
-    auth = auth or TokenAuth.from_file(key.path, key.key_id, key.team_id)
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(mock.serve)
-        kw = dict(auth=auth, topic=TOPIC, host="127.0.0.1", port=port,
-                  ca_file=str(pki.ca_file), connections=2, timeout=5.0)
-        kw.update(client_kw or {})
-        # every engine test, faults included: once the client has closed, descriptors and
-        # tasks (the client's and the mock's) are back where they were before it opened
-        async with back_to_baseline():
-            async with Client(**kw) as client:
-                yield mock, client
-        nursery.cancel_scope.cancel()
-
-
-async def collect(aiter) -> list:
-    out = []
-    with trio.fail_after(60):
-        async for r in aiter:
-            out.append(r)
-    return out
 
 
 def by_outcome(results) -> dict[str, int]:
@@ -71,7 +40,9 @@ async def test_20k_pushes_two_connections_exactly_once(pki, signing_key):
     assert set(mock.stats.delivered.values()) == {1} and len(mock.stats.delivered) == 20_000
     assert mock.stats.protocol_errors == []
     assert mock.stats.connections == 2
-    assert max(mock.stats.max_concurrent) > 500
+    # many streams at once per connection (not one after another); the margin holds on a
+    # loaded machine: 100 in flight needs only 400 pushes/s against the 0.25 s latency
+    assert max(mock.stats.max_concurrent) > 100
     assert len(mock.stats.jwts) == 1  # one JWT shared by both connections
 
 
@@ -145,33 +116,50 @@ async def test_unregistered_tokens_typed_with_timestamp_and_sink_hears_each_once
     assert mock.stats.protocol_errors == []
 
 
-async def test_jwt_rotation_at_configured_age(pki, signing_key):
+class SteppedClock:
+    """A wall clock for TokenAuth that moves only when a test steps it."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_jwt_rotation_at_configured_age(pki: TestPKI, signing_key: TestSigningKey) -> None:
+    """One JWT per age: the token stays while younger than refresh_after (however long a
+    round takes), a new one is made once it is older, and both connections share it."""
+    clock = SteppedClock(time.time())
     auth = TokenAuth.from_file(signing_key.path, signing_key.key_id, signing_key.team_id,
-                               refresh_after=0.2, min_refresh_interval=0.0)
+                               refresh_after=60, min_refresh_interval=0.0, clock=clock)
     async with running(pki, signing_key, auth=auth) as (mock, client):
         for _ in range(3):
             results = await collect(client.fan_out(PAYLOAD, tokens(200)))
             assert by_outcome(results) == {"delivered": 200}
-            await trio.sleep(0.25)
+            clock.now += 61  # older than refresh_after (the mock allows 300 s of skew)
     assert len(mock.stats.jwts) == 3
     assert auth.rotations == 3
 
 
-async def test_expired_provider_token_recovers(pki, signing_key):
-    """The mock calls tokens older than 1.5 s expired (iat has whole seconds) and wedges the
-    connection: the client refreshes the JWT, moves to a new connection, delivers everything."""
+async def test_expired_provider_token_recovers(pki: TestPKI, signing_key: TestSigningKey) -> None:
+    """A token the mock calls expired wedges its connection: the client refreshes the JWT,
+    moves to a new connection, delivers everything. Time passing is modelled: the token is
+    made 100 s in the past, then the mock's limit drops below its age and the client's
+    clock catches up with the real one."""
+    clock = SteppedClock(time.time() - 100)
     auth = TokenAuth.from_file(signing_key.path, signing_key.key_id, signing_key.team_id,
-                               refresh_after=3000, min_refresh_interval=0.0)
-    async with running(pki, signing_key, auth=auth, token_max_age=1.5,
+                               refresh_after=3000, min_refresh_interval=0.0, clock=clock)
+    async with running(pki, signing_key, auth=auth, token_max_age=3600,
                        expired_token_wedge=True) as (mock, client):
         first = await collect(client.fan_out(PAYLOAD, tokens(500)))
-        await trio.sleep(2.6)
+        mock.config.token_max_age = 50   # the token (100 s old) is now expired ...
+        clock.now = time.time()          # ... and the client's clock says it is 100 s old
         second = await collect(client.fan_out(PAYLOAD, tokens(500, "b")))
     assert by_outcome(first) == {"delivered": 500}
     assert by_outcome(second) == {"delivered": 500}
     assert mock.stats.by_reason["ExpiredProviderToken"] >= 1
-    # one refresh; at most one more if the second connection wedged on the fresh token first
-    assert 1 <= auth.forced_refreshes <= 2
+    # one refresh: a rejection of the old token on the other connection refreshes nothing
+    assert auth.forced_refreshes == 1
     assert mock.stats.connections >= 3
 
 

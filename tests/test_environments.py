@@ -23,7 +23,7 @@ from fanout.payload import Notification
 from fanout.teams import Team, Teams
 from fanout.testing.mock import MockConfig, _hash_fraction, is_sandbox_token
 
-from .test_daemon import FANOUT, daemon_cmd, mock_server, read_results, run_daemon
+from .helpers import FANOUT, daemon_cmd, mock_server, read_results, run_daemon
 from .test_metrics import feed_and_scrape, free_port
 
 TOPIC = "com.example.app"

@@ -22,8 +22,7 @@ from fanout.metrics import Metrics, parse_listen, reason_label
 from fanout.testing.devcerts import make_signing_key
 
 from .conftest import ROOT
-from .test_daemon import PAYLOAD, daemon_cmd, mock_server
-from .test_engine import collect, running, tokens
+from .helpers import PAYLOAD, collect, daemon_cmd, mock_server, running, tokens
 
 FAST = Backoff(base=0.01, cap=0.05)
 

@@ -19,7 +19,6 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import httpx
-import jwt
 import pytest
 import trio
 from h2.errors import ErrorCodes
@@ -31,11 +30,10 @@ from fanout.payload import Notification
 from fanout.testing.devcerts import TestPKI, TestSigningKey, client_ssl_context
 from fanout.testing.mock import MockConfig, open_mock
 
+from .h2server import BODY, TOKEN, H2Client, make_jwt
 from .relay import FaultRelay, open_relay
 
 TOPIC = "com.example.app"
-TOKEN = "ab" * 32
-BODY = b'{"aps":{"alert":"hi"}}'
 FILL_CAP = 64 << 20  # bytes: a kernel that never pushes back fails the test instead of hanging
 
 
@@ -96,14 +94,15 @@ async def connect(relay: FaultRelay) -> trio.SocketStream:
 def pending(stream: trio.SocketStream) -> int:
     """Bytes waiting in the socket's receive queue (read without consuming them)."""
     buf = fcntl.ioctl(stream.socket.fileno(), termios.FIONREAD, b"\0\0\0\0")
-    return struct.unpack("i", buf)[0]
+    count: int = struct.unpack("i", buf)[0]
+    return count
 
 
 def fill_until_blocked(stream: trio.SocketStream | trio.SSLStream[Any]) -> int:
     """Write to the TCP socket (under TLS, if any) without blocking until the kernel refuses
     more; return how many bytes it took."""
     while isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream  # type: ignore[assignment]
+        stream = stream.transport_stream
     raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
     raw.setblocking(False)
     chunk, total = b"\0" * 4096, 0
@@ -127,103 +126,8 @@ async def receive_exactly(stream: trio.SocketStream, n: int) -> bytes:
     return bytes(data)
 
 
-def make_jwt(key: TestSigningKey, iat: float | None = None) -> str:
-    return jwt.encode(
-        {"iss": key.team_id, "iat": int(time.time() if iat is None else iat)},
-        key.path.read_bytes(),
-        algorithm="ES256",
-        headers={"kid": key.key_id},
-    )
-
-
 def mock_config(key: TestSigningKey, **kw: Any) -> MockConfig:
     return MockConfig(team_id=key.team_id, keys={key.key_id: key.public_key}, topics={TOPIC}, **kw)
-
-
-class H2Client:
-    """A minimal h2 client over trio TLS that records every event it gets."""
-
-    def __init__(self, stream: trio.SSLStream[Any]) -> None:
-        self.stream = stream
-        self.conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None)
-        )
-        self.events: list[h2.events.Event] = []
-        self.responses: dict[int, dict[bytes, bytes]] = {}
-        self.bodies: dict[int, bytes] = {}
-        self.ended: set[int] = set()
-        self.eof = False
-
-    @classmethod
-    async def connect(cls, pki: TestPKI, port: int) -> H2Client:
-        stream = await trio.open_ssl_over_tcp_stream(
-            "127.0.0.1", port, ssl_context=client_ssl_context(pki.ca_file)
-        )
-        await stream.do_handshake()
-        client = cls(stream)
-        client.conn.initiate_connection()
-        await client.flush()
-        return client
-
-    def of(self, kind: type) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind)]
-
-    async def flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data:
-            await self.stream.send_all(data)
-
-    def request(self, key: TestSigningKey, body: bytes | None = BODY, jwt_: str | None = None,
-                end: bool = True) -> int:
-        sid = self.conn.get_next_available_stream_id()
-        headers = [
-            (b":method", b"POST"), (b":scheme", b"https"), (b":authority", b"127.0.0.1"),
-            (b":path", f"/3/device/{TOKEN}".encode()),
-            (b"authorization", f"bearer {jwt_ or make_jwt(key)}".encode()),
-            (b"apns-topic", TOPIC.encode()), (b"apns-push-type", b"alert"),
-        ]
-        self.conn.send_headers(sid, headers, end_stream=body is None and end)
-        if body is not None:
-            self.conn.send_data(sid, body, end_stream=end)
-        return sid
-
-    def status(self, sid: int) -> int:
-        return int(self.responses[sid][b":status"])
-
-    async def pump(self, until: Callable[[], bool], *, flush: bool = True,
-                   timeout: float = 3.0) -> None:
-        """Read (and, with ``flush``, answer: ACKs, WINDOW_UPDATEs) until ``until()``."""
-        with trio.fail_after(timeout):
-            while not until():
-                try:
-                    data = await self.stream.receive_some(65536)
-                except trio.BrokenResourceError:
-                    data = b""
-                if not data:
-                    self.eof = True
-                    return
-                for event in self.conn.receive_data(data):
-                    self.events.append(event)
-                    if isinstance(event, h2.events.ResponseReceived):
-                        self.responses[event.stream_id] = dict(event.headers)  # type: ignore[arg-type]
-                    elif isinstance(event, h2.events.DataReceived):
-                        self.bodies[event.stream_id] = (
-                            self.bodies.get(event.stream_id, b"") + event.data
-                        )
-                        self.conn.acknowledge_received_data(
-                            event.flow_controlled_length, event.stream_id
-                        )
-                    elif isinstance(event, h2.events.StreamEnded):
-                        self.ended.add(event.stream_id)
-                if flush:
-                    await self.flush()
-
-    async def roundtrip(self) -> None:
-        """PING and wait for its ACK: everything the server sent before it has been read."""
-        data = os.urandom(8)
-        self.conn.ping(data)
-        await self.flush()
-        await self.pump(lambda: any(e.ping_data == data for e in self.of(h2.events.PingAckReceived)))
 
 
 # --------------------------------------------------------------------------- FaultRelay

@@ -18,7 +18,7 @@ import trio
 
 from fanout._exits import EXIT_OUTPUT
 
-from .test_daemon import PAYLOAD, daemon_cmd, mock_server, read_results, run_daemon, write_input
+from .helpers import PAYLOAD, daemon_cmd, mock_server, read_results, run_daemon, write_input
 
 F_GETPIPE_SZ = 1032
 

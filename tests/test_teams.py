@@ -18,7 +18,7 @@ from fanout.payload import Notification, PushType, topic_for
 from fanout.teams import Team, Teams, bundle_of
 from fanout.testing.devcerts import make_signing_key
 
-from .test_daemon import mock_server
+from .helpers import mock_server
 
 TOPICS = {"acme": ["com.acme.app", "com.acme.pos"], "beta": ["com.beta.app", "com.beta.tv"]}
 
