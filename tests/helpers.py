@@ -159,3 +159,13 @@ async def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
     """Until ``proc`` has exited; its return code."""
     await wait_until(lambda: proc.poll() is not None, timeout, "the process exited", 0.05)
     return proc.returncode
+
+
+class SteppedClock:
+    """A wall clock for TokenAuth that moves only when a test steps it."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

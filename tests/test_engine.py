@@ -18,7 +18,7 @@ from fanout.payload import Notification, PushType
 from fanout.testing.devcerts import TestPKI, TestSigningKey, make_signing_key
 from fanout.testing.mock import MockAPNs, MockConfig
 
-from .helpers import collect, running, tokens
+from .helpers import SteppedClock, collect, running, tokens, wait_until
 
 TOPIC = "com.example.app"
 PAYLOAD = {"aps": {"alert": {"title": "t", "body": "hello"}}}
@@ -116,16 +116,6 @@ async def test_unregistered_tokens_typed_with_timestamp_and_sink_hears_each_once
     assert mock.stats.protocol_errors == []
 
 
-class SteppedClock:
-    """A wall clock for TokenAuth that moves only when a test steps it."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 async def test_jwt_rotation_at_configured_age(pki: TestPKI, signing_key: TestSigningKey) -> None:
     """One JWT per age: the token stays while younger than refresh_after (however long a
     round takes), a new one is made once it is older, and both connections share it."""
@@ -202,9 +192,9 @@ async def test_cancellation_mid_flight_frees_every_slot_and_task(pki, signing_ke
             async for _ in client.fan_out(PAYLOAD, tokens(5000)):
                 pass
         assert scope.cancelled_caught
-        await trio.sleep(0.1)
-        assert sum(len(c.streams) for c in client.pool.conns) == 0
-        assert client.outstanding == 0
+        await wait_until(lambda: sum(len(c.streams) for c in client.pool.conns) == 0
+                         and client.outstanding == 0 and _task_count(client) == baseline,
+                         10, "every cancelled stream freed, every task gone")
         assert client._retry_heap == []
         assert _task_count(client) == baseline
         # single sends too
@@ -313,7 +303,8 @@ async def test_server_restarted_on_the_same_port_sending_resumes(pki, signing_ke
                           ca_file=str(pki.ca_file), connections=2) as client:
             before = await collect(client.fan_out(PAYLOAD, tokens(300)))
             scope.cancel()  # the server dies, its connections with it
-            await trio.sleep(0.2)
+            await wait_until(lambda: not any(c.ready for c in client.pool.conns), 10,
+                             "the client saw its connections die")
             second = MockAPNs(MockConfig(**config), pki)
             await nursery.start(second.serve, "127.0.0.1", port)
             after = await collect(client.fan_out(PAYLOAD, tokens(300, "b")))
@@ -327,9 +318,8 @@ async def test_idle_connection_is_pinged_and_kept(pki, signing_key):
     async with running(pki, signing_key, client_kw={"ping_interval": 0.1}) as (mock, client):
         await collect(client.fan_out(PAYLOAD, tokens(10)))
         conns = list(client.pool.conns)
-        await trio.sleep(0.5)
+        await wait_until(lambda: all(c.pings_sent >= 2 for c in conns), 10, "two pings each")
         assert client.pool.conns == conns
-        assert all(c.pings_sent >= 2 for c in conns)
         result = await client.send(Notification(token="ab" * 32, payload=PAYLOAD))
     assert result.ok and mock.stats.connections == 2
     assert mock.stats.protocol_errors == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import ssl
+import time
 
 import hpack
 import jwt
@@ -27,6 +28,7 @@ from fanout.errors import FanoutError, ProtocolError
 from fanout.payload import Notification, PushTemplate, PushType
 
 from .h2server import StrictH2Server
+from .helpers import SteppedClock
 
 # ---------------------------------------------------------------- HPACK encoder (unit)
 
@@ -189,14 +191,15 @@ def _check_request(rec, auth_key, team, topic):
 
 async def test_framer_frames_accepted_by_strict_h2_server(server_ssl, pki, signing_key):
     """Tiny flow-control window (bodies split across DATA frames), small HPACK table,
-    JWT rotation every 50 ms, 4 KB payloads: h2 must see every request intact."""
+    a JWT rotation every 100 pushes, 4 KB payloads: h2 must see every request intact."""
     server = StrictH2Server(server_ssl, settings={
         SettingCodes.INITIAL_WINDOW_SIZE: 1000,
         SettingCodes.HEADER_TABLE_SIZE: 256,
         SettingCodes.MAX_CONCURRENT_STREAMS: 50,
     })
+    clock = SteppedClock(time.time() - 3600)  # iat in the past: the server checks it
     auth = TokenAuth.from_file(signing_key.path, signing_key.key_id, signing_key.team_id,
-                               refresh_after=0.05, min_refresh_interval=0)
+                               refresh_after=60, min_refresh_interval=0, clock=clock)
     rng = random.Random(3)
     sent = {}
     async with trio.open_nursery() as nursery:
@@ -219,7 +222,7 @@ async def test_framer_frames_accepted_by_strict_h2_server(server_ssl, pki, signi
             async for r in client.send_many(notes):
                 results.append(r)
                 if len(results) % 100 == 0:
-                    await trio.sleep(0.06)  # let the JWT rotate between bursts
+                    clock.now += 61  # the JWT is due: the next pushes carry a new one
         nursery.cancel_scope.cancel()
     assert server.errors == []
     assert sorted(r.outcome for r in results) == ["delivered"] * 600
