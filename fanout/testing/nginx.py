@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
+#: nginx.conf template of :func:`start_nginx` (``str.format`` fields in braces).
 CONF = """
 worker_processes 1;
 daemon off;
@@ -42,6 +43,7 @@ http {{
 
 
 def nginx_binary() -> str | None:
+    """Path of the nginx binary, or ``None`` if it is not installed."""
     found = shutil.which("nginx")
     if found:
         return found
@@ -49,14 +51,16 @@ def nginx_binary() -> str | None:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def start_nginx(directory: Path, cert_file: Path, key_file: Path, *, extra: str = "",
                 keepalive_requests: int = 10_000_000, prefix: list[str] | None = None,
-                timeout: float = 10.0) -> tuple[subprocess.Popen, int]:
+                timeout: float = 10.0) -> tuple[subprocess.Popen[bytes], int]:
     """Start nginx answering 200 (echoing apns-id) and, for tokens starting with ``dead``,
     410 Unregistered with an APNs-style body. Returns the process and its port."""
     binary = nginx_binary()
@@ -74,7 +78,8 @@ def start_nginx(directory: Path, cert_file: Path, key_file: Path, *, extra: str 
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return proc, port
         if proc.poll() is not None:
-            raise ConfigError(f"nginx exited: {proc.stdout.read().decode(errors='replace')}")
+            output = proc.stdout.read() if proc.stdout is not None else b""
+            raise ConfigError(f"nginx exited: {output.decode(errors='replace')}")
         time.sleep(0.05)
     proc.kill()
     raise ConfigError("nginx did not start listening")
