@@ -465,6 +465,20 @@ class Client:
         return None if halted is None else str(halted)
 
     @property
+    def in_flight(self) -> int:
+        """Pushes sent and not answered yet, on every connection."""
+        return self.pool.in_flight
+
+    @property
+    def last_error(self) -> BaseException | None:
+        """Why the last connection attempt failed (None: none has)."""
+        return self.pool.last_error
+
+    def unavailable_for(self) -> float:
+        """Seconds without a usable connection (0.0 while one is up)."""
+        return self.pool.unavailable_for()
+
+    @property
     def running(self) -> bool:
         """``async with`` has entered: pushes can be sent and tasks started."""
         return self._nursery is not None

@@ -585,40 +585,32 @@ def teams_of(specs: Iterable[Any], refresh_after: float = 3000.0) -> list[Team]:
     return teams
 
 
-class _PoolView:
-    def __init__(self, engine: TeamsEngine) -> None:
-        self._engine = engine
+class TeamsEngine(Teams):
+    """What ``fanout run`` needs of its engine (``send_many``, ``abort_in_flight``,
+    ``config_error``, ``in_flight``, ``last_error``, ``unavailable_for``), over a client per
+    team and environment. A team's configuration error ends its own pushes with
+    ``config_error`` results; the daemon goes on."""
+
+    config_error: str | None = None
 
     @property
     def in_flight(self) -> int:
-        return sum(h.client.pool.in_flight for h in self._engine._open.values()
+        """Pushes in flight, summed over the open team clients."""
+        return sum(h.client.pool.in_flight for h in self._open.values()
                    if h.ready.is_set())
 
     @property
     def last_error(self) -> BaseException | None:
-        for h in self._engine._open.values():
+        """The last connection error of the first open team client without a connection."""
+        for h in self._open.values():
             if h.ready.is_set() and h.client.pool.unavailable_for():
                 return h.client.pool.last_error
         return None
 
     def unavailable_for(self) -> float:
         """The longest time any open team client has been without a usable connection."""
-        return max((h.client.pool.unavailable_for() for h in self._engine._open.values()
+        return max((h.client.pool.unavailable_for() for h in self._open.values()
                     if h.ready.is_set()), default=0.0)
-
-
-class TeamsEngine(Teams):
-    """What ``fanout run`` needs of its engine (``send_many``, ``abort_in_flight``,
-    ``config_error``, ``pool.in_flight``), over a client per team and environment. A team's
-    configuration error ends its own pushes with ``config_error`` results; the daemon goes
-    on."""
-
-    config_error: str | None = None
-
-    @property
-    def pool(self) -> _PoolView:
-        """What the daemon reads of a pool, summed over the open clients."""
-        return _PoolView(self)
 
     def abort_in_flight(self, why: str) -> list[Result]:
         """End every push in flight in every open client now (the daemon's drain deadline)."""

@@ -166,7 +166,7 @@ def test_the_status_reports_this_process_peak_rss():
     import subprocess
     import sys
 
-    child = ("from fanout._daemon.core import peak_rss_mb; import resource; "
+    child = ("from fanout._daemon.control import peak_rss_mb; import resource; "
              "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     parent = ("import os, sys; b = bytearray(300 << 20); b[::4096] = b'x' * len(range(0, "
               f"len(b), 4096)); os.execv(sys.executable, [sys.executable, '-c', {child!r}])")

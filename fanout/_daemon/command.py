@@ -11,7 +11,8 @@ from collections.abc import Callable
 from .._exits import EXIT_CONFIG, EXIT_OUTPUT, EXIT_USAGE
 from ..errors import ConfigError, FanoutError
 from . import checkpoint as ckpt
-from .core import Daemon, FileSink, FileSource
+from .core import Daemon
+from .files import FileSink, FileSource
 from .output import OutputError, Outputs
 
 

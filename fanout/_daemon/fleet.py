@@ -31,10 +31,12 @@ from urllib.parse import urlsplit
 import trio
 
 from ..errors import ConfigError
-from .core import Daemon, Engine, InputState, LineHandler, LineState
+from .core import Daemon
 from .lines import ResultLine, result_encoder
 from .output import Outputs
 from .reader import InputLine
+from .seams import Engine, LineHandler
+from .state import InputState, LineState
 
 if TYPE_CHECKING:
     from ..metrics import DaemonMetrics

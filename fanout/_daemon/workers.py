@@ -29,21 +29,13 @@ import msgspec
 import trio
 
 from .._exits import EXIT_CONFIG, EXIT_FAILED, EXIT_FORCED, EXIT_UNREACHABLE, most_serious
-from .core import (
-    HIGH_WATER_STEP,
-    Control,
-    Daemon,
-    Engine,
-    FileSink,
-    InputState,
-    LineHandler,
-    LineState,
-    end_identity,
-    note_identity,
-    open_input,
-)
+from .control import Control
+from .core import HIGH_WATER_STEP, Daemon
+from .files import FileSink, end_identity, note_identity, open_input
 from .output import Output, OutputError, Outputs, output_limit
 from .reader import InputBlock, InputLine, split_block
+from .seams import Engine, LineHandler
+from .state import InputState, LineState
 
 if TYPE_CHECKING:
     from ..metrics import DaemonMetrics
@@ -97,7 +89,7 @@ class Sent:
 
 class Coordinator:
     """Reads the input and keeps the books like the single-process daemon (the same
-    :class:`~fanout._daemon.core.Control`, inputs and sink); the sending is done by the
+    :class:`~fanout._daemon.control.Control`, inputs and sink); the sending is done by the
     workers."""
 
     def __init__(self, settings: Any, args: argparse.Namespace, inputs: list[str]) -> None:
