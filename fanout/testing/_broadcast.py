@@ -10,17 +10,13 @@ import binascii
 import secrets
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import msgspec
 
 from . import _apple
 from ._faults import server_fault, throttled
 from ._http import Answer, Headers, Request, json_headers
-from ._jwt import ProviderTokens
-
-if TYPE_CHECKING:
-    from ._server import MockAPNs
+from ._jwt import MockState, ProviderTokens
 
 _Channels = dict[str, int]  # channel id -> message-storage-policy
 
@@ -47,7 +43,7 @@ class _Reply:
         return Answer(status, reason, self.request_id, None, self.auth_ok, headers, body)
 
 
-def evaluate_broadcast(mock: MockAPNs, tokens: ProviderTokens, request: Request) -> Answer:
+def evaluate_broadcast(mock: MockState, tokens: ProviderTokens, request: Request) -> Answer:
     """Channel management (``/1/apps/...``) and broadcast sends (``/4/broadcasts/...``)."""
     request_id, bad_request_id = _request_id(request.fields)
     reply = _Reply(request_id)
@@ -88,7 +84,7 @@ def _route(method: bytes | None, path: bytes) -> tuple[str | None, bytes, tuple[
     return None, b"", ()
 
 
-def _app_failure(mock: MockAPNs, bundle: str) -> tuple[int, str] | None:
+def _app_failure(mock: MockState, bundle: str) -> tuple[int, str] | None:
     """The bundle id's form, whether it is allowed, and the app's Broadcast Capability."""
     reason = _bundle_reason(bundle)
     if reason is not None:
@@ -110,14 +106,14 @@ def _id_failure(fields: dict[bytes, bytes], bad_request_id: bool) -> tuple[int, 
 
 
 def _list(
-    mock: MockAPNs, request: Request, reply: _Reply, bundle: str, channels: _Channels
+    mock: MockState, request: Request, reply: _Reply, bundle: str, channels: _Channels
 ) -> Answer:
     listing = msgspec.json.encode({"channels": list(channels)})
     return reply(200, None, json_headers(listing), listing)
 
 
 def _create(
-    mock: MockAPNs, request: Request, reply: _Reply, bundle: str, channels: _Channels
+    mock: MockState, request: Request, reply: _Reply, bundle: str, channels: _Channels
 ) -> Answer:
     reason = _channel_body_reason(request.body)
     if reason is not None:
@@ -131,7 +127,7 @@ def _create(
 
 
 def _read(
-    mock: MockAPNs, request: Request, reply: _Reply, bundle: str, channels: _Channels
+    mock: MockState, request: Request, reply: _Reply, bundle: str, channels: _Channels
 ) -> Answer:
     channel_id, reason = _channel_id(request.fields)
     if reason is not None:
@@ -144,7 +140,7 @@ def _read(
 
 
 def _delete(
-    mock: MockAPNs, request: Request, reply: _Reply, bundle: str, channels: _Channels
+    mock: MockState, request: Request, reply: _Reply, bundle: str, channels: _Channels
 ) -> Answer:
     channel_id, reason = _channel_id(request.fields)
     if reason is not None:
@@ -155,7 +151,7 @@ def _delete(
 
 
 def _send(
-    mock: MockAPNs, request: Request, reply: _Reply, bundle: str, channels: _Channels
+    mock: MockState, request: Request, reply: _Reply, bundle: str, channels: _Channels
 ) -> Answer:
     fields = request.fields
     channel_id, reason = _channel_id(fields)
@@ -178,7 +174,7 @@ def _send(
     return reply(200)
 
 
-_ROUTES: dict[str, Callable[[MockAPNs, Request, _Reply, str, _Channels], Answer]] = {
+_ROUTES: dict[str, Callable[[MockState, Request, _Reply, str, _Channels], Answer]] = {
     "list": _list,
     "create": _create,
     "read": _read,

@@ -4,7 +4,6 @@ headers, topic, payload, then the token's own faults (docs/apns.md, Headers; Pay
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -12,13 +11,10 @@ from . import _apple
 from ._config import MockConfig
 from ._faults import server_fault, throttled, token_fault
 from ._http import Answer, Request
-from ._jwt import ProviderTokens
-
-if TYPE_CHECKING:
-    from ._server import MockAPNs
+from ._jwt import MockState, ProviderTokens
 
 
-def evaluate_device(mock: MockAPNs, tokens: ProviderTokens, request: Request) -> Answer:
+def evaluate_device(mock: MockState, tokens: ProviderTokens, request: Request) -> Answer:
     """Decide the answer to a device push, in APNs' terms."""
     cfg = mock.config
     fields = request.fields

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 
-if TYPE_CHECKING:
-    from ._server import MockAPNs
+from ._config import MockConfig, MockStats
 
 _MAX_CLOCK_SKEW = 300.0  # seconds a JWT's iat may lie in the future
 _JWT_CACHE_MAX = 4_096
@@ -29,6 +29,19 @@ class TokenInfo:
     iat: float | None = None
     key: EllipticCurvePublicKey | None = None  # key the signature was checked against
     valid: bool = False
+
+
+class MockState(Protocol):
+    """What the handlers read of the server (:class:`MockAPNs` is one): they never import
+    it, so the server sits on top of its handlers."""
+
+    config: MockConfig
+    stats: MockStats
+    rng: random.Random
+
+    def expire_token_now(self) -> bool: ...
+
+    def token_info(self, token: bytes) -> TokenInfo: ...
 
 
 def _parse_jwt(token: bytes) -> TokenInfo:
@@ -85,7 +98,7 @@ class ProviderTokens:
         self.since = 0.0  # when self.jwt was first used
         self.wedged = False
 
-    def authorize(self, value: bytes | None, mock: MockAPNs) -> tuple[int, str] | None:
+    def authorize(self, value: bytes | None, mock: MockState) -> tuple[int, str] | None:
         """The (status, reason) refusing an ``authorization`` header, or ``None`` if good."""
         reason = self.reason(value, mock)
         if reason is None:
@@ -94,7 +107,7 @@ class ProviderTokens:
             self.wedged = True
         return (429 if reason == "TooManyProviderTokenUpdates" else 403), reason
 
-    def reason(self, value: bytes | None, mock: MockAPNs) -> str | None:
+    def reason(self, value: bytes | None, mock: MockState) -> str | None:
         """The 403/429 reason for an ``authorization`` header, or ``None`` if it is good."""
         if not value:
             return "MissingProviderToken"
@@ -123,7 +136,7 @@ class ProviderTokens:
                 return "UnrelatedKeyIdInToken"
         return self._renewal_reason(token, now, mock)
 
-    def _renewal_reason(self, token: bytes, now: float, mock: MockAPNs) -> str | None:
+    def _renewal_reason(self, token: bytes, now: float, mock: MockState) -> str | None:
         """Rate-limited token updates and the one-shot ``expire_token_once_after``."""
         cfg = mock.config
         if token != self.jwt:
@@ -141,7 +154,7 @@ class ProviderTokens:
         return None
 
 
-def _signed_by_team(token: bytes, info: TokenInfo, mock: MockAPNs) -> bool:
+def _signed_by_team(token: bytes, info: TokenInfo, mock: MockState) -> bool:
     """With ``keys``: signed by the ``kid``'s key (checked once per key); and the issuer fits."""
     cfg = mock.config
     if cfg.keys:
