@@ -132,6 +132,7 @@ class _Waiter:
         self.result: Result | None = None
 
     def deliver(self, push: Push | None, result: Result) -> None:
+        """The push's one result: wake the sender."""
         self.result = result
         self.event.set()
 
@@ -151,6 +152,7 @@ class _Batch:
         self.error: BaseException | None = None
 
     def deliver(self, push: Push | None, result: Result) -> None:
+        """One push of the batch ended: queue its result for the consumer."""
         if push is not None:
             self.live.discard(push)
         self.results.append(result)
