@@ -15,7 +15,7 @@ import msgspec
 
 from . import _apple
 from ._faults import server_fault, throttled
-from ._http import Answer, Headers, Request, json_headers
+from ._http import Answer, Headers, Request, json_headers, json_object
 from ._jwt import MockState, ProviderTokens
 
 _Channels = dict[str, int]  # channel id -> message-storage-policy
@@ -196,17 +196,7 @@ def _send_header_reason(fields: dict[bytes, bytes], policy: int) -> str | None:
 
 
 def _send_payload_reason(body: bytearray) -> str | None:
-    if not body:
-        return "PayloadEmpty"
-    if len(body) > _apple.BROADCAST_PAYLOAD_LIMIT:
-        return "PayloadTooLarge"
-    try:
-        payload = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        return "BadRequestPayload"
-    if not isinstance(payload, dict):
-        return "BadRequestPayload"
-    return None
+    return json_object(body, _apple.BROADCAST_PAYLOAD_LIMIT)[0]
 
 
 def _request_id(fields: dict[bytes, bytes]) -> tuple[bytes, bool]:
@@ -243,14 +233,9 @@ def _bundle_reason(bundle: str) -> str | None:
 
 def _channel_body_reason(body: bytearray) -> str | None:
     """Why a create-channel body is refused (docs/apns.md, Broadcast channels), or ``None``."""
-    if not body:
-        return "PayloadEmpty"
-    try:
-        parsed = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        return "BadRequestPayload"
-    if not isinstance(parsed, dict):
-        return "BadRequestPayload"
+    reason, parsed = json_object(body)
+    if parsed is None:
+        return reason
     if set(parsed) - _apple.CHANNEL_FIELDS or not _apple.CHANNEL_FIELDS <= set(parsed):
         return "BadRequestParams"  # unknown or missing attribute
     policy = parsed["message-storage-policy"]

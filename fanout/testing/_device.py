@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import uuid
 
-import msgspec
-
 from . import _apple
 from ._config import MockConfig
 from ._faults import server_fault, throttled, token_fault
-from ._http import Answer, Request
+from ._http import Answer, Request, json_object
 from ._jwt import MockState, ProviderTokens
 
 
@@ -130,15 +128,5 @@ def _option_reason(
 
 
 def _payload_reason(body: bytearray, push_type: str | None) -> str | None:
-    if not body:
-        return "PayloadEmpty"
     limit = _apple.VOIP_PAYLOAD_LIMIT if push_type == "voip" else _apple.PAYLOAD_LIMIT
-    if len(body) > limit:
-        return "PayloadTooLarge"
-    try:
-        payload = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        return "BadRequestPayload"
-    if not isinstance(payload, dict):
-        return "BadRequestPayload"
-    return None
+    return json_object(body, limit)[0]

@@ -4,6 +4,7 @@ answer becomes response headers and body."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import msgspec
 
@@ -114,3 +115,20 @@ def _broadcast_response(answer: Answer, config: MockConfig) -> tuple[Headers, by
         headers += json_headers(body)
         _retry_after(config, status, headers)
     return headers, body
+
+
+def json_object(body: bytearray, limit: int | None = None
+                ) -> tuple[str | None, dict[str, Any] | None]:
+    """``(reason, None)`` for a body APNs refuses (empty, over ``limit`` bytes, not a JSON
+    object), else ``(None, the object)``: the checks every route makes first."""
+    if not body:
+        return "PayloadEmpty", None
+    if limit is not None and len(body) > limit:
+        return "PayloadTooLarge", None
+    try:
+        parsed = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return "BadRequestPayload", None
+    if not isinstance(parsed, dict):
+        return "BadRequestPayload", None
+    return None, parsed
