@@ -7,13 +7,14 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -31,6 +32,9 @@ from ._exits import (
 from .config import add_settings_args, check, load_settings, make_client
 from .errors import ConfigError, FanoutError, TransportError, ValidationError
 from .payload import ENVIRONMENTS
+
+if TYPE_CHECKING:
+    from .testing.mock import MockStats
 
 log = logging.getLogger("fanout")
 
@@ -311,15 +315,38 @@ async def _mock_main(args: argparse.Namespace) -> int:
                         goaway_after=args.goaway_after, close_after=args.close_after,
                         max_streams=args.max_streams)
     mock = MockAPNs(config, pki)
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(mock.serve, args.host, args.port)
-        if args.port_file:
-            tmp = Path(args.port_file + ".tmp")
-            tmp.write_text(str(port))
-            tmp.replace(args.port_file)
-        print(f"mock APNs listening on {args.host}:{port} (CA {pki.ca_file})", file=sys.stderr,
-              flush=True)
-    return 0
+    code = EXIT_OK
+    try:
+        # SIGTERM and SIGINT stop serving cleanly (and the stats file is written); a
+        # KeyboardInterrupt before they are caught here goes through the finally too
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                port = await nursery.start(mock.serve, args.host, args.port)
+                if args.port_file:
+                    tmp = Path(args.port_file + ".tmp")
+                    tmp.write_text(str(port))
+                    tmp.replace(args.port_file)
+                print(f"mock APNs listening on {args.host}:{port} (CA {pki.ca_file})",
+                      file=sys.stderr, flush=True)
+                async for signum in signals:
+                    code = EXIT_FORCED if signum == signal.SIGINT else EXIT_OK
+                    break
+                nursery.cancel_scope.cancel()
+    finally:
+        if args.stats_file:
+            _write_mock_stats(args.stats_file, mock.stats)
+    return code
+
+
+def _write_mock_stats(path: str, stats: MockStats) -> None:
+    """``path`` (atomically: ``path``.tmp, then a rename) as JSON: what the mock saw, in
+    numbers (JWT digests counted, never written)."""
+    summary = {"connections": stats.connections, "jwts": len(stats.jwts),
+               "requests": stats.requests, "delivered": sum(stats.delivered.values()),
+               "by_status": {str(status): n for status, n in sorted(stats.by_status.items())}}
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(summary) + "\n")
+    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------- main
@@ -439,6 +466,10 @@ def _add_mock_parser(sub: _Subcommands[argparse.ArgumentParser], common: argpars
     mock.add_argument("--goaway-after", type=int)
     mock.add_argument("--close-after", type=int)
     mock.add_argument("--max-streams", type=int, default=1000)
+    mock.add_argument("--stats-file", metavar="PATH",
+                      help="on exit (SIGTERM, SIGINT or the end) write what the mock saw here "
+                           "as JSON: connections, jwts (distinct provider tokens), requests, "
+                           "delivered, by_status; atomically (PATH.tmp, then a rename)")
 
 
 def _add_channels_parser(sub: _Subcommands[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:

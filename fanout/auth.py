@@ -6,7 +6,7 @@ Token auth rules (docs/apns.md, "Provider tokens"): the JWT is
 ``TooManyProviderTokenUpdates`` when a connection sees a new token more often than every
 20 minutes. Minting per connection, per topic or per request is the most common cause of
 that 429 in other APNs clients, so :class:`TokenAuth` holds exactly one token per
-(team, key) and every connection of a client shares it.
+(team, key) in the process, and every connection of every client shares it.
 
 Nothing here ever logs, prints or reprs a JWT or key material; error messages name the
 file and the problem, never the file's contents.
@@ -21,6 +21,7 @@ import ssl
 import stat
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -149,11 +150,103 @@ class Auth(Protocol):
         ...
 
 
-class TokenAuth(Auth):
-    """One ES256 provider token per (team, key), shared by every connection of a client.
+class _Signer:
+    """The mutable half of a provider token: the JWT, its deadline and generation.
 
-    The token is minted at construction and re-minted lazily by :meth:`header` once it is
-    ``refresh_after`` seconds old (default 50 min: inside Apple's 20-60 min window).
+    One per (key, key id, team, rotation schedule, clock) in the process, shared by every
+    :class:`TokenAuth` built for them (see :func:`_signer_for`), so a key loaded again per
+    request or per task mints no new token."""
+
+    __slots__ = ("_key", "key_id", "team_id", "refresh_after", "min_refresh_interval",
+                 "_clock", "header", "deadline", "issued_at", "generation",
+                 "last_early_refresh", "lock", "rotations", "forced_refreshes")
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey, key_id: str, team_id: str,
+                 refresh_after: float, min_refresh_interval: float,
+                 clock: Callable[[], float]) -> None:
+        self._key = key
+        self.key_id = key_id
+        self.team_id = team_id
+        self.refresh_after = refresh_after
+        self.min_refresh_interval = min_refresh_interval
+        self._clock = clock
+        self.generation = 0
+        self.rotations = 0
+        self.forced_refreshes = 0
+        self.last_early_refresh = float("-inf")
+        self.lock = threading.Lock()
+        self.header = b""
+        self.deadline = float("-inf")
+        self.issued_at = 0.0
+        self.mint(clock())
+
+    def mint(self, now: float) -> None:
+        token = jwt.encode(
+            {"iss": self.team_id, "iat": int(now)},
+            self._key,
+            algorithm="ES256",
+            headers={"kid": self.key_id},
+        )
+        self.header = b"bearer " + token.encode("ascii")
+        self.issued_at = now
+        self.deadline = now + self.refresh_after
+        self.generation += 1
+        self.rotations += 1
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._key.public_key()
+
+
+# (public key DER, key id, team, refresh_after, min_refresh_interval, clock) -> signer; the
+# newest _MAX_SIGNERS are kept (a process holds a handful of keys), strongly, so a key loaded
+# per request finds the token minted for the previous request
+_MAX_SIGNERS = 256
+_signers: OrderedDict[tuple[object, ...], _Signer] = OrderedDict()
+_signers_lock = threading.Lock()
+
+
+def _signer_for(key: ec.EllipticCurvePrivateKey, key_id: str, team_id: str,
+                refresh_after: float, min_refresh_interval: float,
+                clock: Callable[[], float]) -> _Signer:
+    der = key.public_key().public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    ident = (der, key_id, team_id, refresh_after, min_refresh_interval, clock)
+    with _signers_lock:
+        signer = _signers.get(ident)
+        if signer is not None:
+            _signers.move_to_end(ident)
+            return signer
+    signer = _Signer(key, key_id, team_id, refresh_after, min_refresh_interval, clock)
+    with _signers_lock:
+        # another thread may have minted one meanwhile: keep the first, so one token wins
+        signer = _signers.setdefault(ident, signer)
+        _signers.move_to_end(ident)
+        while len(_signers) > _MAX_SIGNERS:
+            _signers.popitem(last=False)
+    return signer
+
+
+def _after_fork_in_child() -> None:
+    # a lock held by another thread at fork() would stay locked for ever in the child
+    global _signers_lock
+    _signers_lock = threading.Lock()
+    for signer in _signers.values():
+        signer.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class TokenAuth(Auth):
+    """One ES256 provider token per (team, key) in the process, shared by every connection.
+
+    The token is minted when the first ``TokenAuth`` for a (key, key id, team) is built and
+    re-minted lazily by :meth:`header` once it is ``refresh_after`` seconds old (default
+    50 min: inside Apple's 20-60 min window). Building another ``TokenAuth`` for the same
+    key, key id and team (per request, per task, per client) shares that token instead of
+    minting one: APNs answers 429 ``TooManyProviderTokenUpdates`` to token churn. Pass
+    ``shared=False`` for a token of its own (a test of rotation, say).
 
     Forced refresh policy (:meth:`refresh`, after APNs answered ``ExpiredProviderToken``):
 
@@ -167,26 +260,12 @@ class TokenAuth(Auth):
       attempt, not a churn loop) and otherwise declined (``False``).
 
     ``forced_refreshes`` counts regenerations done by :meth:`refresh`; ``rotations`` counts
-    every token minted. Not thread-safe on the hot path by design (trio is single-threaded);
-    regeneration itself takes a lock so threads cannot double-mint.
+    every token minted (both are the shared token's). Regeneration takes a lock, so
+    threads cannot double-mint.
     """
 
-    __slots__ = (
-        "_key",
-        "key_id",
-        "team_id",
-        "refresh_after",
-        "min_refresh_interval",
-        "_clock",
-        "_header",
-        "_deadline",
-        "_issued_at",
-        "_generation",
-        "_last_early_refresh",
-        "_lock",
-        "rotations",
-        "forced_refreshes",
-    )
+    __slots__ = ("_signer", "key_id", "team_id", "refresh_after", "min_refresh_interval",
+                 "_clock")
 
     def __init__(
         self,
@@ -197,6 +276,7 @@ class TokenAuth(Auth):
         refresh_after: float = 3000.0,
         min_refresh_interval: float = 1200.0,
         clock: Callable[[], float] = time.time,
+        shared: bool = True,
     ) -> None:
         self.key_id: str = _check_id(key_id, "key_id")
         self.team_id: str = _check_id(team_id, "team_id")
@@ -212,21 +292,15 @@ class TokenAuth(Auth):
         if isinstance(key, str):
             key = key.encode("utf-8", "replace")
         if isinstance(key, bytes | bytearray | memoryview):
-            self._key = _load_private_key(bytes(key), "key")
+            private = _load_private_key(bytes(key), "key")
         else:
-            self._key = _check_key(key, "key")
+            private = _check_key(key, "key")
         self.refresh_after: float = float(refresh_after)
         self.min_refresh_interval: float = float(min_refresh_interval)
         self._clock = clock
-        self._generation = 0
-        self.rotations: int = 0
-        self.forced_refreshes: int = 0
-        self._last_early_refresh = float("-inf")
-        self._lock = threading.Lock()
-        self._header = b""
-        self._deadline = float("-inf")
-        self._issued_at = 0.0
-        self._mint(self._clock())
+        args = (private, self.key_id, self.team_id, self.refresh_after,
+                self.min_refresh_interval, clock)
+        self._signer = _signer_for(*args) if shared else _Signer(*args)
 
     @classmethod
     def from_file(
@@ -238,6 +312,7 @@ class TokenAuth(Auth):
         refresh_after: float = 3000.0,
         min_refresh_interval: float = 1200.0,
         clock: Callable[[], float] = time.time,
+        shared: bool = True,
     ) -> TokenAuth:
         """Load the .p8 key at ``path``. Warns (``fanout.auth`` logger) if group/others can read it."""
         name = os.fspath(path)
@@ -252,44 +327,47 @@ class TokenAuth(Auth):
                 name,
             )
         return cls(key, key_id, team_id, refresh_after=refresh_after,
-                   min_refresh_interval=min_refresh_interval, clock=clock)
-
-    def _mint(self, now: float) -> None:
-        token = jwt.encode(
-            {"iss": self.team_id, "iat": int(now)},
-            self._key,
-            algorithm="ES256",
-            headers={"kid": self.key_id},
-        )
-        self._header = b"bearer " + token.encode("ascii")
-        self._issued_at = now
-        self._deadline = now + self.refresh_after
-        self._generation += 1
-        self.rotations += 1
+                   min_refresh_interval=min_refresh_interval, clock=clock, shared=shared)
 
     def header(self) -> bytes:
         """The ``authorization`` header value, ``b"bearer <jwt>"``; cheap unless due for renewal."""
-        if self._clock() < self._deadline:
-            return self._header
-        with self._lock:
+        signer = self._signer
+        if self._clock() < signer.deadline:
+            return signer.header
+        with signer.lock:
             now = self._clock()
-            if now >= self._deadline:
-                self._mint(now)
-            return self._header
+            if now >= signer.deadline:
+                signer.mint(now)
+            return signer.header
 
     @property
     def generation(self) -> int:
         """Increments on every regeneration; pass it back to :meth:`refresh`."""
-        return self._generation
+        return self._signer.generation
+
+    @property
+    def rotations(self) -> int:
+        """Tokens minted for this key, key id and team (by every sharer)."""
+        return self._signer.rotations
+
+    @property
+    def forced_refreshes(self) -> int:
+        """Tokens minted by :meth:`refresh` (by every sharer)."""
+        return self._signer.forced_refreshes
+
+    @property
+    def signer_id(self) -> int:
+        """The same number for every ``TokenAuth`` sharing one token (count rotations once)."""
+        return id(self._signer)
 
     @property
     def issued_at(self) -> float:
         """Clock time at which the current token was minted."""
-        return self._issued_at
+        return self._signer.issued_at
 
     def age(self) -> float:
         """Seconds since the current token was minted (negative if the clock stepped back)."""
-        return self._clock() - self._issued_at
+        return self._clock() - self._signer.issued_at
 
     def apply(self, ctx: ssl.SSLContext) -> None:
         """Nothing: a provider token travels in the ``authorization`` header, not in TLS."""
@@ -300,26 +378,27 @@ class TokenAuth(Auth):
         ``seen_generation`` is :attr:`generation` as read when the rejected request was sent;
         see the class docstring for the policy on young tokens.
         """
-        with self._lock:
-            if seen_generation != self._generation:
+        signer = self._signer
+        with signer.lock:
+            if seen_generation != signer.generation:
                 return False
             now = self._clock()
-            age = now - self._issued_at
+            age = now - signer.issued_at
             if not (age >= self.min_refresh_interval or age < 0):
                 # Young token called expired: allow one early refresh per interval.
-                if now - self._last_early_refresh < self.min_refresh_interval:
+                if now - signer.last_early_refresh < self.min_refresh_interval:
                     return False
-                self._last_early_refresh = now
-            self._mint(now)
-            self.forced_refreshes += 1
+                signer.last_early_refresh = now
+            signer.mint(now)
+            signer.forced_refreshes += 1
             return True
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
         """The public half, for a server (the mock) that verifies our tokens."""
-        return self._key.public_key()
+        return self._signer.public_key()
 
     def __repr__(self) -> str:
-        return f"TokenAuth(key_id={self.key_id!r}, team_id={self.team_id!r}, generation={self._generation})"
+        return f"TokenAuth(key_id={self.key_id!r}, team_id={self.team_id!r}, generation={self.generation})"
 
     __str__ = __repr__
 

@@ -20,6 +20,7 @@ import itertools
 import logging
 import math
 import ssl
+import sys
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
@@ -70,6 +71,35 @@ DEAD_REASONS = frozenset({"Unregistered", "BadDeviceToken", "ExpiredToken"})
 #: What APNs answers every token when the topic or the environment is wrong: a run of these
 #: with no success in between is held back, never reported as dead tokens (the topic guard).
 SUSPECT_REASONS = frozenset({"BadDeviceToken", "DeviceTokenNotForTopic"})
+
+
+def _not_under_trio() -> RuntimeError | None:
+    """The error for a Client used outside a trio run (None: under trio), naming the way
+    in from where the caller is: fanout.asyncio.Client from asyncio, fanout.sync.Client
+    from sync code."""
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        pass
+    else:
+        return None
+    asyncio = sys.modules.get("asyncio")  # not imported if the program never did
+    if asyncio is not None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            return RuntimeError("fanout.Client runs on trio; from asyncio use "
+                                "fanout.asyncio.Client (same arguments), from threads or "
+                                "sync code fanout.sync.Client")
+    return RuntimeError("fanout.Client runs on trio: use it inside trio.run(...), or from "
+                        "threads or sync code use fanout.sync.Client (same arguments)")
+
+
+def _not_entered() -> RuntimeError:
+    """The error for a Client used outside ``async with`` (or outside trio altogether)."""
+    return _not_under_trio() or RuntimeError("use the client inside 'async with Client(...)'")
 
 
 class _TopicGuard:
@@ -419,6 +449,9 @@ class Client:
 
     async def __aenter__(self) -> Client:
         """Open the connections (in the background) and start the retry task."""
+        wrong_loop = _not_under_trio()
+        if wrong_loop is not None:
+            raise wrong_loop
         self._nursery_cm = manager = trio.open_nursery()
         self._nursery = nursery = await manager.__aenter__()
         try:
@@ -489,7 +522,7 @@ class Client:
         """Run ``fn(*args)`` in the client's nursery: it is cancelled when the client
         closes (a metrics sampler, say). Raises RuntimeError outside ``async with``."""
         if self._nursery is None:
-            raise RuntimeError("use the client inside 'async with Client(...)'")
+            raise _not_entered()
         self._nursery.start_soon(fn, *args)
 
     # ------------------------------------------------------------------ public API
@@ -599,7 +632,7 @@ class Client:
     async def _stream(self, items: Any, convert: Callable[[Any], Prepared],
                       window: int | None) -> AsyncIterator[Result]:
         if self._nursery is None:
-            raise RuntimeError("use the client inside 'async with Client(...)'")
+            raise _not_entered()
         batch = _Batch(window or self.max_in_flight)
         scope = trio.CancelScope()
         self._nursery.start_soon(self._feed, items, convert, batch, scope)

@@ -342,7 +342,7 @@ class Metrics(Events):
                 limits.setdefault(label, c.stream_limit)
             auth = client.auth
             if isinstance(auth, TokenAuth):
-                auths[id(auth)] = auth  # a team's environments share one key
+                auths[auth.signer_id] = auth  # environments and clients share one token
         self._in_flight.set(in_flight)
         self._queued.set(queued)
         self._unreachable.set(unreachable)
