@@ -3,7 +3,8 @@
 The public API is what this module exports, plus the feature modules :mod:`fanout.teams`
 (several developer teams), :mod:`fanout.liveactivity`, :mod:`fanout.channels` (broadcast
 channels), :mod:`fanout.metrics` (Prometheus), :mod:`fanout.config` (settings files) and
-:mod:`fanout.testing` (a mock APNs and throwaway credentials). Modules whose names start
+:mod:`fanout.testing` (a mock APNs and throwaway credentials), and the two doors for code that
+is not trio: :mod:`fanout.asyncio` and :mod:`fanout.sync`. Modules whose names start
 with ``_`` are internal and may change in any release.
 
 The layers, from the bottom: ``_engine`` (HTTP/2 framer, TLS, connection, pool, proxy),
@@ -21,6 +22,7 @@ from ._engine.backoff import Backoff
 from .auth import Auth, CertAuth, TokenAuth
 from .client import Client
 from .errors import (
+    ClosedError,
     ConfigError,
     FanoutError,
     KeyFileError,
@@ -52,6 +54,7 @@ __all__ = [
     "Backoff",
     "CertAuth",
     "Client",
+    "ClosedError",
     "ConfigError",
     "CriticalSound",
     "Environment",

@@ -36,6 +36,11 @@ class TransportError(FanoutError):
     """The connection to APNs failed or broke; the request may or may not have been seen."""
 
 
+class ClosedError(FanoutError):
+    """The client closed (or the process is exiting) before this call ended: a push among
+    such calls may or may not have been delivered."""
+
+
 class ProtocolError(TransportError):
     """The peer broke the HTTP/2 protocol (malformed frame, bad state, oversized block)."""
 

@@ -23,6 +23,8 @@ LAYERS: list[dict[str, str]] = [
     {"fanout.client": "client"},
     {"fanout.teams": "teams", "fanout.liveactivity": "liveactivity",
      "fanout.metrics": "metrics"},
+    {"fanout._bridge": "bridge"},
+    {"fanout.asyncio": "asyncio", "fanout.sync": "sync"},
     {"fanout.config": "config"},
     {"fanout._daemon": "daemon", "fanout.testing": "testing"},
     {"fanout._cli": "cli"},
