@@ -202,6 +202,25 @@ class Stream(Generic[T]):
                 assert event is not None
                 await event.wait()
 
+    def settle(self, result: outcome.Outcome[Any]) -> None:
+        """Engine thread: the done callback of :meth:`run`'s call. :meth:`run` ends the
+        stream itself; this ends one that never ran (its client was closing)."""
+        if isinstance(result, outcome.Error):
+            self._end(result.error)
+
+    def _end(self, error: BaseException | None) -> None:
+        with self.lock:
+            if self.ended:
+                return
+            self.ended = True
+            if error is not None and self.error is None:
+                self.error = error
+            wakes = (self.wake_reader, self.wake_feeder)
+            self.wake_reader = self.wake_feeder = None
+        for wake in wakes:
+            if wake is not None:
+                wake()
+
     async def run(self, results: AsyncIterator[Result]) -> None:
         """Move every result of ``results`` (the trio client's stream) to the caller."""
         lock, out = self.lock, self.results
@@ -219,15 +238,19 @@ class Stream(Generic[T]):
                     if event is not None:
                         await event.wait()
         except Exception as exc:
-            self.error = exc
+            self._end(exc)
         finally:
-            with lock:
-                self.ended = True
-                wakes = (self.wake_reader, self.wake_feeder)
-                self.wake_reader = self.wake_feeder = None
-            for wake in wakes:
-                if wake is not None:
-                    wake()
+            self._end(None)
+
+
+def _report(done: Done, result: outcome.Outcome[Any]) -> None:
+    """Hand ``result`` to its caller's callback; a callback that fails (its loop closed,
+    say) loses only its own reply, never the engine."""
+    try:
+        done(result)
+    except Exception:
+        log.warning("fanout: a reply could not be delivered (its caller's loop is gone?)",
+                    exc_info=True)
 
 
 class Hosted:
@@ -292,7 +315,7 @@ class Hosted:
         """Engine thread: run ``fn(*args)`` in the client's nursery; ``done(outcome)``
         gets its value or exception (:class:`ClosedError` if the client closes first)."""
         if self._close.is_set():
-            done(outcome.Error(ClosedError("the client is closed")))
+            _report(done, outcome.Error(ClosedError("the client is closed")))
             return
         self.pending += 1
         self.client.start_soon(self._run_call, fn, args, done, scope or trio.CancelScope())
@@ -311,10 +334,10 @@ class Hosted:
                 result = outcome.Error(ClosedError(
                     "cancelled" if scope.cancelled_caught else
                     "the client closed before the call ended"))
+            _report(done, result)
             self.pending -= 1
             if not self.pending and self._idle is not None:
                 self._idle.set()
-            done(result)
 
 
 class Engine:
@@ -377,12 +400,12 @@ class Engine:
         try:
             await self._nursery.start(hosted.serve)  # type: ignore[union-attr]
         except BaseException as exc:
-            done(outcome.Error(exc if isinstance(exc, Exception) else ClosedError(
+            _report(done, outcome.Error(exc if isinstance(exc, Exception) else ClosedError(
                 "the fanout engine stopped while the client opened")))
             if not isinstance(exc, Exception):
                 raise
             return
-        done(outcome.Value(None))
+        _report(done, outcome.Value(None))
 
     def release(self) -> bool:
         """Engine thread: a hosted client closed; the last one stops the engine (True)."""

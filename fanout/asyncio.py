@@ -89,10 +89,9 @@ class Client:
             sys.setswitchinterval(self.switch_interval)
         self._replies = Mailbox(loop.call_soon_threadsafe)
         opened: asyncio.Future[outcome.Outcome[Any]] = loop.create_future()
-        replies = self._replies
         self._engine = eng = engine()
         self._hosted = eng.host(self._client, self.close_timeout,
-                                lambda res: replies.post(_settle, opened, res))
+                                functools.partial(self._post, _settle, opened))
         try:
             (await asyncio.shield(opened)).unwrap()
         except BaseException:
@@ -177,8 +176,7 @@ class Client:
         assert self._loop is not None and self._replies is not None
         fut: asyncio.Future[outcome.Outcome[Any]] = self._loop.create_future()
         scope = trio.CancelScope()
-        replies = self._replies
-        hosted.engine.post(hosted.call, fn, args, lambda res: replies.post(_settle, fut, res),
+        hosted.engine.post(hosted.call, fn, args, functools.partial(self._post, _settle, fut),
                            scope)
         try:
             result = await fut
@@ -248,7 +246,7 @@ class Client:
                      items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[Result]:
         loop = self._loop
         assert loop is not None
-        hosted.engine.post(hosted.call, stream.run, (results,), _ignore)
+        hosted.engine.post(hosted.call, stream.run, (results,), stream.settle)
         feeder = loop.create_task(self._feed(stream, items))
         try:
             while True:
@@ -312,10 +310,6 @@ class Client:
         return LiveActivities(self, TrioLiveActivities(self._client, bundle_id,
                                                        budget_per_hour=budget_per_hour,
                                                        over_budget=over_budget))
-
-
-def _ignore(result: outcome.Outcome[Any]) -> None:
-    """A stream's run reports through the stream itself."""
 
 
 class Channels:

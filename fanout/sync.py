@@ -325,7 +325,7 @@ def _wait(fut: concurrent.futures.Future[T], timeout: float | None) -> T:
 
 
 def _drive(hosted: Hosted, stream: Stream[T], results: Any, items: Iterable[T]) -> Iterator[Result]:
-    hosted.engine.post(hosted.call, stream.run, (results,), lambda res: None)
+    hosted.engine.post(hosted.call, stream.run, (results,), stream.settle)
     wake = threading.Event()
     source: Iterator[T] | None = iter(items)
     try:

@@ -468,3 +468,51 @@ def test_fork_while_another_thread_holds_the_doors_lock(
     with os.fdopen(read) as f:
         assert f.read() == "delivered"
     client.close()
+
+
+def test_a_stream_of_a_client_closed_before_it_ran_ends_closed_error(
+        mock: MockThread, pki: TestPKI, signing_key: TestSigningKey) -> None:
+    async def main() -> BaseException | None:
+        async with fa.Client(**options(mock, pki, signing_key)):  # keeps the engine up
+            client = fa.Client(**options(mock, pki, signing_key))
+            await client.__aenter__()
+            results = client.fan_out(PAYLOAD, tokens(3))   # made while open
+            await client.aclose()
+            try:
+                async with asyncio.timeout(DEADLINE):
+                    async for _ in results:
+                        pass
+            except ClosedError as exc:
+                return exc
+            return None
+
+    assert isinstance(asyncio.run(main()), ClosedError)  # it hung for ever before
+
+
+def test_a_reply_to_a_closed_loop_loses_only_itself(
+        mock: MockThread, pki: TestPKI, signing_key: TestSigningKey) -> None:
+    other = fs.Client(keep_alive=0, **options(mock, pki, signing_key, topic="com.example.other"))
+    assert other.send(note("cd" * 32), timeout=DEADLINE).ok
+    engine_before = other._get().hosted.engine
+    mock.mock.config.latency = 0.3
+    abandoned = fa.Client(**options(mock, pki, signing_key))
+
+    async def leave_a_push_out() -> None:
+        await abandoned.__aenter__()  # a lifespan whose shutdown never ran
+        asyncio.get_running_loop().create_task(abandoned.send(note("ab" * 32)))
+        await await_for(lambda: abandoned.in_flight == 1, "the push out")
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(leave_a_push_out())
+    loop.close()
+    # its answer comes, its reply cannot reach the closed loop: that must not end the engine
+    wait_for(lambda: abandoned.in_flight == 0 and abandoned.trio_client.outstanding == 0,
+             "the abandoned push answered")
+    mock.mock.config.latency = 0.0
+    assert other.send(note("ef" * 32), timeout=DEADLINE).ok
+    assert other._get().hosted.engine is engine_before and not engine_before.stopped
+    hosted = abandoned._hosted
+    assert hosted is not None
+    hosted.engine.post(hosted.close)
+    other.close()
+    wait_for(lambda: engine_threads() == 0, "the engine to stop")
