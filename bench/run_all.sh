@@ -54,6 +54,7 @@ if [ -n "$QUICK" ]; then
     step faults     $PY bench/faults.py --quick
     step teams      $PY bench/teams.py --quick
     step memory     $PY bench/memory.py --quick
+    step doors      $PY bench/doors.py --quick
 else
     step throughput $PY bench/throughput.py --matrix
     step peers      $PY bench/peers.py
@@ -63,12 +64,13 @@ else
     step faults     $PY bench/faults.py
     step teams      $PY bench/teams.py
     step memory     $PY bench/memory.py
+    step doors      $PY bench/doors.py
 fi
 step plots $PY bench/plots.py
 
 echo
 echo "Targets (ratios from this run):"
-for f in throughput peers latency scaling rejections teams memory; do
+for f in throughput peers latency scaling rejections teams memory doors; do
     md="$FANOUT_BENCH_RESULTS/$f.md"
     [ -f "$md" ] && grep -h -E 'target|\| (yes|NO) \|$' "$md" | sed "s/^/  [$f] /"
 done
