@@ -21,14 +21,30 @@ MIN_COMPLETENESS = 0.95
 USER_SCRIPT = '''\
 from __future__ import annotations
 
+import asyncio
 import sys
 
 import trio
 
+import fanout.asyncio
+import fanout.sync
 from fanout import (
     Alert, Aps, Client, Notification, Outcome, Payload, PushType, Reason, Result, TokenAuth,
 )
 from fanout.testing import MockConfig, make_pki, make_signing_key, open_mock
+
+
+async def from_asyncio(auth: TokenAuth, port: int, ca_file: str, token: str) -> Result:
+    async with fanout.asyncio.Client(auth=auth, topic="com.example.app", host="127.0.0.1",
+                                     port=port, ca_file=ca_file, connections=1) as client:
+        return await client.send(Notification(token=token, payload={"aps": {"alert": "a"}}))
+
+
+def from_threads(auth: TokenAuth, port: int, ca_file: str, token: str) -> Result:
+    with fanout.sync.Client(auth=auth, topic="com.example.app", host="127.0.0.1",
+                            port=port, ca_file=ca_file, connections=1) as client:
+        future = client.submit(Notification(token=token, payload={"aps": {"alert": "s"}}))
+        return future.result(30)
 
 
 async def main(directory: str, tokens: list[str]) -> dict[Outcome, int]:
@@ -49,6 +65,11 @@ async def main(directory: str, tokens: list[str]) -> dict[Outcome, int]:
                 print("dead token since", one.timestamp)
             async for r in client.fan_out({"aps": {"alert": "Sale!"}}, tokens):
                 counts[r.outcome] = counts.get(r.outcome, 0) + 1
+        doors = [await trio.to_thread.run_sync(
+                     asyncio.run, from_asyncio(auth, mock.port, str(pki.ca_file), tokens[1])),
+                 await trio.to_thread.run_sync(
+                     from_threads, auth, mock.port, str(pki.ca_file), tokens[2])]
+        print("doors:", [r.outcome.value for r in doors])
         nursery.cancel_scope.cancel()
     return counts
 
@@ -99,6 +120,10 @@ def script_dir(tmp_path: Path) -> Path:
     (tmp_path / "typo.py").write_text(USER_SCRIPT.replace(
         "counts[r.outcome] = counts.get(r.outcome, 0) + 1",
         "counts[r.outcom] = counts.get(r.outcome, 0) + 1"))
+    (tmp_path / "door_typo.py").write_text(USER_SCRIPT.replace(
+        "port=port, ca_file=ca_file, connections=1) as client:\n        future",
+        "port=port, ca_file=ca_file, conections=1) as client:\n        future"))
+    assert (tmp_path / "door_typo.py").read_text() != USER_SCRIPT
     return tmp_path
 
 
@@ -111,6 +136,8 @@ def test_a_user_script_type_checks_and_a_typo_fails(script_dir: Path, checker: s
             args = [_tool("pyright"), name]
         return _run(args, script_dir)
 
+    doors = check("door_typo.py")  # a misspelt setting, caught through ClientOptions
+    assert doors.returncode != 0 and "conections" in doors.stdout, doors.stdout[-2000:]
     good = check("use_fanout.py")
     assert good.returncode == 0, good.stdout[-4000:] + good.stderr[-2000:]
     bad = check("typo.py")
@@ -122,4 +149,5 @@ def test_the_user_script_runs_against_the_mock(script_dir: Path):
     """The checked script is real: it sends through the mock and gets its answers."""
     proc = _run([sys.executable, "use_fanout.py", str(script_dir / "pki")], script_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == "{'delivered': 5}"
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-2:] == ["doors: ['delivered', 'delivered']", "{'delivered': 5}"]
