@@ -56,9 +56,12 @@ async def mock_server(pki: TestPKI, key: TestSigningKey, **config: Any) -> Async
 def local_client(pki: TestPKI, port: int, auth: TokenAuth | TestSigningKey | None,
                  **kw: Any) -> Client:
     """A Client for TOPIC on 127.0.0.1:``port`` trusting the test CA; ``auth`` is a
-    TokenAuth, or a key to make one from (None: a server that asks for none)."""
+    TokenAuth, or a key to make one from (None: a server that asks for none). A token made
+    here is the test's own (``shared=False``): the session's one key must not carry one
+    test's refreshes and rotation counts into the next (tests/test_signer.py tests the
+    sharing itself)."""
     if isinstance(auth, TestSigningKey):
-        auth = TokenAuth.from_file(auth.path, auth.key_id, auth.team_id)
+        auth = TokenAuth.from_file(auth.path, auth.key_id, auth.team_id, shared=False)
     return Client(auth=auth, topic=TOPIC, host="127.0.0.1", port=port,
                   ca_file=str(pki.ca_file), **kw)
 
