@@ -28,7 +28,7 @@ import ssl
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, Generic, Literal, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar
 
 import outcome
 import trio
@@ -39,9 +39,12 @@ from .client import Client
 from .errors import ClosedError
 from .events import Events
 from .outcome import Result
-from .payload import Environment
+from .payload import Environment, Notification, Payload, Prepared, PushType
 
-__all__ = ["ClientOptions", "Engine", "Hosted", "Mailbox", "Stream", "engine", "settings_key"]
+if TYPE_CHECKING:
+    import uuid
+
+__all__ = ["BroadcastOptions", "ClientOptions", "FanOutOptions", "Engine", "Hosted", "Mailbox", "Stream", "engine", "settings_key"]
 
 log: logging.Logger = logging.getLogger("fanout")
 T = TypeVar("T")
@@ -301,6 +304,21 @@ class Hosted:
                 for callback in callbacks:
                     callback()
 
+    def send_many(self, window: int | None
+                  ) -> tuple[Stream[Notification | Prepared], AsyncIterator[Result]]:
+        """A stream for the door's ``send_many`` and the trio client's side of it. Only
+        builds the trio generator (no trio call happens until the engine iterates it), so
+        a bad ``window`` raises in the caller's thread, at once, as in the trio API."""
+        stream: Stream[Notification | Prepared] = Stream(
+            self.engine, window or self.client.max_in_flight)
+        return stream, self.client.send_many(stream.source(), window=window)
+
+    def fan_out(self, payload: Payload | dict[str, Any] | bytes, window: int | None,
+                options: FanOutOptions) -> tuple[Stream[str], AsyncIterator[Result]]:
+        """As :meth:`send_many`, for ``fan_out`` (a bad payload raises ValidationError here)."""
+        stream: Stream[str] = Stream(self.engine, window or self.client.max_in_flight)
+        return stream, self.client.fan_out(payload, stream.source(), window=window, **options)
+
     @property
     def open(self) -> bool:
         """Up (or opening), and not asked to close."""
@@ -468,6 +486,27 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class FanOutOptions(TypedDict, total=False):
+    """:meth:`fanout.Client.fan_out`'s options after ``window``, as the doors take them."""
+
+    push_type: PushType | str
+    topic: str | None
+    priority: int | None
+    expiration: int | None
+    collapse_id: str | None
+    apns_id: str | uuid.UUID | None
+
+
+class BroadcastOptions(TypedDict, total=False):
+    """:meth:`fanout.Client.broadcast`'s keyword options, as the doors take them."""
+
+    bundle_id: str | None
+    priority: int
+    expiration: int | None
+    apns_id: str | None
+    id: object
 
 
 class ClientOptions(TypedDict, total=False):

@@ -29,14 +29,22 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, Unpack
 import outcome
 import trio
 
-from ._bridge import ClientOptions, Engine, Hosted, Mailbox, Stream, engine
+from ._bridge import (
+    BroadcastOptions,
+    ClientOptions,
+    Engine,
+    FanOutOptions,
+    Hosted,
+    Mailbox,
+    Stream,
+    engine,
+)
 from .client import Client as TrioClient
 from .liveactivity import LiveActivities as TrioLiveActivities
 from .outcome import Result
-from .payload import Notification, Payload, Prepared, PushType
+from .payload import Notification, Payload, Prepared
 
 if TYPE_CHECKING:
-    import uuid
 
     from .channels import Channel
 
@@ -193,15 +201,11 @@ class Client:
         result: Result = await self.call(self._client.send, notification)
         return result
 
-    async def broadcast(self, channel_id: str, payload: Payload | dict[str, Any] | bytes, *,
-                        bundle_id: str | None = None, priority: int = 10,
-                        expiration: int | None = 0, apns_id: str | None = None,
-                        id: object = None) -> Result:
+    async def broadcast(self, channel_id: str, payload: Payload | dict[str, Any] | bytes,
+                        **options: Unpack[BroadcastOptions]) -> Result:
         """As :meth:`fanout.Client.broadcast`."""
         result: Result = await self.call(
-            lambda: self._client.broadcast(channel_id, payload, bundle_id=bundle_id,
-                                           priority=priority, expiration=expiration,
-                                           apns_id=apns_id, id=id))
+            lambda: self._client.broadcast(channel_id, payload, **options))
         return result
 
     def send_many(
@@ -213,33 +217,15 @@ class Client:
         """As :meth:`fanout.Client.send_many`: results in completion order; an async
         iterable is read on this loop, as the engine asks for more."""
         hosted = self._require()
-        stream: Stream[Notification | Prepared] = Stream(hosted.engine,
-                                                         window or self._client.max_in_flight)
-        # builds the trio side's generator only (no trio call happens until it is iterated
-        # in the engine), so a bad window raises here, at once, as in the trio API
-        results = self._client.send_many(stream.source(), window=window)
+        stream, results = hosted.send_many(window)
         return self._drive(hosted, stream, results, notifications)
 
-    def fan_out(
-        self,
-        payload: Payload | dict[str, Any] | bytes,
-        tokens: Iterable[str] | AsyncIterable[str],
-        *,
-        window: int | None = None,
-        push_type: PushType | str = PushType.ALERT,
-        topic: str | None = None,
-        priority: int | None = None,
-        expiration: int | None = None,
-        collapse_id: str | None = None,
-        apns_id: str | uuid.UUID | None = None,
-    ) -> AsyncIterator[Result]:
+    def fan_out(self, payload: Payload | dict[str, Any] | bytes,
+                tokens: Iterable[str] | AsyncIterable[str], *, window: int | None = None,
+                **options: Unpack[FanOutOptions]) -> AsyncIterator[Result]:
         """As :meth:`fanout.Client.fan_out`: ValidationError at once for a bad payload."""
         hosted = self._require()
-        stream: Stream[str] = Stream(hosted.engine, window or self._client.max_in_flight)
-        results = self._client.fan_out(payload, stream.source(), window=window,
-                                       push_type=push_type, topic=topic, priority=priority,
-                                       expiration=expiration, collapse_id=collapse_id,
-                                       apns_id=apns_id)
+        stream, results = hosted.fan_out(payload, window, options)
         return self._drive(hosted, stream, results, tokens)
 
     async def _drive(self, hosted: Hosted, stream: Stream[T], results: AsyncIterator[Result],

@@ -38,15 +38,22 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, Unpack
 import outcome
 import trio
 
-from ._bridge import ClientOptions, Hosted, Stream, engine, settings_key
+from ._bridge import (
+    BroadcastOptions,
+    ClientOptions,
+    FanOutOptions,
+    Hosted,
+    Stream,
+    engine,
+    settings_key,
+)
 from .client import Client as TrioClient
 from .errors import ClosedError
 from .liveactivity import LiveActivities as TrioLiveActivities
 from .outcome import Result
-from .payload import Notification, Payload, Prepared, PushType
+from .payload import Notification, Payload, Prepared
 
 if TYPE_CHECKING:
-    import uuid
 
     from .channels import Channel
 
@@ -250,15 +257,11 @@ class Client:
         return _wait(self.submit(notification), timeout)
 
     def broadcast(self, channel_id: str, payload: Payload | dict[str, Any] | bytes, *,
-                  bundle_id: str | None = None, priority: int = 10,
-                  expiration: int | None = 0, apns_id: str | None = None,
-                  id: object = None, timeout: float | None = None) -> Result:
-        """As :meth:`fanout.Client.broadcast`, blocking."""
+                  timeout: float | None = None, **options: Unpack[BroadcastOptions]) -> Result:
+        """As :meth:`fanout.Client.broadcast`, blocking (``timeout`` as in :meth:`send`)."""
         client = self._get().client
-        fut = self.call(lambda: client.broadcast(channel_id, payload, bundle_id=bundle_id,
-                                                 priority=priority, expiration=expiration,
-                                                 apns_id=apns_id, id=id))
-        result: Result = _wait(fut, timeout)
+        result: Result = _wait(self.call(lambda: client.broadcast(channel_id, payload,
+                                                                  **options)), timeout)
         return result
 
     def send_many(
@@ -270,34 +273,17 @@ class Client:
         """As :meth:`fanout.Client.send_many`: results in completion order. The iterable
         is read in the calling thread as the engine asks for more; leaving the loop early
         (or closing the iterator) cancels what is still out."""
-        shared = self._get()
-        client = shared.client
-        stream: Stream[Notification | Prepared] = Stream(shared.hosted.engine,
-                                                         window or client.max_in_flight)
-        results = client.send_many(stream.source(), window=window)
-        return _drive(shared.hosted, stream, results, notifications)
+        hosted = self._get().hosted
+        stream, results = hosted.send_many(window)
+        return _drive(hosted, stream, results, notifications)
 
-    def fan_out(
-        self,
-        payload: Payload | dict[str, Any] | bytes,
-        tokens: Iterable[str],
-        *,
-        window: int | None = None,
-        push_type: PushType | str = PushType.ALERT,
-        topic: str | None = None,
-        priority: int | None = None,
-        expiration: int | None = None,
-        collapse_id: str | None = None,
-        apns_id: str | uuid.UUID | None = None,
-    ) -> Iterator[Result]:
+    def fan_out(self, payload: Payload | dict[str, Any] | bytes, tokens: Iterable[str], *,
+                window: int | None = None,
+                **options: Unpack[FanOutOptions]) -> Iterator[Result]:
         """As :meth:`fanout.Client.fan_out`: ValidationError at once for a bad payload."""
-        shared = self._get()
-        client = shared.client
-        stream: Stream[str] = Stream(shared.hosted.engine, window or client.max_in_flight)
-        results = client.fan_out(payload, stream.source(), window=window, push_type=push_type,
-                                 topic=topic, priority=priority, expiration=expiration,
-                                 collapse_id=collapse_id, apns_id=apns_id)
-        return _drive(shared.hosted, stream, results, tokens)
+        hosted = self._get().hosted
+        stream, results = hosted.fan_out(payload, window, options)
+        return _drive(hosted, stream, results, tokens)
 
     # ------------------------------------------------------------------ features
 

@@ -26,7 +26,7 @@ import trio
 import fanout.asyncio as fa
 import fanout.sync as fs
 from fanout import ClosedError, ConfigError, Notification, TokenAuth, ValidationError
-from fanout._bridge import ClientOptions
+from fanout._bridge import BroadcastOptions, ClientOptions, FanOutOptions
 from fanout.client import Client as TrioClient
 from fanout.testing.devcerts import TestPKI, TestSigningKey
 from fanout.testing.mock import MockAPNs, MockConfig
@@ -107,10 +107,16 @@ def note(token: str, **kw: Any) -> Notification:
 # ---------------------------------------------------------------- the surface
 
 
-def test_both_doors_take_the_trio_clients_arguments() -> None:
-    params = inspect.signature(TrioClient.__init__).parameters
+@pytest.mark.parametrize(("options", "method", "own"), [
+    (ClientOptions, TrioClient.__init__, set()),
+    (FanOutOptions, TrioClient.fan_out, {"window"}),
+    (BroadcastOptions, TrioClient.broadcast, set()),
+])
+def test_both_doors_take_the_trio_clients_arguments(options: Any, method: Any,
+                                                    own: set[str]) -> None:
+    params = inspect.signature(method).parameters
     wanted = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    assert set(ClientOptions.__annotations__) == wanted
+    assert set(options.__annotations__) == wanted - own
 
 
 def test_a_bad_setting_raises_config_error_at_once_in_both_doors() -> None:
