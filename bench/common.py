@@ -206,19 +206,28 @@ def paired_ratio(a_runs: list[dict], b_runs: list[dict], key: str = "cpu_per_pus
     return statistics.median(pairs), pairs
 
 
-def summarize(runs: dict[str, list[dict]], n: int, cpu_per_push: Any,
-              extra: Any = None) -> dict[str, dict]:
-    """Per client, the median over its good rounds of pushes/s, client and server CPU per
-    push and server load, plus ``extra(good_runs)`` fields; ``cpu_per_push(run)`` reads a
-    run's client CPU per push (seconds)."""
+def summarize_by(runs: dict[str, list[dict]], row: Any) -> dict[str, dict]:
+    """Per client, ``row(name, good_runs)`` over its rounds without an ``"error"``; a client
+    with no good round gets ``{"error": <its first round's error>}``."""
     summary: dict[str, dict] = {}
     for name, rs in runs.items():
         good = [r for r in rs if "error" not in r]
         if not good:
             summary[name] = {"error": rs[0].get("error") if rs else "no run"}
             continue
-        med = statistics.median
-        summary[name] = {
+        summary[name] = row(name, good)
+    return summary
+
+
+def summarize(runs: dict[str, list[dict]], n: int, cpu_per_push: Any,
+              extra: Any = None) -> dict[str, dict]:
+    """Per client, the median over its good rounds of pushes/s, client and server CPU per
+    push and server load, plus ``extra(name, good_runs)`` fields; ``cpu_per_push(run)``
+    reads a run's client CPU per push (seconds)."""
+    med = statistics.median
+
+    def row(name: str, good: list[dict]) -> dict[str, Any]:
+        return {
             "pushes_per_s": round(med(n / r["seconds"] for r in good)),
             "cpu_us_per_push": round(med(cpu_per_push(r) * 1e6 for r in good), 1),
             "server_cpu_us_per_push": round(med(r["server_cpu"] / n * 1e6 for r in good), 1),
@@ -226,7 +235,14 @@ def summarize(runs: dict[str, list[dict]], n: int, cpu_per_push: Any,
             "ok": min(r["ok"] for r in good),
             **(extra(name, good) if extra is not None else {}),
         }
-    return summary
+
+    return summarize_by(runs, row)
+
+
+def median_of(good: list[dict], key: str, digits: int = 2) -> float | None:
+    """The median of ``key`` over the runs that have it (not None), rounded; None if none."""
+    values = [r[key] for r in good if r.get(key) is not None]
+    return round(statistics.median(values), digits) if values else None
 
 
 def interleave(clients: list[str], rounds: int, run: Any, describe: Any) -> dict[str, list[dict]]:
@@ -258,6 +274,13 @@ def write_results(name: str, report: dict, md_lines: list[str]) -> Path:
     md = RESULTS / f"{name}.md"
     md.write_text("\n".join(md_lines) + "\n")
     return md
+
+
+def table_head(columns: list[str], align: str) -> list[str]:
+    """A markdown table's header and rule; ``align`` has one letter per column, ``l`` for
+    left (``---``) or ``r`` for right (``---:``)."""
+    rule = {"l": "---", "r": "---:"}
+    return ["| " + " | ".join(columns) + " |", "|" + "|".join(rule[a] for a in align) + "|"]
 
 
 def now() -> str:

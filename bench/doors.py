@@ -55,6 +55,7 @@ from common import (  # noqa: E402
     children,
     machine,
     make_keys,
+    median_of,
     now,
     paired_ratio,
     percentile,
@@ -63,6 +64,8 @@ from common import (  # noqa: E402
     run_json,
     start_sink,
     stop,
+    summarize_by,
+    table_head,
     verdict,
     write_results,
 )
@@ -108,23 +111,22 @@ class _Probe:
         self.on = False
         self.lags: list[float] = []
 
-    async def asyncio_loop(self) -> None:
+    async def _loop(self, sleep: Any) -> None:
+        while True:
+            t = time.perf_counter()
+            await sleep(PROBE_SLEEP)
+            if self.on:
+                self.lags.append(time.perf_counter() - t - PROBE_SLEEP)
+
+    def asyncio_loop(self) -> Any:
         import asyncio
 
-        while True:
-            t = time.perf_counter()
-            await asyncio.sleep(PROBE_SLEEP)
-            if self.on:
-                self.lags.append(time.perf_counter() - t - PROBE_SLEEP)
+        return self._loop(asyncio.sleep)
 
-    async def trio_loop(self) -> None:
+    def trio_loop(self) -> Any:
         import trio
 
-        while True:
-            t = time.perf_counter()
-            await trio.sleep(PROBE_SLEEP)
-            if self.on:
-                self.lags.append(time.perf_counter() - t - PROBE_SLEEP)
+        return self._loop(trio.sleep)
 
 
 async def _fan_out(client: Any, tokens: list[str], probe: _Probe) -> dict[str, Any]:
@@ -283,37 +285,31 @@ def describe(res: dict[str, Any]) -> str:
             f"CPU/push  sink busy {res['server_busy']:4.0%}  {lag}")
 
 
-def _med(good: list[dict], key: str, digits: int = 2) -> float | None:
-    values = [r[key] for r in good if r.get(key) is not None]
-    return round(statistics.median(values), digits) if values else None
-
-
 def summarize(runs: dict[str, list[dict]], count: int) -> dict[str, dict]:
-    summary: dict[str, dict] = {}
-    for name, rs in runs.items():
-        good = [r for r in rs if "error" not in r]
-        if not good:
-            summary[name] = {"error": rs[0].get("error") if rs else "no run"}
-            continue
-        row: dict[str, Any] = {
+    """Per candidate, medians over its good rounds, and its CPU ratio to trio's paired by
+    round (common.summarize's columns differ: the sink is "sink_busy", lag is added)."""
+
+    def row(name: str, good: list[dict]) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "runs": len(good),
             "pushes_per_s": round(statistics.median(count / r["seconds"] for r in good)),
-            "seconds": _med(good, "seconds"),
-            "cpu_s": _med(good, "cpu"),
-            "cpu_us_per_push": _med(good, "cpu_us_per_push", 1),
-            "sink_busy": _med(good, "server_busy"),
+            "seconds": median_of(good, "seconds"),
+            "cpu_s": median_of(good, "cpu"),
+            "cpu_us_per_push": median_of(good, "cpu_us_per_push", 1),
+            "sink_busy": median_of(good, "server_busy"),
             "delivered": min(r["delivered"] for r in good),
-            "lag_p50_ms": _med(good, "lag_p50_ms", 3),
-            "lag_p99_ms": _med(good, "lag_p99_ms", 3),
-            "lag_max_ms": _med(good, "lag_max_ms", 2),
+            "lag_p50_ms": median_of(good, "lag_p50_ms", 3),
+            "lag_p99_ms": median_of(good, "lag_p99_ms", 3),
+            "lag_max_ms": median_of(good, "lag_max_ms", 2),
         }
         if name != "trio":
-            pr = paired_ratio(rs, runs.get("trio", []))
+            pr = paired_ratio(runs[name], runs.get("trio", []))
             if pr is not None:
-                row["cpu_ratio_vs_trio"] = round(pr[0], 3)
-                row["cpu_ratio_per_round"] = [round(x, 3) for x in pr[1]]
-        summary[name] = row
-    return summary
+                out["cpu_ratio_vs_trio"] = round(pr[0], 3)
+                out["cpu_ratio_per_round"] = [round(x, 3) for x in pr[1]]
+        return out
+
+    return summarize_by(runs, row)
 
 
 def main() -> None:
@@ -398,9 +394,8 @@ def main() -> None:
              f"core 1; {args.count:,} pushes x {args.rounds} round(s), order rotated each "
              f"round. CPU: the candidate process (all threads) over the fan-out; lag: a task "
              f"sleeping 1 ms on the candidate's loop (trio's for `trio`, for reference).", "",
-             "| candidate | pushes/s | CPU µs/push | CPU / trio | lag p50 ms | lag p99 ms | "
-             "lag max ms | sink busy | verdict |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             *table_head(["candidate", "pushes/s", "CPU µs/push", "CPU / trio", "lag p50 ms",
+                          "lag p99 ms", "lag max ms", "sink busy", "verdict"], "lrrrrrrrl")]
     for name, s in summary.items():
         if "error" in s:
             lines.append(f"| {name} | error: {s['error']} | | | | | | | |")

@@ -46,6 +46,7 @@ from common import (  # noqa: E402
     sink_session,
     start_sink,
     summarize,
+    table_head,
     verdict,
     write_results,
 )
@@ -204,9 +205,8 @@ def main() -> None:
              f"{args.connections} connections (apns2: its fixed 32-connection pool); client on "
              f"core 0, sink on core 1. {m['cpu_model'] or 'unknown CPU'}, {m['cpus']} CPUs (load average {m['loadavg_1m_5m'][0]} at the end), "
              f"Python {m['python']}, Node {m['node'] or 'absent'}; {report['when']}.", "",
-             "| client | version | pushes/s | client CPU µs/push | server CPU µs/push | "
-             "server busy | peak RSS MiB |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             *table_head(["client", "version", "pushes/s", "client CPU µs/push",
+                          "server CPU µs/push", "server busy", "peak RSS MiB"], "llrrrrr")]
     for name, s in summary.items():
         if "error" in s:
             lines.append(f"| {name} | | error: {s['error']} | | | | |")

@@ -48,6 +48,7 @@ from common import (  # noqa: E402
     proc_cpu,
     sink_session,
     start_sink,
+    table_head,
     verdict,
     write_results,
 )
@@ -214,10 +215,10 @@ def main() -> None:
              f"results to a file) against nginx, {args.rounds} rounds interleaved, nothing "
              f"pinned; {m['cpu_model'] or 'unknown CPU'}, {m['cpus']} CPUs (load average {m['loadavg_1m_5m'][0]} at the end), Python "
              f"{m['python']}; {report['when']}.", "",
-             "| workers | pushes/s (wall, start to exit) | steady pushes/s (20-80% of results) "
-             "| daemon CPU µs/push | daemon cores busy | "
-             "coordinator busy (of one core) | sink CPU µs/push | sink busy (of one core) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             *table_head(["workers", "pushes/s (wall, start to exit)",
+                          "steady pushes/s (20-80% of results)", "daemon CPU µs/push",
+                          "daemon cores busy", "coordinator busy (of one core)",
+                          "sink CPU µs/push", "sink busy (of one core)"], "rrrrrrrr")]
     for w, s in summary.items():
         if "error" in s:
             lines.append(f"| {w} | error: {s['error']} | | | | | | |")

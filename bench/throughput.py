@@ -48,6 +48,7 @@ from common import (  # noqa: E402
     sink_session,
     start_sink,
     summarize,
+    table_head,
 )
 
 WORKER_TIMEOUT = 300
@@ -292,8 +293,8 @@ def compare(args: argparse.Namespace) -> tuple[dict, list[str]]:
               "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     lines = [f"Server: {args.server}, {args.n:,} pushes x {args.rounds} rounds, "
              f"{args.connections} connections, client and server each pinned to a core.", "",
-             "| client | pushes/s | client CPU µs/push | server CPU µs/push | server busy |",
-             "|---|---:|---:|---:|---:|"]
+             *table_head(["client", "pushes/s", "client CPU µs/push", "server CPU µs/push",
+                          "server busy"], "lrrrr")]
     for name, s in summary.items():
         if "error" in s:
             lines.append(f"| {name} | error: {s['error']} | | | |")
