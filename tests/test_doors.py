@@ -224,6 +224,49 @@ def test_asyncio_cancel_resets_streams_and_frees_slots(mock: MockThread, pki: Te
     assert mock.mock.stats.protocol_errors == []  # h2 took our RST_STREAMs
 
 
+def test_asyncio_results_that_keep_coming_leave_the_loop_its_turns(
+        mock: MockThread, pki: TestPKI, signing_key: TestSigningKey,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A consumer that always finds results waiting still lets the loop's other tasks run
+    (as trio checkpoints in each receive): a fan-out must not starve the app's loop."""
+    import fanout._bridge as bridge
+
+    streams: list[Any] = []
+    init = bridge.Stream.__init__
+
+    def record(self: Any, *args: Any) -> None:
+        init(self, *args)
+        streams.append(self)
+
+    monkeypatch.setattr(bridge.Stream, "__init__", record)
+    turns = 0
+
+    async def other_task() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    async def main() -> tuple[int, int, int]:
+        async with fa.Client(**options(mock, pki, signing_key)) as client:
+            assert (await client.send(note("ab" * 32))).ok  # connected, limit learnt
+            other = asyncio.create_task(other_task())
+            await asyncio.sleep(0)
+            count, first = 0, -1
+            async for _ in client.fan_out(PAYLOAD, tokens(200), window=256):
+                if count == 0:  # every result is waiting before the first is consumed
+                    wait_for(lambda: streams[-1].ended, "every result of the fan-out")
+                    first = turns
+                count += 1
+            last = turns
+            other.cancel()
+            return count, first, last
+
+    count, first, last = asyncio.run(main())
+    assert count == 200
+    assert last > first  # the other task ran while the waiting results were consumed
+
+
 def test_asyncio_close_ends_pushes_still_out_with_closed_error(
         mock: MockThread, pki: TestPKI, signing_key: TestSigningKey) -> None:
     mock.mock.config.latency = 30.0
