@@ -203,11 +203,8 @@ class Daemon:
         inp, number, env = state.input, state.number, push.environment
         try:
             assert push.payload is not None  # decode_line: a payload unless live_activity
-            template = PushTemplate(
-                push.payload, push_type=push.push_type or "alert", topic=push.topic,
-                default_topic=self.settings.topic, priority=push.priority,
-                expiration=push.expiration, collapse_id=push.collapse_id, apns_id=push.apns_id)
-            tokens = self._tokens(push)
+            template = line_template(push, self.settings.topic)
+            tokens = line_tokens(push)
         except (ValidationError, ConfigError) as exc:
             control.malformed(state, str(exc))
             return
@@ -238,8 +235,6 @@ class Daemon:
     async def _single(self, state: LineState, push: PushLine,
                       send: trio.MemorySendChannel[Prepared]) -> None:
         """A broadcast (``channel_id``) or a Live Activity push (``live_activity``)."""
-        from ..payload import decode_payload
-
         la = push.live_activity
         priority = push.priority if push.priority is not None else 10
         try:
@@ -251,10 +246,9 @@ class Daemon:
                         return
                     priority = budgeted
             else:
-                assert push.payload is not None  # decode_line: a payload unless live_activity
-                payload = decode_payload(push.payload) if "aps" in push.payload \
-                    else push.payload
-            prepared = self._prepare_single(push, payload, priority, Tag(state, push.id))
+                payload = single_payload(push)
+            prepared = prepare_single(push, payload, priority, Tag(state, push.id),
+                                      self.settings.topic)
         except (ValidationError, ConfigError) as exc:
             self.control.malformed(state, str(exc))
             return
@@ -283,50 +277,6 @@ class Daemon:
                                   id=push.id, token=push.token, channel_id=push.channel_id)
             return None
         return decision.priority
-
-    def _prepare_single(self, push: PushLine, payload: Payload | dict[str, Any],
-                        priority: int, tag: Tag) -> Prepared:
-        """The prepared push of a broadcast or of a Live Activity line."""
-        from ..client import prepare_broadcast
-        from ..liveactivity import Stamper, notification, prepare_stamped
-
-        la = push.live_activity
-        topic = push.topic or self.settings.topic or ""
-        if push.channel_id is not None:
-            body = payload.encode() if isinstance(payload, Payload) else payload
-            prepared = prepare_broadcast(
-                push.channel_id, body, bundle_id=bundle_of(topic) or None, priority=priority,
-                expiration=0 if push.expiration is None else push.expiration,
-                apns_id=push.apns_id, id=tag)
-            if la is not None and STAMP_MARKER in prepared.body:
-                prepared.stamp = Stamper(prepared.body)
-            return prepared
-        # _line: with a token (not a broadcast) this is a Live Activity, its payload built
-        assert push.token is not None and la is not None and isinstance(payload, Payload)
-        return prepare_stamped(notification(
-            push.token, payload, topic, priority=priority, expiration=push.expiration,
-            apns_id=push.apns_id, id=tag))
-
-    @staticmethod
-    def _tokens(push: PushLine) -> Iterator[str] | list[str]:
-        if push.token is not None:
-            return [push.token]
-        if push.tokens is not None:
-            return push.tokens
-        path = push.tokens_file
-        assert path is not None  # decode_line: exactly one of token, tokens, tokens_file
-        try:
-            fh = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
-        except OSError as exc:
-            raise ConfigError(f"tokens_file {path}: {exc.strerror}") from None
-
-        def lines() -> Iterator[str]:
-            with fh:
-                for raw in fh:
-                    token = raw.strip()
-                    if token:
-                        yield token
-        return lines()
 
     # ----------------------------------------------------------------- output
 
@@ -393,6 +343,76 @@ class Daemon:
         self.control.status(final, engine.in_flight if engine is not None else 0,
                             engine.unavailable_for() if engine is not None else 0.0)
         self.source.report(final)
+
+
+# ------------------------------------------------- a line's pushes (also fanout serve's)
+
+def line_template(push: PushLine, default_topic: str | None) -> PushTemplate:
+    """The encode-once template of a token line (``token``, ``tokens``, ``tokens_file``);
+    ValidationError or ConfigError for a payload or setting that cannot go."""
+    assert push.payload is not None  # decode_line: a payload unless live_activity
+    return PushTemplate(
+        push.payload, push_type=push.push_type or "alert", topic=push.topic,
+        default_topic=default_topic, priority=push.priority, expiration=push.expiration,
+        collapse_id=push.collapse_id, apns_id=push.apns_id)
+
+
+def single_payload(push: PushLine) -> Payload | dict[str, Any]:
+    """The payload of a broadcast or Live Activity line: built from ``live_activity`` (its
+    budget is the caller's), else ``payload`` (checked when it has ``aps``)."""
+    from ..payload import decode_payload
+
+    if push.live_activity is not None:
+        return _la_payload(push.live_activity, push.payload)
+    assert push.payload is not None  # decode_line: a payload unless live_activity
+    return decode_payload(push.payload) if "aps" in push.payload else push.payload
+
+
+def prepare_single(push: PushLine, payload: Payload | dict[str, Any], priority: int,
+                   tag: Any, default_topic: str | None) -> Prepared:
+    """The prepared push of a broadcast or of a Live Activity line."""
+    from ..client import prepare_broadcast
+    from ..liveactivity import Stamper, notification, prepare_stamped
+
+    la = push.live_activity
+    topic = push.topic or default_topic or ""
+    if push.channel_id is not None:
+        body = payload.encode() if isinstance(payload, Payload) else payload
+        prepared = prepare_broadcast(
+            push.channel_id, body, bundle_id=bundle_of(topic) or None, priority=priority,
+            expiration=0 if push.expiration is None else push.expiration,
+            apns_id=push.apns_id, id=tag)
+        if la is not None and STAMP_MARKER in prepared.body:
+            prepared.stamp = Stamper(prepared.body)
+        return prepared
+    # decode_line: with a token (not a broadcast) this is a Live Activity, its payload built
+    assert push.token is not None and la is not None and isinstance(payload, Payload)
+    return prepare_stamped(notification(
+        push.token, payload, topic, priority=priority, expiration=push.expiration,
+        apns_id=push.apns_id, id=tag))
+
+
+def line_tokens(push: PushLine) -> Iterator[str] | list[str]:
+    """The tokens of a token line; ``tokens_file`` read lazily (ConfigError if it cannot
+    be opened)."""
+    if push.token is not None:
+        return [push.token]
+    if push.tokens is not None:
+        return push.tokens
+    path = push.tokens_file
+    assert path is not None  # decode_line: exactly one of token, tokens, tokens_file
+    try:
+        fh = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
+    except OSError as exc:
+        raise ConfigError(f"tokens_file {path}: {exc.strerror}") from None
+
+    def lines() -> Iterator[str]:
+        with fh:
+            for raw in fh:
+                token = raw.strip()
+                if token:
+                    yield token
+    return lines()
 
 
 def _la_payload(la: LiveActivityLine, given: dict[str, Any] | None) -> Payload:
