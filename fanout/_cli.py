@@ -406,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_run_parser(sub, settings_args=add_settings_args)
     _add_enqueue_parser(sub)
+    from ._serve.command import add_serve_parser
+
+    add_serve_parser(sub, settings_args=add_settings_args)
     return parser
 
 

@@ -27,6 +27,7 @@ LAYERS: list[dict[str, str]] = [
     {"fanout.asyncio": "asyncio", "fanout.sync": "sync"},
     {"fanout.config": "config"},
     {"fanout._daemon": "daemon", "fanout.testing": "testing"},
+    {"fanout._serve": "serve"},
     {"fanout._cli": "cli"},
     {"fanout.__main__": "main", "fanout": "api"},
 ]

@@ -1,0 +1,1 @@
+"""``fanout serve``: an authenticated HTTP API on the engine (hypercorn on trio)."""

@@ -1,0 +1,243 @@
+"""``fanout serve``: its flags, the checks a network port needs before it opens, and the
+run (hypercorn on trio beside the engine, SIGTERM drains)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .._exits import EXIT_CONFIG, EXIT_FORCED, EXIT_OK
+from ..errors import ConfigError
+from .app import App, Limits
+from .keys import ApiKeys, hash_key
+
+log = logging.getLogger("fanout.serve")
+
+ENV_LISTEN = "FANOUT_LISTEN"
+ENV_KEYS = "FANOUT_API_KEYS"
+ENV_KEYS_FILE = "FANOUT_API_KEYS_FILE"
+ENV_TLS_CERT = "FANOUT_TLS_CERT"
+ENV_TLS_KEY = "FANOUT_TLS_KEY"
+PROBE_RETRY = 5.0  # seconds between start-up probes until one is answered
+
+
+def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                     settings_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    d = Limits()
+    p = sub.add_parser("serve", help="an authenticated HTTP API for pushes (any language)")
+    settings_args(p)
+    p.add_argument("--listen", metavar="HOST:PORT", default=None,
+                   help=f"address to serve on (default 127.0.0.1:8080; {ENV_LISTEN})")
+    p.add_argument("--port-file", help="write the bound port here once listening")
+    p.add_argument("--api-keys", metavar="FILE", default=None,
+                   help="API keys, one per line: the key or sha256:HEX (--hash-key), then "
+                        f"name=, rate= (pushes/s), topics= ({ENV_KEYS_FILE}; keys also from "
+                        f"{ENV_KEYS})")
+    p.add_argument("--hash-key", metavar="KEY",
+                   help="print the line an --api-keys file holds for KEY, and exit")
+    p.add_argument("--tls-cert", default=None, help=f"serve TLS (h2 by ALPN) ({ENV_TLS_CERT})")
+    p.add_argument("--tls-key", default=None, help=f"the certificate's key ({ENV_TLS_KEY})")
+    p.add_argument("--behind-tls-proxy", action="store_true",
+                   help="bind a non-loopback address without TLS: a proxy in front "
+                        "terminates it")
+    p.add_argument("--teams", metavar="FILE", help="[[team]] tables: pushes routed by topic")
+    p.add_argument("--max-body", type=int, default=d.max_body, metavar="BYTES",
+                   help=f"largest whole body (default {d.max_body})")
+    p.add_argument("--max-stream-body", type=int, default=d.max_stream_body, metavar="BYTES",
+                   help=f"largest /v1/pushes body (default {d.max_stream_body})")
+    p.add_argument("--max-line", type=int, default=d.max_line, metavar="BYTES",
+                   help=f"largest NDJSON line (default {d.max_line})")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens,
+                   help=f"pushes one request may hold (default {d.max_tokens})")
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout, metavar="SECONDS",
+                   help=f"wait for each piece of a body (default {d.body_timeout:g})")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a connection idle (or its headers incomplete) this long is closed "
+                        "(default 10)")
+    p.add_argument("--push-timeout", type=float, default=d.push_timeout, metavar="SECONDS",
+                   help=f"/v1/push waits this long for APNs (default {d.push_timeout:g})")
+    p.add_argument("--max-streams", type=int, default=100,
+                   help="HTTP/2 streams per connection (default 100)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="SIGTERM: requests in flight get this long to end (default 30)")
+    p.add_argument("--la-budget", type=int, default=50,
+                   help="priority-10 Live Activity pushes per activity per hour")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+    p.set_defaults(run_main=serve_main)
+
+
+def _host_port(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"--listen {listen!r}: expected HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, keys: ApiKeys, tls: bool, behind_proxy: bool) -> None:
+    """Refuse to open a port that lets in who does not belong."""
+    if is_loopback(host):
+        return
+    if not keys:
+        raise ConfigError(f"no API keys (--api-keys FILE or {ENV_KEYS}): fanout serve binds "
+                          f"only a loopback address without them, not {host}")
+    if not tls and not behind_proxy:
+        raise ConfigError(f"binding {host} needs TLS (--tls-cert and --tls-key), or "
+                          f"--behind-tls-proxy when a proxy in front terminates it")
+
+
+async def serve_main(args: argparse.Namespace) -> int:
+    """Run ``fanout serve`` until SIGTERM or SIGINT; its exit code."""
+    if args.hash_key:
+        print(hash_key(args.hash_key))
+        return EXIT_OK
+    from ..config import add_teams_file, load_settings, make_engine
+    from ..liveactivity import ActivityTracker
+    from ..metrics import Metrics
+
+    try:
+        settings = load_settings(args)
+        if args.teams:
+            add_teams_file(settings, args.teams)
+        host, port = _host_port(args.listen or os.environ.get(ENV_LISTEN) or "127.0.0.1:8080")
+        keys = ApiKeys.load(args.api_keys or os.environ.get(ENV_KEYS_FILE),
+                            os.environ.get(ENV_KEYS))
+        cert = args.tls_cert or os.environ.get(ENV_TLS_CERT)
+        key_file = args.tls_key or os.environ.get(ENV_TLS_KEY)
+        if bool(cert) != bool(key_file):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        check_exposure(host, keys, bool(cert), args.behind_tls_proxy)
+        for name in ("max_body", "max_stream_body", "max_line", "max_tokens", "max_streams"):
+            if getattr(args, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be more than 0")
+        limits = Limits(max_body=args.max_body, max_stream_body=args.max_stream_body,
+                        max_line=args.max_line, max_tokens=args.max_tokens,
+                        body_timeout=args.body_timeout, push_timeout=args.push_timeout)
+        metrics = Metrics(daemon=False)
+        engine = make_engine(settings, events=metrics)
+    except ConfigError as exc:
+        print(f"fanout serve: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    app = App(engine, default_topic=settings.topic, environment=settings.environment,
+              teams=bool(settings.team), keys=keys if keys else None, limits=limits,
+              registry=metrics.registry, sample=lambda: metrics.sample(engine),
+              tracker=ActivityTracker(args.la_budget, over_budget="lower"))
+    try:
+        from hypercorn.trio import serve
+    except ImportError:
+        print("fanout serve: error: needs hypercorn: pip install 'fanout[serve]'",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    config = _hypercorn_config(host, port, cert, key_file, args)
+    topics = [settings.topic] if not settings.team else \
+        [spec.topics[0] for spec in settings.team if spec.topics]
+    forced = False
+    async with engine:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_probe, app, engine, [t for t in topics if t])
+            stop = trio.Event()
+
+            async def run_server(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                await serve(app, config, shutdown_trigger=stop.wait,  # type: ignore[arg-type]
+                            task_status=task_status)
+
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                binds = await nursery.start(run_server)
+                bound = _bound_port(binds, port)
+                if args.port_file:
+                    tmp = Path(args.port_file + ".tmp")
+                    tmp.write_text(str(bound))
+                    tmp.replace(args.port_file)
+                scheme = "https" if cert else "http"
+                print(f"fanout serve: listening on {scheme}://{host}:{bound} "
+                      f"({len(keys)} API key{'s' if len(keys) != 1 else ''})",
+                      file=sys.stderr, flush=True)
+                async for signum in signals:
+                    if not stop.is_set():
+                        log.warning("%s: draining (requests in flight get %g s)",
+                                    signal.Signals(signum).name, args.drain_timeout)
+                        app.stopping.set()
+                        stop.set()
+                        nursery.start_soon(_until_drained, nursery, app, args.drain_timeout)
+                    else:
+                        forced = True
+                        nursery.cancel_scope.cancel()
+                        break
+    return EXIT_FORCED if forced else EXIT_OK
+
+
+async def _until_drained(nursery: trio.Nursery, app: App, timeout: float) -> None:
+    """After a stop: end the run when hypercorn has finished (or the deadline passed)."""
+    with trio.move_on_after(timeout + 1.0):
+        while app.in_flight_requests:
+            await trio.sleep(0.05)
+    nursery.cancel_scope.cancel()
+
+
+async def _probe(app: App, engine: Any, topics: list[str]) -> None:
+    """``/readyz``'s start-up probe: a background push to the all-zero token (as ``fanout
+    check``) for each topic; APNs' 400 BadDeviceToken says the credentials are good."""
+    from ..config import CHECK_TOKEN
+    from ..payload import Notification, PushType
+
+    pending = list(topics)
+    if not pending:
+        app.ready.probed = True
+        return
+    while pending:
+        topic = pending[0]
+        result = await engine.send(Notification(
+            token=CHECK_TOKEN, payload={"aps": {"content-available": 1}}, topic=topic,
+            push_type=PushType.BACKGROUND, priority=5, expiration=0))
+        if result.status == 200 or result.status == 410 or \
+                (result.status == 400 and result.reason == "BadDeviceToken"):
+            pending.pop(0)
+            continue
+        app.ready.why = (f"start-up probe for {topic}: " + (
+            f"APNs answered {result.status} {result.reason or ''}".rstrip()
+            if result.status else result.error or str(result.outcome)))
+        await trio.sleep(PROBE_RETRY)
+    app.ready.probed = True
+
+
+def _hypercorn_config(host: str, port: int, cert: str | None, key: str | None,
+                      args: argparse.Namespace) -> Any:
+    from hypercorn.config import Config
+
+    config = Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.keep_alive_timeout = args.header_timeout
+    config.graceful_timeout = args.drain_timeout
+    config.h2_max_concurrent_streams = args.max_streams
+    config.accesslog = None
+    config.errorlog = logging.getLogger("fanout.serve.http")
+    if cert:
+        config.certfile, config.keyfile = cert, key
+        config.alpn_protocols = ["h2", "http/1.1"]
+    return config
+
+
+def _bound_port(binds: list[str] | None, asked: int) -> int:
+    for bind in binds or []:
+        try:
+            return int(bind.rsplit(":", 1)[1])
+        except (IndexError, ValueError):
+            continue
+    return asked

@@ -1,0 +1,343 @@
+"""``fanout serve`` (issue 17) as a real process in front of ``fanout mock`` (a process too),
+driven by real HTTP clients: httpx over HTTP/1.1 and HTTP/2 (h2c), and curl."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+from fanout._serve.keys import hash_key
+from fanout.testing.devcerts import TestSigningKey
+
+from .helpers import tokens
+from .test_examples import ROOT, START_TIMEOUT, Mock, _stop, _wait_for
+
+KEY = "k_test_0123456789abcdef"
+LIMITED_KEY = "k_limited_0123456789"
+OTHER_TOPIC_KEY = "k_other_topic_012345"
+HTTP_TIMEOUT = 20.0
+PAYLOAD = {"aps": {"alert": "hi"}}
+
+
+def apns_env(mock: Mock) -> dict[str, str]:
+    """The mock's settings as the APNS_* variables every fanout command reads."""
+    env = dict(mock.env)
+    for name in ("HOST", "PORT", "CA_FILE", "KEY_PATH", "KEY_ID", "TEAM_ID", "TOPIC",
+                 "CONNECTIONS"):
+        env[f"APNS_{name}"] = env.pop(f"FANOUT_{name}")
+    return env
+
+
+class Serve:
+    """``fanout serve`` as a process, on a port of its choosing."""
+
+    def __init__(self, tmp_path: Path, mock: Mock, *extra: str,
+                 env: dict[str, str] | None = None, wait: bool = True) -> None:
+        self.log = tmp_path / "serve.log"
+        self.port_file = tmp_path / "serve-port"
+        self.port_file.unlink(missing_ok=True)
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fanout", "serve", "--listen", "127.0.0.1:0",
+                 "--port-file", str(self.port_file), *extra],
+                cwd=ROOT, env={**apns_env(mock), **(env or {})}, stdout=out,
+                stderr=subprocess.STDOUT)
+        self.url = ""
+        if wait:
+            port = _wait_for(lambda: self.port_file.exists() and self.port_file.read_text(),
+                             "fanout serve listening", self.proc, self.log)
+            self.url = f"http://127.0.0.1:{int(port)}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        return _stop(self.proc)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory,
+          signing_key: TestSigningKey) -> Iterator[tuple[Mock, Serve]]:
+    """One mock and one server for the module's tests (each reads only its own pushes)."""
+    tmp = tmp_path_factory.mktemp("serve")
+    keys = tmp / "keys"
+    keys.write_text(f"# API keys\n{hash_key(KEY)} name=main\n"
+                    f"{LIMITED_KEY} name=limited rate=2\n"
+                    f"{OTHER_TOPIC_KEY} name=other topics=com.example.other\n")
+    mock = Mock(tmp, signing_key)
+    serve = Serve(tmp, mock, "--api-keys", str(keys), "--max-body", "65536",
+                  "--max-tokens", "500", "--body-timeout", "2")
+    try:
+        yield mock, serve
+    finally:
+        serve.kill()
+        mock.kill()
+
+
+def client(serve: Serve, *, http2: bool = False, key: str | None = KEY) -> httpx.Client:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=serve.url, http1=not http2, http2=http2, headers=headers,
+                        timeout=HTTP_TIMEOUT)
+
+
+def ndjson(response: httpx.Response) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in response.text.splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------- the endpoints
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "h2c"])
+def test_one_push_answers_its_result(stack: tuple[Mock, Serve], http2: bool) -> None:
+    _, serve = stack
+    with client(serve, http2=http2) as http:
+        r = http.post("/v1/push", json={"token": "ab" * 32, "payload": PAYLOAD, "id": "one"})
+        assert r.status_code == 200, r.text
+        assert r.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
+        body = r.json()
+        assert body["outcome"] == "delivered" and body["id"] == "one"
+        assert body["status"] == 200 and body["line"] == 1
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b"not json", "not JSON"),
+    (b'{"payload": {"aps": {"alert": "x"}}}', "missing token"),
+    (b'{"token": "not hex", "payload": {"aps": {"alert": "x"}}}', "token"),
+    (b'{"token": "' + b"ab" * 32 + b'", "tokens_file": "/etc/passwd", "payload": {}}',
+     "exactly one"),
+    (b'{"tokens_file": "/etc/passwd", "payload": {"aps": {}}}', "tokens_file"),
+    (b'{"token": "' + b"ab" * 32 + b'", "payload": {"aps": {"alert": "' + b"x" * 5000 + b'"}}}',
+     "4096"),
+])
+def test_a_bad_push_is_a_400_naming_the_problem(stack: tuple[Mock, Serve], body: bytes,
+                                                message: str) -> None:
+    _, serve = stack
+    with client(serve) as http:
+        r = http.post("/v1/push", content=body)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "bad_request" and message in error["message"]
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "h2c"])
+def test_pushes_stream_one_result_per_push(stack: tuple[Mock, Serve], http2: bool) -> None:
+    _, serve = stack
+    lines = [json.dumps({"token": t, "payload": PAYLOAD, "id": i})
+             for i, t in enumerate(tokens(40, "a1"))]
+    lines.insert(5, "{broken")
+    lines.append(json.dumps({"tokens": tokens(10, "b1"), "payload": PAYLOAD, "id": "fan"}))
+    with client(serve, http2=http2) as http:
+        r = http.post("/v1/pushes", content="\n".join(lines) + "\n",
+                      headers={"content-type": "application/x-ndjson"})
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        results = ndjson(r)
+    assert len(results) == 51
+    bad = [x for x in results if x["outcome"] == "malformed"]
+    assert len(bad) == 1 and bad[0]["line"] == 6 and "not JSON" in bad[0]["error"]
+    assert sum(x["outcome"] == "delivered" for x in results) == 50
+    assert sorted(x["line"] for x in results if x.get("id") == "fan") == [42] * 10
+
+
+def test_pushes_as_a_json_array(stack: tuple[Mock, Serve]) -> None:
+    _, serve = stack
+    with client(serve) as http:
+        r = http.post("/v1/pushes", json=[{"token": t, "payload": PAYLOAD}
+                                          for t in tokens(5, "c1")])
+        assert r.status_code == 200
+        assert [x["outcome"] for x in ndjson(r)] == ["delivered"] * 5
+
+
+def test_fanout_one_payload_many_tokens(stack: tuple[Mock, Serve]) -> None:
+    _, serve = stack
+    with client(serve, http2=True) as http:
+        r = http.post("/v1/fanout", json={"payload": PAYLOAD, "tokens": tokens(100, "f1"),
+                                          "id": "sale"})
+        assert r.status_code == 200, r.text
+        results = ndjson(r)
+    assert len(results) == 100 and all(x["outcome"] == "delivered" for x in results)
+    assert {x["token"] for x in results} == set(tokens(100, "f1"))
+
+
+def test_curl_sends_a_push(stack: tuple[Mock, Serve]) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    _, serve = stack
+    out = subprocess.run(
+        ["curl", "-sS", "--http2-prior-knowledge", "-H", f"Authorization: Bearer {KEY}",
+         "-H", "content-type: application/json", "--data",
+         json.dumps({"token": "cd" * 32, "payload": PAYLOAD}), f"{serve.url}/v1/push"],
+        capture_output=True, timeout=HTTP_TIMEOUT, check=True)
+    assert json.loads(out.stdout)["outcome"] == "delivered"
+
+
+def test_health_and_readiness(stack: tuple[Mock, Serve]) -> None:
+    _, serve = stack
+    with client(serve, key=None) as anonymous:
+        assert anonymous.get("/healthz").json() == {"status": "ok"}
+        assert anonymous.get("/readyz").status_code == 401
+    with client(serve) as http:
+        _wait_for(lambda: http.get("/readyz").status_code == 200, "ready", serve.proc,
+                  serve.log)
+        assert http.get("/readyz").json() == {"status": "ready"}
+        assert http.get("/nowhere").status_code == 404
+        r = http.get("/v1/push")
+        assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
+# ---------------------------------------------------------------- who gets in
+
+
+@pytest.mark.parametrize("header", [None, "Bearer wrong-key-0123456789", f"Basic {KEY}",
+                                    f"Bearer {KEY}x"])
+def test_a_request_without_a_valid_key_is_refused(stack: tuple[Mock, Serve],
+                                                  header: str | None) -> None:
+    mock, serve = stack
+    headers = {"authorization": header} if header else {}
+    with httpx.Client(base_url=serve.url, timeout=HTTP_TIMEOUT) as http:
+        for path in ("/v1/push", "/v1/pushes", "/v1/fanout", "/v1/channels"):
+            r = http.post(path, json={"token": "ab" * 32, "payload": PAYLOAD}, headers=headers)
+            assert r.status_code == 401, (path, r.text)
+            assert r.json()["error"]["code"] == "unauthorized"
+        assert http.get("/metrics", headers=headers).status_code == 401
+
+
+def test_a_key_limited_to_other_topics_is_forbidden(stack: tuple[Mock, Serve]) -> None:
+    _, serve = stack
+    with client(serve, key=OTHER_TOPIC_KEY) as http:
+        r = http.post("/v1/push", json={"token": "ab" * 32, "payload": PAYLOAD})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_topic"
+        r = http.post("/v1/pushes", json=[{"token": "ab" * 32, "payload": PAYLOAD}])
+        assert ndjson(r)[0]["outcome"] == "rejected"
+
+
+def test_a_key_over_its_rate_gets_429_with_retry_after(stack: tuple[Mock, Serve]) -> None:
+    _, serve = stack
+    with client(serve, key=LIMITED_KEY) as http:
+        codes = [http.post("/v1/push", json={"token": t, "payload": PAYLOAD}).status_code
+                 for t in tokens(4, "d1")]
+        assert codes[:2] == [200, 200]
+        r = http.post("/v1/push", json={"token": "ef" * 32, "payload": PAYLOAD})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+
+
+# ---------------------------------------------------------------- limits
+
+
+def test_a_body_over_the_limit_is_413(stack: tuple[Mock, Serve]) -> None:
+    _, serve = stack
+    with client(serve) as http:
+        r = http.post("/v1/push", content=b"x" * 70_000)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_too_many_tokens_is_400(stack: tuple[Mock, Serve]) -> None:
+    _, serve = stack
+    with client(serve) as http:
+        r = http.post("/v1/fanout", json={"payload": PAYLOAD, "tokens": tokens(501, "e1")})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_tokens"
+
+
+def test_a_body_that_stalls_is_cut_with_408(stack: tuple[Mock, Serve]) -> None:
+    """A client that sends part of a body and stops: 408 after --body-timeout."""
+    import socket
+
+    _, serve = stack
+    port = int(serve.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT) as sock:
+        sock.sendall(b"POST /v1/push HTTP/1.1\r\nhost: x\r\nauthorization: Bearer " +
+                     KEY.encode() + b"\r\ncontent-length: 100\r\n\r\n{\"tok")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 408"), data[:200]
+
+
+# ---------------------------------------------------------------- start-up refusals
+
+
+@pytest.mark.parametrize(("args", "env", "message"), [
+    (["--listen", "0.0.0.0:0"], {}, "no API keys"),
+    (["--listen", "0.0.0.0:0"], {"FANOUT_API_KEYS": KEY}, "needs TLS"),
+    (["--tls-cert", "x.pem"], {}, "both --tls-cert and --tls-key"),
+    (["--api-keys", "/nonexistent/keys"], {}, "/nonexistent/keys"),
+    (["--listen", "nonsense"], {}, "HOST:PORT"),
+])
+def test_serve_refuses_to_open_an_unsafe_port(tmp_path: Path, signing_key: TestSigningKey,
+                                              args: list[str], env: dict[str, str],
+                                              message: str) -> None:
+    mock_env = {"APNS_TOPIC": "com.example.app", "APNS_KEY_PATH": str(signing_key.path),
+                "APNS_KEY_ID": signing_key.key_id, "APNS_TEAM_ID": signing_key.team_id}
+    import os
+
+    out = subprocess.run([sys.executable, "-m", "fanout", "serve", *args], cwd=ROOT,
+                         env={**os.environ, **mock_env, **env}, capture_output=True,
+                         timeout=START_TIMEOUT)
+    assert out.returncode == 2 or out.returncode != 0
+    assert message in out.stderr.decode(), out.stderr.decode()
+
+
+def test_no_secret_in_the_servers_log(stack: tuple[Mock, Serve]) -> None:
+    _, serve = stack
+    text = serve.output()
+    assert KEY not in text and LIMITED_KEY not in text and "ab" * 32 not in text
+
+
+def test_sigterm_drains_and_exits_zero(tmp_path: Path, signing_key: TestSigningKey) -> None:
+    mock = Mock(tmp_path, signing_key)
+    serve = Serve(tmp_path, mock)
+    try:
+        with httpx.Client(base_url=serve.url, timeout=HTTP_TIMEOUT) as http:
+            assert http.post("/v1/push", json={"token": "ab" * 32,
+                                               "payload": PAYLOAD}).status_code == 200
+        serve.proc.send_signal(signal.SIGTERM)
+        assert serve.proc.wait(START_TIMEOUT) == 0, serve.output()
+    finally:
+        serve.kill()
+        mock.kill()
+
+
+def test_metrics_count_requests_by_endpoint(stack: tuple[Mock, Serve]) -> None:
+    _, serve = stack
+    with client(serve) as http:
+        assert http.post("/v1/push", json={"token": "ab" * 32, "payload": PAYLOAD}).is_success
+        text = http.get("/metrics").text
+    assert 'fanout_serve_requests_total{endpoint="/v1/push",status="200"}' in text
+    assert "fanout_pushes_total" in text
+
+
+def test_channels_and_a_broadcast(stack: tuple[Mock, Serve]) -> None:
+    _, serve = stack
+    with client(serve, http2=True) as http:
+        r = http.post("/v1/channels", json={"storage_policy": 0})
+        assert r.status_code == 201, r.text
+        channel = r.json()["channel_id"]
+        assert channel in http.get("/v1/channels").json()["channels"]
+        path = "/v1/channels/" + quote(channel, safe="")  # base64: "/" and "+" are quoted
+        assert http.get(path).json()["channel_id"] == channel, channel
+        r = http.post(f"{path}/broadcast",
+                      json={"payload": {"aps": {"event": "update", "timestamp": 1,
+                                                "content-state": {"score": 1}}}})
+        assert r.status_code == 200, r.text
+        assert r.json()["outcome"] == "delivered" and r.json()["channel_id"] == channel
+        assert http.delete(path).status_code == 204
+        gone = http.get(path)  # APNs' own answer for a deleted channel, passed on
+        assert gone.status_code in (400, 404) and gone.json()["error"]["code"] == "apns_error"
