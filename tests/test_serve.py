@@ -301,16 +301,58 @@ def test_no_secret_in_the_servers_log(stack: tuple[Mock, Serve]) -> None:
     assert KEY not in text and LIMITED_KEY not in text and "ab" * 32 not in text
 
 
-def test_sigterm_drains_and_exits_zero(tmp_path: Path, signing_key: TestSigningKey) -> None:
-    mock = Mock(tmp_path, signing_key)
+def _in_flight(http: httpx.Client) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith("fanout_in_flight{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_sigterm_answers_the_pushes_in_flight_then_exits_zero(
+        tmp_path: Path, signing_key: TestSigningKey) -> None:
+    """SIGTERM while a push waits for APNs and a stream is mid-body: the push is answered,
+    the stream's pushes already sent are answered and its last line says where reading
+    stopped; then the server exits 0."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    mock = Mock(tmp_path, signing_key, "--latency", "1.5")
     serve = Serve(tmp_path, mock)
+    resume = threading.Event()
+
+    def body() -> Iterator[bytes]:
+        for t in tokens(3, "a2"):
+            yield (json.dumps({"token": t, "payload": PAYLOAD}) + "\n").encode()
+        resume.wait(START_TIMEOUT)
+        yield (json.dumps({"token": "ab" * 32, "payload": PAYLOAD}) + "\n").encode()
+
     try:
-        with httpx.Client(base_url=serve.url, timeout=HTTP_TIMEOUT) as http:
-            assert http.post("/v1/push", json={"token": "ab" * 32,
-                                               "payload": PAYLOAD}).status_code == 200
-        serve.proc.send_signal(signal.SIGTERM)
+        with httpx.Client(base_url=serve.url, timeout=HTTP_TIMEOUT) as http, \
+                httpx.Client(base_url=serve.url, timeout=HTTP_TIMEOUT) as watch, \
+                ThreadPoolExecutor(2) as pool:
+            _wait_for(lambda: watch.get("/readyz").status_code == 200, "ready", serve.proc,
+                      serve.log)
+            one = pool.submit(http.post, "/v1/push",
+                              json={"token": "cd" * 32, "payload": PAYLOAD})
+            with httpx.Client(base_url=serve.url, timeout=HTTP_TIMEOUT) as streamer:
+                stream = pool.submit(streamer.post, "/v1/pushes", content=body(),
+                                     headers={"content-type": "application/x-ndjson"})
+                _wait_for(lambda: _in_flight(watch) == 4, "4 pushes in flight", serve.proc,
+                          serve.log)
+                serve.proc.send_signal(signal.SIGTERM)
+                _wait_for(lambda: "draining" in serve.output(), "the drain", serve.proc,
+                          serve.log)
+                resume.set()
+                r = one.result(START_TIMEOUT)
+                streamed = stream.result(START_TIMEOUT)
+        assert r.status_code == 200 and r.json()["outcome"] == "delivered"
+        lines = ndjson(streamed)
+        assert [x["outcome"] for x in lines[:3]] == ["delivered"] * 3
+        assert lines[3]["error"]["code"] == "shutting_down"
+        assert "from 4 on" in lines[3]["error"]["message"]
         assert serve.proc.wait(START_TIMEOUT) == 0, serve.output()
     finally:
+        resume.set()
         serve.kill()
         mock.kill()
 
@@ -341,3 +383,24 @@ def test_channels_and_a_broadcast(stack: tuple[Mock, Serve]) -> None:
         assert http.delete(path).status_code == 204
         gone = http.get(path)  # APNs' own answer for a deleted channel, passed on
         assert gone.status_code in (400, 404) and gone.json()["error"]["code"] == "apns_error"
+
+
+def test_gorush_api_push_switches_by_changing_a_url(stack: tuple[Mock, Serve]) -> None:
+    _, serve = stack
+    body = {"notifications": [
+        {"tokens": tokens(3, "b2"), "platform": 1, "message": "Hello", "title": "Hi",
+         "badge": 1, "sound": "default", "notif_id": "n1"},
+        {"tokens": ["b3" * 32], "platform": 2, "message": "Android"},
+        {"tokens": ["not hex"], "platform": 1, "message": "bad"},
+    ]}
+    with client(serve) as http:
+        r = http.post("/api/push", json=body)
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert answer["success"] == "ok" and answer["counts"] == 4
+        errors = {e["token"]: e for e in answer["logs"]}
+        assert "Android" in errors["b3" * 32]["error"] or errors["b3" * 32]["error"]
+        assert "not hex" in errors
+        assert not any(t in errors for t in tokens(3, "b2"))
+        bad = http.post("/api/push", json={"notifications": []})
+        assert bad.status_code == 400 and "empty" in bad.json()["message"]

@@ -698,7 +698,60 @@ class App:
     # ------------------------------------------------------------ gorush
 
     async def _gorush(self, ex: Exchange, key: ApiKey | None) -> None:
-        raise HttpError(501, "not_implemented", "POST /api/push is not served yet")
+        """gorush's ``POST /api/push`` (iOS): sent, then answered as gorush's sync mode
+        does, ``{"counts", "logs", "success"}`` with a log entry per failed push."""
+        from .gorush import (
+            GorushError,
+            decode_gorush,
+            gorush_error,
+            gorush_response,
+            log_entry,
+            refusal_logs,
+        )
+
+        self._refuse_while_stopping()
+        try:
+            req = decode_gorush(await ex.body(), max_tokens=self.limits.max_tokens,
+                                environments=None if self.teams else (self.environment,))
+        except GorushError as exc:
+            await ex.json(400, gorush_error(str(exc)))
+            return
+        logs: list[dict[str, Any]] = [e for r in req.refused for e in refusal_logs(r)]
+        prepared: list[Prepared] = []
+        for number, (push, index) in enumerate(zip(req.pushes, req.indexes, strict=True)):
+            topic = push.topic or self.default_topic
+            if key is not None and not key.allows(topic):
+                await ex.json(403, gorush_error(
+                    f"API key {key.name!r} may not send to {topic}", 403))
+                return
+            try:
+                template = line_template(push, self.default_topic)
+            except (ValidationError, ConfigError) as exc:
+                await ex.json(400, gorush_error(f"notifications[{index}]: {exc}"))
+                return
+            for item in _for_tokens(template, line_tokens(push), Tag(push.id, number), None):
+                if isinstance(item, tuple):
+                    logs.append({"type": "failed-push", "platform": "ios", "token": item[0],
+                                 "message": req.messages[number], "error": item[1]})
+                    continue
+                item.environment = push.environment
+                prepared.append(item)
+        if key is not None and prepared:
+            wait = key.take(len(prepared))
+            if wait:
+                raise HttpError(429, "rate_limited",
+                                f"API key {key.name!r} is over its rate of {key.rate:g}/s",
+                                [(b"retry-after", str(math.ceil(wait)).encode())])
+        with trio.move_on_after(self.limits.push_timeout) as waited:
+            async for result in self.engine.send_many(prepared):
+                tag = result.id
+                entry = log_entry(result, notif_id=tag.id, message=req.messages[tag.line])
+                if entry is not None:
+                    logs.append(entry)
+        if waited.cancelled_caught:
+            raise HttpError(504, "timeout", f"APNs did not answer every push within "
+                            f"{self.limits.push_timeout:g} s")
+        await ex.json(200, gorush_response(req.counts, logs))
 
 
 def _for_tokens(template: Any, tokens: Any, tag: Tag, env: str | None) -> Any:
