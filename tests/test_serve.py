@@ -404,3 +404,10 @@ def test_gorush_api_push_switches_by_changing_a_url(stack: tuple[Mock, Serve]) -
         assert not any(t in errors for t in tokens(3, "b2"))
         bad = http.post("/api/push", json={"notifications": []})
         assert bad.status_code == 400 and "empty" in bad.json()["message"]
+
+
+def test_the_openapi_document_is_served(stack: tuple[Mock, Serve]) -> None:
+    _, serve = stack
+    with client(serve) as http:
+        doc = http.get("/openapi.json").json()
+    assert doc["openapi"].startswith("3.1") and "/v1/push" in doc["paths"]
