@@ -411,3 +411,60 @@ def test_the_openapi_document_is_served(stack: tuple[Mock, Serve]) -> None:
     with client(serve) as http:
         doc = http.get("/openapi.json").json()
     assert doc["openapi"].startswith("3.1") and "/v1/push" in doc["paths"]
+
+
+# ---------------------------------------------------------------- --to redis://
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
+def test_durable_mode_hands_pushes_to_the_fleet(tmp_path: Path,
+                                                signing_key: TestSigningKey) -> None:
+    """--to redis://: accepted pushes become entries (202 with their ids), a bad one is a
+    400 and no entry; a fleet daemon then delivers every entry."""
+    from .test_fleet import Redis
+
+    redis = Redis(tmp_path)
+    redis.start()
+    mock = Mock(tmp_path, signing_key)
+    serve = Serve(tmp_path, mock, "--to", f"{redis.url}")
+    daemon = None
+    try:
+        with client(serve, key=None) as http:
+            _wait_for(lambda: http.get("/readyz").status_code == 200, "ready", serve.proc,
+                      serve.log)
+            one = http.post("/v1/push", json={"token": "ab" * 32, "payload": PAYLOAD,
+                                              "id": "one"})
+            assert one.status_code == 202, one.text
+            assert one.json()["id"] == "one" and "-" in one.json()["entry"]
+            bad = http.post("/v1/push", json={"token": "ab" * 32,
+                                              "payload": {"aps": {"alert": "x" * 5000}}})
+            assert bad.status_code == 400
+            lines = [json.dumps({"token": t, "payload": PAYLOAD, "id": i})
+                     for i, t in enumerate(tokens(4, "a3"))] + ["{broken"]
+            many = http.post("/v1/pushes", content="\n".join(lines),
+                             headers={"content-type": "application/x-ndjson"})
+            assert many.status_code == 202
+            answers = ndjson(many)
+            assert [a.get("entry") is not None for a in answers] == [True] * 4 + [False]
+            assert answers[4]["outcome"] == "malformed"
+            fan = http.post("/v1/fanout", json={"payload": PAYLOAD, "tokens": tokens(3, "a4")})
+            assert [a["line"] for a in ndjson(fan)] == [1]
+            assert http.post("/v1/channels", json={}).status_code == 501
+        assert redis.cli("XLEN", "pushes") == "6"
+        out = tmp_path / "fleet-results.ndjson"
+        with (tmp_path / "fleet.log").open("wb") as log:
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "fanout", "run", "--source", redis.url, "--group",
+                 "senders", "--results", str(out)], cwd=ROOT, env=apns_env(mock),
+                stdout=log, stderr=subprocess.STDOUT)
+        _wait_for(lambda: out.exists() and out.read_bytes().count(b"\n") >= 8,
+                  "the fleet's results", daemon, tmp_path / "fleet.log")
+        results = [json.loads(x) for x in out.read_text().splitlines()]
+        assert len(results) == 8 and all(r["outcome"] == "delivered" for r in results)
+        assert {r["id"] for r in results} >= {"one", 0, 1, 2, 3}
+    finally:
+        if daemon is not None:
+            _stop(daemon)
+        serve.kill()
+        mock.kill()
+        redis.stop()

@@ -44,7 +44,8 @@ class App:
 
     def __init__(self, engine: Any, *, default_topic: str | None, environment: str,
                  teams: bool, keys: ApiKeys | None, limits: Limits, registry: Any = None,
-                 sample: Callable[[], None] | None = None, tracker: Any = None) -> None:
+                 sample: Callable[[], None] | None = None, tracker: Any = None,
+                 queue: Any = None) -> None:
         self.engine = engine
         self.default_topic = default_topic
         self.environment = environment
@@ -61,9 +62,10 @@ class App:
         self._openapi: bytes | None = None
         self.pushes = Pushes(engine, default_topic=default_topic, environment=environment,
                              teams=teams, limits=limits, tracker=tracker,
-                             stopping=self.stopping)
+                             stopping=self.stopping, queue=queue)
+        self.queue = queue
         self.channels = ChannelsApi(engine, default_topic=default_topic, teams=teams,
-                                    limits=limits)
+                                    limits=limits, durable=queue is not None)
 
     # ------------------------------------------------------------ ASGI entry
 
@@ -151,7 +153,11 @@ class App:
         await ex.json(200, {"status": "ok"})
 
     async def _readyz(self, ex: Exchange, key: ApiKey | None) -> None:
-        ok, why = self.ready.state(self.engine)
+        if self.queue is not None:  # --to: ready when the stream can be written
+            problem = await self.queue.ping()
+            ok, why = problem is None, problem or "ready"
+        else:
+            ok, why = self.ready.state(self.engine)
         if self.stopping.is_set():
             ok, why = False, "shutting down"
         await ex.json(200 if ok else 503, {"status": "ready"} if ok else

@@ -23,8 +23,9 @@ class ChannelsApi:
     """The channel endpoints (APNs' answers passed on: ``apns_error`` with its status)."""
 
     def __init__(self, engine: Any, *, default_topic: str | None, teams: bool,
-                 limits: Limits) -> None:
+                 limits: Limits, durable: bool = False) -> None:
         self.engine = engine
+        self.durable = durable
         self.default_topic = default_topic
         self.teams = teams
         self.limits = limits
@@ -34,6 +35,10 @@ class ChannelsApi:
 
 
     def _channels(self) -> Any:
+        if self.durable:
+            raise HttpError(501, "not_implemented",
+                            "channel management needs APNs credentials here: not with --to "
+                            "(run fanout channels, or a fanout serve without --to)")
         if self.teams:
             raise HttpError(501, "not_implemented",
                             "channel management with [[team]] tables is not served yet")

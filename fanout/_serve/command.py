@@ -69,6 +69,13 @@ def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    help="HTTP/2 streams per connection (default 100)")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="SIGTERM: requests in flight get this long to end (default 30)")
+    g = p.add_argument_group("durable mode: accepted pushes go to a fleet's Redis Stream")
+    g.add_argument("--to", metavar="redis://HOST:PORT/STREAM",
+                   help="add each accepted push to this stream (fanout run --source reads "
+                        "it) and answer 202 with its entry id, instead of sending it here")
+    g.add_argument("--max-backlog", type=int, default=100_000, metavar="ENTRIES",
+                   help="while the stream holds more, adding waits up to --push-timeout, "
+                        "then 503 (default 100,000)")
     p.add_argument("--la-budget", type=int, default=50,
                    help="priority-10 Live Activity pushes per activity per hour")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
@@ -131,14 +138,24 @@ async def serve_main(args: argparse.Namespace) -> int:
                         max_line=args.max_line, max_tokens=args.max_tokens,
                         body_timeout=args.body_timeout, push_timeout=args.push_timeout)
         metrics = Metrics(daemon=False)
-        engine = make_engine(settings, events=metrics)
+        queue = None
+        if args.to:
+            from .durable import RedisQueue
+
+            if args.max_backlog <= 0:
+                raise ConfigError("--max-backlog must be more than 0")
+            queue = RedisQueue(args.to, args.max_backlog)
+            engine: Any = None
+        else:
+            engine = make_engine(settings, events=metrics)
     except ConfigError as exc:
         print(f"fanout serve: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     app = App(engine, default_topic=settings.topic, environment=settings.environment,
               teams=bool(settings.team), keys=keys if keys else None, limits=limits,
-              registry=metrics.registry, sample=lambda: metrics.sample(engine),
-              tracker=ActivityTracker(args.la_budget, over_budget="lower"))
+              registry=metrics.registry,
+              sample=(lambda: metrics.sample(engine)) if engine is not None else None,
+              tracker=ActivityTracker(args.la_budget, over_budget="lower"), queue=queue)
     try:
         from hypercorn.trio import serve
     except ImportError:
@@ -149,9 +166,10 @@ async def serve_main(args: argparse.Namespace) -> int:
     topics = [settings.topic] if not settings.team else \
         [spec.topics[0] for spec in settings.team if spec.topics]
     forced = False
-    async with engine:
+    async with engine if engine is not None else queue:  # type: ignore[union-attr]
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_probe, app, engine, [t for t in topics if t])
+            if engine is not None:
+                nursery.start_soon(_probe, app, engine, [t for t in topics if t])
             stop = trio.Event()
 
             async def run_server(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

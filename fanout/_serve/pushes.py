@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
@@ -27,6 +27,9 @@ from ..outcome import Result
 from ..payload import Prepared
 from .http import JSON, NDJSON, Exchange, HttpError, Limits, error_body
 from .keys import ApiKey
+
+if TYPE_CHECKING:
+    from .durable import RedisQueue
 
 OUT_CHANNEL = 64   # result lines waiting for a slow reader before intake pauses
 IN_CHANNEL = 256   # prepared pushes waiting for the engine
@@ -83,8 +86,10 @@ class Pushes:
     """The push endpoints, over one engine (a Client or Teams)."""
 
     def __init__(self, engine: Any, *, default_topic: str | None, environment: str,
-                 teams: bool, limits: Limits, tracker: Any, stopping: trio.Event) -> None:
+                 teams: bool, limits: Limits, tracker: Any, stopping: trio.Event,
+                 queue: RedisQueue | None = None) -> None:
         self.engine = engine
+        self.queue = queue
         self.default_topic = default_topic
         self.environment = environment
         self.teams = teams
@@ -158,6 +163,11 @@ class Pushes:
                 raise HttpError(429, "rate_limited",
                                 f"API key {key.name!r} is over its rate of {key.rate:g}/s",
                                 [(b"retry-after", str(math.ceil(wait)).encode())])
+        if self.queue is not None:
+            self._validate(push)
+            entries = await self._enqueue([line_bytes(push)])
+            await ex.json(202, {"entry": entries[0], "id": push.id})
+            return
         prepared = await self._prepare_single(push, Tag(push.id, 1))
         if isinstance(prepared, ResultLine):
             await ex.json(200, result_encoder.encode(prepared))
@@ -262,10 +272,88 @@ class Pushes:
                 continue
             yield push
 
+    # ------------------------------------------------------------ --to redis://
+
+    def _validate(self, push: PushLine) -> int:
+        """Check ``push`` as the fleet's daemon will (400 if it cannot go); its pushes."""
+        try:
+            if push.live_activity is None and push.channel_id is None:
+                template = line_template(push, self.default_topic)
+                tokens = list(line_tokens(push))
+                for token in tokens:
+                    template.for_token(token, None)
+                return len(tokens)
+            prepare_single(push, single_payload(push), 10, None, self.default_topic)
+            return 1
+        except (ValidationError, ConfigError) as exc:
+            raise HttpError(400, "bad_request", str(exc)) from None
+        except (TypeError, ValueError) as exc:
+            raise HttpError(400, "bad_request", f"invalid push: {exc}"[:300]) from None
+
+    async def _enqueue(self, lines: list[bytes]) -> list[str]:
+        from .durable import BacklogFull
+
+        assert self.queue is not None
+        try:
+            return await self.queue.add(lines, trio.current_time() + self.limits.push_timeout)
+        except BacklogFull as exc:
+            raise HttpError(503, "backlog_full", str(exc), [(b"retry-after", b"5")]) from None
+        except Exception as exc:  # noqa: BLE001  # Redis down: nothing was accepted
+            raise HttpError(503, "not_ready",
+                            f"the stream cannot be written: {type(exc).__name__}") from None
+
+    async def _stream_to_queue(self, ex: Exchange, key: ApiKey | None,
+                               pushes: AsyncIterator[PushLine | str]) -> None:
+        """``--to``: each line checked and added as one entry; one NDJSON line each,
+        ``{"line", "entry", "id"}`` or the line's ``malformed``/``rejected`` result."""
+        await ex.start(202, NDJSON)
+        number = count = 0
+        try:
+            async for push in pushes:
+                number += 1
+                if self.stopping.is_set():
+                    raise HttpError(503, "shutting_down", "the server is stopping: lines "
+                                    f"from {number} on were not read")
+                if isinstance(push, str):
+                    out: Any = ResultLine(id=None, line=number, outcome="malformed",
+                                          error=push)
+                elif key is not None and not key.allows(push.topic or self.default_topic):
+                    out = ResultLine(id=push.id, line=number, outcome="rejected",
+                                     error=f"API key {key.name!r} may not send to "
+                                           f"{push.topic or self.default_topic}")
+                else:
+                    try:
+                        count += self._validate(push)
+                        if count > self.limits.max_tokens:
+                            raise HttpError(400, "too_many_tokens",
+                                            f"over {self.limits.max_tokens} pushes in one "
+                                            f"request")
+                        if key is not None and (wait := key.take(1)):
+                            await trio.sleep(wait)
+                        entry = (await self._enqueue([line_bytes(push)]))[0]
+                        out = {"line": number, "entry": entry, "id": push.id}
+                    except HttpError as exc:
+                        if exc.code not in ("bad_request",):
+                            raise
+                        out = ResultLine(id=push.id, line=number, outcome="malformed",
+                                         error=exc.message)
+                await ex.write(msgspec.json.encode(out) + b"\n")
+        except HttpError as exc:
+            if exc.status == 499:
+                raise
+            await ex.write(error_body(exc.code, exc.message) + b"\n", more=False)
+            return
+        await ex.write(b"", more=False)
+
+    # ------------------------------------------------------------ the engine
+
     async def _stream(self, ex: Exchange, key: ApiKey | None,
                       pushes: AsyncIterator[PushLine | str]) -> None:
         """Send every push of ``pushes``; one NDJSON result line each, in the order they
         end, written while the body is still read."""
+        if self.queue is not None:
+            await self._stream_to_queue(ex, key, pushes)
+            return
         out_send, out_recv = trio.open_memory_channel[bytes](OUT_CHANNEL)
         in_send, in_recv = trio.open_memory_channel[Prepared](IN_CHANNEL)
         failure: list[HttpError] = []
@@ -392,6 +480,14 @@ class Pushes:
             await ex.json(400, gorush_error(str(exc)))
             return
         logs: list[dict[str, Any]] = [e for r in req.refused for e in refusal_logs(r)]
+        if self.queue is not None:  # --to: each notification one entry, the fleet sends
+            for push in req.pushes:
+                require_topic(key, push.topic, self.default_topic)
+                self._validate(push)
+            if req.pushes:
+                await self._enqueue([line_bytes(p) for p in req.pushes])
+            await ex.json(200, gorush_response(req.counts, logs))
+            return
         prepared: list[Prepared] = []
         for number, (push, index) in enumerate(zip(req.pushes, req.indexes, strict=True)):
             topic = push.topic or self.default_topic
@@ -437,3 +533,9 @@ def _for_tokens(template: Any, tokens: Any, tag: Tag, env: str | None) -> Any:
             yield template.for_token(token, tag)
         except ValidationError as exc:
             yield (token, str(exc))
+
+
+def line_bytes(push: PushLine) -> bytes:
+    """``push`` as one line of the daemon's format (its unset fields left out)."""
+    fields = {k: v for k, v in msgspec.structs.asdict(push).items() if v is not None}
+    return msgspec.json.encode(fields)
