@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -468,3 +469,51 @@ def test_durable_mode_hands_pushes_to_the_fleet(tmp_path: Path,
         serve.kill()
         mock.kill()
         redis.stop()
+
+
+def test_tls_with_alpn_h2_and_http1(tmp_path: Path, signing_key: TestSigningKey,
+                                    pki: Any) -> None:
+    """--tls-cert/--tls-key: HTTP/2 chosen by ALPN, HTTP/1.1 for a client that offers only
+    it; a non-loopback bind is then allowed (with keys)."""
+    mock = Mock(tmp_path, signing_key)
+    serve = Serve(tmp_path, mock, "--tls-cert", str(pki.cert_file), "--tls-key",
+                  str(pki.key_file), env={"FANOUT_API_KEYS": KEY})
+    url = serve.url.replace("http://", "https://")
+    try:
+        for http2 in (True, False):
+            with httpx.Client(base_url=url, http1=not http2, http2=http2,
+                              verify=ssl.create_default_context(cafile=str(pki.ca_file)),
+                              timeout=HTTP_TIMEOUT,
+                              headers={"authorization": f"Bearer {KEY}"}) as http:
+                r = http.post("/v1/push", json={"token": "ab" * 32, "payload": PAYLOAD})
+                assert r.status_code == 200 and r.json()["outcome"] == "delivered"
+                assert r.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
+        assert "https://127.0.0.1:" in serve.output()
+    finally:
+        serve.kill()
+        mock.kill()
+
+
+def test_requests_over_max_requests_get_429(tmp_path: Path,
+                                           signing_key: TestSigningKey) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    mock = Mock(tmp_path, signing_key, "--latency", "1.5")
+    serve = Serve(tmp_path, mock, "--max-requests", "1")
+    try:
+        with client(serve, key=None) as http, client(serve, key=None) as other, \
+                ThreadPoolExecutor(1) as pool:
+            _wait_for(lambda: other.get("/readyz").status_code == 200, "ready", serve.proc,
+                      serve.log)
+            first = pool.submit(http.post, "/v1/push",
+                                json={"token": "ab" * 32, "payload": PAYLOAD})
+            _wait_for(lambda: _in_flight(other) == 1, "the first push in flight", serve.proc,
+                      serve.log)
+            second = other.post("/v1/push", json={"token": "cd" * 32, "payload": PAYLOAD})
+            assert second.status_code == 429, second.text
+            assert second.json()["error"]["code"] == "too_many_requests"
+            assert second.headers["retry-after"] == "1"
+            assert first.result(START_TIMEOUT).json()["outcome"] == "delivered"
+    finally:
+        serve.kill()
+        mock.kill()

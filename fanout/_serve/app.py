@@ -20,6 +20,9 @@ from .keys import ApiKey, ApiKeys
 from .pushes import Pushes
 
 
+SERVICE_ENDPOINTS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
+
+
 class Readiness:
     """``/readyz``: APNs answered the start-up probe with the credentials accepted, and
     the engine has no configuration error and a way to APNs now."""
@@ -80,13 +83,19 @@ class App:
         path = raw.split(b"?", 1)[0].decode("latin-1")  # still quoted: an id may hold "/"
         endpoint, handler, args = self._route(scope["method"], path)
         started = time.perf_counter()
-        self.in_flight_requests += 1
+        counted = endpoint not in SERVICE_ENDPOINTS  # a busy server still says how it is
+        if counted:
+            self.in_flight_requests += 1
         try:
             if handler is None:
                 raise args[0]
             if endpoint != "/healthz":
                 key = self._authenticate(ex)
                 args = (key, *args)
+            if counted and self.in_flight_requests > self.limits.max_requests:
+                raise HttpError(429, "too_many_requests",
+                                f"{self.limits.max_requests} requests are in progress "
+                                f"already (--max-requests)", [(b"retry-after", b"1")])
             await handler(ex, *args)
         except HttpError as exc:
             if exc.status == 499:
@@ -100,7 +109,8 @@ class App:
             else:  # the stream has begun: its last line says why it ends
                 await ex.write(error_body(exc.code, exc.message) + b"\n", more=False)
         finally:
-            self.in_flight_requests -= 1
+            if counted:
+                self.in_flight_requests -= 1
             if self._metrics is not None:
                 self._metrics.observe(endpoint, ex.status, time.perf_counter() - started)
 

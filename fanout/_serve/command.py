@@ -65,6 +65,9 @@ def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                         "(default 10)")
     p.add_argument("--push-timeout", type=float, default=d.push_timeout, metavar="SECONDS",
                    help=f"/v1/push waits this long for APNs (default {d.push_timeout:g})")
+    p.add_argument("--max-requests", type=int, default=d.max_requests,
+                   help="push and channel requests in progress at once, all connections "
+                        f"together; beyond, 429 (default {d.max_requests})")
     p.add_argument("--max-streams", type=int, default=100,
                    help="HTTP/2 streams per connection (default 100)")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -131,11 +134,13 @@ async def serve_main(args: argparse.Namespace) -> int:
         if bool(cert) != bool(key_file):
             raise ConfigError("TLS needs both --tls-cert and --tls-key")
         check_exposure(host, keys, bool(cert), args.behind_tls_proxy)
-        for name in ("max_body", "max_stream_body", "max_line", "max_tokens", "max_streams"):
+        for name in ("max_body", "max_stream_body", "max_line", "max_tokens", "max_streams",
+                     "max_requests"):
             if getattr(args, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be more than 0")
         limits = Limits(max_body=args.max_body, max_stream_body=args.max_stream_body,
                         max_line=args.max_line, max_tokens=args.max_tokens,
+                        max_requests=args.max_requests,
                         body_timeout=args.body_timeout, push_timeout=args.push_timeout)
         metrics = Metrics(daemon=False)
         queue = None

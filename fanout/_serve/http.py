@@ -31,6 +31,8 @@ class Limits(msgspec.Struct, kw_only=True):
     """Pushes one request may hold (a fan-out's tokens, a stream's pushes)."""
     body_timeout: float = 30.0
     """Seconds the server waits for the next piece of a body."""
+    max_requests: int = 1024
+    """Push and channel requests in progress at once (all connections together)."""
     push_timeout: float = 30.0
     """Seconds ``/v1/push`` waits for APNs by default (``?timeout=`` lowers it)."""
 
