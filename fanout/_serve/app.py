@@ -19,7 +19,6 @@ from .http import Exchange, HttpError, Limits, Receive, Scope, Send, error_body,
 from .keys import ApiKey, ApiKeys
 from .pushes import Pushes
 
-
 SERVICE_ENDPOINTS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
 
 
