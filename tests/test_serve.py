@@ -517,3 +517,43 @@ def test_requests_over_max_requests_get_429(tmp_path: Path,
     finally:
         serve.kill()
         mock.kill()
+
+
+def test_at_the_drain_deadline_every_push_still_out_is_answered(
+        tmp_path: Path, signing_key: TestSigningKey) -> None:
+    """SIGTERM while APNs never answers: at --drain-timeout the pushes in flight end
+    maybe_delivered, each in its own request's answer; none is left without a word."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    mock = Mock(tmp_path, signing_key)
+    serve = Serve(tmp_path, mock, "--drain-timeout", "0.5")
+    try:
+        with client(serve, key=None) as http, client(serve, key=None) as streamer, \
+                client(serve, key=None) as watch, ThreadPoolExecutor(2) as pool:
+            _wait_for(lambda: watch.get("/readyz").status_code == 200, "ready", serve.proc,
+                      serve.log)
+            mock.proc.send_signal(signal.SIGSTOP)  # APNs is there, and never answers
+            try:
+                one = pool.submit(http.post, "/v1/push",
+                                  json={"token": "ab" * 32, "payload": PAYLOAD, "id": "one"})
+                lines = "\n".join(json.dumps({"token": t, "payload": PAYLOAD, "id": i})
+                                  for i, t in enumerate(tokens(3, "a5")))
+                many = pool.submit(streamer.post, "/v1/pushes", content=lines,
+                                   headers={"content-type": "application/x-ndjson"})
+                _wait_for(lambda: _in_flight(watch) == 4, "4 pushes in flight", serve.proc,
+                          serve.log)
+                serve.proc.send_signal(signal.SIGTERM)
+                r = one.result(START_TIMEOUT)
+                streamed = ndjson(many.result(START_TIMEOUT))
+            finally:
+                mock.proc.send_signal(signal.SIGCONT)
+        assert r.status_code == 200, r.text
+        assert r.json()["outcome"] == "maybe_delivered" and r.json()["id"] == "one"
+        assert sorted(x["id"] for x in streamed[:3]) == [0, 1, 2]
+        assert {x["outcome"] for x in streamed[:3]} == {"maybe_delivered"}
+        assert streamed[3]["error"]["code"] == "shutting_down"
+        assert serve.proc.wait(START_TIMEOUT) == 0, serve.output()
+        assert "drain deadline" in serve.output()
+    finally:
+        serve.kill()
+        mock.kill()

@@ -206,11 +206,24 @@ async def serve_main(args: argparse.Namespace) -> int:
     return EXIT_FORCED if forced else EXIT_OK
 
 
+ANSWER_GRACE = 5.0  # seconds the requests get, after the drain deadline, to answer
+
+
 async def _until_drained(nursery: trio.Nursery, app: App, timeout: float) -> None:
-    """After a stop: end the run when hypercorn has finished (or the deadline passed)."""
-    with trio.move_on_after(timeout + 1.0):
+    """After a stop: end the run once every request has ended. At the drain deadline the
+    pushes still out are ended (those in flight ``maybe_delivered``, the others as not
+    sent) and answered to their requests, which then get ANSWER_GRACE to write them."""
+    with trio.move_on_after(timeout):
         while app.in_flight_requests:
             await trio.sleep(0.05)
+    if app.in_flight_requests:
+        aborted = app.pushes.abort("the server stopped before APNs answered")
+        log.warning("drain deadline: %d request(s) still open, %d push(es) in flight ended "
+                    "maybe_delivered; the rest answered as not sent", app.in_flight_requests,
+                    aborted)
+        with trio.move_on_after(ANSWER_GRACE):
+            while app.in_flight_requests:
+                await trio.sleep(0.05)
     nursery.cancel_scope.cancel()
 
 
@@ -247,7 +260,7 @@ def _hypercorn_config(host: str, port: int, cert: str | None, key: str | None,
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.keep_alive_timeout = args.header_timeout
-    config.graceful_timeout = args.drain_timeout
+    config.graceful_timeout = args.drain_timeout + ANSWER_GRACE + 1.0  # ours ends first
     config.h2_max_concurrent_streams = args.max_streams
     config.accesslog = None
     config.errorlog = logging.getLogger("fanout.serve.http")

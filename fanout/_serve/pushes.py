@@ -61,12 +61,54 @@ class BroadcastRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
 
 
 class Tag:
-    """A push's ``id`` in the engine: the caller's id and its line in the request."""
+    """A push's ``id`` in the engine: the caller's id, its line in the request, and the
+    request's :class:`Pending` (for the drain deadline)."""
 
-    __slots__ = ("id", "line")
+    __slots__ = ("id", "line", "pending")
 
-    def __init__(self, id: Any, line: int) -> None:
-        self.id, self.line = id, line
+    def __init__(self, id: Any, line: int, pending: Pending | None = None) -> None:
+        self.id, self.line, self.pending = id, line, pending
+
+
+NOT_SENT = "not sent: the server is stopping (safe to send again)"
+
+
+class Pending:
+    """A request's pushes handed to the engine and not yet ended: at the drain deadline
+    those in flight end ``maybe_delivered`` (:meth:`Pushes.abort`), the others are
+    answered as not sent, so that nothing accepted ends without a word."""
+
+    __slots__ = ("scope", "aborted", "outstanding")
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.aborted: list[Result] = []
+        self.outstanding: dict[tuple[int, str | None], list[Any]] = {}
+
+    def sent(self, line: int, target: str | None, id: Any) -> None:
+        entry = self.outstanding.setdefault((line, target), [0, id])
+        entry[0] += 1
+
+    def ended(self, result: Result) -> None:
+        key = (result.id.line, result.token or result.channel_id)
+        entry = self.outstanding.get(key)
+        if entry is not None:
+            entry[0] -= 1
+            if entry[0] <= 0:
+                del self.outstanding[key]
+
+    def unanswered(self) -> list[ResultLine]:
+        """After an abort: the aborted pushes' results, then one ``retries_exhausted``
+        line per push that never went out."""
+        out = [result_line(r) for r in self.aborted]
+        for r in self.aborted:
+            self.ended(r)
+        for (line, target), (count, id) in self.outstanding.items():
+            for _ in range(count):
+                out.append(ResultLine(id=id, line=line, outcome="retries_exhausted",
+                                      token=target, error=NOT_SENT))
+        self.outstanding.clear()
+        return out
 
 
 def result_line(result: Result) -> ResultLine:
@@ -90,6 +132,7 @@ class Pushes:
                  queue: RedisQueue | None = None) -> None:
         self.engine = engine
         self.queue = queue
+        self.pending: set[Pending] = set()
         self.default_topic = default_topic
         self.environment = environment
         self.teams = teams
@@ -154,6 +197,18 @@ class Pushes:
         prepared.environment = push.environment
         return prepared
 
+    def abort(self, why: str) -> int:
+        """The drain deadline: end the pushes in flight (``maybe_delivered``, each to its
+        request) and stop every request waiting on the engine; the pushes aborted."""
+        results = self.engine.abort_in_flight(why) if self.engine is not None else []
+        for result in results:
+            tag = result.id
+            if isinstance(tag, Tag) and tag.pending is not None:
+                tag.pending.aborted.append(result)
+        for pending in list(self.pending):
+            pending.scope.cancel()
+        return len(results)
+
     async def _one(self, ex: Exchange, key: ApiKey | None, push: PushLine) -> None:
         """Send one push and answer its result (200 whatever APNs said)."""
         self._check_key(key, push.topic)
@@ -168,7 +223,8 @@ class Pushes:
             entries = await self._enqueue([line_bytes(push)])
             await ex.json(202, {"entry": entries[0], "id": push.id})
             return
-        prepared = await self._prepare_single(push, Tag(push.id, 1))
+        pending = Pending()
+        prepared = await self._prepare_single(push, Tag(push.id, 1, pending))
         if isinstance(prepared, ResultLine):
             await ex.json(200, result_encoder.encode(prepared))
             return
@@ -181,8 +237,18 @@ class Pushes:
                 raise HttpError(400, "bad_request", f"timeout={asked!r}: not a number") from None
             if not timeout > 0:
                 raise HttpError(400, "bad_request", "timeout must be more than 0")
-        with trio.move_on_after(timeout) as waited:
-            result = await self.engine.send(prepared)
+        self.pending.add(pending)
+        try:
+            with pending.scope, trio.move_on_after(timeout) as waited:
+                result = await self.engine.send(prepared)
+        finally:
+            self.pending.discard(pending)
+        if pending.scope.cancelled_caught:  # the drain deadline
+            line = (result_line(pending.aborted[0]) if pending.aborted else
+                    ResultLine(id=push.id, line=1, outcome="retries_exhausted",
+                               token=push.token, channel_id=push.channel_id, error=NOT_SENT))
+            await ex.json(200, result_encoder.encode(line))
+            return
         if waited.cancelled_caught:
             raise HttpError(504, "timeout",
                             f"APNs did not answer within {timeout:g} s; the push was "
@@ -357,12 +423,13 @@ class Pushes:
         out_send, out_recv = trio.open_memory_channel[bytes](OUT_CHANNEL)
         in_send, in_recv = trio.open_memory_channel[Prepared](IN_CHANNEL)
         failure: list[HttpError] = []
+        pending = Pending()
         await ex.start(200, NDJSON)
 
         async def feed() -> None:
             async with in_send, out_send:
                 try:
-                    await self._feed(key, pushes, in_send, out_send)
+                    await self._feed(key, pushes, in_send, out_send, pending)
                 except HttpError as exc:  # the body broke off: what was sent still ends
                     failure.append(exc)
 
@@ -371,20 +438,31 @@ class Pushes:
         async def results() -> None:
             async with results_out as out:
                 async for result in self.engine.send_many(drain(in_recv)):
+                    pending.ended(result)
                     await out.send(result_encoder.encode(result_line(result)) + b"\n")
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(feed)
-            nursery.start_soon(results)
-            async with out_recv:
-                async for data in out_recv:
-                    batch = [data]
-                    while len(batch) < OUT_CHANNEL:
-                        try:
-                            batch.append(out_recv.receive_nowait())
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
-                    await ex.write(b"".join(batch))
+        self.pending.add(pending)
+        try:
+            with pending.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(feed)
+                    nursery.start_soon(results)
+                    async with out_recv:
+                        async for data in out_recv:
+                            batch = [data]
+                            while len(batch) < OUT_CHANNEL:
+                                try:
+                                    batch.append(out_recv.receive_nowait())
+                                except (trio.WouldBlock, trio.EndOfChannel):
+                                    break
+                            await ex.write(b"".join(batch))
+        finally:
+            self.pending.discard(pending)
+        if pending.scope.cancelled_caught:  # the drain deadline: every push gets its line
+            lines = pending.unanswered()
+            await ex.write(b"".join(result_encoder.encode(x) + b"\n" for x in lines))
+            failure[:] = [HttpError(503, "shutting_down", "the server stopped at its drain "
+                                    "deadline: no line after these was read")]
         if failure and failure[0].status != 499:
             exc = failure[0]
             await ex.write(error_body(exc.code, exc.message) + b"\n", more=False)
@@ -393,7 +471,7 @@ class Pushes:
 
     async def _feed(self, key: ApiKey | None, pushes: AsyncIterator[PushLine | str],
                     in_send: trio.MemorySendChannel[Prepared],
-                    out_send: trio.MemorySendChannel[bytes]) -> None:
+                    out_send: trio.MemorySendChannel[bytes], pending: Pending) -> None:
         number = 0
         count = 0
 
@@ -420,7 +498,7 @@ class Pushes:
                 await end(number, "config_error", f"environment {env}: this server sends to "
                           f"{self.environment} only", push.id)
                 continue
-            tag = Tag(push.id, number)
+            tag = Tag(push.id, number, pending)
             if push.live_activity is not None or push.channel_id is not None:
                 try:
                     single = await self._prepare_single(push, tag)
@@ -457,6 +535,7 @@ class Pushes:
                         await trio.sleep(wait)
                         key.take(1)
                 prepared.environment = env
+                pending.sent(number, prepared.token or prepared.channel_id, push.id)
                 await in_send.send(prepared)
 
 
