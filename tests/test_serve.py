@@ -557,3 +557,33 @@ def test_at_the_drain_deadline_every_push_still_out_is_answered(
     finally:
         serve.kill()
         mock.kill()
+
+
+def test_teams_route_pushes_by_topic(tmp_path: Path, signing_key: TestSigningKey) -> None:
+    """[[team]] tables (--teams FILE): each push goes through the team serving its topic,
+    and its result names that team; a topic no team serves is a config_error result."""
+    teams = tmp_path / "teams.toml"
+    teams.write_text(
+        f'[[team]]\nname = "acme"\ntopics = ["com.acme.app"]\nkey_path = "{signing_key.path}"\n'
+        f'key_id = "{signing_key.key_id}"\nteam_id = "TEAMACME01"\nenvironments = ["production"]\n'
+        f'\n[[team]]\nname = "beta"\ntopics = ["com.beta.app"]\nkey_path = "{signing_key.path}"\n'
+        f'key_id = "{signing_key.key_id}"\nteam_id = "TEAMBETA01"\nenvironments = ["production"]\n')
+    mock = Mock(tmp_path, signing_key, "--accept-all")
+    serve = Serve(tmp_path, mock, "--teams", str(teams))
+    try:
+        with client(serve, key=None, http2=True) as http:
+            _wait_for(lambda: http.get("/readyz").status_code == 200, "ready", serve.proc,
+                      serve.log)
+            lines = [{"token": "ab" * 32, "payload": PAYLOAD, "topic": "com.acme.app", "id": 1},
+                     {"token": "cd" * 32, "payload": PAYLOAD, "topic": "com.beta.app", "id": 2},
+                     {"token": "ef" * 32, "payload": PAYLOAD, "topic": "com.other.app", "id": 3}]
+            r = http.post("/v1/pushes", json=lines)
+            by_id = {x["id"]: x for x in ndjson(r)}
+            one = http.post("/v1/push", json={**lines[1], "id": 4}).json()
+    finally:
+        serve.kill()
+        mock.kill()
+    assert by_id[1]["team"] == "acme" and by_id[1]["outcome"] == "delivered"
+    assert by_id[2]["team"] == "beta" and by_id[2]["outcome"] == "delivered"
+    assert by_id[3]["outcome"] == "config_error" and "com.other.app" in by_id[3]["error"]
+    assert one["team"] == "beta" and one["outcome"] == "delivered"
