@@ -47,6 +47,7 @@ from .payload import (
     PushTemplate,
     PushType,
     bundle_of,
+    check_expiration,
     prepare,
 )
 
@@ -242,8 +243,7 @@ def prepare_broadcast(channel_id: str, payload: Payload | dict[str, Any] | bytes
     bundle = check_bundle_id(bundle_id)
     if priority not in PRIORITIES:
         raise ValidationError("priority", f"must be 10, 5 or 1, not {priority!r}")
-    if expiration is not None and (not isinstance(expiration, int) or expiration < 0):
-        raise ValidationError("expiration", "must be a non-negative epoch in seconds")
+    expiration_header = check_expiration(expiration)  # milliseconds by mistake refused
     body = encode_payload(payload)
     if not body:
         raise ValidationError("payload", "is empty")
@@ -263,8 +263,7 @@ def prepare_broadcast(channel_id: str, payload: Payload | dict[str, Any] | bytes
     return Prepared(
         token=channel_id, path=b"/4/broadcasts/apps/" + bundle.encode(), body=body,
         push_type=b"liveactivity", topic=None, priority=str(priority).encode(), limit=5120,
-        expiration=None if expiration is None else str(expiration).encode(), id=id,
-        extra=extra, channel_id=channel_id,
+        expiration=expiration_header, id=id, extra=extra, channel_id=channel_id,
     )
 
 

@@ -514,7 +514,8 @@ def _check_priority(priority: int | None, push_type: PushType) -> bytes:
     return _PRIORITY_BYTES[priority]
 
 
-def _check_expiration(expiration: int | None) -> bytes | None:
+def check_expiration(expiration: int | None) -> bytes | None:
+    """An ``apns-expiration`` value: epoch seconds (int >= 0, below year 5000), or None."""
     if expiration is None:
         return None
     if type(expiration) is not int or expiration < 0:
@@ -611,7 +612,7 @@ class PushTemplate:
             )
         self.topic: bytes = _topic_bytes(base, pt)
         self.priority: bytes = _check_priority(priority, pt)
-        self.expiration = _check_expiration(expiration)
+        self.expiration = check_expiration(expiration)
         self.collapse_id = _check_collapse_id(collapse_id)
         self.apns_id = _check_apns_id(apns_id)
         if isinstance(payload, Payload):

@@ -415,3 +415,14 @@ async def test_stats_reset_keeps_channels(mock: MockAPNs, pki: TestPKI, auth: To
         mock.stats.reset()
         assert mock.stats.requests == 0
         assert await ch.read(channel.channel_id) == channel
+
+
+@pytest.mark.parametrize("expiration", [-1, 10**12, "0", 1.5])
+def test_a_broadcast_expiration_is_checked_as_a_device_pushs(expiration: object) -> None:
+    """Milliseconds by mistake (>= 1e11) are refused for a broadcast as for a device push."""
+    from fanout.client import prepare_broadcast
+    from fanout.errors import ValidationError
+
+    with pytest.raises(ValidationError, match="expiration"):
+        prepare_broadcast("ZmFrZWNoYW5uZWw=", {"aps": {"event": "update"}},
+                          bundle_id="com.example.app", expiration=expiration)  # type: ignore[arg-type]
