@@ -587,3 +587,23 @@ def test_teams_route_pushes_by_topic(tmp_path: Path, signing_key: TestSigningKey
     assert by_id[2]["team"] == "beta" and by_id[2]["outcome"] == "delivered"
     assert by_id[3]["outcome"] == "config_error" and "com.other.app" in by_id[3]["error"]
     assert one["team"] == "beta" and one["outcome"] == "delivered"
+
+
+def test_headers_that_never_end_are_cut_at_the_header_timeout(
+        tmp_path: Path, signing_key: TestSigningKey) -> None:
+    """Slowloris: a connection whose headers are not complete within --header-timeout is
+    closed, and the server keeps serving others."""
+    import socket
+
+    mock = Mock(tmp_path, signing_key)
+    serve = Serve(tmp_path, mock, "--header-timeout", "0.5")
+    port = int(serve.url.rsplit(":", 1)[1])
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT) as sock:
+            sock.sendall(b"POST /v1/push HTTP/1.1\r\nhost: x\r\nx-slow: 1")
+            with client(serve, key=None) as http:  # meanwhile, others are served
+                assert http.get("/healthz").status_code == 200
+            assert sock.recv(4096) == b""  # closed by the server (the recv has a timeout)
+    finally:
+        serve.kill()
+        mock.kill()
