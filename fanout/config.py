@@ -271,7 +271,7 @@ def _read_file(path: str) -> dict[str, Any]:
         table = data["apns"]
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: 'apns' must be a table ([apns]), got {table!r}")
-        others = [k for k in data if k != "apns"]
+        others = [k for k in data if k not in ("apns", "serve")]
         if others:
             known = [k for k in others if k in _FIELDS]
             if known:
@@ -281,12 +281,14 @@ def _read_file(path: str) -> dict[str, Any]:
             _unknown(where, others[0])
         data = table
     for key in data:
-        if key not in _FIELDS and key != "team":
+        if key not in _FIELDS and key not in ("team", "serve"):  # [serve]: fanout serve's
             _unknown(where, key)
 
     values: dict[str, Any] = {}
     base = os.path.dirname(os.path.abspath(path))
     for key, raw in data.items():
+        if key == "serve":
+            continue
         if key == "team":
             values["team"] = team_specs(raw, where, base)
             continue

@@ -607,3 +607,32 @@ def test_headers_that_never_end_are_cut_at_the_header_timeout(
     finally:
         serve.kill()
         mock.kill()
+
+
+def test_serve_options_come_from_flag_variable_config_or_default(tmp_path: Path) -> None:
+    """Like every command's settings: flag > FANOUT_* variable > [serve] table > default;
+    a wrong value names where it came from."""
+    from fanout._cli import build_parser
+    from fanout._serve.options import resolve
+    from fanout.errors import ConfigError
+
+    config = tmp_path / "fanout.toml"
+    config.write_text('topic = "com.example.app"\n\n[serve]\nlisten = "127.0.0.1:9000"\n'
+                      'max_tokens = 7\nmax_body = 2048\napi_keys = "keys"\n')
+    args = build_parser().parse_args(["serve", "--config", str(config), "--max-body", "99"])
+    resolve(args, {"FANOUT_MAX_TOKENS": "5"})
+    assert (args.listen, args.max_tokens, args.max_body) == ("127.0.0.1:9000", 5, 99)
+    assert args.api_keys == str(tmp_path / "keys") and args.drain_timeout == 30.0
+    from fanout.config import load_settings
+    assert load_settings(args, {}).topic == "com.example.app"  # [serve] is not a setting
+
+    args = build_parser().parse_args(["serve"])
+    with pytest.raises(ConfigError, match="FANOUT_MAX_TOKENS: expected an integer"):
+        resolve(args, {"FANOUT_MAX_TOKENS": "many"})
+    config.write_text('[serve]\nmax_tokns = 7\n')
+    args = build_parser().parse_args(["serve", "--config", str(config)])
+    with pytest.raises(ConfigError, match="did you mean 'max_tokens'"):
+        resolve(args, {})
+    args = build_parser().parse_args(["serve", "--max-requests", "0"])
+    with pytest.raises(ConfigError, match="max_requests must be more than 0"):
+        resolve(args, {})

@@ -19,68 +19,23 @@ from .._exits import EXIT_CONFIG, EXIT_FORCED, EXIT_OK
 from ..errors import ConfigError
 from .app import App, Limits
 from .keys import ApiKeys, hash_key
+from .options import add_options, resolve
 
 log = logging.getLogger("fanout.serve")
 
-ENV_LISTEN = "FANOUT_LISTEN"
 ENV_KEYS = "FANOUT_API_KEYS"
-ENV_KEYS_FILE = "FANOUT_API_KEYS_FILE"
-ENV_TLS_CERT = "FANOUT_TLS_CERT"
-ENV_TLS_KEY = "FANOUT_TLS_KEY"
 PROBE_RETRY = 5.0  # seconds between start-up probes until one is answered
 
 
 def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                      settings_args: Callable[[argparse.ArgumentParser], None]) -> None:
-    d = Limits()
     p = sub.add_parser("serve", help="an authenticated HTTP API for pushes (any language)")
     settings_args(p)
-    p.add_argument("--listen", metavar="HOST:PORT", default=None,
-                   help=f"address to serve on (default 127.0.0.1:8080; {ENV_LISTEN})")
     p.add_argument("--port-file", help="write the bound port here once listening")
-    p.add_argument("--api-keys", metavar="FILE", default=None,
-                   help="API keys, one per line: the key or sha256:HEX (--hash-key), then "
-                        f"name=, rate= (pushes/s), topics= ({ENV_KEYS_FILE}; keys also from "
-                        f"{ENV_KEYS})")
     p.add_argument("--hash-key", metavar="KEY",
                    help="print the line an --api-keys file holds for KEY, and exit")
-    p.add_argument("--tls-cert", default=None, help=f"serve TLS (h2 by ALPN) ({ENV_TLS_CERT})")
-    p.add_argument("--tls-key", default=None, help=f"the certificate's key ({ENV_TLS_KEY})")
-    p.add_argument("--behind-tls-proxy", action="store_true",
-                   help="bind a non-loopback address without TLS: a proxy in front "
-                        "terminates it")
     p.add_argument("--teams", metavar="FILE", help="[[team]] tables: pushes routed by topic")
-    p.add_argument("--max-body", type=int, default=d.max_body, metavar="BYTES",
-                   help=f"largest whole body (default {d.max_body})")
-    p.add_argument("--max-stream-body", type=int, default=d.max_stream_body, metavar="BYTES",
-                   help=f"largest /v1/pushes body (default {d.max_stream_body})")
-    p.add_argument("--max-line", type=int, default=d.max_line, metavar="BYTES",
-                   help=f"largest NDJSON line (default {d.max_line})")
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens,
-                   help=f"pushes one request may hold (default {d.max_tokens})")
-    p.add_argument("--body-timeout", type=float, default=d.body_timeout, metavar="SECONDS",
-                   help=f"wait for each piece of a body (default {d.body_timeout:g})")
-    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="a connection idle (or its headers incomplete) this long is closed "
-                        "(default 10)")
-    p.add_argument("--push-timeout", type=float, default=d.push_timeout, metavar="SECONDS",
-                   help=f"/v1/push waits this long for APNs (default {d.push_timeout:g})")
-    p.add_argument("--max-requests", type=int, default=d.max_requests,
-                   help="push and channel requests in progress at once, all connections "
-                        f"together; beyond, 429 (default {d.max_requests})")
-    p.add_argument("--max-streams", type=int, default=100,
-                   help="HTTP/2 streams per connection (default 100)")
-    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="SIGTERM: requests in flight get this long to end (default 30)")
-    g = p.add_argument_group("durable mode: accepted pushes go to a fleet's Redis Stream")
-    g.add_argument("--to", metavar="redis://HOST:PORT/STREAM",
-                   help="add each accepted push to this stream (fanout run --source reads "
-                        "it) and answer 202 with its entry id, instead of sending it here")
-    g.add_argument("--max-backlog", type=int, default=100_000, metavar="ENTRIES",
-                   help="while the stream holds more, adding waits up to --push-timeout, "
-                        "then 503 (default 100,000)")
-    p.add_argument("--la-budget", type=int, default=50,
-                   help="priority-10 Live Activity pushes per activity per hour")
+    add_options(p)
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     p.set_defaults(run_main=serve_main)
 
@@ -123,21 +78,16 @@ async def serve_main(args: argparse.Namespace) -> int:
     from ..metrics import Metrics
 
     try:
+        resolve(args)
         settings = load_settings(args)
         if args.teams:
             add_teams_file(settings, args.teams)
-        host, port = _host_port(args.listen or os.environ.get(ENV_LISTEN) or "127.0.0.1:8080")
-        keys = ApiKeys.load(args.api_keys or os.environ.get(ENV_KEYS_FILE),
-                            os.environ.get(ENV_KEYS))
-        cert = args.tls_cert or os.environ.get(ENV_TLS_CERT)
-        key_file = args.tls_key or os.environ.get(ENV_TLS_KEY)
+        host, port = _host_port(args.listen)
+        keys = ApiKeys.load(args.api_keys, os.environ.get(ENV_KEYS))
+        cert, key_file = args.tls_cert, args.tls_key
         if bool(cert) != bool(key_file):
             raise ConfigError("TLS needs both --tls-cert and --tls-key")
         check_exposure(host, keys, bool(cert), args.behind_tls_proxy)
-        for name in ("max_body", "max_stream_body", "max_line", "max_tokens", "max_streams",
-                     "max_requests"):
-            if getattr(args, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be more than 0")
         limits = Limits(max_body=args.max_body, max_stream_body=args.max_stream_body,
                         max_line=args.max_line, max_tokens=args.max_tokens,
                         max_requests=args.max_requests,
@@ -147,8 +97,6 @@ async def serve_main(args: argparse.Namespace) -> int:
         if args.to:
             from .durable import RedisQueue
 
-            if args.max_backlog <= 0:
-                raise ConfigError("--max-backlog must be more than 0")
             queue = RedisQueue(args.to, args.max_backlog)
             engine: Any = None
         else:
