@@ -442,7 +442,7 @@ class Client:
         custom = host is not None and host not in HOSTS.values()
         self._manage = (manage_host or (self.host if custom else None),
                         manage_port or (port if custom else None))
-        self._channels: Channels | None = None
+        self._channels: dict[str, Channels] = {}  # by bundle id
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -467,9 +467,10 @@ class Client:
         """Close the channel client and every connection; pushes still out get no result."""
         nursery, manager = self._nursery, self._nursery_cm
         assert nursery is not None and manager is not None, "__aexit__ without __aenter__"
-        if self._channels is not None:
+        if self._channels:
             with trio.CancelScope(shield=True):
-                await self._channels.aclose()
+                for channels in self._channels.values():
+                    await channels.aclose()
         nursery.cancel_scope.cancel()
         try:
             return await manager.__aexit__(exc_type, exc, tb)
@@ -563,19 +564,27 @@ class Client:
     def channels(self) -> LazyChannels:
         """Broadcast channel management for ``topic`` (:class:`fanout.channels.Channels`):
         ``await client.channels.create(storage_policy)``, ``read``, ``list``, ``delete``."""
-        if self._channels is None:
+        if not self.topic:
+            raise ConfigError("channel management needs the client's topic (bundle id)")
+        return self.channels_for(self.topic)
+
+    def channels_for(self, topic: str) -> LazyChannels:
+        """Channel management for the bundle id of ``topic`` (a client serving several
+        apps, such as a team's in :class:`fanout.teams.Teams`), over this client's
+        credentials and environment; one channel client per bundle id, closed with it."""
+        bundle = bundle_of(topic)
+        channels = self._channels.get(bundle)
+        if channels is None:
             from .channels import Channels
 
-            if not self.topic:
-                raise ConfigError("channel management needs the client's topic (bundle id)")
             auth = self.auth
             if not isinstance(auth, TokenAuth | CertAuth):
                 raise ConfigError(f"auth must be TokenAuth or CertAuth, got {type(auth).__name__}")
-            self._channels = Channels(auth=auth, bundle_id=bundle_of(self.topic),
-                                      environment=self.environment, host=self._manage[0],
-                                      port=self._manage[1], ca_file=self._ca_file,
-                                      ssl_context=None, proxy=self._proxy_setting)
-        return LazyChannels(self._channels)
+            channels = self._channels[bundle] = Channels(
+                auth=auth, bundle_id=bundle, environment=self.environment,
+                host=self._manage[0], port=self._manage[1], ca_file=self._ca_file,
+                ssl_context=None, proxy=self._proxy_setting)
+        return LazyChannels(channels)
 
     async def broadcast(self, channel_id: str, payload: Payload | dict[str, Any] | bytes, *,
                         bundle_id: str | None = None, priority: int = 10,

@@ -247,6 +247,16 @@ class Teams:
         held.last_used = trio.current_time()
         return held.client
 
+    async def channels_for(self, topic: str | None, environment: str | None = None) -> Any:
+        """Channel management for ``topic``'s app, through the team that serves it (its
+        client opened if need be); ConfigError when no team serves ``topic``."""
+        team = self.team_for(topic)
+        if team is None or topic is None:
+            raise ConfigError(f"no [[team]] serves topic {topic!r}" if topic else
+                              "channel management with [[team]] tables needs a topic")
+        client = await self.client_for(team, environment)
+        return client.channels_for(topic)
+
     async def _hold(self, key: tuple[str, str], held: _Open) -> None:
         try:
             async with held.client:

@@ -567,7 +567,8 @@ def test_teams_route_pushes_by_topic(tmp_path: Path, signing_key: TestSigningKey
         f'[[team]]\nname = "acme"\ntopics = ["com.acme.app"]\nkey_path = "{signing_key.path}"\n'
         f'key_id = "{signing_key.key_id}"\nteam_id = "TEAMACME01"\nenvironments = ["production"]\n'
         f'\n[[team]]\nname = "beta"\ntopics = ["com.beta.app"]\nkey_path = "{signing_key.path}"\n'
-        f'key_id = "{signing_key.key_id}"\nteam_id = "TEAMBETA01"\nenvironments = ["production"]\n')
+        f'key_id = "{signing_key.key_id}"\nteam_id = "{signing_key.team_id}"\n'
+        f'environments = ["production"]\n')  # the mock checks channel requests' JWTs
     mock = Mock(tmp_path, signing_key, "--accept-all")
     serve = Serve(tmp_path, mock, "--teams", str(teams))
     try:
@@ -580,6 +581,14 @@ def test_teams_route_pushes_by_topic(tmp_path: Path, signing_key: TestSigningKey
             r = http.post("/v1/pushes", json=lines)
             by_id = {x["id"]: x for x in ndjson(r)}
             one = http.post("/v1/push", json={**lines[1], "id": 4}).json()
+            made = http.post("/v1/channels?topic=com.beta.app", json={"storage_policy": 0})
+            assert made.status_code == 201, made.text
+            listed = http.get("/v1/channels", params={"topic": "com.beta.app"}).json()
+            assert made.json()["channel_id"] in listed["channels"]
+            nobody = http.get("/v1/channels", params={"topic": "com.other.app"})
+            assert nobody.status_code == 400 and "com.other.app" in nobody.text
+            bad = http.get("/v1/channels", params={"topic": "../../etc"})
+            assert bad.status_code == 400
     finally:
         serve.kill()
         mock.kill()

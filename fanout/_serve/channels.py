@@ -9,7 +9,8 @@ from typing import Any
 import msgspec
 import trio
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ValidationError
+from ..payload import bundle_of
 from .http import Exchange, HttpError, Limits
 from .keys import ApiKey
 from .pushes import require_topic
@@ -20,7 +21,8 @@ class ChannelCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class ChannelsApi:
-    """The channel endpoints (APNs' answers passed on: ``apns_error`` with its status)."""
+    """The channel endpoints (APNs' answers passed on: ``apns_error`` with its status);
+    ``?topic=`` picks the app (a team's, with [[team]] tables)."""
 
     def __init__(self, engine: Any, *, default_topic: str | None, teams: bool,
                  limits: Limits, durable: bool = False) -> None:
@@ -30,21 +32,24 @@ class ChannelsApi:
         self.teams = teams
         self.limits = limits
 
-    def _check_key(self, key: ApiKey | None, topic: str | None) -> None:
-        require_topic(key, topic, self.default_topic)
+    async def _channels(self, ex: Exchange, key: ApiKey | None) -> Any:
+        """The channels of the app ``?topic=`` names (default: the server's topic), once
+        the key may use that topic; with [[team]] tables, through the team serving it."""
+        from ..channels import check_bundle_id
 
-
-    def _channels(self) -> Any:
         if self.durable:
             raise HttpError(501, "not_implemented",
                             "channel management needs APNs credentials here: not with --to "
                             "(run fanout channels, or a fanout serve without --to)")
-        if self.teams:
-            raise HttpError(501, "not_implemented",
-                            "channel management with [[team]] tables is not served yet")
+        topic = ex.query("topic") or self.default_topic
+        require_topic(key, topic, self.default_topic)
         try:
-            return self.engine.channels
-        except ConfigError as exc:
+            if topic is not None:
+                check_bundle_id(bundle_of(topic))
+            if self.teams:
+                return await self.engine.channels_for(topic)
+            return self.engine.channels_for(topic) if topic else self.engine.channels
+        except (ConfigError, ValidationError) as exc:
             raise HttpError(400, "bad_request", str(exc)) from None
 
     async def _channel_call(self, fn: Callable[[], Awaitable[Any]]) -> Any:
@@ -60,7 +65,7 @@ class ChannelsApi:
             raise HttpError(504, "timeout", "APNs did not answer in time") from None
 
     async def create(self, ex: Exchange, key: ApiKey | None) -> None:
-        self._check_key(key, None)
+        channels = await self._channels(ex, key)
         raw = await ex.body()
         try:
             req = msgspec.json.decode(raw or b"{}", type=ChannelCreate)
@@ -68,25 +73,21 @@ class ChannelsApi:
             raise HttpError(400, "bad_request", f"invalid channel: {exc}") from None
         if req.storage_policy not in (0, 1):
             raise HttpError(400, "bad_request", "storage_policy is 0 or 1")
-        channels = self._channels()
         ch = await self._channel_call(lambda: channels.create(req.storage_policy))
         await ex.json(201, {"channel_id": ch.channel_id,
                             "storage_policy": ch.message_storage_policy})
 
     async def list(self, ex: Exchange, key: ApiKey | None) -> None:
-        self._check_key(key, None)
-        channels = self._channels()
+        channels = await self._channels(ex, key)
         await ex.json(200, {"channels": await self._channel_call(channels.list)})
 
     async def read(self, ex: Exchange, key: ApiKey | None, channel_id: str) -> None:
-        self._check_key(key, None)
-        channels = self._channels()
+        channels = await self._channels(ex, key)
         ch = await self._channel_call(lambda: channels.read(channel_id))
         await ex.json(200, {"channel_id": ch.channel_id,
                             "storage_policy": ch.message_storage_policy})
 
     async def delete(self, ex: Exchange, key: ApiKey | None, channel_id: str) -> None:
-        self._check_key(key, None)
-        channels = self._channels()
+        channels = await self._channels(ex, key)
         await self._channel_call(lambda: channels.delete(channel_id))
         await ex.empty(204)
