@@ -109,11 +109,13 @@ class _Shared:
 
 _lock = threading.Lock()
 _shared: dict[tuple[Any, ...], _Shared] = {}
+_opening: dict[tuple[Any, ...], threading.Event] = {}  # settings a thread is opening now
 
 
 def _after_fork_in_child() -> None:
     global _lock
     _lock = threading.Lock()
+    _opening.clear()  # the threads opening them are not in this process
 
 
 if hasattr(os, "register_at_fork"):
@@ -133,26 +135,33 @@ def _resolve(fut: concurrent.futures.Future[Any], result: outcome.Outcome[Any]) 
 
 
 def _acquire(options: ClientOptions, close_timeout: float, keep_alive: float) -> _Shared:
+    """The shared engine client for these settings, opened by the first thread that asks
+    (single flight: the others wait for it, so no thread opens connections it then drops)."""
     key = settings_key(dict(options), close_timeout, keep_alive)
-    with _lock:
-        shared = _shared.get(key)
-        if shared is not None and shared.usable():
-            shared.users += 1
-            return shared
-    _register_exit()
-    # opening blocks until the connections' task is up: not under the lock
-    fresh = _Shared(key, options, close_timeout, keep_alive)
-    with _lock:
-        shared = _shared.get(key)
-        if shared is not None and shared.usable():
-            loser = fresh
-        else:
-            _shared[key] = shared = fresh
-            loser = None
-        shared.users += 1
-    if loser is not None:  # another thread opened the same settings first: use theirs
-        loser.hosted.engine.post(loser.hosted.close)
-    return shared
+    while True:
+        with _lock:
+            shared = _shared.get(key)
+            if shared is not None and shared.usable():
+                shared.users += 1
+                return shared
+            opening = _opening.get(key)
+            if opening is None:
+                opening = _opening[key] = threading.Event()
+                break
+        opening.wait()  # another thread is opening these settings: then use theirs
+    try:
+        _register_exit()
+        # opening blocks until the connections' task is up: not under the lock
+        fresh = _Shared(key, options, close_timeout, keep_alive)
+        with _lock:
+            _shared[key] = fresh
+            fresh.users += 1
+        return fresh
+    finally:
+        with _lock:
+            if _opening.get(key) is opening:
+                del _opening[key]
+        opening.set()
 
 
 class Client:
