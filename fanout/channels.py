@@ -151,8 +151,9 @@ def check_bundle_id(bundle_id: object) -> str:
     return bundle_id
 
 
-def _check_channel_id(channel_id: object) -> str:
-    # Only what keeps the header well-formed; base64 validity is APNs' call (BadChannelId).
+def check_channel_id(channel_id: object) -> str:
+    """``channel_id`` if an ``apns-channel-id`` header can carry it (non-empty printable
+    ASCII, no blanks at its ends); base64 validity is APNs' call (BadChannelId)."""
     if (
         not isinstance(channel_id, str)
         or not channel_id
@@ -281,7 +282,7 @@ class Channels:
 
     async def read(self, channel_id: str) -> Channel:
         """The channel's settings (200); unknown -> :class:`ChannelNotRegistered`."""
-        channel_id = _check_channel_id(channel_id)
+        channel_id = check_channel_id(channel_id)
         response = await self._request("GET", self._channels_path, channel_id=channel_id)
         try:
             info = _info_decoder.decode(response.content)
@@ -299,7 +300,7 @@ class Channels:
 
     async def delete(self, channel_id: str) -> None:
         """Delete a channel (204; irreversible); unknown -> :class:`ChannelNotRegistered`."""
-        channel_id = _check_channel_id(channel_id)
+        channel_id = check_channel_id(channel_id)
         await self._request("DELETE", self._channels_path, channel_id=channel_id)
         log.info("deleted broadcast channel %s", channel_id)
 

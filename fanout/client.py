@@ -235,11 +235,10 @@ def prepare_broadcast(channel_id: str, payload: Payload | dict[str, Any] | bytes
                       bundle_id: str | None, priority: int = 10, expiration: int | None = 0,
                       apns_id: str | None = None, id: object = None) -> Prepared:
     """Validate and encode a broadcast push (5120-byte limit, bare bundle id)."""
-    from .channels import check_bundle_id
+    from .channels import check_bundle_id, check_channel_id
     from .payload import encode_payload
 
-    if not isinstance(channel_id, str) or not channel_id.strip() or not channel_id.isascii():
-        raise ValidationError("channel_id", "must be a non-empty base64 channel id")
+    check_channel_id(channel_id)  # a malformed header would cost the whole connection
     bundle = check_bundle_id(bundle_id)
     if priority not in PRIORITIES:
         raise ValidationError("priority", f"must be 10, 5 or 1, not {priority!r}")

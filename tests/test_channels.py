@@ -426,3 +426,14 @@ def test_a_broadcast_expiration_is_checked_as_a_device_pushs(expiration: object)
     with pytest.raises(ValidationError, match="expiration"):
         prepare_broadcast("ZmFrZWNoYW5uZWw=", {"aps": {"event": "update"}},
                           bundle_id="com.example.app", expiration=expiration)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("channel_id", ["\tS", " dHVuYQ==", "dHVuYQ== ", "a\x00b", "é"])
+def test_a_broadcast_channel_id_no_header_can_carry_is_refused(channel_id: str) -> None:
+    """A channel id with a control character or blanks at its ends would make a malformed
+    apns-channel-id header, which costs the whole connection (every push on it)."""
+    from fanout.client import prepare_broadcast
+    from fanout.errors import ValidationError
+
+    with pytest.raises(ValidationError, match="channel_id"):
+        prepare_broadcast(channel_id, {"aps": {"event": "update"}}, bundle_id="com.example.app")

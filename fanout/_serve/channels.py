@@ -61,6 +61,8 @@ class ChannelsApi:
         except ChannelError as exc:
             status = exc.status if exc.status in (400, 403, 404, 410, 429) else 502
             raise HttpError(status, "apns_error", str(exc)) from None
+        except ValidationError as exc:  # a channel id no header can carry, say
+            raise HttpError(400, "bad_request", str(exc)) from None
         except trio.TooSlowError:
             raise HttpError(504, "timeout", "APNs did not answer in time") from None
 
