@@ -645,3 +645,13 @@ def test_serve_options_come_from_flag_variable_config_or_default(tmp_path: Path)
     args = build_parser().parse_args(["serve", "--max-requests", "0"])
     with pytest.raises(ConfigError, match="max_requests must be more than 0"):
         resolve(args, {})
+
+
+def test_an_h2c_connection_carries_more_than_a_thousand_requests(
+        stack: tuple[Mock, Serve]) -> None:
+    """hypercorn's default sends GOAWAY after 1,000 requests on a connection; httpx then
+    fails the 1,001st (it may already have been sent): fanout serve keeps them open."""
+    _, serve = stack
+    with client(serve, http2=True) as http:
+        for _ in range(1_010):
+            assert http.get("/healthz").status_code == 200

@@ -210,6 +210,9 @@ def _hypercorn_config(host: str, port: int, cert: str | None, key: str | None,
     config.keep_alive_timeout = args.header_timeout
     config.graceful_timeout = args.drain_timeout + ANSWER_GRACE + 1.0  # ours ends first
     config.h2_max_concurrent_streams = args.max_streams
+    # hypercorn's default (1,000) sends GOAWAY after 1,000 requests on a connection, and
+    # clients that do not retry on a new one (httpx) fail the next request: keep them open
+    config.keep_alive_max_requests = 2**31 - 1
     config.accesslog = None
     config.errorlog = logging.getLogger("fanout.serve.http")
     if cert:

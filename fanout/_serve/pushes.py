@@ -21,7 +21,7 @@ import trio
 
 from .._daemon.core import line_template, line_tokens, prepare_single, single_payload
 from .._daemon.lines import LineError, PushLine, ResultLine, decode_line, result_encoder
-from .._flow import drain
+from .._flow import drain, put
 from ..errors import ConfigError, ValidationError
 from ..outcome import Result
 from ..payload import Prepared
@@ -439,7 +439,7 @@ class Pushes:
             async with results_out as out:
                 async for result in self.engine.send_many(drain(in_recv)):
                     pending.ended(result)
-                    await out.send(result_encoder.encode(result_line(result)) + b"\n")
+                    await put(out, result_encoder.encode(result_line(result)) + b"\n")
 
         self.pending.add(pending)
         try:
@@ -477,7 +477,7 @@ class Pushes:
 
         async def end(line: int, outcome: str, error: str, id: Any = None,
                       token: str | None = None) -> None:
-            await out_send.send(result_encoder.encode(ResultLine(
+            await put(out_send, result_encoder.encode(ResultLine(
                 id=id, line=line, outcome=outcome, error=error, token=token)) + b"\n")
 
         async for push in pushes:
@@ -506,7 +506,7 @@ class Pushes:
                     await end(number, "malformed", exc.message, push.id)
                     continue
                 if isinstance(single, ResultLine):
-                    await out_send.send(result_encoder.encode(single) + b"\n")
+                    await put(out_send, result_encoder.encode(single) + b"\n")
                     continue
                 prepared_all: Any = [single]
             else:
@@ -536,7 +536,7 @@ class Pushes:
                         key.take(1)
                 prepared.environment = env
                 pending.sent(number, prepared.token or prepared.channel_id, push.id)
-                await in_send.send(prepared)
+                await put(in_send, prepared)  # no scheduler pass per push while there is room
 
 
     async def gorush(self, ex: Exchange, key: ApiKey | None) -> None:
