@@ -66,11 +66,12 @@ else
     step memory     $PY bench/memory.py
     step doors      $PY bench/doors.py
 fi
+step serve      $PY bench/serve.py $QUICK   # in both sets (--quick when given)
 step plots $PY bench/plots.py
 
 echo
 echo "Targets (ratios from this run):"
-for f in throughput peers latency scaling rejections teams memory doors; do
+for f in throughput peers latency scaling rejections teams memory doors serve; do
     md="$FANOUT_BENCH_RESULTS/$f.md"
     [ -f "$md" ] && grep -h -E 'target|\| (yes|NO) \|$' "$md" | sed "s/^/  [$f] /"
 done

@@ -655,3 +655,22 @@ def test_an_h2c_connection_carries_more_than_a_thousand_requests(
     with client(serve, http2=True) as http:
         for _ in range(1_010):
             assert http.get("/healthz").status_code == 200
+
+
+def test_a_connection_past_max_connections_gets_429(tmp_path: Path,
+                                                    signing_key: TestSigningKey) -> None:
+    mock = Mock(tmp_path, signing_key)
+    serve = Serve(tmp_path, mock, "--max-connections", "1", "--header-timeout", "60")
+    push = {"token": "ab" * 32, "payload": PAYLOAD}
+    try:
+        with client(serve, key=None) as first, client(serve, key=None) as second:
+            assert first.post("/v1/push", json=push).status_code == 200
+            r = second.post("/v1/push", json=push)
+            assert r.status_code == 429, r.text
+            assert r.json()["error"]["code"] == "too_many_connections"
+            assert r.headers["connection"] == "close"
+            assert second.get("/healthz").status_code == 200  # the service endpoints still
+            assert first.post("/v1/push", json=push).status_code == 200  # its own: served
+    finally:
+        serve.kill()
+        mock.kill()

@@ -22,6 +22,39 @@ from .pushes import Pushes
 SERVICE_ENDPOINTS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
 
 
+class Connections:
+    """The client connections seen lately, for ``--max-connections``: a connection counts
+    while it has a request in progress, and for ``idle`` seconds after its last one ends
+    (hypercorn closes it by then: ``--header-timeout``), so the count is an upper bound.
+    HTTP/1.1 and HTTP/2 both give each connection its own client address and port."""
+
+    def __init__(self, limit: int, idle: float) -> None:
+        self.limit, self.idle = limit, idle
+        self._seen: dict[Any, list[float]] = {}  # client -> [requests in progress, last end]
+        self._swept = 0.0
+
+    def enter(self, client: Any, now: float) -> bool:
+        """A request from ``client`` begins; False (nothing counted) if it is a new
+        connection past the limit."""
+        seen = self._seen.get(client)
+        if seen is None:
+            if len(self._seen) >= self.limit and now - self._swept > min(1.0, self.idle):
+                self._swept = now
+                self._seen = {c: v for c, v in self._seen.items()
+                              if v[0] or now - v[1] < self.idle}
+            if len(self._seen) >= self.limit:
+                return False
+            seen = self._seen[client] = [0, now]
+        seen[0] += 1
+        return True
+
+    def leave(self, client: Any, now: float) -> None:
+        seen = self._seen.get(client)
+        if seen is not None:
+            seen[0] -= 1
+            seen[1] = now
+
+
 class Readiness:
     """``/readyz``: APNs answered the start-up probe with the credentials accepted, and
     the engine has no configuration error and a way to APNs now."""
@@ -60,6 +93,7 @@ class App:
         self.ready = Readiness()
         self.stopping = trio.Event()
         self.in_flight_requests = 0
+        self.connections = Connections(limits.max_connections, limits.idle_timeout)
         self._metrics = _ServeMetrics(registry) if registry is not None else None
         self._openapi: bytes | None = None
         self.pushes = Pushes(engine, default_topic=default_topic, environment=environment,
@@ -83,9 +117,16 @@ class App:
         endpoint, handler, args = self._route(scope["method"], path)
         started = time.perf_counter()
         counted = endpoint not in SERVICE_ENDPOINTS  # a busy server still says how it is
+        client = scope.get("client")
+        entered = counted and self.connections.enter(client, time.monotonic())
         if counted:
             self.in_flight_requests += 1
         try:
+            if counted and not entered:
+                raise HttpError(429, "too_many_connections",
+                                f"{self.limits.max_connections} client connections are open "
+                                f"already (--max-connections)",
+                                [(b"retry-after", b"1"), (b"connection", b"close")])
             if handler is None:
                 raise args[0]
             if endpoint != "/healthz":
@@ -101,7 +142,8 @@ class App:
                 ex.status = 499
             elif not ex.started:
                 headers = exc.headers
-                if ex.unread and scope.get("http_version") in ("1.0", "1.1"):
+                if ex.unread and scope.get("http_version") in ("1.0", "1.1") and \
+                        all(name != b"connection" for name, _ in headers):
                     # the rest of the body is not read: this connection cannot carry another
                     headers = [*headers, (b"connection", b"close")]
                 await ex.json(exc.status, error_body(exc.code, exc.message), headers)
@@ -110,6 +152,8 @@ class App:
         finally:
             if counted:
                 self.in_flight_requests -= 1
+            if entered:
+                self.connections.leave(client, time.monotonic())
             if self._metrics is not None:
                 self._metrics.observe(endpoint, ex.status, time.perf_counter() - started)
 

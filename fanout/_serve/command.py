@@ -91,6 +91,7 @@ async def serve_main(args: argparse.Namespace) -> int:
         limits = Limits(max_body=args.max_body, max_stream_body=args.max_stream_body,
                         max_line=args.max_line, max_tokens=args.max_tokens,
                         max_requests=args.max_requests,
+                        max_connections=args.max_connections, idle_timeout=args.header_timeout,
                         body_timeout=args.body_timeout, push_timeout=args.push_timeout)
         metrics = Metrics(daemon=False)
         queue = None

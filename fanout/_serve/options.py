@@ -48,9 +48,11 @@ OPTIONS: list[Option] = [
     Option("max_requests", int, _D.max_requests, "push and channel requests in progress at "
            "once, all connections together; beyond, 429"),
     Option("max_streams", int, 100, "HTTP/2 streams per connection"),
+    Option("max_connections", int, _D.max_connections, "client connections at once (those "
+           "with a request in the last --header-timeout); a new one beyond, 429"),
     Option("body_timeout", float, _D.body_timeout, "wait for each piece of a body (408)",
            "SECONDS"),
-    Option("header_timeout", float, 10.0, "a connection idle (or its headers incomplete) "
+    Option("header_timeout", float, _D.idle_timeout, "a connection idle (or its headers incomplete) "
            "this long is closed", "SECONDS"),
     Option("push_timeout", float, _D.push_timeout, "/v1/push waits this long for APNs (504)",
            "SECONDS"),
@@ -65,6 +67,7 @@ OPTIONS: list[Option] = [
 ]
 BY_NAME = {o.name: o for o in OPTIONS}
 POSITIVE = ("max_body", "max_stream_body", "max_line", "max_tokens", "max_requests",
+            "max_connections",
             "max_streams", "max_backlog", "body_timeout", "header_timeout", "push_timeout")
 
 
