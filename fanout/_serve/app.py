@@ -23,36 +23,23 @@ SERVICE_ENDPOINTS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json
 
 
 class Connections:
-    """The client connections seen lately, for ``--max-connections``: a connection counts
-    while it has a request in progress, and for ``idle`` seconds after its last one ends
-    (hypercorn closes it by then: ``--header-timeout``), so the count is an upper bound.
-    HTTP/1.1 and HTTP/2 both give each connection its own client address and port."""
+    """The client connections open now, for ``--max-connections``. hypercorn has no cap of
+    its own: :func:`fanout._serve.command.count_connections` has each of its connections
+    report here when it opens and closes. One opened past the limit is refused: every
+    request on it is answered 429 with ``Connection: close``."""
 
-    def __init__(self, limit: int, idle: float) -> None:
-        self.limit, self.idle = limit, idle
-        self._seen: dict[Any, list[float]] = {}  # client -> [requests in progress, last end]
-        self._swept = 0.0
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.live: dict[Any, bool] = {}  # client address -> refused
 
-    def enter(self, client: Any, now: float) -> bool:
-        """A request from ``client`` begins; False (nothing counted) if it is a new
-        connection past the limit."""
-        seen = self._seen.get(client)
-        if seen is None:
-            if len(self._seen) >= self.limit and now - self._swept > min(1.0, self.idle):
-                self._swept = now
-                self._seen = {c: v for c, v in self._seen.items()
-                              if v[0] or now - v[1] < self.idle}
-            if len(self._seen) >= self.limit:
-                return False
-            seen = self._seen[client] = [0, now]
-        seen[0] += 1
-        return True
+    def opened(self, client: Any) -> None:
+        self.live[client] = len(self.live) >= self.limit
 
-    def leave(self, client: Any, now: float) -> None:
-        seen = self._seen.get(client)
-        if seen is not None:
-            seen[0] -= 1
-            seen[1] = now
+    def closed(self, client: Any) -> None:
+        self.live.pop(client, None)
+
+    def refused(self, client: Any) -> bool:
+        return self.live.get(client, False)
 
 
 class Readiness:
@@ -93,7 +80,7 @@ class App:
         self.ready = Readiness()
         self.stopping = trio.Event()
         self.in_flight_requests = 0
-        self.connections = Connections(limits.max_connections, limits.idle_timeout)
+        self.connections = Connections(limits.max_connections)
         self._metrics = _ServeMetrics(registry) if registry is not None else None
         self._openapi: bytes | None = None
         self.pushes = Pushes(engine, default_topic=default_topic, environment=environment,
@@ -117,12 +104,10 @@ class App:
         endpoint, handler, args = self._route(scope["method"], path)
         started = time.perf_counter()
         counted = endpoint not in SERVICE_ENDPOINTS  # a busy server still says how it is
-        client = scope.get("client")
-        entered = counted and self.connections.enter(client, time.monotonic())
         if counted:
             self.in_flight_requests += 1
         try:
-            if counted and not entered:
+            if counted and self.connections.refused(scope.get("client")):
                 raise HttpError(429, "too_many_connections",
                                 f"{self.limits.max_connections} client connections are open "
                                 f"already (--max-connections)",
@@ -152,8 +137,6 @@ class App:
         finally:
             if counted:
                 self.in_flight_requests -= 1
-            if entered:
-                self.connections.leave(client, time.monotonic())
             if self._metrics is not None:
                 self._metrics.observe(endpoint, ex.status, time.perf_counter() - started)
 

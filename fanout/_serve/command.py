@@ -117,6 +117,7 @@ async def serve_main(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_CONFIG
     config = _hypercorn_config(host, port, cert, key_file, args)
+    count_connections(app.connections)
     topics = [settings.topic] if not settings.team else \
         [spec.topics[0] for spec in settings.team if spec.topics]
     forced = False
@@ -200,6 +201,36 @@ async def _probe(app: App, engine: Any, topics: list[str]) -> None:
             if result.status else result.error or str(result.outcome)))
         await trio.sleep(PROBE_RETRY)
     app.ready.probed = True
+
+
+def count_connections(connections: Any) -> None:
+    """Have hypercorn's connections report their opening and closing to ``connections``
+    (:class:`fanout._serve.app.Connections`): its trio worker builds one ``TCPServer`` per
+    connection, and has no connection cap of its own."""
+    import hypercorn.trio.run as hypercorn_run
+    from hypercorn.trio.tcp_server import TCPServer
+    from hypercorn.utils import parse_socket_addr
+
+    base = getattr(hypercorn_run, "_fanout_base", None) or TCPServer
+
+    class CountedTCPServer(base):  # type: ignore[misc, valid-type]
+        async def run(self) -> None:
+            stream = self.stream
+            sock = getattr(getattr(stream, "transport_stream", stream), "socket", None)
+            try:
+                client = parse_socket_addr(sock.family, sock.getpeername()) if sock else None
+            except OSError:  # gone already
+                client = None
+            if client is not None:
+                connections.opened(client)
+            try:
+                await super().run()
+            finally:
+                if client is not None:
+                    connections.closed(client)
+
+    setattr(hypercorn_run, "_fanout_base", base)  # noqa: B010  # installed once
+    setattr(hypercorn_run, "TCPServer", CountedTCPServer)  # noqa: B010  # not exported
 
 
 def _hypercorn_config(host: str, port: int, cert: str | None, key: str | None,

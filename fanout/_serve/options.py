@@ -48,8 +48,8 @@ OPTIONS: list[Option] = [
     Option("max_requests", int, _D.max_requests, "push and channel requests in progress at "
            "once, all connections together; beyond, 429"),
     Option("max_streams", int, 100, "HTTP/2 streams per connection"),
-    Option("max_connections", int, _D.max_connections, "client connections at once (those "
-           "with a request in the last --header-timeout); a new one beyond, 429"),
+    Option("max_connections", int, _D.max_connections, "client connections open at once; "
+           "requests on one opened beyond are answered 429"),
     Option("body_timeout", float, _D.body_timeout, "wait for each piece of a body (408)",
            "SECONDS"),
     Option("header_timeout", float, _D.idle_timeout, "a connection idle (or its headers incomplete) "
