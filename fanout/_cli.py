@@ -392,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``fanout`` command line: one subcommand per ``_add_<command>_parser``."""
     parser = argparse.ArgumentParser(prog="fanout", description="High-volume APNs sender")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"fanout {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="debug logging on stderr")

@@ -126,3 +126,17 @@ def test_channels_commands_and_send_channel(mock_process, signing_key, tmp_path)
     again = _send(["send", "--channel", channel, "--payload", str(payload)] + common)
     assert b"ChannelNotRegistered" in again.stderr
     assert again.returncode == 1  # fanout._exits: a rejected broadcast is a failed push
+
+
+def test_fanout_version_prints_the_packages_version() -> None:
+    import subprocess
+    import sys
+
+    import fanout
+
+    out = subprocess.run([sys.executable, "-m", "fanout", "--version"], capture_output=True,
+                         text=True, timeout=60, check=True)
+    assert out.stdout.strip() == f"fanout {fanout.__version__}"
+    from importlib.metadata import version
+
+    assert version("fanout") == fanout.__version__  # pyproject.toml and the package agree
