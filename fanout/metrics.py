@@ -15,11 +15,11 @@ serves the sum through ``prometheus_client.multiprocess.MultiProcessCollector``.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import Protocol
-from wsgiref.simple_server import WSGIServer
+from typing import Any, Protocol
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -30,8 +30,8 @@ from .events import AnyConnection, Events
 from .outcome import REASONS, Outcome, Result
 from .payload import PushType
 
-__all__ = ["DaemonMetrics", "Metrics", "LATENCY_BUCKETS", "parse_listen", "reason_label",
-           "serve"]
+__all__ = ["DaemonMetrics", "Metrics", "LATENCY_BUCKETS", "health_app", "parse_listen",
+           "reason_label", "serve"]
 
 log: logging.Logger = logging.getLogger("fanout.metrics")
 
@@ -440,15 +440,60 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def serve(listen: str, registry: CollectorRegistry) -> tuple[WSGIServer, Callable[[], None]]:
-    """Start the HTTP exposition of ``registry`` on ``[HOST:]PORT`` in a thread; returns
-    ``(server, stop)``. A non-loopback host is allowed (it was asked for) but logged."""
-    from prometheus_client import start_http_server
+Readiness = Callable[[], tuple[bool, str]]
+"""``() -> (ready, why)``: what ``/readyz`` answers."""
+
+
+def health_app(registry: CollectorRegistry, ready: Readiness | None = None) -> Any:
+    """The metrics port's WSGI app: ``/metrics`` (the registry), ``/healthz`` (the process
+    serves: 200), ``/readyz`` (200 when ``ready()`` says so, else 503 with the reason;
+    200 without ``ready``), 404 for any other path."""
+    from prometheus_client import make_wsgi_app
+
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if path in ("/metrics", "/metrics/"):
+            return metrics(environ, start_response)
+        if path == "/healthz":
+            body, status = b'{"status": "ok"}\n', "200 OK"
+        elif path == "/readyz":
+            ok, why = ready() if ready is not None else (True, "ready")
+            body = (json.dumps({"status": "ready"} if ok else
+                               {"status": "not_ready", "reason": why}) + "\n").encode()
+            status = "200 OK" if ok else "503 Service Unavailable"
+        else:
+            body = b'{"error": "not found: /metrics, /healthz or /readyz"}\n'
+            status = "404 Not Found"
+        start_response(status, [("Content-Type", "application/json"),
+                                ("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+def serve(listen: str, registry: CollectorRegistry, ready: Readiness | None = None,
+          ) -> tuple[Any, Callable[[], None]]:
+    """Serve :func:`health_app` on ``[HOST:]PORT`` in a thread; returns ``(server, stop)``.
+    A non-loopback host is allowed (it was asked for) but logged."""
+    import threading
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    class _Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class _Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # no access log on stderr
+            pass
 
     host, port = parse_listen(listen)
     if not _loopback(host):
         log.warning("metrics endpoint on %s:%d is reachable from other hosts", host, port)
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    server = make_server(host, port, health_app(registry, ready), _Server, handler_class=_Quiet)
+    thread = threading.Thread(target=server.serve_forever, name="fanout-metrics", daemon=True)
+    thread.start()
 
     def stop() -> None:
         server.shutdown()

@@ -298,3 +298,58 @@ async def test_workers_2_aggregate_across_processes(tmp_path, pki, signing_key):
     assert final["fanout_connections_opened_total"] == mock.stats.connections == 4
     assert final["fanout_jwt_rotations_total"] == 2  # one JWT per worker
     assert final["fanout_in_flight"] == 0
+
+
+async def test_the_metrics_port_answers_healthz_readyz_and_404(tmp_path, pki, signing_key):
+    """Issue 18: /healthz (the process serves), /readyz (ready once APNs answered; 503 while
+    stopping), 404 for any other path (it used to answer the metrics on every path)."""
+    port = free_port()
+    out = tmp_path / "results.ndjson"
+
+    def get(path: str) -> httpx.Response:
+        return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5)
+
+    async def status(path: str) -> int | None:
+        try:
+            return (await trio.to_thread.run_sync(get, path)).status_code
+        except httpx.TransportError:
+            return None
+
+    async with mock_server(pki, signing_key) as mock:
+        cmd = daemon_cmd(mock, pki, signing_key, "--results", str(out), "--metrics",
+                         f"127.0.0.1:{port}")
+        proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.PIPE,
+                                                stderr=subprocess.PIPE)
+        try:
+            await proc.stdin.send_all(input_lines(5))
+            with trio.fail_after(30):
+                while count_lines(out) < 5:  # APNs answered: connected, credentials good
+                    await trio.sleep(0.05)
+                while await status("/readyz") != 200:
+                    await trio.sleep(0.05)
+            assert await status("/healthz") == 200
+            assert await status("/metrics") == 200
+            assert await status("/") == 404 and await status("/nowhere") == 404
+            body = (await trio.to_thread.run_sync(get, "/readyz")).json()
+            assert body == {"status": "ready"}
+            await proc.stdin.aclose()
+            with trio.fail_after(30):
+                assert await proc.wait() == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+def test_readyz_says_why_it_is_not_ready() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from fanout.metrics import health_app
+
+    state = (False, "APNs unreachable for 12 s")
+    app = health_app(CollectorRegistry(), lambda: state)
+    seen: list[str] = []
+    body = b"".join(app({"PATH_INFO": "/readyz", "REQUEST_METHOD": "GET"},
+                        lambda status, headers: seen.append(status)))
+    assert seen == ["503 Service Unavailable"]
+    assert json.loads(body) == {"status": "not_ready", "reason": "APNs unreachable for 12 s"}

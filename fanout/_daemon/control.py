@@ -196,12 +196,19 @@ class Control:
 
     # ----------------------------------------------------------------- metrics, status
 
-    def serve_metrics(self, listen: str, registry: Any) -> None:
-        """``--metrics [HOST:]PORT``: serve ``registry`` until the run ends."""
+    def serve_metrics(self, listen: str, registry: Any,
+                      ready: Callable[[], tuple[bool, str]] | None = None) -> None:
+        """``--metrics [HOST:]PORT``: serve ``registry`` (``/metrics``), ``/healthz`` and
+        ``/readyz`` (``ready()``; not ready once stopping) until the run ends."""
         from ..metrics import serve
 
+        def readiness() -> tuple[bool, str]:
+            if self.stopping:
+                return False, "stopping: draining the pushes in flight"
+            return ready() if ready is not None else (True, "ready")
+
         try:
-            _, self._metrics_stop = serve(listen, registry)
+            _, self._metrics_stop = serve(listen, registry, readiness)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 

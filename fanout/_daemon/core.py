@@ -138,8 +138,21 @@ class Daemon:
         self.metrics = Metrics(daemon=not child)
         self.daemon_metrics = self.metrics.daemon
         if listen and not child:
-            self.control.serve_metrics(listen, self.metrics.registry)
+            self.control.serve_metrics(listen, self.metrics.registry, self.ready)
         return {"events": self.metrics}
+
+    def ready(self) -> tuple[bool, str]:
+        """``/readyz`` on the metrics port (read from its thread): the engine is up, has no
+        configuration error, and APNs is reachable now."""
+        engine = self.engine
+        if engine is None:
+            return False, "starting"
+        if engine.config_error:
+            return False, f"configuration error: {engine.config_error}"
+        down = engine.unavailable_for()
+        if down > 0:
+            return False, f"APNs unreachable for {down:.0f} s"
+        return True, "ready"
 
     def sample(self) -> None:
         """The metrics' gauges and line counts, now."""

@@ -189,7 +189,7 @@ class Coordinator:
         MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]  # untyped upstream
         self.daemon_metrics = DaemonMetrics(registry)
         try:
-            self.control.serve_metrics(self.args.metrics, registry)
+            self.control.serve_metrics(self.args.metrics, registry, self._ready)
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             raise
@@ -202,6 +202,14 @@ class Coordinator:
             from prometheus_client import multiprocess
 
             multiprocess.mark_process_dead(worker.proc.pid, metrics_dir)  # type: ignore[no-untyped-call]  # untyped upstream
+
+    def _ready(self) -> tuple[bool, str]:
+        """``/readyz``: every worker is running."""
+        gone = [w.index for w in self.workers if w.proc.returncode is not None]
+        if not self.workers or gone:
+            return False, ("starting" if not self.workers else
+                           f"worker(s) {', '.join(map(str, gone))} exited")
+        return True, "ready"
 
     def sample(self) -> None:
         """The coordinator's line counters, now."""
