@@ -470,6 +470,37 @@ async def test_follow_picks_up_appended_lines_and_rotation(
     assert len(mock.stats.delivered) == 170
 
 
+async def test_follow_waits_for_a_spool_file_that_does_not_exist_yet(
+        tmp_path: Path, pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
+    """Issue 18: --follow behaves like tail -F from the start (it used to exit 3)."""
+    inp = tmp_path / "spool" / "in.ndjson"
+    inp.parent.mkdir()
+    out = tmp_path / "results.ndjson"
+    log = tmp_path / "daemon.log"
+    async with mock_server(pki, signing_key) as mock:
+        with log.open("wb") as err:
+            proc = subprocess.Popen(daemon_cmd(mock, pki, signing_key, str(inp), "--follow",
+                                               "--results", str(out)),
+                                    stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            with trio.fail_after(20):  # it says it waits, and keeps running
+                while b"waiting for it" not in log.read_bytes():
+                    assert proc.poll() is None, log.read_text()[-2000:]
+                    await trio.sleep(0.05)
+            write_input(inp, 30)
+            with trio.fail_after(20):
+                while not out.exists() or len(read_results(out)) < 30:
+                    await trio.sleep(0.05)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(20):
+                while proc.poll() is None:
+                    await trio.sleep(0.05)
+    assert proc.returncode == 0, log.read_text()[-2000:]
+    assert len(read_results(out)) == 30 and len(mock.stats.delivered) == 30
+
+
 async def test_live_activity_and_broadcast_lines(
         tmp_path: Path, pki: TestPKI, signing_key: TestSigningKey,
 ) -> None:

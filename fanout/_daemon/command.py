@@ -98,7 +98,7 @@ async def run_main(args: argparse.Namespace) -> int:
             from .fleet import run_group
 
             return await run_group(settings, args, make_engine)
-        inputs = expand_inputs(args.inputs or ["-"])
+        inputs = expand_inputs(args.inputs or ["-"], missing_ok=args.follow)
         if args.follow and (len(inputs) != 1 or inputs[0] == "-"):
             raise ConfigError("--follow takes exactly one input file")
         if args.checkpoint and len(inputs) != 1:

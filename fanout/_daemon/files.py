@@ -38,6 +38,15 @@ def open_input(path: str, label: str | None, args: argparse.Namespace) -> InputS
     try:
         state.dev, state.ino = input_identity(path)
         size = os.path.getsize(path)
+    except FileNotFoundError:
+        if not getattr(args, "follow", False):
+            raise ConfigError(f"input {path}: No such file or directory") from None
+        # --follow waits for it (tail -F): read from its start when it appears; a
+        # checkpoint left at this path was another file's
+        if os.path.exists(cp_path):
+            log.warning("%s: not there; its checkpoint %s is for a file that is gone: "
+                        "reading the new one from its start", path, cp_path)
+        return state
     except OSError as exc:
         raise ConfigError(f"input {path}: {exc.strerror}") from None
     cp = ckpt.load(cp_path)

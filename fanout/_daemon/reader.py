@@ -420,12 +420,16 @@ async def _open_when_present(
     After a rotation a permission error is retried too: ``logrotate``'s ``create`` makes
     the new file and only then sets its owner and mode.
     """
+    waiting = False
     while True:
         try:
             fd, st = await _in_thread(_open_path, path)
         except FileNotFoundError as exc:
             if not follow:
                 raise ConfigError(f"input {path!r} does not exist") from exc
+            if not waiting and not rotated:
+                waiting = True
+                log.warning("input %s does not exist yet: waiting for it (--follow)", path)
         except PermissionError as exc:
             if not rotated:
                 raise ConfigError(f"cannot open input {path!r}: {exc.strerror}") from exc
@@ -625,11 +629,12 @@ def input_identity(path: str) -> Identity:
     return (st.st_dev, st.st_ino)
 
 
-def expand_inputs(patterns: list[str]) -> list[str]:
+def expand_inputs(patterns: list[str], *, missing_ok: bool = False) -> list[str]:
     """Expand input patterns to paths: ``"-"`` stays, globs expand sorted, order kept, no dups.
 
     Raises :class:`ConfigError` for a pattern that matches nothing and is not an existing
-    path, and for a directory.
+    path (unless ``missing_ok`` and it is a plain name: ``--follow`` waits for it, as
+    ``tail -F``), and for a directory.
     """
     out: list[str] = []
     seen: set[str] = set()
@@ -642,6 +647,8 @@ def expand_inputs(patterns: list[str]) -> list[str]:
                 matches = sorted(glob.glob(pattern))
             if not matches and os.path.lexists(pattern):
                 matches = [pattern]  # a literal name such as "a[1].log"
+            if not matches and missing_ok and glob.escape(pattern) == pattern:
+                matches = [pattern]  # followed: waited for until it appears
             if not matches:
                 raise ConfigError(f"input {pattern!r} matches no file")
         for path in matches:
