@@ -557,3 +557,22 @@ async def test_live_activity_and_broadcast_lines(
     assert start["input-push-channel"] == live.channel_id
     assert all(1.7e9 < a["timestamp"] < 4e9 for a in aps)  # stamped at send time
     assert mock.stats.broadcasts[live.channel_id] == 1
+
+
+async def test_a_rerun_over_a_finished_file_says_so(
+        tmp_path: Path, pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
+    """Issue 18: the second run over a file its checkpoint says is done sends nothing, and
+    says so (it used to exit 0 in silence)."""
+    inp = tmp_path / "in.ndjson"
+    write_input(inp, 5)
+    out = tmp_path / "results.ndjson"
+    async with mock_server(pki, signing_key) as mock:
+        cmd = daemon_cmd(mock, pki, signing_key, str(inp), "--results", str(out))
+        first = await run_daemon(cmd)
+        second = await run_daemon(cmd)
+    assert first.returncode == 0 and second.returncode == 0
+    assert len(read_results(out)) == 5 and len(mock.stats.delivered) == 5
+    err = second.stderr.decode()
+    assert "already done up to line 5" in err and "--no-checkpoint" in err
+    assert "already done" not in first.stderr.decode()

@@ -56,7 +56,10 @@ def open_input(path: str, label: str | None, args: argparse.Namespace) -> InputS
     state.last_line, state.last_end = cp.line, cp.offset
     state.high_water = state.resend_until = cp.high_water
     state.saved = (cp.line, cp.offset, cp.high_water)
-    if cp.line:
+    if cp.line and cp.offset >= size and not getattr(args, "follow", False):
+        log.warning("%s: already done up to line %d (its checkpoint %s): nothing to send; "
+                    "--no-checkpoint to send it again", path, cp.line, cp_path)
+    elif cp.line:
         log.info("%s: resuming after line %d (byte %d); lines up to %d may be resent",
                  path, cp.line, cp.offset, cp.high_water)
     return state
