@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="debug logging on stderr")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, help="the command to run")
     _add_demo_parser(sub, common)
     _add_send_parser(sub, common)
     _add_mock_parser(sub, common)
@@ -417,8 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_demo_parser(sub: _Subcommands[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     demo = sub.add_parser("demo", parents=[common], help="fan out to the embedded mock APNs (no Apple account)")
-    demo.add_argument("--count", type=int, default=100_000)
-    demo.add_argument("--connections", type=int, default=2)
+    demo.add_argument("--count", type=int, default=100_000, help="pushes to fan out (default 100,000)")
+    demo.add_argument("--connections", type=int, default=2, help="HTTP/2 connections (default 2)")
     demo.add_argument("--latency", type=float, default=0.0, help="mock latency, seconds")
     demo.add_argument("--unregistered", type=float, default=0.01,
                       help="fraction of tokens the mock reports unregistered")
@@ -431,31 +431,31 @@ def _add_send_parser(sub: _Subcommands[argparse.ArgumentParser], common: argpars
     target.add_argument("--tokens", help="file with one token per line, or -")
     target.add_argument("--channel", help="broadcast to this channel id (iOS 18) instead")
     send.add_argument("--payload", help="JSON payload file, or - for stdin")
-    send.add_argument("--title")
-    send.add_argument("--body")
-    send.add_argument("--badge", type=int)
-    send.add_argument("--sound")
-    send.add_argument("--content-available", action="store_true")
-    send.add_argument("--push-type", default=None)
-    send.add_argument("--priority", type=int)
-    send.add_argument("--expiration", type=int)
-    send.add_argument("--collapse-id")
+    send.add_argument("--title", help="alert title (instead of --payload)")
+    send.add_argument("--body", help="alert body (instead of --payload)")
+    send.add_argument("--badge", type=int, help="app icon badge number")
+    send.add_argument("--sound", help="sound file name, or default")
+    send.add_argument("--content-available", action="store_true", help="content-available: 1 (wake the app)")
+    send.add_argument("--push-type", default=None, help="apns-push-type (default alert)")
+    send.add_argument("--priority", type=int, help="apns-priority: 10, 5 or 1")
+    send.add_argument("--expiration", type=int, help="apns-expiration: epoch seconds (0: now or never)")
+    send.add_argument("--collapse-id", help="apns-collapse-id: later pushes with it replace earlier ones")
     send.add_argument("--invalid-tokens", help="append invalidated tokens here as NDJSON")
 
 
 def _add_mock_parser(sub: _Subcommands[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     mock = sub.add_parser("mock", parents=[common], help="run the mock APNs server")
-    mock.add_argument("--host", default="127.0.0.1")
-    mock.add_argument("--port", type=int, default=8443)
+    mock.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    mock.add_argument("--port", type=int, default=8443, help="port (default 8443; 0: any free one, see --port-file)")
     mock.add_argument("--port-file", help="write the bound port here once listening")
     mock.add_argument("--pki-dir", default="./mock-pki", help="CA and server cert (made if absent)")
     mock.add_argument("--key-path", help=".p8 key whose public half verifies JWTs")
-    mock.add_argument("--key-id")
-    mock.add_argument("--team-id")
+    mock.add_argument("--key-id", help="the key id --key-path verifies")
+    mock.add_argument("--team-id", help="the team id JWTs must carry")
     mock.add_argument("--accept-all", action="store_true", help="no validation (benchmarks)")
-    mock.add_argument("--latency", type=float, default=0.0)
-    mock.add_argument("--jitter", type=float, default=0.0)
-    mock.add_argument("--unregistered-fraction", type=float, default=0.0)
+    mock.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
+    mock.add_argument("--jitter", type=float, default=0.0, help="up to this many seconds more, at random")
+    mock.add_argument("--unregistered-fraction", type=float, default=0.0, help="fraction of tokens answered 410 Unregistered")
     mock.add_argument("--bad-token-fraction", type=float, default=0.0,
                       help="fraction of tokens answered 400 BadDeviceToken (drops the "
                            "stream limit to 1 until the next 200)")
@@ -466,12 +466,12 @@ def _add_mock_parser(sub: _Subcommands[argparse.ArgumentParser], common: argpars
     mock.add_argument("--sandbox-token-fraction", type=float, default=0.0,
                       help="fraction of tokens that are sandbox tokens (by hash); a token of "
                            "the other environment is answered 400 BadDeviceToken")
-    mock.add_argument("--p429", type=float, default=0.0)
-    mock.add_argument("--p500", type=float, default=0.0)
-    mock.add_argument("--p503", type=float, default=0.0)
-    mock.add_argument("--goaway-after", type=int)
-    mock.add_argument("--close-after", type=int)
-    mock.add_argument("--max-streams", type=int, default=1000)
+    mock.add_argument("--p429", type=float, default=0.0, help="probability of 429 TooManyRequests per push")
+    mock.add_argument("--p500", type=float, default=0.0, help="probability of 500 InternalServerError per push")
+    mock.add_argument("--p503", type=float, default=0.0, help="probability of 503 ServiceUnavailable per push")
+    mock.add_argument("--goaway-after", type=int, help="send GOAWAY after this many streams per connection")
+    mock.add_argument("--close-after", type=int, help="drop each connection after this many streams")
+    mock.add_argument("--max-streams", type=int, default=1000, help="SETTINGS_MAX_CONCURRENT_STREAMS once authenticated (default 1000)")
     mock.add_argument("--stats-file", metavar="PATH",
                       help="on exit (SIGTERM, SIGINT or the end) write what the mock saw here "
                            "as JSON: connections, jwts (distinct provider tokens), requests, "
@@ -481,18 +481,18 @@ def _add_mock_parser(sub: _Subcommands[argparse.ArgumentParser], common: argpars
 def _add_channels_parser(sub: _Subcommands[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     channels = sub.add_parser("channels", parents=[common],
                               help="broadcast channels (iOS 18): create, list, show, delete")
-    channels_sub = channels.add_subparsers(dest="action", required=True)
+    channels_sub = channels.add_subparsers(dest="action", required=True, help="what to do")
     for action, text in (("create", "create a channel"), ("list", "list every channel"),
                          ("show", "show one channel"), ("delete", "delete a channel")):
         cp = channels_sub.add_parser(action, help=text)
         add_settings_args(cp)
         cp.add_argument("--manage-host", help="channel management host (default: Apple's)")
-        cp.add_argument("--manage-port", type=int)
+        cp.add_argument("--manage-port", type=int, help="the channel management port (a mock)")
         if action == "create":
             cp.add_argument("--policy", type=int, choices=[0, 1], default=0,
                             help="message storage: 0 none (default), 1 most recent")
         if action in ("show", "delete"):
-            cp.add_argument("channel_id")
+            cp.add_argument("channel_id", help="the channel id (base64)")
 
 
 def _add_check_parser(sub: _Subcommands[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
@@ -513,19 +513,22 @@ async def _enqueue_main(args: argparse.Namespace) -> int:
 def _add_enqueue_parser(sub: _Subcommands[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("enqueue", help="feed NDJSON push lines into a Redis Stream for a fleet")
     p.add_argument("inputs", nargs="*", default=["-"], help="NDJSON files; - or nothing: stdin")
-    p.add_argument("--to", required=True, metavar="redis://HOST:PORT/STREAM")
+    p.add_argument("--to", required=True, metavar="redis://HOST:PORT/STREAM", help="the fleet's stream")
     p.add_argument("--max-backlog", type=int, default=100_000, metavar="ENTRIES",
                    help="wait while the stream holds more entries than this (default 100,000;"
                         " the daemons delete what they acked)")
     p.add_argument("--batch", type=int, default=500, help="entries per pipelined XADD")
-    p.add_argument("--max-line-bytes", type=int, default=16 * 1024 * 1024)
-    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+    p.add_argument("--max-line-bytes", type=int, default=16 * 1024 * 1024, help="longest line taken (default 16 MiB); longer ones are skipped")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging on stderr")
     p.set_defaults(func=_enqueue_main)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``fanout ARGS``: run the command; its exit code (:mod:`fanout._exits`)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the subcommand's usage, not the top level's: it is the one that was meant
+        _subparser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # `run` (fanout/_daemon/command.py) sets run_main; `func` is accepted too, as an async fn(args) -> int
@@ -547,6 +550,18 @@ def main(argv: list[str] | None = None) -> int:
     except (FanoutError, OSError) as exc:
         print(f"fanout {args.command}: error: {exc}", file=sys.stderr)
         return _error_exit(exc)
+
+
+def _subparser(parser: argparse.ArgumentParser,
+               args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the subcommand (and sub-subcommand) ``args`` ran."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = getattr(args, action.dest or "", None)
+            sub = action.choices.get(chosen) if chosen else None
+            if sub is not None:
+                return _subparser(sub, args)
+    return parser
 
 
 def _error_exit(exc: BaseException) -> int:

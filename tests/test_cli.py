@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -140,3 +141,43 @@ def test_fanout_version_prints_the_packages_version() -> None:
     from importlib.metadata import version
 
     assert version("fanout") == fanout.__version__  # pyproject.toml and the package agree
+
+
+def _parsers() -> list[tuple[str, Any]]:
+    import argparse
+
+    from fanout._cli import build_parser
+
+    out = []
+
+    def walk(name: str, parser: argparse.ArgumentParser) -> None:
+        out.append((name, parser))
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    walk(f"{name} {sub_name}".strip(), sub)
+
+    walk("", build_parser())
+    return out
+
+
+def test_every_flag_has_help_text() -> None:
+    import argparse
+
+    missing = [(name or "fanout", a.option_strings or a.dest) for name, parser in _parsers()
+               for a in parser._actions if a.help is None and a.help != argparse.SUPPRESS]
+    assert not missing
+
+
+@pytest.mark.parametrize("argv", [["run", "--bogus"], ["serve", "--listn", "x"],
+                                  ["channels", "list", "--nope"], ["mock", "--prot", "1"]])
+def test_an_unknown_flag_prints_its_subcommands_usage(argv: list[str]) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "fanout", *argv], capture_output=True,
+                         text=True, timeout=60)
+    command = " ".join(a for a in argv if not a.startswith("-") and a not in ("x", "1"))
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"usage: fanout {command} "), out.stderr[:200]
+    assert "unrecognized arguments" in out.stderr

@@ -28,22 +28,22 @@ def add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--results", help="append results here (default stdout)")
     p.add_argument("--invalid-tokens", help="append invalidated tokens here as NDJSON")
     p.add_argument("--checkpoint", help="checkpoint file (default: INPUT.checkpoint)")
-    p.add_argument("--no-checkpoint", action="store_true")
-    p.add_argument("--checkpoint-interval", type=float, default=0.5)
-    p.add_argument("--drain-timeout", type=float, default=30.0)
+    p.add_argument("--no-checkpoint", action="store_true", help="read from the start, keep no checkpoint")
+    p.add_argument("--checkpoint-interval", type=float, default=0.5, help="seconds between checkpoint writes (default 0.5)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="SIGTERM: seconds the pushes in flight get to finish (default 30)")
     p.add_argument("--on-config-error", choices=["stop", "drain"], default="stop",
                    help="stop reading (default), or mark every remaining line config_error")
     p.add_argument("--on-unavailable", choices=["wait", "fail"], default="wait",
                    help="APNs unreachable for unavailable_timeout: pause the input until a "
                         "connection comes up (default), or end the waiting pushes "
                         "retries_exhausted and go on (exit 4)")
-    p.add_argument("--max-line-bytes", type=int, default=16 * 1024 * 1024)
+    p.add_argument("--max-line-bytes", type=int, default=16 * 1024 * 1024, help="longest input line (default 16 MiB); longer ones are malformed")
     p.add_argument("--output-buffer", type=float, default=8.0, metavar="MB",
                    help="results held in memory while their reader (a pipe, a FIFO, a slow "
                         "disk) does not take them; past this, input pauses (default 8)")
     p.add_argument("--status-interval", type=float, default=10.0,
                    help="seconds between status log lines when not on a TTY (0: none)")
-    p.add_argument("--log-format", choices=["text", "json"], default="text")
+    p.add_argument("--log-format", choices=["text", "json"], default="text", help="status and log lines as text (default) or JSON")
     p.add_argument("--la-budget", type=int, default=50,
                    help="priority-10 Live Activity pushes per activity per hour")
     p.add_argument("--la-over-budget", choices=["lower", "wait"], default="lower",
@@ -70,7 +70,7 @@ def add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    help="leave acked entries in the stream (default: delete them)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--metrics-child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging on stderr")
     p.set_defaults(run_main=run_main)
 
 

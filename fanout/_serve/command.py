@@ -36,7 +36,8 @@ def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    help="print the line an --api-keys file holds for KEY, and exit")
     p.add_argument("--teams", metavar="FILE", help="[[team]] tables: pushes routed by topic")
     add_options(p)
-    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="debug logging on stderr")
     p.set_defaults(run_main=serve_main)
 
 
