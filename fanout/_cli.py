@@ -126,9 +126,24 @@ def _payload_from_args(args: argparse.Namespace) -> Any:
         aps["sound"] = args.sound
     if args.content_available:
         aps["content-available"] = 1
+    for key, value in (("category", args.category), ("thread-id", args.thread_id),
+                       ("interruption-level", args.interruption_level)):
+        if value:
+            aps[key] = value
+    if args.mutable_content:
+        aps["mutable-content"] = 1
     if not aps:
-        raise ValidationError("payload", "give --payload FILE or --title/--body/--badge/--sound")
+        raise ValidationError("payload", "give --payload FILE or --title/--body/--badge/--sound"
+                                         "/--content-available")
     return {"aps": aps}
+
+
+def _background_only(args: argparse.Namespace) -> bool:
+    """``--content-available`` with nothing a user sees: a background push (Apple: push
+    type background, priority 5; priority 10 is refused for it)."""
+    return bool(args.content_available and not args.payload and not (
+        args.title or args.body or args.sound or args.badge is not None or args.category
+        or args.mutable_content or args.interruption_level))
 
 
 class TokenLines:
@@ -159,7 +174,11 @@ async def _send_main(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     payload = _payload_from_args(args)
     progress = Progress(None)
-    options = {k: v for k, v in (("push_type", args.push_type), ("priority", args.priority),
+    push_type, priority = args.push_type, args.priority
+    if _background_only(args):
+        push_type = push_type or "background"
+        priority = priority if priority is not None else 5
+    options = {k: v for k, v in (("push_type", push_type), ("priority", priority),
                                  ("expiration", args.expiration),
                                  ("collapse_id", args.collapse_id)) if v is not None}
     invalid_out = open(args.invalid_tokens, "a", encoding="utf-8") if args.invalid_tokens else None  # noqa: SIM115
@@ -435,7 +454,16 @@ def _add_send_parser(sub: _Subcommands[argparse.ArgumentParser], common: argpars
     send.add_argument("--body", help="alert body (instead of --payload)")
     send.add_argument("--badge", type=int, help="app icon badge number")
     send.add_argument("--sound", help="sound file name, or default")
-    send.add_argument("--content-available", action="store_true", help="content-available: 1 (wake the app)")
+    send.add_argument("--content-available", action="store_true",
+                      help="content-available: 1 (wake the app); alone, a background push at "
+                           "priority 5")
+    send.add_argument("--category", help="aps category: the notification's actions")
+    send.add_argument("--thread-id", help="aps thread-id: groups notifications")
+    send.add_argument("--mutable-content", action="store_true",
+                      help="mutable-content: 1 (a notification service extension may change it)")
+    send.add_argument("--interruption-level",
+                      choices=["passive", "active", "time-sensitive", "critical"],
+                      help="aps interruption-level")
     send.add_argument("--push-type", default=None, help="apns-push-type (default alert)")
     send.add_argument("--priority", type=int, help="apns-priority: 10, 5 or 1")
     send.add_argument("--expiration", type=int, help="apns-expiration: epoch seconds (0: now or never)")

@@ -181,3 +181,37 @@ def test_an_unknown_flag_prints_its_subcommands_usage(argv: list[str]) -> None:
     assert out.returncode == 2
     assert out.stderr.startswith(f"usage: fanout {command} "), out.stderr[:200]
     assert "unrecognized arguments" in out.stderr
+
+
+async def test_send_flags_reach_the_payload_and_content_available_alone_is_background(
+        tmp_path: Path, pki: Any, signing_key: Any) -> None:
+    """Issue 18: --category, --thread-id, --mutable-content, --interruption-level go into
+    aps; --content-available alone is a background push at priority 5 (it was an alert at
+    priority 10)."""
+    import trio
+
+    from .helpers import mock_server
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("aa" * 32 + "\n")
+    quiet = tmp_path / "quiet"
+    quiet.write_text("bb" * 32 + "\n")
+    async with mock_server(pki, signing_key, record_bodies=True) as mock:
+        base = ["--host", "127.0.0.1", "--port", str(mock.port), "--ca-file", str(pki.ca_file),
+                "--key-path", str(signing_key.path), "--key-id", signing_key.key_id,
+                "--team-id", signing_key.team_id, "--topic", "com.example.app"]
+        alert = await trio.run_process(
+            [*FANOUT, "send", "--tokens", str(tokens), "--title", "Hi", "--category", "REPLY",
+             "--thread-id", "chat-7", "--mutable-content", "--interruption-level",
+             "time-sensitive", *base], capture_stdout=True, capture_stderr=True, check=False)
+        background = await trio.run_process(
+            [*FANOUT, "send", "--tokens", str(quiet), "--content-available", *base],
+            capture_stdout=True, capture_stderr=True, check=False)
+    assert alert.returncode == 0, alert.stderr.decode()
+    assert background.returncode == 0, background.stderr.decode()
+    (priority, body), = mock.stats.bodies["aa" * 32]
+    aps = json.loads(body)["aps"]
+    assert priority == 10 and aps["category"] == "REPLY" and aps["thread-id"] == "chat-7"
+    assert aps["mutable-content"] == 1 and aps["interruption-level"] == "time-sensitive"
+    (priority, body), = mock.stats.bodies["bb" * 32]
+    assert priority == 5 and json.loads(body) == {"aps": {"content-available": 1}}
