@@ -323,6 +323,20 @@ def decode_payload(obj: dict[str, Any]) -> Payload:
     return Payload(aps=aps, custom=custom)
 
 
+_last_checked: list[Any] = [None, None]  # [the dict payload checked last, its push type]
+
+
+def _check_dict(payload: dict[str, Any], push_type: PushType) -> None:
+    """A plain dict payload is checked as a :class:`Payload` would be: unknown ``aps`` keys,
+    wrong types, what the push type needs (custom top-level keys are the app's own). The
+    same dict sent again (one payload, many notifications) is not checked twice."""
+    last = _last_checked
+    if last[0] is payload and last[1] is push_type:
+        return
+    _check_aps(decode_payload(payload).aps, push_type)
+    last[0], last[1] = payload, push_type
+
+
 def _check_aps(aps: Aps, push_type: PushType) -> None:
     if push_type is PushType.BACKGROUND and aps.content_available != 1:
         raise ValidationError("payload", "background pushes need aps.content-available = 1")
@@ -617,6 +631,8 @@ class PushTemplate:
         self.apns_id = _check_apns_id(apns_id)
         if isinstance(payload, Payload):
             _check_aps(payload.aps, pt)
+        elif isinstance(payload, dict):
+            _check_dict(payload, pt)
         body = encode_payload(payload)
         limit = payload_limit(pt)
         if not body:

@@ -126,10 +126,12 @@ def test_token_wrong_type_or_empty(token):
     rejects("token", token=token)
 
 
-def _body_of(size):
-    """A dict payload whose JSON encoding is exactly ``size`` bytes."""
-    base = len(b'{"aps":{},"p":""}')
-    return {"aps": {}, "p": "x" * (size - base)}
+def _body_of(size, push_type=PushType.ALERT):
+    """A dict payload whose JSON encoding is exactly ``size`` bytes (a background one with
+    the content-available it needs)."""
+    aps = {"content-available": 1} if push_type is PushType.BACKGROUND else {}
+    base = len(encode_payload({"aps": aps, "p": ""}))
+    return {"aps": aps, "p": "x" * (size - base)}
 
 
 @pytest.mark.parametrize(
@@ -137,12 +139,12 @@ def _body_of(size):
     [(PushType.ALERT, 4096), (PushType.BACKGROUND, 4096), (PushType.VOIP, 5120)],
 )
 def test_size_limits(push_type, limit):
-    ok = _body_of(limit)
+    ok = _body_of(limit, push_type)
     assert len(encode_payload(ok)) == limit
     assert len(prepare(note(payload=ok, push_type=push_type)).body) == limit
     raw = b"x" * limit
     assert prepare(note(payload=raw, push_type=push_type)).body is raw
-    err = rejects("payload", payload=_body_of(limit + 1), push_type=push_type)
+    err = rejects("payload", payload=_body_of(limit + 1, push_type), push_type=push_type)
     assert str(limit + 1) in err.message and str(limit) in err.message
     rejects("payload", payload=b"x" * (limit + 1), push_type=push_type)
 
@@ -269,8 +271,32 @@ def test_background_needs_content_available():
     assert prepare(note(push_type=PushType.BACKGROUND, payload=BG)).body == (
         b'{"aps":{"content-available":1}}'
     )
-    # raw bodies are only size-checked
-    prepare(note(push_type=PushType.BACKGROUND, payload={"aps": {}}))
+    # a plain dict is checked as a Payload (issue 18); only pre-encoded bytes are not
+    rejects("payload", push_type=PushType.BACKGROUND, payload={"aps": {}})
+    prepare(note(push_type=PushType.BACKGROUND, payload=b'{"aps":{}}'))
+
+
+@pytest.mark.parametrize(("payload", "needle"), [
+    ({"aps": {"alrt": "x"}}, "alrt"),
+    ({"aps": {"badge": "3"}}, "badge"),
+    ({"aps": {"alert": {"title": 1}}}, "title"),
+    ({"aps": "hi"}, "aps must be an object"),
+    ({"aps": {"interruption-level": "loud"}}, "interruption-level"),
+])
+def test_a_plain_dict_payload_is_checked_as_a_payload_object(payload, needle):
+    """Issue 18: these were all delivered (a dict went out unchecked)."""
+    err = rejects("payload", payload=payload)
+    assert needle in err.message
+    # through every door the same: a fan-out's template, a daemon line
+    with pytest.raises(ValidationError, match=needle):
+        PushTemplate(payload, topic="com.example.app")
+
+
+def test_a_plain_dict_keeps_its_custom_keys_and_is_checked_once_per_object():
+    payload = {"aps": {"alert": "hi"}, "order": {"id": 7}, "deep-link": "app://x"}
+    assert prepare(note(payload=payload)).body == encode_payload(payload)
+    again = prepare(note(payload=payload, token="cd" * 32))  # the same dict: not re-checked
+    assert again.body == encode_payload(payload)
 
 
 LA_START = Aps(
