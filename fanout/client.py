@@ -527,8 +527,17 @@ class Client:
     # ------------------------------------------------------------------ public API
 
     async def send(self, notification: Notification | Prepared) -> Result:
-        """Send one push and return its result. Raises ValidationError on bad input."""
-        prepared = self._convert(notification)
+        """Send one push and return its result. A push that fails validation ends
+        ``rejected`` (``error`` names the field) before any I/O, as in :meth:`send_many`;
+        what is not a push at all (not a Notification) raises ValidationError."""
+        try:
+            prepared = self._convert(notification)
+        except ValidationError as exc:
+            if not isinstance(notification, Notification):
+                raise
+            return Result(outcome=Outcome.REJECTED, id=notification.id,
+                          token=notification.token if isinstance(notification.token, str)
+                          else None, error=str(exc))
         waiter = _Waiter()
         push = Push(prepared, waiter)
         self.outstanding += 1

@@ -168,8 +168,8 @@ def test_asyncio_errors_arrive_as_the_trio_apis(mock: MockThread, pki: TestPKI,
         async with fa.Client(**options(mock, pki, signing_key)) as client:
             with pytest.raises(ValidationError, match="payload"):
                 client.fan_out({"aps": {"alert": "x" * 5000}}, tokens(3))  # at once
-            with pytest.raises(ValidationError):
-                await client.send(Notification(token="zz", payload=PAYLOAD))
+            bad = await client.send(Notification(token="zz", payload=PAYLOAD))
+            assert bad.outcome == "rejected" and "token" in (bad.error or "")
             with pytest.raises(ConfigError, match="window"):
                 client.send_many([], window=0)
             got: list[Any] = []
