@@ -184,10 +184,13 @@ class ActivityTracker:
             self._activities.move_to_end(activity_id)
         return act
 
-    def decide(self, activity_id: str, source_time: float, priority: int = 10) -> Decision:
-        """Decide how to send the next push of ``activity_id`` (and record it)."""
+    def decide(self, activity_id: str, source_time: float | None,
+               priority: int = 10) -> Decision:
+        """Decide how to send the next push of ``activity_id`` (and record it). An update
+        older (by ``source_time``, when the event happened) than the last timed one sent
+        is superseded; one without a ``source_time`` is not ordered, and moves nothing."""
         act = self._get(activity_id)
-        if source_time < act.last_source_time:
+        if source_time is not None and source_time < act.last_source_time:
             return Decision(priority, superseded=True)
         now = self._clock()
         window = act.sent_p10
@@ -197,7 +200,8 @@ class ActivityTracker:
             if self.over_budget == "wait" and self.budget > 0:
                 return Decision(10, wait=window[0] + 3600 - now)
             priority = 5
-        act.last_source_time = source_time
+        if source_time is not None:
+            act.last_source_time = source_time
         if priority == 10:
             window.append(now)
         return Decision(priority)
@@ -219,7 +223,6 @@ class LiveActivities:
         """Decide now, in call order: a prepared push to send, a ``superseded`` Result, or
         the seconds to wait (``over_budget="wait"``). Plan a burst in order, then send the
         prepared pushes concurrently (``client.send_many``)."""
-        source_time = time.time() if source_time is None else source_time
         decision = self.tracker.decide(activity_id, source_time, priority)
         if decision.superseded:
             return Result(outcome=Outcome.SUPERSEDED, id=id, token=token,
@@ -231,7 +234,6 @@ class LiveActivities:
 
     async def _send(self, activity_id: str, token: str, payload: Payload, *,
                     source_time: float | None, priority: int, id: Any) -> Result:
-        source_time = time.time() if source_time is None else source_time
         while True:
             planned = self.plan(activity_id, token, payload, source_time=source_time,
                                 priority=priority, id=id)
@@ -240,7 +242,9 @@ class LiveActivities:
             await trio.sleep(planned)
         if isinstance(planned, Result):
             return planned
-        return await self.client.send(planned)
+        result = await self.client.send(planned)
+        result.priority = int(planned.priority)  # the budget may have lowered it to 5
+        return result
 
     async def start(self, token: str, *, activity_id: str, source_time: float | None = None,
                     priority: int = 10, id: Any = None, **kw: Any) -> Result:

@@ -287,6 +287,9 @@ class Result(msgspec.Struct, kw_only=True, omit_defaults=True):
     resent: bool = False
     """Sent again after an attempt that timed out or whose connection was lost: APNs may
     have had it before, so the device may show it twice (at-least-once delivery)."""
+    priority: int | None = None
+    """The priority a Live Activity push went at (its hourly budget lowers 10 to 5); unset
+    for other pushes."""
     wrong_environment: bool = False
     """The push named the other environment: APNs there answered BadDeviceToken and this
     ``environment`` accepted it (``Teams(retry_wrong_environment=True)``). The token is

@@ -576,3 +576,29 @@ async def test_a_rerun_over_a_finished_file_says_so(
     err = second.stderr.decode()
     assert "already done up to line 5" in err and "--no-checkpoint" in err
     assert "already done" not in first.stderr.decode()
+
+
+async def test_live_activity_lines_without_source_time_and_their_priority(
+        tmp_path: Path, pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
+    """Issue 18: a line without source-time does not make a later, correctly timed update
+    superseded; each Live Activity result says the priority it went at (the budget, 1 an
+    hour here, lowers 10 to 5)."""
+    def la(i: int, source_time: float | None) -> str:
+        line: dict[str, Any] = {"id": i, "token": "ab" * 32, "live_activity": {"event": "update", "activity-id": "m1",
+                                                  "content-state": {"score": i}}}
+        if source_time is not None:
+            line["live_activity"]["source-time"] = source_time
+        return json.dumps(line)
+
+    inp = tmp_path / "in.ndjson"
+    inp.write_text("\n".join([la(1, 1_700_000_000.0), la(2, None), la(3, 1_700_000_005.0)])
+                   + "\n")
+    out = tmp_path / "results.ndjson"
+    async with mock_server(pki, signing_key) as mock:
+        proc = await run_daemon(daemon_cmd(mock, pki, signing_key, str(inp), "--results",
+                                           str(out), "--la-budget", "1"))
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    by_id = {r["id"]: r for r in read_results(out)}
+    assert [by_id[i]["outcome"] for i in (1, 2, 3)] == ["delivered"] * 3
+    assert [by_id[i]["priority"] for i in (1, 2, 3)] == [10, 5, 5]

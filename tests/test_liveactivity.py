@@ -110,6 +110,30 @@ def test_out_of_order_update_is_superseded():
     assert not tracker.decide("b", 1.0).superseded
 
 
+def test_an_update_without_source_time_does_not_supersede_a_later_timed_one():
+    """Issue 18: an update with no source-time was stamped "now", so the next update,
+    correctly timed by its event (seconds earlier), was dropped as superseded."""
+    tracker = ActivityTracker(50)
+    assert not tracker.decide("a", 1_700_000_000.0).superseded
+    assert not tracker.decide("a", None).superseded          # no time: no ordering
+    assert not tracker.decide("a", 1_700_000_005.0).superseded  # the next event: sent
+    assert tracker.decide("a", 1_700_000_001.0).superseded   # older than the last timed one
+
+
+async def test_a_live_activity_result_says_the_priority_it_went_at(pki, signing_key):
+    """Issue 18: the budget lowers 10 to 5; the result says which."""
+    from fanout.liveactivity import LiveActivities
+
+    from .helpers import running
+
+    async with running(pki, signing_key) as (_, client):
+        la = LiveActivities(client, "com.example.app", budget_per_hour=1)
+        first = await la.update("ab" * 32, {"score": 1}, activity_id="m1")
+        second = await la.update("ab" * 32, {"score": 2}, activity_id="m1")
+    assert first.ok and first.priority == 10
+    assert second.ok and second.priority == 5
+
+
 def test_activity_memory_is_bounded():
     tracker = ActivityTracker(5, max_activities=1000)
     for i in range(5000):

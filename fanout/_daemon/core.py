@@ -26,7 +26,6 @@ import argparse
 import gc
 import logging
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -260,8 +259,9 @@ class Daemon:
                     priority = budgeted
             else:
                 payload = single_payload(push)
-            prepared = prepare_single(push, payload, priority, Tag(state, push.id),
-                                      self.settings.topic)
+            prepared = prepare_single(
+                push, payload, priority,
+                Tag(state, push.id, priority if la is not None else None), self.settings.topic)
         except (ValidationError, ConfigError) as exc:
             self.control.malformed(state, str(exc))
             return
@@ -277,13 +277,12 @@ class Daemon:
         priority 10, ``--la-budget``), after a wait (``--la-over-budget wait``); ``None``
         when it is older than the last update sent, and its line ended ``superseded``."""
         assert la.activity_id is not None
-        decision = self.tracker.decide(
-            la.activity_id, time.time() if la.source_time is None else la.source_time,
-            priority)
+        # no source-time: not ordered (issue 18: "now" made later, correctly timed
+        # updates superseded)
+        decision = self.tracker.decide(la.activity_id, la.source_time, priority)
         while decision.wait:
             await trio.sleep(decision.wait)
-            decision = self.tracker.decide(la.activity_id, la.source_time or time.time(),
-                                           priority)
+            decision = self.tracker.decide(la.activity_id, la.source_time, priority)
         if decision.superseded:
             self.control.end_line(state, "superseded",
                                   f"older than the last update sent for {la.activity_id}",
@@ -296,8 +295,11 @@ class Daemon:
     def _write(self, result: Result) -> None:
         tag = result.id
         state: LineState = tag.line
-        self.control.emit(ResultLine.from_result(result, id=tag.id, line=state.number,
-                                                 input=state.input.label), state)
+        record = ResultLine.from_result(result, id=tag.id, line=state.number,
+                                        input=state.input.label)
+        if tag.priority is not None:
+            record.priority = tag.priority
+        self.control.emit(record, state)
         if result.error is not None and is_unreachable(result):
             self.unreachable += 1
         elif self._unreachable_logged and result.status is not None:

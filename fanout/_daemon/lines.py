@@ -119,6 +119,8 @@ class ResultLine(msgspec.Struct, omit_defaults=True):
     """The team that served the push (``[[team]]`` tables, or ``--teams FILE``)."""
     environment: str | None = None
     """Where a team's push went: production or sandbox."""
+    priority: int | None = None
+    """A Live Activity line: the priority it went at (the budget lowers 10 to 5)."""
     wrong_environment: bool = False
     """The line named the other environment; this one accepted the token (see
     :attr:`fanout.outcome.Result.wrong_environment`)."""

@@ -106,8 +106,9 @@ class LineState:
 class Tag:
     """What a push carries as its id: the caller's id and the line it came from."""
 
-    __slots__ = ("line", "id")
+    __slots__ = ("line", "id", "priority")
 
-    def __init__(self, line: LineState, id: Any) -> None:
+    def __init__(self, line: LineState, id: Any, priority: int | None = None) -> None:
         self.line = line
         self.id = id
+        self.priority = priority  # a Live Activity line's, after its budget
