@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -85,10 +85,15 @@ def alert(title: str, body: str) -> dict[str, Any]:
     return {"aps": {"alert": {"title": title, "body": body}}}
 
 
+def refused_before_sending(result: Result) -> bool:
+    """fanout refused the push before any I/O (it names the field in ``error``): the
+    caller's fault, so the app answers 422, not 500."""
+    return result.outcome == "rejected" and result.status is None
+
+
 @app.exception_handler(ValidationError)
 async def bad_push(request: Request, exc: ValidationError) -> JSONResponse:
-    """A push fanout refuses before sending (bad token, payload too big...): the caller's
-    fault, so 422, not 500."""
+    """A fan-out whose payload cannot go to anyone raises at once: 422 as well."""
     return JSONResponse(status_code=422, content={"detail": str(exc)})
 
 
@@ -97,6 +102,8 @@ async def push(body: Push, request: Request) -> dict[str, Any]:
     client: fanout.asyncio.Client = request.app.state.push
     result = await client.send(Notification(token=body.token,
                                             payload=alert(body.title, body.body)))
+    if refused_before_sending(result):  # a bad token, a payload too big...
+        raise HTTPException(status_code=422, detail=result.error)
     return result_json(result)
 
 

@@ -75,9 +75,17 @@ def too_slow(exc: TimeoutError) -> tuple[Any, int]:
     return jsonify(detail=str(exc)), 504
 
 
+def answer(result: Result) -> Any:
+    """The result as JSON; 422 when fanout refused the push before any I/O (a bad token,
+    a payload too big: ``error`` names the field)."""
+    if result.outcome == "rejected" and result.status is None:
+        return jsonify(detail=result.error), 422
+    return jsonify(result_json(result))
+
+
 @app.post("/push")
 def push() -> Any:
-    return jsonify(result_json(push_client.send(notification(), timeout=10)))
+    return answer(push_client.send(notification(), timeout=10))
 
 
 @app.post("/push-per-request")
@@ -87,4 +95,4 @@ def push_per_request() -> Any:
     # connections and the same JWT as every other request's
     with fanout.sync.Client(**client_options()) as client:
         result = client.send(note, timeout=10)
-    return jsonify(result_json(result))
+    return answer(result)

@@ -43,6 +43,7 @@ MAX_TOKEN_AGE = 3600.0
 _MAX_FILE_SIZE = 1 << 20
 _PEM_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
 _ID_RE = re.compile(r"[A-Za-z0-9]+")
+APPLE_ID_LENGTH = 10  # key ids and team ids alike
 
 
 def _read_file(path: str | os.PathLike[str], what: str) -> tuple[bytes, int]:
@@ -128,7 +129,21 @@ def _check_key(key: Any, source: str) -> ec.EllipticCurvePrivateKey:
 def _check_id(value: object, field: str) -> str:
     if not isinstance(value, str) or not value.isascii() or not _ID_RE.fullmatch(value):
         raise ConfigError(f"{field} must be a non-empty alphanumeric string, got {value!r}")
+    if len(value) != APPLE_ID_LENGTH:  # caught here, not as a 403 from APNs on every push
+        what = "key id (Keys page of the developer account)" if field == "key_id" else \
+            "team id (Membership page of the developer account)"
+        raise ConfigError(f"{field} {value!r} has {len(value)} characters; an Apple {what} "
+                          f"has {APPLE_ID_LENGTH}")
     return value
+
+
+def _check_file_name(path: str, key_id: str) -> None:
+    """Apple names a key's file ``AuthKey_<KEYID>.p8``: another key id is a mix-up."""
+    match = re.fullmatch(r"AuthKey_([A-Za-z0-9]+)\.p8", os.path.basename(path))
+    if match and match.group(1) != key_id:
+        raise ConfigError(f"key_id {key_id!r} differs from the key file's name "
+                          f"{os.path.basename(path)!r} (Apple names it AuthKey_<key id>.p8): "
+                          f"is it the right key, or the right key id?")
 
 
 @runtime_checkable
@@ -317,6 +332,8 @@ class TokenAuth(Auth):
         """Load the .p8 key at ``path``. Warns (``fanout.auth`` logger) if group/others can read it."""
         name = os.fspath(path)
         data, mode = _read_file(name, "key file")
+        if isinstance(key_id, str):
+            _check_file_name(name, key_id)
         key = _load_private_key(data, f"key file {name!r}")
         del data
         if os.name == "posix" and mode & 0o077:

@@ -394,3 +394,27 @@ def test_cert_auth_errors(tmp_path, cert_files, cert, key, password, match):
     files["garbage"] = write(tmp_path, "cert.p12", b"\x30\x82" + os.urandom(100))
     with pytest.raises(KeyFileError, match=match):
         CertAuth(files[cert], files[key] if key else None, password=password)
+
+
+@pytest.mark.parametrize(("key_id", "team_id", "needle"), [
+    ("ABC", TEAM_ID, "key_id 'ABC' has 3 characters"),
+    ("ABC123DEFGH", TEAM_ID, "has 11 characters"),
+    (KEY_ID, "T", "team_id 'T' has 1 characters"),
+])
+def test_an_id_that_is_not_10_characters_is_caught_locally(p256, key_id, team_id, needle):
+    """Issue 18: it went out, and every push came back 403 InvalidProviderToken."""
+    with pytest.raises(ConfigError, match=needle):
+        TokenAuth(p256, key_id, team_id)
+
+
+def test_a_key_id_other_than_the_files_name_is_caught(tmp_path):
+    from fanout.testing.devcerts import make_signing_key
+
+    key = make_signing_key(tmp_path, key_id="ABC123DEFG")  # AuthKey_ABC123DEFG.p8
+    with pytest.raises(ConfigError, match="differs from the key file's name"):
+        TokenAuth.from_file(key.path, "ZZZ999YYYY", TEAM_ID)
+    assert TokenAuth.from_file(key.path, "ABC123DEFG", TEAM_ID, shared=False).key_id == \
+        "ABC123DEFG"
+    other = tmp_path / "apns-key.p8"  # a name of one's own choosing is not checked
+    other.write_bytes(key.path.read_bytes())
+    assert TokenAuth.from_file(other, "ZZZ999YYYY", TEAM_ID, shared=False)

@@ -72,11 +72,15 @@ async def test_shared_false_gives_a_token_of_its_own(pki: TestPKI,
         assert len(mock.stats.jwts) == 2
 
 
-async def test_two_key_ids_get_two_tokens(pki: TestPKI, signing_key: TestSigningKey) -> None:
+async def test_two_key_ids_get_two_tokens(pki: TestPKI, signing_key: TestSigningKey,
+                                          tmp_path: Path) -> None:
     other_id = "OTHER12345"
     assert other_id != signing_key.key_id
     one = _auth(signing_key)
-    two = TokenAuth.from_file(signing_key.path, other_id, signing_key.team_id)
+    other_file = tmp_path / f"AuthKey_{other_id}.p8"  # the file's name says its key id
+    other_file.write_bytes(signing_key.path.read_bytes())
+    other_file.chmod(0o600)
+    two = TokenAuth.from_file(other_file, other_id, signing_key.team_id)
     assert one.signer_id != two.signer_id
     assert one.header() != two.header()
     keys = {signing_key.key_id: signing_key.public_key, other_id: signing_key.public_key}
