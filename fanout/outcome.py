@@ -163,7 +163,9 @@ REASONS: dict[str, ReasonInfo] = {  # keyed by Reason members (a str)
     _R.EXPIRED_PROVIDER_TOKEN: ReasonInfo(403, _A.REFRESH_AUTH, "provider token (JWT) iat too old"),
     _R.FORBIDDEN: ReasonInfo(403, _A.CONFIG, "action not allowed"),
     _R.INVALID_PROVIDER_TOKEN: ReasonInfo(
-        403, _A.CONFIG, "bad provider token: signature, key id or team id"
+        403, _A.CONFIG, "bad provider token: check that key_id is the key's own (its file "
+        "is AuthKey_<key id>.p8), that team_id is the team that owns the key (Membership "
+        "page), that the key is not revoked, and the clock (iat)"
     ),
     _R.MISSING_PROVIDER_TOKEN: ReasonInfo(
         403, _A.CONFIG, "no client certificate and no/empty authorization header"

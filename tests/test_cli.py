@@ -77,6 +77,8 @@ def test_send_reports_a_wrong_key_clearly_and_exits_nonzero(mock_process, signin
     summary = json.loads(out.stdout.decode().strip().splitlines()[-1])
     assert "InvalidProviderToken" in summary["config_error"]
     assert b"InvalidProviderToken" in out.stderr
+    # it names what to check (issue 18)
+    assert "AuthKey_" in summary["config_error"] and "team_id" in summary["config_error"]
 
 
 @pytest.mark.parametrize("args, needle", [
