@@ -37,7 +37,7 @@ from ._limiter import Limiter, parse_retry_after
 from .auth import Auth, CertAuth, TokenAuth
 from .errors import ConfigError, TransportError, ValidationError, redact
 from .events import Events
-from .outcome import Action, Outcome, Reason, Result, classify, parse_error_body
+from .outcome import REASONS, Action, Outcome, Reason, Result, classify, parse_error_body
 from .payload import (
     PRIORITIES,
     Environment,
@@ -992,6 +992,9 @@ class Client:
         who = ""
         if isinstance(self.auth, TokenAuth):
             who = f" (key id {self.auth.key_id}, team {self.auth.team_id})"
+        if not hint and reason is not None:  # what the reason says to check (outcome.py)
+            info = REASONS.get(reason)
+            hint = info.description if info is not None else ""
         hint = f": {hint}" if hint else ""
         error = (f"APNs refused the credentials or topic: {status} {reason}{who}{hint}; "
                  f"sending stopped")
