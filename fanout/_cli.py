@@ -1,5 +1,7 @@
-"""Command line: ``fanout demo``, ``send``, ``check``, ``mock`` (and ``run``, from
-:mod:`fanout._daemon.command`). APNs settings come from :mod:`fanout.config`."""
+"""Command line: ``fanout demo``, ``send``, ``check``, ``channels``, ``enqueue``; ``run``
+(:mod:`fanout._daemon.command`), ``serve`` (:mod:`fanout._serve.command`) and ``mock``
+(:mod:`fanout.testing.command`) register themselves. APNs settings come from
+:mod:`fanout.config`."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,10 +32,9 @@ from ._exits import (
 )
 from .config import add_settings_args, check, load_settings, make_client
 from .errors import ConfigError, FanoutError, TransportError, ValidationError
-from .payload import ENVIRONMENTS
 
 if TYPE_CHECKING:
-    from .testing.mock import MockStats
+    pass
 
 log = logging.getLogger("fanout")
 
@@ -310,66 +310,6 @@ async def _demo_main(args: argparse.Namespace) -> int:
     return _exit(args, progress, None)
 
 
-# --------------------------------------------------------------------------- mock
-
-async def _mock_main(args: argparse.Namespace) -> int:
-    from .auth import TokenAuth
-    from .testing.devcerts import ensure_pki
-    from .testing.mock import MockAPNs, MockConfig
-
-    pki = ensure_pki(Path(args.pki_dir))
-    keys = {}
-    if args.key_path:
-        auth = TokenAuth.from_file(args.key_path, args.key_id or "KEY0000000",
-                                   args.team_id or "TEAM000000")
-        keys[auth.key_id] = auth.public_key()
-    config = MockConfig(team_id=args.team_id, keys=keys, validate=not args.accept_all,
-                        latency=args.latency, jitter=args.jitter,
-                        unregistered_fraction=args.unregistered_fraction,
-                        bad_token_fraction=args.bad_token_fraction,
-                        penalty_accepts=args.penalty_accepts,
-                        environment=args.environment,
-                        sandbox_token_fraction=args.sandbox_token_fraction,
-                        p429=args.p429, p500=args.p500, p503=args.p503,
-                        goaway_after=args.goaway_after, close_after=args.close_after,
-                        max_streams=args.max_streams)
-    mock = MockAPNs(config, pki)
-    code = EXIT_OK
-    try:
-        # SIGTERM and SIGINT stop serving cleanly (and the stats file is written); a
-        # KeyboardInterrupt before they are caught here goes through the finally too
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                port = await nursery.start(mock.serve, args.host, args.port)
-                if args.port_file:
-                    tmp = Path(args.port_file + ".tmp")
-                    tmp.write_text(str(port))
-                    tmp.replace(args.port_file)
-                print(f"mock APNs listening on {args.host}:{port} (CA {pki.ca_file})",
-                      file=sys.stderr, flush=True)
-                async for signum in signals:
-                    code = EXIT_FORCED if signum == signal.SIGINT else EXIT_OK
-                    break
-                nursery.cancel_scope.cancel()
-    finally:
-        if args.stats_file:
-            _write_mock_stats(args.stats_file, mock.stats)
-    return code
-
-
-def _write_mock_stats(path: str, stats: MockStats) -> None:
-    """``path`` (atomically: ``path``.tmp, then a rename) as JSON: what the mock saw, in
-    numbers (JWT digests counted, never written)."""
-    summary = {"connections": stats.connections, "jwts": len(stats.jwts),
-               "requests": stats.requests, "delivered": sum(stats.delivered.values()),
-               "by_status": {str(status): n for status, n in sorted(stats.by_status.items())}}
-    tmp = Path(path + ".tmp")
-    tmp.write_text(json.dumps(summary) + "\n")
-    tmp.replace(path)
-
-
-# --------------------------------------------------------------------------- main
-
 async def _channels_main(args: argparse.Namespace) -> int:
     from .channels import ChannelError
     from .config import make_auth
@@ -411,16 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``fanout`` command line: one subcommand per ``_add_<command>_parser``."""
     parser = argparse.ArgumentParser(prog="fanout", description="High-volume APNs sender")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
-    from . import __version__
-
-    parser.add_argument("--version", action="version", version=f"fanout {__version__}")
+    parser.add_argument("--version", action="version", version=f"fanout {_version()}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", required=True, help="the command to run")
     _add_demo_parser(sub, common)
     _add_send_parser(sub, common)
-    _add_mock_parser(sub, common)
+    from .testing.command import add_mock_parser
+
+    add_mock_parser(sub, common)
     _add_channels_parser(sub, common)
     _add_check_parser(sub, common)
     # `run` registers itself: set_defaults(run_main=<async fn(args) -> int>), see main()
@@ -432,6 +372,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub, settings_args=add_settings_args)
     return parser
+
+
+def _version() -> str:
+    """The installed package's version (``fanout.__version__``: a test keeps them equal)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fanout")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown (not installed)"
 
 
 def _add_demo_parser(sub: _Subcommands[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
@@ -469,41 +419,6 @@ def _add_send_parser(sub: _Subcommands[argparse.ArgumentParser], common: argpars
     send.add_argument("--expiration", type=int, help="apns-expiration: epoch seconds (0: now or never)")
     send.add_argument("--collapse-id", help="apns-collapse-id: later pushes with it replace earlier ones")
     send.add_argument("--invalid-tokens", help="append invalidated tokens here as NDJSON")
-
-
-def _add_mock_parser(sub: _Subcommands[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
-    mock = sub.add_parser("mock", parents=[common], help="run the mock APNs server")
-    mock.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    mock.add_argument("--port", type=int, default=8443, help="port (default 8443; 0: any free one, see --port-file)")
-    mock.add_argument("--port-file", help="write the bound port here once listening")
-    mock.add_argument("--pki-dir", default="./mock-pki", help="CA and server cert (made if absent)")
-    mock.add_argument("--key-path", help=".p8 key whose public half verifies JWTs")
-    mock.add_argument("--key-id", help="the key id --key-path verifies")
-    mock.add_argument("--team-id", help="the team id JWTs must carry")
-    mock.add_argument("--accept-all", action="store_true", help="no validation (benchmarks)")
-    mock.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
-    mock.add_argument("--jitter", type=float, default=0.0, help="up to this many seconds more, at random")
-    mock.add_argument("--unregistered-fraction", type=float, default=0.0, help="fraction of tokens answered 410 Unregistered")
-    mock.add_argument("--bad-token-fraction", type=float, default=0.0,
-                      help="fraction of tokens answered 400 BadDeviceToken (drops the "
-                           "stream limit to 1 until the next 200)")
-    mock.add_argument("--penalty-accepts", type=int, default=1,
-                      help="accepted pushes needed before a dropped stream limit is restored")
-    mock.add_argument("--environment", choices=ENVIRONMENTS, default="production",
-                      help="the environment this mock stands for (see --sandbox-token-fraction)")
-    mock.add_argument("--sandbox-token-fraction", type=float, default=0.0,
-                      help="fraction of tokens that are sandbox tokens (by hash); a token of "
-                           "the other environment is answered 400 BadDeviceToken")
-    mock.add_argument("--p429", type=float, default=0.0, help="probability of 429 TooManyRequests per push")
-    mock.add_argument("--p500", type=float, default=0.0, help="probability of 500 InternalServerError per push")
-    mock.add_argument("--p503", type=float, default=0.0, help="probability of 503 ServiceUnavailable per push")
-    mock.add_argument("--goaway-after", type=int, help="send GOAWAY after this many streams per connection")
-    mock.add_argument("--close-after", type=int, help="drop each connection after this many streams")
-    mock.add_argument("--max-streams", type=int, default=1000, help="SETTINGS_MAX_CONCURRENT_STREAMS once authenticated (default 1000)")
-    mock.add_argument("--stats-file", metavar="PATH",
-                      help="on exit (SIGTERM, SIGINT or the end) write what the mock saw here "
-                           "as JSON: connections, jwts (distinct provider tokens), requests, "
-                           "delivered, by_status; atomically (PATH.tmp, then a rename)")
 
 
 def _add_channels_parser(sub: _Subcommands[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
@@ -570,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fanout {args.command}: error: {exc}", file=sys.stderr)
             return _error_exit(exc)
     runner = {"demo": _demo_main, "send": _send_main, "check": _check_main,
-              "mock": _mock_main, "channels": _channels_main}[args.command]
+              "channels": _channels_main}[args.command]
     try:
         return trio.run(runner, args)
     except KeyboardInterrupt:

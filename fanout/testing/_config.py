@@ -6,8 +6,11 @@ import dataclasses
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
+
+_ERRORS_SHOWN = 5  # protocol errors quoted in full by MockStats.summary()
 
 
 @dataclass
@@ -68,8 +71,9 @@ class MockConfig:
     """The environment the mock plays (``"production"`` or ``"sandbox"``)."""
     sandbox_token_fraction: float = 0.0
     """Fraction of tokens that belong to the sandbox (by a hash of the token, from the middle
-    of the range); the rest belong to production. When set, a token of the other
-    environment than ``environment`` is answered 400 BadDeviceToken, as Apple does."""
+    of the range, wrapping around: 1.0 is every token); the rest belong to production. When
+    set, a token of the other environment than ``environment`` is answered 400
+    BadDeviceToken, as Apple does."""
     goaway_after: int | None = None
     """Per connection: GOAWAY after this many streams, answer those at or below the
     last-stream-id, then close."""
@@ -167,6 +171,30 @@ class MockStats:
     channels: dict[str, dict[str, int]] = field(default_factory=dict)
     """The live broadcast channels: bundle id -> {channel id: message-storage-policy}. This is
     the mock's channel registry (server state): tests may edit it, and :meth:`reset` keeps it."""
+    stats_only_connections: int = 0
+    """Connections (among :attr:`connections`) that have carried only stats requests
+    (``GET /stats``); those requests are in no other count."""
+
+    def summary(self) -> dict[str, Any]:
+        """What the mock saw, in numbers, as JSON-ready data: the body of ``GET /stats`` and
+        ``fanout mock --stats-file``. No device token or JWT in it (JWTs are counted)."""
+        return {
+            "requests": self.requests,
+            "delivered": sum(self.delivered.values()),
+            "tokens": len(self.seen),
+            "by_status": {str(status): n for status, n in sorted(self.by_status.items())},
+            "by_reason": dict(sorted(self.by_reason.items())),
+            "jwts": len(self.jwts),
+            "connections": self.connections - self.stats_only_connections,
+            "max_concurrent": max(self.max_concurrent, default=0),
+            "goaways_sent": self.goaways_sent,
+            "closes": self.closes,
+            "never_answered": self.never_answered,
+            "streams_after_goaway": self.streams_after_goaway,
+            "protocol_errors": len(self.protocol_errors),
+            "first_protocol_errors": self.protocol_errors[:_ERRORS_SHOWN],
+            "broadcasts": sum(self.broadcasts.values()),
+        }
 
     def reset(self) -> None:
         """Forget everything but :attr:`channels` (connections already open keep counting into

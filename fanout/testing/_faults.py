@@ -20,9 +20,10 @@ def hash_fraction(token: str) -> float:
 
 
 def is_sandbox_token(token: str, config: MockConfig) -> bool:
-    """Whether ``token`` is a sandbox token under ``config.sandbox_token_fraction``."""
-    h = hash_fraction(token)
-    return 0.5 <= h < 0.5 + config.sandbox_token_fraction
+    """Whether ``token`` is a sandbox token under ``config.sandbox_token_fraction``: its hash
+    falls in the window of that width starting at 0.5, wrapping past 1.0 (so 1.0 is all)."""
+    fraction = config.sandbox_token_fraction
+    return fraction >= 1.0 or (hash_fraction(token) - 0.5) % 1.0 < fraction
 
 
 def server_fault(config: MockConfig, rng: random.Random, wedged: bool) -> tuple[int, str] | None:

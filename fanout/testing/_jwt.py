@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import random
 import time
@@ -9,6 +11,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import jwt
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 
 from ._config import MockConfig, MockStats
@@ -61,9 +66,26 @@ def _parse_jwt(token: bytes) -> TokenInfo:
 
 
 def _signature_ok(token: bytes, key: EllipticCurvePublicKey) -> bool:
+    """The ES256 signature, in JOSE's form (r || s, 64 bytes) or DER-encoded, as Java's
+    ``SHA256withECDSA`` makes it (Pushy signs that way, and APNs accepts it)."""
     try:
         _JWS.decode(token, key, algorithms=["ES256"])
     except jwt.PyJWTError:
+        return _der_signature_ok(token, key)
+    return True
+
+
+def _der_signature_ok(token: bytes, key: EllipticCurvePublicKey) -> bool:
+    signing_input, _, encoded = token.rpartition(b".")
+    try:
+        signature = base64.urlsafe_b64decode(encoded + b"=" * (-len(encoded) % 4))
+    except (binascii.Error, ValueError):
+        return False
+    if signature[:1] != b"\x30":  # not a DER SEQUENCE (a P-256 one may be 64 bytes long too)
+        return False
+    try:  # OpenSSL parses the DER strictly (one encoding per signature)
+        key.verify(signature, signing_input, ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError):
         return False
     return True
 

@@ -30,7 +30,7 @@ from ._apple import DEVICE_PREFIX, STREAM_LIMIT_VIOLATION
 from ._broadcast import evaluate_broadcast
 from ._config import MockConfig, MockStats
 from ._device import evaluate_device
-from ._http import Answer, Headers, Request, response
+from ._http import Answer, Headers, Request, json_headers, response
 from ._jwt import ProviderTokens, TokenCache, TokenInfo
 from .devcerts import TestPKI, server_ssl_context
 
@@ -52,6 +52,9 @@ _DRAIN_TIMEOUT = 5.0  # seconds after a GOAWAY before the connection is closed r
 _HOLD_FALLBACK = 0.05  # goaway_last_stream_low: GOAWAY this soon if the client stops sending
 _GOAWAY_HOLD = 10  # goaway_last_stream_low: at most this many streams (and at most half of
 # goaway_after) are left unanswered above the last-stream-id
+STATS_PATH = b"/stats"
+"""``GET`` answers :meth:`MockStats.summary` as JSON, ``DELETE`` the same and then
+:meth:`MockStats.reset`; no fault applies to them and no count includes them."""
 
 
 def _is_loopback(host: str) -> bool:
@@ -66,7 +69,7 @@ def _is_loopback(host: str) -> bool:
 class _Stream:
     """One request being received or waiting for its answer."""
 
-    __slots__ = ("id", "headers", "body", "silent", "abort_after")
+    __slots__ = ("id", "headers", "body", "silent", "abort_after", "control")
 
     def __init__(self, stream_id: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.id = stream_id
@@ -74,6 +77,14 @@ class _Stream:
         self.body = bytearray()
         self.silent = False  # held back by a fault: never answered
         self.abort_after = False  # close_after: close the connection once this one is answered
+        self.control = _is_stats_request(headers)  # /stats: no fault, not counted
+
+
+def _is_stats_request(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b":path":
+            return value == STATS_PATH
+    return False
 
 
 
@@ -142,6 +153,7 @@ class _Connection:
         self._halt = False  # stop feeding frames: _dead, or stopped reading
         self._stopped = False  # stop_reading_after reached: never read the socket again
         self._completed = 0  # complete requests received on this connection
+        self._stats_only: bool | None = None  # None: no request yet; True: only /stats ones
         self._close_mode: Literal["graceful", "abort"] | None = None
         self._wake = trio.Event()
         self._reader_scope = trio.CancelScope()
@@ -378,6 +390,10 @@ class _Connection:
         sid = event.stream_id
         stream = _Stream(sid, event.headers)
         self._streams[sid] = stream
+        self._note_kind(stream.control)
+        if stream.control:
+            self._pending.add(sid)
+            return
         self._count = n = self._count + 1
         self._per_conn_streams[self.index] += 1
         if len(self._streams) > self._per_conn_concurrent[self.index]:
@@ -419,7 +435,24 @@ class _Connection:
         if size and not self._dead:
             self.conn.acknowledge_received_data(size, stream_id)
 
+    def _note_kind(self, stats_request: bool) -> None:
+        """Keep ``stats.stats_only_connections`` (a connection counts in the current stats
+        only if it was accepted after their last reset: its per-connection list is theirs)."""
+        stats = self.mock.stats
+        current = self._per_conn_streams is stats.streams_per_connection
+        if self._stats_only is None:
+            self._stats_only = stats_request
+            if stats_request and current:
+                stats.stats_only_connections += 1
+        elif self._stats_only and not stats_request:
+            self._stats_only = False
+            if current:
+                stats.stats_only_connections -= 1
+
     def _on_complete(self, stream: _Stream) -> None:
+        if stream.control:
+            self._answer_stats(stream)
+            return
         stats = self.mock.stats
         stats.requests += 1
         token = self._token_of(stream)
@@ -531,6 +564,26 @@ class _Connection:
         self._after_answer(answer)
         if stream.abort_after:
             self._close("abort")
+        self._check_drain()
+
+    def _answer_stats(self, stream: _Stream) -> None:
+        """``GET /stats`` (and ``DELETE``: then reset them); answered at once, counted nowhere."""
+        if self._dead or self._close_mode is not None:
+            return
+        method = Request(stream.headers, stream.body).method
+        if method in (b"GET", b"DELETE"):
+            stats = self.mock.stats
+            body = msgspec.json.encode(stats.summary())
+            if method == b"DELETE":
+                stats.reset()
+            headers = [(b":status", b"200"), *json_headers(body)]
+        else:
+            body = msgspec.json.encode({"reason": "MethodNotAllowed"})
+            headers = [(b":status", b"405"), (b"allow", b"GET, DELETE"), *json_headers(body)]
+        self._send(stream.id, headers, body)
+        self._forget(stream.id)
+        if self._held_credit:
+            self._release_credit(stream.id)
         self._check_drain()
 
     def _send(self, stream_id: int, headers: Headers, body: bytes) -> bool:

@@ -25,7 +25,9 @@ pushes).
 
 Everything the mock saw is counted in :class:`MockStats`, so tests can assert exactly-once
 delivery (``stats.delivered``) and protocol hygiene (``stats.protocol_errors == []``,
-``stats.streams_after_goaway == 0``).
+``stats.streams_after_goaway == 0``). A test in another process (another language) asks the
+same listener: ``GET /stats`` answers :meth:`MockStats.summary` as JSON, ``DELETE /stats``
+the same and then resets; these requests get no fault and are in no count (docs/mock.md).
 
 Typical use in a trio test::
 
