@@ -442,6 +442,7 @@ class Client:
         self._manage = (manage_host or (self.host if custom else None),
                         manage_port or (port if custom else None))
         self._channels: dict[str, Channels] = {}  # by bundle id
+        self.log_config_errors = True  # False: the caller reports config_error itself
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -999,7 +1000,8 @@ class Client:
         error = (f"APNs refused the credentials or topic: {status} {reason}{who}{hint}; "
                  f"sending stopped")
         self.pool.halt(ConfigError(error))
-        log.error("%s", error)
+        if self.log_config_errors:
+            log.error("%s", error)
 
     def _invalidated(self, token: str, reason: Reason | None, timestamp: int | None) -> None:
         seen = self._invalid_seen

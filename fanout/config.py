@@ -561,6 +561,7 @@ async def check(settings: Settings) -> dict[str, Any]:
         report["problem"] = "usage"
         return report
 
+    client.log_config_errors = False  # the report says it: once, not twice more
     note = Notification(token=CHECK_TOKEN, payload={"aps": {"content-available": 1}},
                         push_type=PushType.BACKGROUND, priority=5, expiration=0)
     budget = settings.connect_timeout + settings.timeout + _LIMIT_WAIT + 5.0

@@ -217,3 +217,18 @@ async def test_send_flags_reach_the_payload_and_content_available_alone_is_backg
     assert aps["mutable-content"] == 1 and aps["interruption-level"] == "time-sensitive"
     (priority, body), = mock.stats.bodies["bb" * 32]
     assert priority == 5 and json.loads(body) == {"aps": {"content-available": 1}}
+
+
+def test_check_prints_a_refusal_once(mock_process, signing_key, tmp_path):
+    """Issue 18: the report, the engine's log line and 'not ok' said it three times."""
+    from fanout.testing.devcerts import make_signing_key
+
+    port, ca = mock_process
+    other = make_signing_key(tmp_path / "other", key_id=signing_key.key_id,
+                             team_id=signing_key.team_id)
+    out = _send(["check", "--host", "127.0.0.1", "--port", str(port), "--ca-file", str(ca),
+                 "--key-path", str(other.path), "--key-id", other.key_id, "--team-id",
+                 other.team_id, "--topic", "com.example.app"])
+    assert out.returncode == 3
+    assert json.loads(out.stdout)["problem"] == "config"  # the report, on stdout
+    assert out.stderr.count(b"InvalidProviderToken") == 1, out.stderr.decode()
