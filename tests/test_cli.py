@@ -232,3 +232,13 @@ def test_check_prints_a_refusal_once(mock_process, signing_key, tmp_path):
     assert out.returncode == 3
     assert json.loads(out.stdout)["problem"] == "config"  # the report, on stdout
     assert out.stderr.count(b"InvalidProviderToken") == 1, out.stderr.decode()
+
+
+def test_a_tls_verify_failure_against_a_mock_suggests_ca_file(mock_process, signing_key):
+    port, _ = mock_process
+    out = _send(["check", "--host", "127.0.0.1", "--port", str(port), "--key-path",
+                 str(signing_key.path), "--key-id", signing_key.key_id, "--team-id",
+                 signing_key.team_id, "--topic", "com.example.app", "--connect-timeout", "5"],
+                {"APNS_CA_FILE": ""})
+    assert out.returncode != 0
+    assert b"certificate verification failed" in out.stderr and b"--ca-file" in out.stderr

@@ -51,7 +51,10 @@ class TLSStream:
                     raise TransportError("connection closed during the TLS handshake") from None
                 self._in.write(data)
             except ssl.SSLCertVerificationError as exc:
-                raise ConfigError(f"TLS certificate verification failed: {exc.verify_message}") from None
+                raise ConfigError(
+                    f"TLS certificate verification failed: {exc.verify_message} (a mock or "
+                    f"test server, such as fanout mock? give its CA with --ca-file, "
+                    f"APNS_CA_FILE or ca_file=)") from None
             except ssl.SSLError as exc:
                 raise TransportError(f"TLS handshake failed: {exc.reason or exc}") from None
         await self.flush()
