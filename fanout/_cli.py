@@ -171,7 +171,10 @@ class TokenLines:
 
 
 async def _send_main(args: argparse.Namespace) -> int:
+    from .config import refuse_lone_retry
+
     settings = load_settings(args)
+    refuse_lone_retry(settings)
     payload = _payload_from_args(args)
     progress = Progress(None)
     push_type, priority = args.push_type, args.priority

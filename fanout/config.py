@@ -483,7 +483,18 @@ def make_engine(settings: Settings, **extra: Any) -> Any:
         from .teams import make_teams_engine
 
         return make_teams_engine(settings, **extra)
+    refuse_lone_retry(settings)
     return make_client(settings, **extra)
+
+
+def refuse_lone_retry(settings: Settings) -> None:
+    """``retry_wrong_environment`` works through [[team]] tables (a team lists the
+    environments its apps' tokens may be from); alone it would do nothing: refused."""
+    if settings.retry_wrong_environment:
+        raise ConfigError(
+            "retry_wrong_environment needs [[team]] tables: one team for the app with "
+            "environments = [\"production\", \"sandbox\"] (its key, its topics) makes a "
+            "BadDeviceToken try the other environment; without them it would do nothing")
 
 
 def make_client(settings: Settings, **extra: Any) -> Any:

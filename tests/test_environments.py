@@ -295,3 +295,23 @@ async def test_check_tries_every_team_in_every_environment(tmp_path, pki, signin
     assert [r["ok"] for r in reports] == [True, False]
     assert reports[1]["answer"]["reason"] == "InvalidProviderToken"
     assert b"team acme (sandbox): " in bad.stderr and b"eyJ" not in bad.stdout + bad.stderr
+
+
+@pytest.mark.parametrize("command", ["send", "run"])
+def test_retry_wrong_environment_without_teams_is_refused(tmp_path, signing_key, command):
+    """Issue 18: it silently did nothing for a single app."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "tokens").write_text("ab" * 32 + "\n")
+    args = (["--tokens", str(tmp_path / "tokens"), "--title", "x"] if command == "send"
+            else [str(tmp_path / "tokens")])
+    out = subprocess.run(
+        [sys.executable, "-m", "fanout", command, *args, "--retry-wrong-environment",
+         "--key-path", str(signing_key.path), "--key-id", signing_key.key_id, "--team-id",
+         signing_key.team_id, "--topic", "com.example.app", "--host", "127.0.0.1",
+         "--port", "9"], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "APNS_CONFIG": ""})
+    assert out.returncode in (2, 3), out.stderr  # send: usage; run: its configuration exit
+    assert "retry_wrong_environment needs [[team]] tables" in out.stderr
