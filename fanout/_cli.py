@@ -475,8 +475,12 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the subcommand's usage, not the top level's: it is the one that was meant
         _subparser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from ._logging import configure
+
+    # the services (run, serve) report progress at INFO; one-shot commands only trouble
+    configure(getattr(args, "log_format", None) or "text", getattr(args, "log_level", None),
+              verbose=bool(getattr(args, "verbose", False)),
+              default="info" if args.command in ("run", "serve") else "warning")
     # `run` (fanout/_daemon/command.py) sets run_main; `func` is accepted too, as an async fn(args) -> int
     run_main: Callable[[argparse.Namespace], Awaitable[int]] | None = \
         getattr(args, "run_main", None) or getattr(args, "func", None)

@@ -602,3 +602,31 @@ async def test_live_activity_lines_without_source_time_and_their_priority(
     by_id = {r["id"]: r for r in read_results(out)}
     assert [by_id[i]["outcome"] for i in (1, 2, 3)] == ["delivered"] * 3
     assert [by_id[i]["priority"] for i in (1, 2, 3)] == [10, 5, 5]
+
+
+async def test_log_format_json_makes_every_line_json_and_status_is_info(
+        tmp_path: Path, pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
+    """Issue 18: with --log-format json every stderr line is JSON with event, ts, level and
+    logger (warnings and errors too); in text mode the status lines are INFO, with a time."""
+    inp = tmp_path / "in.ndjson"
+    write_input(inp, 20, malformed_every=10)
+    missing = tmp_path / "nowhere" / "in.ndjson"
+    async with mock_server(pki, signing_key) as mock:
+        ok = await run_daemon(daemon_cmd(mock, pki, signing_key, str(inp), "--no-checkpoint"))
+        bad = await run_daemon(daemon_cmd(mock, pki, signing_key, str(missing)))
+        cmd = [x for x in daemon_cmd(mock, pki, signing_key, str(inp), "--no-checkpoint")
+               if x not in ("--log-format", "json")]
+        text = await run_daemon(cmd)
+    for proc in (ok, bad):
+        lines = proc.stderr.decode().splitlines()
+        assert lines, "nothing logged"
+        for line in lines:
+            record = json.loads(line)  # every line
+            assert {"event", "ts", "level", "logger"} <= record.keys(), record
+    final = [json.loads(x) for x in ok.stderr.splitlines()][-1]
+    assert final["event"] == "final" and final["level"] == "info" and final["results"] == 20
+    assert bad.returncode != 0
+    assert any(json.loads(x)["level"] == "error" for x in bad.stderr.splitlines())
+    status = [x for x in text.stderr.decode().splitlines() if " final: " in x]
+    assert status and " INFO fanout.daemon: final: lines=20" in status[-1]

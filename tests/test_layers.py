@@ -15,7 +15,7 @@ ROOT = Path(fanout.__file__).parent
 #: From the bottom up. A module may import from a lower layer, and from its own layer only
 #: inside its own group (a folder, or the module itself).
 LAYERS: list[dict[str, str]] = [
-    {"fanout.errors": "errors", "fanout._flow": "flow"},
+    {"fanout.errors": "errors", "fanout._flow": "flow", "fanout._logging": "logging"},
     {"fanout._engine": "engine"},
     {"fanout._limiter": "limiter", "fanout._exits": "exits", "fanout.payload": "payload",
      "fanout.outcome": "outcome", "fanout.auth": "auth"},

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Callable
 
 from .._exits import EXIT_CONFIG, EXIT_OUTPUT, EXIT_USAGE
+from .._logging import fatal
 from ..errors import ConfigError, FanoutError
 from . import checkpoint as ckpt
 from .core import Daemon
@@ -43,7 +43,11 @@ def add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                         "disk) does not take them; past this, input pauses (default 8)")
     p.add_argument("--status-interval", type=float, default=10.0,
                    help="seconds between status log lines when not on a TTY (0: none)")
-    p.add_argument("--log-format", choices=["text", "json"], default="text", help="status and log lines as text (default) or JSON")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="log and status lines as text (default) or JSON: one object per line "
+                        "with event, ts, level and logger")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None,
+                   help="least severe level logged (default info: the status lines)")
     p.add_argument("--la-budget", type=int, default=50,
                    help="priority-10 Live Activity pushes per activity per hour")
     p.add_argument("--la-over-budget", choices=["lower", "wait"], default="lower",
@@ -113,14 +117,14 @@ async def run_main(args: argparse.Namespace) -> int:
         return await Daemon(settings, args, FileSource(inputs, args), FileSink(out),
                             make_engine).run()
     except OutputError as exc:
-        print(f"fanout run: error: {exc}", file=sys.stderr)
+        fatal("run", str(exc))
         return EXIT_OUTPUT
     except ckpt.CheckpointError as exc:
-        print(f"fanout run: error: {exc}", file=sys.stderr)
+        fatal("run", str(exc))
         return EXIT_USAGE
     except FanoutError as exc:
-        print(f"fanout run: error: {exc}", file=sys.stderr)
+        fatal("run", str(exc))
         return EXIT_USAGE if not isinstance(exc, ConfigError) else EXIT_CONFIG
     except OSError as exc:
-        print(f"fanout run: error: {exc}", file=sys.stderr)
+        fatal("run", str(exc))
         return EXIT_USAGE

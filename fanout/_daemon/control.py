@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import resource
 import signal
@@ -250,12 +249,9 @@ class Control:
             return
         if self.tty:
             sys.stderr.write("\n")
-        if self.args.log_format == "json":
-            print(json.dumps({"event": "final" if final else "status", **info}),
-                  file=sys.stderr, flush=True)
-        else:
-            log.warning("%s: %s", "final" if final else "status",
-                        " ".join(f"{k}={v}" for k, v in info.items()))
+        event = "final" if final else "status"
+        log.info("%s: %s", event, " ".join(f"{k}={v}" for k, v in info.items()),
+                 extra={"event": event, "fields": info})
 
 
 def peak_rss_mb() -> float:

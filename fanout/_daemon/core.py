@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -34,6 +33,7 @@ import trio
 
 from .._exits import EXIT_CONFIG, EXIT_FORCED, exit_code, is_unreachable
 from .._flow import drain, put
+from .._logging import fatal
 from ..errors import ConfigError, ValidationError
 from ..outcome import Result
 from ..payload import Payload, Prepared, PushTemplate, bundle_of
@@ -117,7 +117,7 @@ class Daemon:
                     await control.flush_at_exit()
                 nursery.cancel_scope.cancel()
         if self.engine is not None and self.engine.config_error:
-            print(f"fanout run: {self.engine.config_error}", file=sys.stderr)
+            fatal("run", self.engine.config_error)
             return EXIT_CONFIG
         if control.forced:
             return EXIT_FORCED

@@ -35,6 +35,10 @@ def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--hash-key", metavar="KEY",
                    help="print the line an --api-keys file holds for KEY, and exit")
     p.add_argument("--teams", metavar="FILE", help="[[team]] tables: pushes routed by topic")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="log lines as text (default) or JSON (event, ts, level, logger)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None,
+                   help="least severe level logged (default info)")
     add_options(p)
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                    help="debug logging on stderr")
