@@ -337,6 +337,12 @@ def _check_dict(payload: dict[str, Any], push_type: PushType) -> None:
     last[0], last[1] = payload, push_type
 
 
+def check_dict_payload(payload: dict[str, Any], push_type: PushType) -> None:
+    """ValidationError unless the dict ``payload`` is one ``push_type`` can carry (what
+    :class:`PushTemplate` checks of it, besides its encoded size)."""
+    _check_dict(payload, push_type)
+
+
 def _check_aps(aps: Aps, push_type: PushType) -> None:
     if push_type is PushType.BACKGROUND and aps.content_available != 1:
         raise ValidationError("payload", "background pushes need aps.content-available = 1")

@@ -674,3 +674,17 @@ def test_a_connection_past_max_connections_gets_429(tmp_path: Path,
     finally:
         serve.kill()
         mock.kill()
+
+
+def test_every_line_of_a_stream_is_checked_not_only_the_first(stack: tuple[Mock, Serve]) -> None:
+    """Lines sharing their headers share a template: the second line's payload must still
+    be checked (an unknown aps key), not only encoded."""
+    _, serve = stack
+    lines = [{"token": "ab" * 32, "payload": PAYLOAD, "id": 1},
+             {"token": "cd" * 32, "payload": {"aps": {"alrt": "x"}}, "id": 2},
+             {"token": "ef" * 32, "payload": {"aps": {"badge": "3"}}, "id": 3}]
+    with client(serve) as http:
+        by_id = {x["id"]: x for x in ndjson(http.post("/v1/pushes", json=lines))}
+    assert by_id[1]["outcome"] == "delivered"
+    assert by_id[2]["outcome"] == "malformed" and "alrt" in by_id[2]["error"]
+    assert by_id[3]["outcome"] == "malformed" and "badge" in by_id[3]["error"]
