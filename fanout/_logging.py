@@ -37,14 +37,14 @@ def configure(fmt: str = "text", level: str | None = None, *, verbose: bool = Fa
               default: str = "warning") -> None:
     """The root logger on stderr: ``fmt`` text or json, at ``level`` (``-v``: debug)."""
     global _json
+    root = logging.getLogger()
+    if root.handlers:  # as logging.basicConfig: a host (a test runner, an app) configured it
+        return
     _json = fmt == "json"
     name = "debug" if verbose else (level or default)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if _json else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(getattr(logging, name.upper()))
 
