@@ -57,7 +57,8 @@ def fatal(command: str, message: str) -> None:
     """A command's last word before it exits: ``fanout run: error: ...`` in text, an
     ``error`` record in JSON."""
     if _json:
-        logging.getLogger("fanout").error("%s", message, extra={"event": "error",
-                                                                 "fields": {"error": message}})
+        text = f"fanout {command}: error: {message}"  # the text line, as a field too
+        logging.getLogger("fanout").error("%s", text, extra={
+            "event": "error", "fields": {"error": message, "message": text}})
     else:
         print(f"fanout {command}: error: {message}", file=sys.stderr, flush=True)

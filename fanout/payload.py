@@ -195,7 +195,9 @@ class Alert(msgspec.Struct, omit_defaults=True, rename="kebab", forbid_unknown_f
     loc_key: str | None = None
     loc_args: list[str] | None = None
     sound: str | CriticalSound | None = None  # Apple's Live Activity samples put it here
-    # Legacy keys still emitted by some clients (Apple's older payload reference).
+    # Legacy keys still emitted by some clients (Apple's older payload reference; "action"
+    # labels the action button of a Safari push, and gorush maps its alert.action to it).
+    action: str | None = None
     action_loc_key: str | None = None
     summary_arg: str | None = None
     summary_arg_count: int | None = None

@@ -313,7 +313,7 @@ class Teams:
             events = self.events_for(team)
             if events is not None:
                 events.wrong_environment_found(second.environment or "")
-            log.info("team %s: a token for %s was sent to %s (BadDeviceToken there)",
+            log.debug("team %s: a token for %s was sent to %s (BadDeviceToken there)",
                      team.name, second.environment, first.environment)
             return second
         if not _held(second) and second.outcome is not Outcome.CONFIG_ERROR:
