@@ -431,7 +431,8 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, number
 
 
-def _loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (``localhost``, 127/8, ::1)."""
     if host == "localhost":
         return True
     try:
@@ -489,7 +490,7 @@ def serve(listen: str, registry: CollectorRegistry, ready: Readiness | None = No
             pass
 
     host, port = parse_listen(listen)
-    if not _loopback(host):
+    if not is_loopback(host):
         log.warning("metrics endpoint on %s:%d is reachable from other hosts", host, port)
     server = make_server(host, port, health_app(registry, ready), _Server, handler_class=_Quiet)
     thread = threading.Thread(target=server.serve_forever, name="fanout-metrics", daemon=True)

@@ -40,7 +40,7 @@ from ..payload import Payload, Prepared, PushTemplate, bundle_of
 from .control import Control
 from .lines import LineError, LiveActivityLine, PushLine, ResultLine, decode_line
 from .reader import InputLine
-from .seams import Engine, Sink, Source
+from .seams import Engine, Sink, Source, engine_ready
 from .state import InputState, LineState, Tag
 
 if TYPE_CHECKING:
@@ -143,15 +143,7 @@ class Daemon:
     def ready(self) -> tuple[bool, str]:
         """``/readyz`` on the metrics port (read from its thread): the engine is up, has no
         configuration error, and APNs is reachable now."""
-        engine = self.engine
-        if engine is None:
-            return False, "starting"
-        if engine.config_error:
-            return False, f"configuration error: {engine.config_error}"
-        down = engine.unavailable_for()
-        if down > 0:
-            return False, f"APNs unreachable for {down:.0f} s"
-        return True, "ready"
+        return engine_ready(self.engine)
 
     def sample(self) -> None:
         """The metrics' gauges and line counts, now."""

@@ -117,3 +117,16 @@ class Owner(Protocol):
     def sample(self) -> None:
         """Set the metrics' gauges and line counts now."""
         ...
+
+
+def engine_ready(engine: Engine | None) -> tuple[bool, str]:
+    """``/readyz`` of a daemon or ``fanout serve``: the engine is up, has no configuration
+    error, and APNs is reachable now; else why not."""
+    if engine is None:
+        return False, "starting"
+    if engine.config_error:
+        return False, f"configuration error: {engine.config_error}"
+    down = engine.unavailable_for()
+    if down > 0:
+        return False, f"APNs unreachable for {down:.0f} s"
+    return True, "ready"

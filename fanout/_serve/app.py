@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import trio
 
+from .._daemon.seams import engine_ready
 from .channels import ChannelsApi
 from .http import Exchange, HttpError, Limits, Receive, Scope, Send, error_body, lifespan
 from .keys import ApiKey, ApiKeys
@@ -53,12 +54,7 @@ class Readiness:
     def state(self, engine: Any) -> tuple[bool, str]:
         if not self.probed:
             return False, self.why
-        if engine.config_error:
-            return False, f"configuration error: {engine.config_error}"
-        down = engine.unavailable_for()
-        if down > 0:
-            return False, f"APNs unreachable for {down:.0f} s"
-        return True, "ready"
+        return engine_ready(engine)
 
 
 class App:

@@ -4,7 +4,6 @@ run (hypercorn on trio beside the engine, SIGTERM drains)."""
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import signal
@@ -17,6 +16,7 @@ import trio
 
 from .._exits import EXIT_CONFIG, EXIT_FORCED, EXIT_OK
 from ..errors import ConfigError
+from ..metrics import is_loopback
 from .app import App, Limits
 from .keys import ApiKeys, hash_key
 from .options import add_options, resolve
@@ -50,15 +50,6 @@ def _host_port(listen: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise ConfigError(f"--listen {listen!r}: expected HOST:PORT")
     return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_exposure(host: str, keys: ApiKeys, tls: bool, behind_proxy: bool) -> None:
@@ -96,7 +87,7 @@ async def serve_main(args: argparse.Namespace) -> int:
         limits = Limits(max_body=args.max_body, max_stream_body=args.max_stream_body,
                         max_line=args.max_line, max_tokens=args.max_tokens,
                         max_requests=args.max_requests,
-                        max_connections=args.max_connections, idle_timeout=args.header_timeout,
+                        max_connections=args.max_connections,
                         body_timeout=args.body_timeout, push_timeout=args.push_timeout)
         metrics = Metrics(daemon=False)
         queue = None

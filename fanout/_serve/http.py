@@ -32,9 +32,7 @@ class Limits(msgspec.Struct, kw_only=True):
     body_timeout: float = 30.0
     """Seconds the server waits for the next piece of a body."""
     max_connections: int = 1024
-    """Client connections with a request in the last ``idle_timeout`` seconds."""
-    idle_timeout: float = 10.0
-    """Seconds a connection may stay idle (or take over its headers) before it is closed."""
+    """Client connections open at once (a request on one opened beyond: 429)."""
     max_requests: int = 1024
     """Push and channel requests in progress at once (all connections together)."""
     push_timeout: float = 30.0

@@ -52,7 +52,7 @@ OPTIONS: list[Option] = [
            "requests on one opened beyond are answered 429"),
     Option("body_timeout", float, _D.body_timeout, "wait for each piece of a body (408)",
            "SECONDS"),
-    Option("header_timeout", float, _D.idle_timeout, "a connection idle (or its headers incomplete) "
+    Option("header_timeout", float, 10.0, "a connection idle (or its headers incomplete) "
            "this long is closed", "SECONDS"),
     Option("push_timeout", float, _D.push_timeout, "/v1/push waits this long for APNs (504)",
            "SECONDS"),
