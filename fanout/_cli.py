@@ -171,10 +171,13 @@ class TokenLines:
 
 
 async def _send_main(args: argparse.Namespace) -> int:
-    from .config import refuse_lone_retry
+    from .config import add_teams_file, refuse_lone_retry
 
     settings = load_settings(args)
-    refuse_lone_retry(settings)
+    if args.teams:
+        add_teams_file(settings, args.teams)
+    if not settings.team:
+        refuse_lone_retry(settings)
     payload = _payload_from_args(args)
     progress = Progress(None)
     push_type, priority = args.push_type, args.priority
@@ -185,7 +188,7 @@ async def _send_main(args: argparse.Namespace) -> int:
                                  ("expiration", args.expiration),
                                  ("collapse_id", args.collapse_id)) if v is not None}
     invalid_out = open(args.invalid_tokens, "a", encoding="utf-8") if args.invalid_tokens else None  # noqa: SIM115
-    skipped = 0
+    sent: dict[str, Any] = {}
 
     def on_invalid(token: str, reason: str | None, timestamp: int | None) -> None:
         if invalid_out:
@@ -193,31 +196,90 @@ async def _send_main(args: argparse.Namespace) -> int:
                                           "timestamp": timestamp}) + "\n")
 
     try:
-        async with make_client(settings, on_invalid_token=on_invalid) as client:
-            if args.channel:  # a broadcast to every device subscribed to the channel
-                result = await client.broadcast(
-                    args.channel, payload, priority=args.priority or 10,
-                    expiration=0 if args.expiration is None else args.expiration)
-                progress.add(result)
-                if not result.ok:
-                    print(f"fanout send: broadcast {result.outcome}: {result.reason or ''} "
-                          f"{result.error or ''}".rstrip(), file=sys.stderr)
-            else:
-                lines = TokenLines(args.tokens)
-                async for result in client.fan_out(payload, lines, **options):
-                    progress.add(result)
-                skipped = lines.skipped
-            config_error = client.config_error
+        if settings.team:  # [[team]] tables: through the team serving --topic
+            sent = await _send_teams(args, settings, payload, options, progress, on_invalid)
+        else:
+            async with make_client(settings, on_invalid_token=on_invalid) as client:
+                if args.channel:  # a broadcast to every device subscribed to the channel
+                    _broadcast_result(progress, await client.broadcast(
+                        args.channel, payload, priority=args.priority or 10,
+                        expiration=0 if args.expiration is None else args.expiration))
+                else:
+                    lines = TokenLines(args.tokens)
+                    async for result in client.fan_out(payload, lines, **options):
+                        progress.add(result)
+                    sent["skipped_lines"] = lines.skipped
+                sent["config_error"] = client.config_error
     finally:
         if invalid_out:
             invalid_out.close()
     summary = progress.summary()
-    if skipped:
-        summary["skipped_lines"] = skipped
-    if config_error:
-        summary["config_error"] = config_error
+    summary.update((k, v) for k, v in sent.items() if v or k == "wrong_environment")
     print(json.dumps(summary), flush=True)
-    return _exit(args, progress, config_error)
+    return _exit(args, progress, sent.get("config_error"))
+
+
+async def _send_teams(args: argparse.Namespace, settings: Any, payload: Any,
+                      options: dict[str, Any], progress: Progress,
+                      on_invalid: Callable[[str, str | None, int | None], None]
+                      ) -> dict[str, Any]:
+    """``fanout send`` with ``[[team]]`` tables: the team serving ``--topic`` sends, in
+    ``--environment`` (and, with ``--retry-wrong-environment``, a BadDeviceToken is tried
+    in its other one); what the summary adds: team, environment, skipped lines, the
+    team's configuration error, and with retries the count of ``wrong_environment``."""
+    import msgspec
+
+    from .payload import bundle_of
+    from .teams import Team, Teams, make_teams_engine
+
+    # routing first, over every table (no credentials read): only the chosen team's are
+    routes = Teams([Team(spec.name, None, set(spec.topics), environments=tuple(
+        spec.environments)) for spec in settings.team])
+    topic, env = settings.topic, settings.environment
+    if not topic:
+        raise ConfigError("with [[team]] tables, send needs --topic (the app's bundle id: it "
+                          f"picks the team; served: {routes.served_topics()})")
+    chosen = routes.team_for(topic)
+    if chosen is None:
+        raise ConfigError(f"no [[team]] serves topic {topic!r} (--topic); served: "
+                          f"{routes.served_topics()}")
+    if env not in chosen.environments:
+        raise ConfigError(f"team {chosen.name} does not send to {env} (its environments: "
+                          f"{', '.join(chosen.environments)})")
+    spec = next(spec for spec in settings.team if spec.name == chosen.name)
+    router = make_teams_engine(msgspec.structs.replace(settings, team=[spec]),
+                               on_invalid_token=on_invalid)
+    team = router.teams[0]
+    out: dict[str, Any] = {"team": team.name, "environment": env}
+    async with router:
+        if args.channel:
+            client = await router.client_for(team, env)
+            result = await client.broadcast(
+                args.channel, payload, bundle_id=bundle_of(topic),
+                priority=args.priority or 10,
+                expiration=0 if args.expiration is None else args.expiration)
+            result.team, result.environment = team.name, env
+            _broadcast_result(progress, result)
+        else:
+            lines = TokenLines(args.tokens)
+            wrong = 0
+            async for result in router.fan_out(payload, lines, topic=topic, environment=env,
+                                               **options):
+                progress.add(result)
+                wrong += result.wrong_environment
+            out["skipped_lines"] = lines.skipped
+            if router._retries(team):
+                out["wrong_environment"] = wrong
+        out["config_error"] = next((c.config_error for c in router.clients_by_team()[team.name]
+                                    if c.config_error), None)
+    return out
+
+
+def _broadcast_result(progress: Progress, result: Any) -> None:
+    progress.add(result)
+    if not result.ok:
+        print(f"fanout send: broadcast {result.outcome}: {result.reason or ''} "
+              f"{result.error or ''}".rstrip(), file=sys.stderr)
 
 
 def _exit(args: argparse.Namespace, progress: Progress, config_error: str | None) -> int:
@@ -422,6 +484,9 @@ def _add_send_parser(sub: _Subcommands[argparse.ArgumentParser], common: argpars
     send.add_argument("--expiration", type=int, help="apns-expiration: epoch seconds (0: now or never)")
     send.add_argument("--collapse-id", help="apns-collapse-id: later pushes with it replace earlier ones")
     send.add_argument("--invalid-tokens", help="append invalidated tokens here as NDJSON")
+    send.add_argument("--teams", metavar="FILE",
+                      help="send through the team of a TOML file of [[team]] tables (those "
+                           "in --config are used without it) that serves --topic")
 
 
 def _add_channels_parser(sub: _Subcommands[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:

@@ -38,10 +38,19 @@ import trio
 
 from ._flow import drain, put
 from .client import Client
-from .errors import ConfigError
+from .errors import ConfigError, ValidationError
 from .events import Events
 from .outcome import Outcome, Result
-from .payload import ENVIRONMENTS, Environment, Notification, Prepared, bundle_of
+from .payload import (
+    ENVIRONMENTS,
+    Environment,
+    Notification,
+    Payload,
+    Prepared,
+    PushTemplate,
+    PushType,
+    bundle_of,
+)
 
 log: logging.Logger = logging.getLogger("fanout.teams")
 
@@ -306,6 +315,11 @@ class Teams:
     def _unrouted(self, item: Any, topic: str | None) -> Result:
         return self._refused(item, f"no team serves topic {topic!r}")
 
+    def served_topics(self) -> str:
+        """Every team's topics, for a message: ``acme: com.acme.app, com.acme.pos; ...``."""
+        return "; ".join(f"{team.name}: {', '.join(sorted(team.topics))}"
+                         for team in self.teams)
+
     def _final(self, team: Team, first: Result, second: Result, item: Any) -> Result:
         """The answer to a push tried in both environments."""
         if second.ok:
@@ -382,6 +396,43 @@ class Teams:
             raise RuntimeError("use the router inside 'async with Teams(...)'")
         return self._send_many(notifications, environment)
 
+    def fan_out(
+        self,
+        payload: Payload | dict[str, Any] | bytes,
+        tokens: Iterable[str] | AsyncIterable[str],
+        *,
+        topic: str,
+        environment: str | None = None,
+        push_type: PushType | str = PushType.ALERT,
+        priority: int | None = None,
+        expiration: int | None = None,
+        collapse_id: str | None = None,
+        apns_id: str | None = None,
+    ) -> AsyncIterator[Result]:
+        """One payload to many tokens of one app, through the team serving ``topic``: the
+        payload is encoded and validated once (as :meth:`Client.fan_out` does), the tokens
+        pulled as pushes complete, and each push routed as :meth:`send_many` routes it
+        (``environment``, else the router's; with ``retry_wrong_environment`` a
+        BadDeviceToken tries the team's other environment).
+
+        Raises ConfigError at once when no team serves ``topic`` (naming the topics served)
+        or the team does not send to ``environment``, ValidationError for a bad payload or
+        option; a bad token yields a ``rejected`` result and the rest go on."""
+        team = self.team_for(topic)
+        if team is None:
+            raise ConfigError(f"no [[team]] serves topic {topic!r} (served: "
+                              f"{self.served_topics()})")
+        env = environment or self.environment
+        if env not in team.environments:
+            raise ConfigError(f"team {team.name} does not send to {env} (its environments: "
+                              f"{', '.join(team.environments)})")
+        template = PushTemplate(payload, push_type=push_type, topic=topic, priority=priority,
+                                expiration=expiration, collapse_id=collapse_id,
+                                apns_id=apns_id)
+        if self._nursery is None:
+            raise RuntimeError("use the router inside 'async with Teams(...)'")
+        return self._send_many(_for_tokens(template, tokens, team.name, env), env)
+
     async def _send_many(self, notifications: Any, environment: str | None
                          ) -> AsyncIterator[Result]:
         assert self._nursery is not None
@@ -429,6 +480,9 @@ class _SendMany:
 
     async def _route(self, nursery: trio.Nursery, item: Any) -> None:
         router = self.router
+        if type(item) is _Answered:  # fan_out: a token that is no token
+            await put(self.out_send, item.result)
+            return
         topic = _topic(item)
         team = router.team_for(topic)
         if team is None:
@@ -518,6 +572,27 @@ class _Lane:
 
     async def _refuse(self, item: Any, error: str) -> None:
         await self._answer(self.router._refused(item, error))
+
+
+class _Answered:
+    """A ``fan_out`` input answered before any client: a malformed token's result."""
+
+    __slots__ = ("result",)
+
+    def __init__(self, result: Result) -> None:
+        self.result = result
+
+
+async def _for_tokens(template: PushTemplate, tokens: Any, team: str, env: str
+                      ) -> AsyncIterator[Prepared | _Answered]:
+    """``fan_out``'s pushes, one per token as the router pulls them (the body shared)."""
+    async for token in _aiter(tokens):
+        try:
+            yield template.for_token(token)
+        except ValidationError as exc:
+            yield _Answered(Result(outcome=Outcome.REJECTED,
+                                   token=token if isinstance(token, str) else None,
+                                   error=str(exc), team=team, environment=env))
 
 
 def _skip_bad_token(hook: Callable[[str, str | None, int | None], Any]

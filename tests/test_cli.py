@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -242,3 +243,182 @@ def test_a_tls_verify_failure_against_a_mock_suggests_ca_file(mock_process, sign
                 {"APNS_CA_FILE": ""})
     assert out.returncode != 0
     assert b"certificate verification failed" in out.stderr and b"--ca-file" in out.stderr
+
+
+# ---------------------------------------------------------------- send with [[team]] tables
+
+_TEAM_TOPICS = {"acme": ["com.acme.app", "com.acme.pos"], "beta": ["com.beta.app", "com.beta.tv"]}
+
+
+@pytest.fixture
+def team_keys(tmp_path):
+    from fanout.testing.devcerts import make_signing_key
+
+    return {"acme": make_signing_key(tmp_path / "a", key_id="ACMEKEY001", team_id="ACMETEAM01"),
+            "beta": make_signing_key(tmp_path / "b", key_id="BETAKEY001", team_id="BETATEAM01")}
+
+
+def _team_tables(keys, ports, pki, **sandbox_ports) -> str:
+    blocks = []
+    for name, k in keys.items():
+        lines = ["[[team]]", f'name = "{name}"', f"topics = {json.dumps(_TEAM_TOPICS[name])}",
+                 f'key_path = "{k.path}"', f'key_id = "{k.key_id}"', f'team_id = "{k.team_id}"',
+                 'host = "127.0.0.1"', f"port = {ports[name]}", f'ca_file = "{pki.ca_file}"']
+        if name in sandbox_ports:
+            lines.append(f"sandbox_port = {sandbox_ports[name]}")
+        blocks.append("\n".join(lines) + "\n")
+    return "\n".join(blocks)
+
+
+async def _fanout(*args: str):
+    import trio
+
+    with trio.fail_after(90):
+        return await trio.run_process([*FANOUT, *args], capture_stdout=True,
+                                      capture_stderr=True, check=False,
+                                      env={**os.environ, "APNS_CONFIG": ""})
+
+
+async def test_send_with_team_tables_signs_each_topic_with_its_teams_key(
+        tmp_path: Path, pki: Any, team_keys: Any) -> None:
+    """Issue 18: `fanout send` with [[team]] tables (in --config, or --teams FILE) sends
+    through the team serving --topic; a topic no team serves is a clear usage error."""
+    import base64
+
+    from .helpers import mock_server
+
+    toks = [f"{i:064x}" for i in range(300)]
+    (tmp_path / "tokens").write_text("\n".join(toks) + "\n")
+    channel = base64.b64encode(bytes(range(16))).decode()
+    payload = tmp_path / "la.json"
+    payload.write_text(json.dumps({"aps": {"event": "update", "timestamp": 1,
+                                           "content-state": {"score": "1-0"}}}))
+
+    def mock_kw(name):
+        k = team_keys[name]
+        return dict(keys={k.key_id: k.public_key}, team_id=k.team_id,
+                    topics=set(_TEAM_TOPICS[name]))
+    async with mock_server(pki, team_keys["acme"], **mock_kw("acme")) as acme, \
+            mock_server(pki, team_keys["beta"], **mock_kw("beta")) as beta:
+        tables = _team_tables(team_keys, {"acme": acme.port, "beta": beta.port}, pki)
+        config = tmp_path / "fanout.toml"  # [[team]] tables and no top-level key
+        config.write_text("timeout = 5.0\n\n" + tables)
+        teams = tmp_path / "teams.toml"
+        teams.write_text(tables)
+        a = await _fanout("send", "--config", str(config), "--topic", "com.acme.pos",
+                          "--tokens", str(tmp_path / "tokens"), "--title", "hi")
+        assert a.returncode == 0, a.stderr.decode()[-2000:]
+        acme_after_a, beta_after_a = acme.stats.requests, beta.stats.requests
+        b = await _fanout("send", "--teams", str(teams), "--topic", "com.beta.tv",
+                          "--tokens", str(tmp_path / "tokens"), "--title", "hi")
+        assert b.returncode == 0, b.stderr.decode()[-2000:]
+        acme.stats.channels["com.acme.app"] = {channel: 0}  # the mock's channel registry
+        bc = await _fanout("send", "--config", str(config), "--topic", "com.acme.app",
+                           "--channel", channel, "--payload", str(payload))
+        assert bc.returncode == 0, bc.stderr.decode()[-2000:]
+        requests = acme.stats.requests, beta.stats.requests
+        nobody = await _fanout("send", "--config", str(config), "--topic", "com.nobody.app",
+                               "--tokens", str(tmp_path / "tokens"), "--title", "hi")
+        no_topic = await _fanout("send", "--teams", str(teams), "--tokens",
+                                 str(tmp_path / "tokens"), "--title", "hi")
+        assert (acme.stats.requests, beta.stats.requests) == requests  # nothing sent
+    for out, team in ((a, "acme"), (b, "beta")):
+        summary = json.loads(out.stdout.decode().splitlines()[-1])
+        assert summary["pushes"] == 300 and summary["counts"] == {"delivered": 300}
+        assert summary["team"] == team and summary["environment"] == "production"
+    # each mock takes only its own team's key id, team id (JWT iss) and bundle ids, and
+    # checks the signature: 200s on each prove each team's pushes carried its own JWT
+    assert (acme_after_a, beta_after_a) == (300, 0)
+    assert set(acme.stats.delivered) == set(beta.stats.delivered) == set(toks)
+    assert acme.stats.by_status == {200: 300 + 1} and beta.stats.by_status == {200: 300}
+    # and what each JWT seen was (key id, issuer, signature checked against that key):
+    # one per process (acme: the fan-out and the broadcast), none of the other team's
+    for mock, name, n in ((acme, "acme", 2), (beta, "beta", 1)):
+        seen = list(mock._token_cache._cache.values())
+        assert len(mock.stats.jwts) == len(seen) == n
+        key = team_keys[name]
+        assert {(i.kid, i.iss, i.valid) for i in seen} == {(key.key_id, key.team_id, True)}
+    assert acme.stats.broadcasts == {channel: 1} and not beta.stats.broadcasts
+    assert json.loads(bc.stdout.decode().splitlines()[-1])["counts"] == {"delivered": 1}
+    for out, needle in ((nobody, b"com.nobody.app"), (no_topic, b"--topic")):
+        assert out.returncode == 2, out.stderr.decode()
+        assert needle in out.stderr and b"Traceback" not in out.stderr
+        assert b"com.acme.app" in out.stderr and b"com.beta.tv" in out.stderr  # what is served
+
+
+async def test_send_with_team_tables_retries_the_wrong_environment(
+        tmp_path: Path, pki: Any, signing_key: Any) -> None:
+    """Issue 18: --retry-wrong-environment with [[team]] tables is no longer refused by
+    send: a sandbox token sent to production is delivered by the sandbox, not called dead."""
+    from .helpers import mock_server
+    from .test_environments import MOCK_KW, dead, true_env
+
+    toks = [f"{i:064x}" for i in range(400)]
+    (tmp_path / "tokens").write_text("\n".join(toks) + "\n")
+    invalid = tmp_path / "invalid.ndjson"
+    async with mock_server(pki, signing_key, environment="production", **MOCK_KW) as prod, \
+            mock_server(pki, signing_key, environment="sandbox", **MOCK_KW) as sandbox:
+        config = tmp_path / "fanout.toml"
+        config.write_text(_team_tables({"acme": signing_key}, {"acme": prod.port}, pki,
+                                       acme=sandbox.port))
+        out = await _fanout("send", "--config", str(config), "--topic", "com.acme.app",
+                            "--retry-wrong-environment", "--tokens", str(tmp_path / "tokens"),
+                            "--title", "hi", "--invalid-tokens", str(invalid))
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    summary = json.loads(out.stdout.decode().splitlines()[-1])
+    gone = [t for t in toks if dead(t)]
+    wrong = [t for t in toks if not dead(t) and true_env(t) == "sandbox"]
+    assert len(gone) > 5 and len(wrong) > 50
+    assert summary["counts"] == {"delivered": 400 - len(gone), "invalid_token": len(gone)}
+    assert summary["wrong_environment"] == len(wrong)
+    assert set(sandbox.stats.delivered) == set(wrong)
+    assert set(prod.stats.delivered) == {t for t in toks if not dead(t)} - set(wrong)
+    told = [json.loads(x)["token"] for x in invalid.read_text().splitlines()]
+    assert sorted(told) == sorted(gone)  # a wrong-environment token is not called dead
+
+
+async def test_teams_fan_out_streams_the_tokens_and_rejects_a_bad_one(
+        pki: Any, team_keys: Any) -> None:
+    """What `fanout send` with [[team]] tables runs on: Teams.fan_out pulls tokens as pushes
+    end (a bounded number ahead, never the whole list), a token that is not hex is one
+    `rejected` result, and every push is labelled with its team."""
+    import trio
+
+    from fanout.auth import TokenAuth
+    from fanout.errors import ConfigError
+    from fanout.teams import QUEUE, Team, Teams
+
+    from .helpers import mock_server
+
+    n, window = 6000, 64
+    pulled = 0
+
+    def lines():
+        nonlocal pulled
+        for i in range(n):
+            pulled += 1
+            yield "not a token" if i == 17 else f"{i:064x}"
+    k = team_keys["acme"]
+    async with mock_server(pki, k, topics=set(_TEAM_TOPICS["acme"])) as acme:
+        team = Team("acme", TokenAuth.from_file(k.path, k.key_id, k.team_id),
+                    set(_TEAM_TOPICS["acme"]), environments=("production",),
+                    client={"host": "127.0.0.1", "port": acme.port,
+                            "ca_file": str(pki.ca_file)})
+        async with Teams([team], max_in_flight=window) as router:
+            with pytest.raises(ConfigError, match=r"com\.nobody\.app.*acme: com\.acme\.app"):
+                router.fan_out({"aps": {"alert": "x"}}, lines(), topic="com.nobody.app")
+            ahead = 0
+            results = []
+            with trio.fail_after(60):
+                async for r in router.fan_out({"aps": {"alert": "x"}}, lines(),
+                                              topic="com.acme.pos"):
+                    results.append(r)
+                    ahead = max(ahead, pulled - len(results))
+    assert len(results) == n and pulled == n
+    outcomes = Counter(str(r.outcome) for r in results)
+    assert outcomes == {"delivered": n - 1, "rejected": 1}
+    bad, = (r for r in results if str(r.outcome) == "rejected")
+    assert "token" in bad.error and bad.team == "acme"
+    assert all(r.team == "acme" and r.environment == "production" for r in results)
+    assert len(acme.stats.delivered) == n - 1
+    assert ahead <= window + 3 * QUEUE  # in flight + the router's queues, not all n

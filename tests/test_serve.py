@@ -688,3 +688,30 @@ def test_every_line_of_a_stream_is_checked_not_only_the_first(stack: tuple[Mock,
     assert by_id[1]["outcome"] == "delivered"
     assert by_id[2]["outcome"] == "malformed" and "alrt" in by_id[2]["error"]
     assert by_id[3]["outcome"] == "malformed" and "badge" in by_id[3]["error"]
+
+
+def test_a_live_activity_result_names_the_priority_it_went_at(
+        tmp_path: Path, stack: tuple[Mock, Serve]) -> None:
+    """Issue 18: serve's Live Activity results carry ``priority`` as the daemon's do: the
+    first update of an activity within its budget (--la-budget 1) goes at 10, the next ones
+    are lowered to 5; a push that is no Live Activity names none."""
+    mock, _ = stack
+    serve = Serve(tmp_path, mock, "--la-budget", "1")
+
+    def update(n: int) -> dict[str, Any]:
+        return {"token": "7a" * 32, "id": f"la{n}",
+                "live_activity": {"event": "update", "activity-id": f"act-{tmp_path.name}",
+                                  "content-state": {"score": f"{n}-0"}}}
+    try:
+        with client(serve, key=None) as http:
+            first = http.post("/v1/push", json=update(1)).json()
+            second = http.post("/v1/push", json=update(2)).json()
+            streamed = ndjson(http.post("/v1/pushes", json=[
+                update(3), {"token": "7b" * 32, "payload": PAYLOAD, "id": "plain"}]))
+    finally:
+        serve.kill()
+    assert (first["outcome"], first["priority"]) == ("delivered", 10), first
+    assert (second["outcome"], second["priority"]) == ("delivered", 5), second
+    by_id = {x["id"]: x for x in streamed}
+    assert by_id["la3"]["outcome"] == "delivered" and by_id["la3"]["priority"] == 5
+    assert by_id["plain"]["outcome"] == "delivered" and "priority" not in by_id["plain"]

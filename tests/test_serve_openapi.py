@@ -86,6 +86,8 @@ RESULT_DOCS = {
     "team": "The team that served the push (`[[team]]` tables).",
     "environment": "Where a team's push went.",
     "wrong_environment": "The push named the other environment, which accepted the token.",
+    "priority": "The apns-priority a Live Activity push went at: its hourly budget lowers "
+                "10 to 5. Absent for other pushes.",
 }
 
 
