@@ -412,8 +412,22 @@ async def _channels_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``fanout`` command line: one subcommand per ``_add_<command>_parser``."""
+#: Commands whose parser lives in (and imports) a package of its own: registered in full
+#: only when asked for, so that ``fanout send`` does not import the daemon, serve and the mock.
+_HEAVY = {"mock": "mock", "mock-credentials": "mock", "run": "run", "serve": "serve"}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``fanout`` command line: one subcommand per ``_add_<command>_parser``.
+
+    Given ``argv`` naming a command, the heavy commands other than that one get a bare
+    parser (their name only): start-up cost is what the command needs (issue 19)."""
+    command = next((a for a in argv or () if not a.startswith("-")), None)
+    only = _HEAVY.get(command or "", "light") if command else None
+
+    def full(group: str) -> bool:
+        return only is None or only == group
+
     parser = argparse.ArgumentParser(prog="fanout", description="High-volume APNs sender")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     parser.add_argument("--version", action="version", version=f"fanout {_version()}")
@@ -423,19 +437,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, help="the command to run")
     _add_demo_parser(sub, common)
     _add_send_parser(sub, common)
-    from .testing.command import add_mock_parser
+    if full("mock"):
+        from .testing.command import add_mock_parser
 
-    add_mock_parser(sub, common)
+        add_mock_parser(sub, common)
+    else:
+        sub.add_parser("mock")
+        sub.add_parser("mock-credentials")
     _add_channels_parser(sub, common)
     _add_check_parser(sub, common)
     # `run` registers itself: set_defaults(run_main=<async fn(args) -> int>), see main()
-    from ._daemon.command import add_run_parser
+    if full("run"):
+        from ._daemon.command import add_run_parser
 
-    add_run_parser(sub, settings_args=add_settings_args)
+        add_run_parser(sub, settings_args=add_settings_args)
+    else:
+        sub.add_parser("run")
     _add_enqueue_parser(sub)
-    from ._serve.command import add_serve_parser
+    if full("serve"):
+        from ._serve.command import add_serve_parser
 
-    add_serve_parser(sub, settings_args=add_settings_args)
+        add_serve_parser(sub, settings_args=add_settings_args)
+    else:
+        sub.add_parser("serve")
     return parser
 
 
@@ -536,7 +560,8 @@ def _add_enqueue_parser(sub: _Subcommands[argparse.ArgumentParser]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``fanout ARGS``: run the command; its exit code (:mod:`fanout._exits`)."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the subcommand's usage, not the top level's: it is the one that was meant
         _subparser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
