@@ -430,7 +430,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="fanout", description="High-volume APNs sender")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
-    parser.add_argument("--version", action="version", version=f"fanout {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="debug logging on stderr")
@@ -471,6 +471,20 @@ def _version() -> str:
         return version("fanout")
     except PackageNotFoundError:  # run from a checkout that is not installed
         return "unknown (not installed)"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, with the version looked up only when asked (importlib.metadata costs
+    about 10 ms of start-up)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show program's version number and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print(f"fanout {_version()}", flush=True)  # stdout, as argparse's own version action
+        parser.exit()
 
 
 def _add_demo_parser(sub: _Subcommands[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
