@@ -418,3 +418,31 @@ def test_a_key_id_other_than_the_files_name_is_caught(tmp_path):
     other = tmp_path / "apns-key.p8"  # a name of one's own choosing is not checked
     other.write_bytes(key.path.read_bytes())
     assert TokenAuth.from_file(other, "ZZZ999YYYY", TEAM_ID, shared=False)
+
+
+def test_es256_jwt_is_pyjwts_token_but_for_the_nonce(tmp_path) -> None:
+    """The provider token is signed with cryptography directly (pyjwt's import cost ~40 ms at
+    every start): its header and claims are pyjwt's byte for byte, its signature verifies
+    with pyjwt, and it is the raw r || s form APNs wants, not DER."""
+    import base64
+
+    import jwt as pyjwt
+    from cryptography.hazmat.primitives import serialization
+
+    from fanout.auth import es256_jwt
+    from fanout.testing.devcerts import make_signing_key
+
+    key = make_signing_key(tmp_path, key_id="KEY1234567", team_id="TEAM765432")
+    private = serialization.load_pem_private_key(key.path.read_bytes(), password=None)
+    for iat in (0, 1_700_000_000, 2**31 + 5):
+        ours = es256_jwt(private, key.key_id, key.team_id, iat).decode()
+        theirs = pyjwt.encode({"iss": key.team_id, "iat": iat}, private, algorithm="ES256",
+                              headers={"kid": key.key_id})
+        assert ours.split(".")[:2] == theirs.split(".")[:2]
+        signature = base64.urlsafe_b64decode(ours.split(".")[2] + "==")
+        assert len(signature) == 64
+        claims = pyjwt.decode(ours, key.public_key, algorithms=["ES256"],
+                              options={"verify_iat": False})
+        assert claims == {"iss": key.team_id, "iat": iat}
+        assert pyjwt.get_unverified_header(ours) == {"alg": "ES256", "kid": key.key_id,
+                                                     "typ": "JWT"}

@@ -1,6 +1,7 @@
 """Start-up cost (issue 19): a command imports what it needs. ``fanout send`` from a cron job
 or a scheduler pays the interpreter and the engine, not the daemon, ``fanout serve`` and the
-mock (their parsers are registered in full only for their own commands)."""
+mock (their parsers are registered in full only for their own commands), nor pyjwt (the
+provider token is signed with cryptography: fanout.auth.es256_jwt)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 HEAVY = ("fanout._daemon", "fanout._serve", "fanout.testing", "fanout.metrics",
-         "prometheus_client", "hypercorn", "h2", "httpx")
+         "prometheus_client", "hypercorn", "h2", "httpx", "jwt")
 
 
 def _loaded_after(argv: list[str], run: bool = False) -> set[str]:
