@@ -14,8 +14,6 @@ import math
 import re
 import time
 from collections.abc import Callable
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 
 import trio
 
@@ -120,6 +118,9 @@ def parse_retry_after(value: bytes | str | None, now: float | None = None) -> fl
         return None
     if _DELTA_RE.fullmatch(value):
         return float(value)
+    from datetime import UTC  # an HTTP-date is rare: its parser (email) loads only for one
+    from email.utils import parsedate_to_datetime
+
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError, OverflowError):
