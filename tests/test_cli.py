@@ -104,6 +104,10 @@ def test_demo_runs_end_to_end():
     assert summary["pushes"] == 3000
     assert summary["counts"]["delivered"] + summary["counts"].get("invalid_token", 0) == 3000
     assert summary["latency_ms_p50"] is not None and summary["latency_ms_p99"] is not None
+    # the mock's fast path served it (its exit line counts connections per path), and the
+    # mock's own CPU is reported
+    assert summary["mock_path"] == "fast" and summary["mock_cpu_us_per_push"] > 0
+    assert "on its fast path" in out.stderr.decode() and "h2 path" not in out.stderr.decode()
 
 
 def test_channels_commands_and_send_channel(mock_process, signing_key, tmp_path):

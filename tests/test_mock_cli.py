@@ -229,7 +229,8 @@ def test_every_mock_config_field_has_a_flag(tmp_path: Path, signing_key: TestSig
             "--goaway-last-stream-low", "--close-after", "20", "--never-answer", "0.1",
             "--expired-token-wedge", "--seed", "42", "--no-alpn", "--no-broadcast",
             "--max-channels", "5", "--stop-reading-after", "30", "--server-ping-interval", "2",
-            "--initial-window-size", "1024", "--expire-token-once-after", "100"]
+            "--initial-window-size", "1024", "--expire-token-once-after", "100",
+            "--path", "fast"]
     args = build_parser().parse_args(argv)
     config = _mock_config(args)
     default = MockConfig()

@@ -9,9 +9,10 @@ import logging
 import random
 import socket
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Literal
+from typing import Literal, Protocol
 
 import h2.config
 import h2.connection
@@ -662,6 +663,14 @@ class _Connection:
 
 
 
+class _Limited(Protocol):
+    """A live connection of either path (:class:`_Connection`, ``_fast.FastConnection``)."""
+
+    advertised_limit: int
+
+    def retarget_limit(self) -> None: ...
+
+
 class MockAPNs:
     """The mock server. Start it with :meth:`serve` (or :func:`open_mock`), read :attr:`stats`."""
 
@@ -687,7 +696,9 @@ class MockAPNs:
         self.rng = random.Random(self.config.seed)
         self.host = "127.0.0.1"
         self.port = 0
-        self._connections: set[_Connection] = set()
+        self._connections: set[_Limited] = set()
+        self.paths: Counter[str] = Counter()
+        """With ``config.path == "fast"``: connections served by each path ("fast", "h2")."""
         self._token_cache = TokenCache()
         self._expired_for: int | None = None  # expire_token_once_after value already used
 
@@ -747,6 +758,11 @@ class MockAPNs:
         ]
         log.info("mock APNs listening on %s:%d", host, self.port)
         task_status.started(self.port)
+        if self.config.path == "fast":  # fanout.testing._fast; h2 for what it lacks
+            from ._fast import serve_fast
+
+            await serve_fast(self, tcp_listeners, ssl_context)
+            return
         await trio.serve_listeners(self._handle, listeners)
 
     async def _handle(self, stream: trio.SSLStream[trio.SocketStream]) -> None:

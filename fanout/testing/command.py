@@ -77,7 +77,7 @@ def _mock_config(args: argparse.Namespace) -> MockConfig:
                       goaway_last_stream_low=args.goaway_last_stream_low,
                       expired_token_wedge=args.expired_token_wedge,
                       alpn=not args.no_alpn, broadcast_enabled=not args.no_broadcast,
-                      **given)
+                      path="fast" if args.fast else args.path, **given)
 
 
 def _topics(values: list[str] | None) -> set[str] | None:
@@ -125,7 +125,9 @@ async def _mock_main(args: argparse.Namespace) -> int:
         if args.stats_file:
             _write_mock_stats(args.stats_file, mock.stats)
         if mock.port:  # it listened
-            print(f"fanout mock: {_mock_summary_line(mock.stats)}", file=sys.stderr, flush=True)
+            paths = ", ".join(f"{n} on its {path} path" for path, n in sorted(mock.paths.items()))
+            print(f"fanout mock: {_mock_summary_line(mock.stats)}"
+                  + (f" (connections: {paths})" if paths else ""), file=sys.stderr, flush=True)
     return code
 
 
@@ -200,6 +202,13 @@ def add_mock_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     mock.add_argument("--port", type=int, default=8443, help="port (default 8443; 0: any free one, see --port-file)")
     mock.add_argument("--port-file", help="write the bound port here once listening")
     mock.add_argument("--pki-dir", default="./mock-pki", help="CA and server cert (made if absent)")
+    mock.add_argument("--path", choices=("h2", "fast"), default="h2",
+                      help="HTTP/2 implementation: h2 (the h2 library, the default) or fast "
+                           "(hand-written, ~10x less CPU per request, same checks, faults and "
+                           "stats; a connection opened while --goaway-after, --close-after, "
+                           "--stop-reading-after, --server-ping-interval or "
+                           "--initial-window-size is set is served by h2)")
+    mock.add_argument("--fast", action="store_true", help="the same as --path fast")
     auth = mock.add_argument_group("provider tokens (JWT)")
     auth.add_argument("--key-path", action="append",
                       help=".p8 key whose public half verifies JWTs (needs --key-id; repeat "

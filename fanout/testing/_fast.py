@@ -1,0 +1,1169 @@
+"""The mock's fast path: the same mock APNs without the ``h2`` state machine.
+
+The h2-based path (:mod:`._server`) costs 160-430 µs of CPU per request, several times what
+fanout's client spends per push, so a benchmark against it measures the mock. This path serves
+a connection in one reader task and one writer task: TLS through :class:`ssl.MemoryBIO` (every
+record that has arrived decrypted at once, everything queued encrypted and sent in one write),
+every complete frame of a read parsed by hand, each request validated and answered as it
+completes, and all the answers of a read sent together. What a request is answered is decided
+by the same code as on the h2 path (:func:`._device.evaluate_device`,
+:func:`._broadcast.evaluate_broadcast`, :func:`._http.response`, the provider tokens of
+:mod:`._jwt`), drawing from the mock's seeded ``rng`` in the same order, and counted into the
+same :class:`MockStats` the same way, so both paths agree request for request
+(tests/test_fastmock.py).
+
+HTTP/2 is kept to what the h2 path does: the same first SETTINGS (stream limit 1 until the first
+valid JWT, 1 again after a rejection; a limit applies once the client ACKs it, as h2 applies
+its local settings), SETTINGS/PING ACKs, WINDOW_UPDATE both ways (the windows replenished once
+half is consumed, as h2's window manager does; one difference: the connection window is opened
+to 16 MiB at the start, where h2 keeps 65,535, so that a fast client never waits for connection
+credit), RST_STREAM, the client's GOAWAY (the connection closes), CONTINUATION, padding,
+content-length checked against the DATA, a client exceeding the stream limit refused with GOAWAY
+``Maximum active streams violated``, other violations answered with h2's GOAWAY (its error codes;
+its exception names and, mostly, messages in ``stats.protocol_errors``). Faults drawn per
+request (p429/p500/p503, never_answer, latency and jitter) and per token (unregistered, bad
+token, environment, token_topic) are those of :mod:`._faults`, in its order.
+
+Request headers are decoded by ``hpack``'s :class:`~hpack.Decoder` whenever a block changes the
+dynamic table (literals with incremental indexing, size updates) or looks unusual; blocks made
+only of indexed fields and literals without indexing (fanout's steady state: everything indexed
+but ``:path`` and ``apns-id``) are read directly against a copy of that decoder's table, which
+they cannot change. h2's header validation (:func:`h2.utilities.validate_headers`, and its
+normalisation) runs once per distinct *shape* of header list (the indexed fields, the literal
+names; literal values are checked for the characters h2 refuses) and its verdict is cached.
+Responses are encoded by hand: ``:status`` from the static table when it is there, everything
+else as literals without indexing (no dynamic table, no Huffman coding).
+
+Not implemented here (a connection is served by the h2 path when the config asks for them, see
+:func:`h2_reason`): ``goaway_after``, ``close_after``, ``stop_reading_after``,
+``server_ping_interval``, ``initial_window_size``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import ssl
+import struct
+import uuid
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, Protocol
+
+import h2.exceptions
+import hpack
+import msgspec
+import trio
+from h2.errors import ErrorCodes
+from h2.utilities import HeaderValidationFlags, normalize_inbound_headers, validate_headers
+from hpack.exceptions import HPACKError, OversizedHeaderListError
+from hpack.huffman_table import decode_huffman
+from hpack.table import HeaderTable
+
+from ..errors import redact
+from . import _faults
+from ._apple import DEVICE_PREFIX, STREAM_LIMIT_VIOLATION
+from ._broadcast import evaluate_broadcast
+from ._config import MockConfig
+from ._device import evaluate_device
+from ._http import Answer, Headers, Request, json_headers, response
+from ._jwt import MockState, ProviderTokens
+
+
+class _Host(MockState, Protocol):
+    """What the fast path uses of the server (:class:`MockAPNs` is one): like the handlers,
+    it never imports it, so the server sits on top of both of its paths."""
+
+    paths: Counter[str]
+    _connections: set[Any]
+
+    async def _handle(self, stream: trio.SSLStream[trio.SocketStream]) -> None: ...
+
+log: logging.Logger = logging.getLogger("fanout.mock")
+
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_READ_SIZE = 32 * 1024  # ~150 requests: answers flow back while the client sends more
+_MAX_FRAME_SIZE = 16_384  # our SETTINGS_MAX_FRAME_SIZE (h2's default, which the mock keeps)
+_MAX_HEADER_LIST = 8_000  # our SETTINGS_MAX_HEADER_LIST_SIZE, as on the h2 path
+_BODY_CAP = 8_192  # bytes kept per stream, as on the h2 path
+_WINDOW = 65_535  # our stream windows (SETTINGS_INITIAL_WINDOW_SIZE, as h2's)
+# our connection window, opened by a WINDOW_UPDATE right after our first SETTINGS (h2 keeps the
+# default 65,535, which makes a fast client wait for credit every ~600 pushes: a third of the
+# throughput measured with bench/mock_speed.py)
+_CONN_WINDOW = 16 * 1024 * 1024
+_MAX_WINDOW = 2**31 - 1
+_HANDSHAKE_TIMEOUT = 10.0
+_LINGER = 0.5  # as _server._LINGER
+_DRAIN_TIMEOUT = 5.0  # as _server._DRAIN_TIMEOUT
+_GOAWAY_PING = b"fanoutGA"  # as _server._GOAWAY_PING
+_STATS_PATH = b"/stats"  # as _server.STATS_PATH
+_MAX_RESET_KEPT = 65_536  # streams remembered as reset (h2 keeps 2**16 closed streams)
+_VALIDATION_CACHE_MAX = 4_096
+
+# frame types and flags (RFC 9113)
+_DATA, _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _PING, _GOAWAY, \
+    _WINDOW_UPDATE, _CONTINUATION = range(10)
+_END_STREAM = 0x1
+_ACK = 0x1
+_END_HEADERS = 0x4
+_PADDED = 0x8
+_PRIORITY_FLAG = 0x20
+# settings
+_S_HEADER_TABLE_SIZE, _S_ENABLE_PUSH, _S_MAX_CONCURRENT_STREAMS, _S_INITIAL_WINDOW_SIZE, \
+    _S_MAX_FRAME_SIZE, _S_MAX_HEADER_LIST_SIZE = range(1, 7)
+_S_ENABLE_CONNECT_PROTOCOL = 8
+
+_HDR = struct.Struct(">BHBBL")
+_U32 = struct.Struct(">L")
+_SETTING = struct.Struct(">HL")
+
+#: Fields whose fault the fast path does not implement: a connection is then served by h2.
+H2_ONLY_FIELDS: tuple[str, ...] = (
+    "goaway_after", "close_after", "stop_reading_after", "server_ping_interval",
+    "initial_window_size",
+)
+
+
+def h2_reason(config: MockConfig) -> str | None:
+    """Why a new connection must be served by the h2 path (a field of ``config`` that asks for
+    a fault the fast path does not implement), or ``None``: the fast path serves it."""
+    for name in H2_ONLY_FIELDS:
+        if getattr(config, name) is not None:
+            return f"{name} is set"
+    return None
+
+
+def _frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    n = len(payload)
+    return _HDR.pack(n >> 16, n & 0xFFFF, ftype, flags, stream_id) + payload
+
+
+def _first_settings(max_streams: int) -> bytes:
+    """The SETTINGS h2 sends for the h2 path's ``local_settings`` (same values, same order)."""
+    values = (
+        (_S_HEADER_TABLE_SIZE, 4096), (_S_ENABLE_PUSH, 0), (_S_INITIAL_WINDOW_SIZE, _WINDOW),
+        (_S_MAX_FRAME_SIZE, _MAX_FRAME_SIZE), (_S_ENABLE_CONNECT_PROTOCOL, 0),
+        (_S_MAX_CONCURRENT_STREAMS, max_streams), (_S_MAX_HEADER_LIST_SIZE, _MAX_HEADER_LIST),
+    )
+    return _frame(_SETTINGS, 0, 0, b"".join(_SETTING.pack(k, v) for k, v in values))
+
+
+_SETTINGS_ACK = _frame(_SETTINGS, _ACK, 0)
+
+
+# --------------------------------------------------------------------------- HPACK (encode)
+
+def _int(value: int, prefix_bits: int, first: int) -> bytes:
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((first | value,))
+    out = bytearray((first | limit,))
+    value -= limit
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _str(data: bytes) -> bytes:
+    """A string literal without Huffman coding."""
+    return _int(len(data), 7, 0) + data
+
+
+_STATIC_NAME: dict[bytes, int] = {}
+for _i, (_name, _value) in enumerate(HeaderTable.STATIC_TABLE, 1):
+    _STATIC_NAME.setdefault(_name, _i)
+_STATUS_INDEXED = {
+    value: bytes((0x80 | i,))
+    for i, (name, value) in enumerate(HeaderTable.STATIC_TABLE, 1) if name == b":status"
+}
+_NAME_PREFIX: dict[bytes, bytes] = {}  # name -> the start of its literal without indexing
+
+
+def _name_prefix(name: bytes) -> bytes:
+    prefix = _NAME_PREFIX.get(name)
+    if prefix is None:
+        idx = _STATIC_NAME.get(name)
+        prefix = _int(idx, 4, 0x00) if idx is not None else b"\x00" + _str(name)
+        if len(_NAME_PREFIX) < 1024:
+            _NAME_PREFIX[name] = prefix
+    return prefix
+
+
+def encode_response(headers: Headers) -> bytes:
+    """A response header block: ``:status`` indexed when the static table has it, every
+    other field a literal without indexing (the peer's dynamic table is never used)."""
+    out = bytearray()
+    for name, value in headers:
+        if name == b":status":
+            indexed = _STATUS_INDEXED.get(value)
+            if indexed is not None:
+                out += indexed
+                continue
+        out += _name_prefix(name)
+        out += _int(len(value), 7, 0)
+        out += value
+    return bytes(out)
+
+
+# --------------------------------------------------------------------------- HPACK (decode)
+
+_STATIC_ENTRIES: list[tuple[bytes, bytes] | None] = [None] + [
+    (n, v) for n, v in HeaderTable.STATIC_TABLE
+]
+#: Names whose value h2's validation reads beyond its characters: kept whole in the shape.
+_VALUE_SENSITIVE = frozenset({b"te", b":method", b":authority", b"host", b":path"})
+_BLANK = (0x20, 0x09)  # the whitespace h2 refuses at either end of a value
+_REQUEST_FLAGS = HeaderValidationFlags(
+    is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False)
+_TRAILER_FLAGS = HeaderValidationFlags(
+    is_client=False, is_trailer=True, is_response_header=False, is_push_promise=False)
+_ShapeElement = tuple[bytes, bytes] | bytes
+# shape of a header list -> True (valid as it is) or False (valid once normalised: cookies)
+_validated: dict[tuple[bool, tuple[_ShapeElement, ...]], bool] = {}
+
+
+class _Fallback(Exception):
+    """The direct reader met something it leaves to hpack's Decoder."""
+
+
+_RUN = re.compile(rb"[\x80-\xfe]+")  # consecutive one-byte indexed fields
+_RUNS_MAX = 256
+
+
+class _RequestDecoder:
+    """hpack's Decoder, with blocks that cannot change its table read directly."""
+
+    __slots__ = ("decoder", "table", "_runs")
+
+    def __init__(self) -> None:
+        self.decoder = hpack.Decoder(max_header_list_size=_MAX_HEADER_LIST)
+        self.table = list(_STATIC_ENTRIES)  # index -> entry: static, then the dynamic table
+        # runs of one-byte indexed fields -> (their entries, their size); valid for the table
+        self._runs: dict[bytes, tuple[list[tuple[bytes, bytes]], int]] = {}
+
+    def decode(self, block: bytes) -> tuple[Headers, tuple[_ShapeElement, ...] | None]:
+        """The header list of ``block`` and its shape (``None``: validate it in full)."""
+        try:
+            return self._direct(block)
+        except (_Fallback, IndexError):
+            pass
+        try:
+            decoded = self.decoder.decode(block, raw=True)
+        except OversizedHeaderListError as exc:  # as h2's _decode_headers
+            raise h2.exceptions.DenialOfServiceError(f"Oversized header block: {exc}") from exc
+        except (HPACKError, IndexError, TypeError, UnicodeDecodeError) as exc:
+            raise h2.exceptions.ProtocolError(f"Error decoding header block: {exc}") from exc
+        finally:  # hpack may have changed its table (even if it then refused the block)
+            self.table = _STATIC_ENTRIES + list(self.decoder.header_table.dynamic_entries)
+            self._runs.clear()
+        headers: Headers = [(bytes(n), bytes(v)) for n, v in decoded]
+        return headers, None
+
+    def _run(self, run: bytes) -> tuple[list[tuple[bytes, bytes]], int]:
+        table = self.table
+        entries = []
+        size = 0
+        for b in run:
+            idx = b & 0x7F
+            if idx == 0 or idx >= len(table):
+                raise _Fallback
+            entry = table[idx]
+            assert entry is not None
+            entries.append(entry)
+            size += len(entry[0]) + len(entry[1]) + 32
+        if len(self._runs) >= _RUNS_MAX:
+            self._runs.clear()
+        out = self._runs[run] = (entries, size)
+        return out
+
+    def _direct(self, block: bytes) -> tuple[Headers, tuple[_ShapeElement, ...] | None]:
+        table = self.table
+        runs = self._runs
+        match = _RUN.match
+        headers: Headers = []
+        shape: list[_ShapeElement] | None = []
+        size = 0
+        i = 0
+        end = len(block)
+        while i < end:
+            b = block[i]
+            if b & 0x80:  # indexed fields
+                m = match(block, i)
+                if m is None:  # 0xff: an index of 127 or more
+                    idx, i = _read_int(block, i + 1, 0x7F)
+                    if idx >= len(table):
+                        raise _Fallback
+                    entry = table[idx]
+                    assert entry is not None
+                    found = [entry]
+                    size += len(entry[0]) + len(entry[1]) + 32
+                else:
+                    run = m.group()
+                    i = m.end()
+                    cached = runs.get(run)
+                    found, run_size = cached if cached is not None else self._run(run)
+                    size += run_size
+                headers += found
+                if shape is not None:
+                    shape += found
+            elif b < 0x20:  # literal without indexing (0000) or never indexed (0001)
+                i += 1
+                idx = b & 0x0F
+                if idx:
+                    if idx == 0x0F:
+                        idx, i = _read_int(block, i, idx)
+                    if idx >= len(table):
+                        raise _Fallback
+                    named = table[idx]
+                    assert named is not None
+                    name = named[0]
+                else:
+                    name, i = _read_str(block, i)
+                value, i = _read_str(block, i)
+                headers.append((name, value))
+                size += len(name) + len(value) + 32
+                if shape is not None:
+                    # h2 refuses NUL, CR and LF in a value, and a space or tab at either end
+                    clean = not value or (
+                        len(value.translate(None, b"\x00\r\n")) == len(value)
+                        and value[0] not in _BLANK and value[-1] not in _BLANK)
+                    if name in _VALUE_SENSITIVE:
+                        if name == b":path" and value and clean:
+                            shape.append(name)  # any non-empty clean path validates alike
+                        else:
+                            shape.append((name, value))
+                    elif clean:
+                        shape.append(name)
+                    else:
+                        shape = None  # h2 refuses it: validate in full for its message
+            else:  # incremental indexing or a table size update: the table changes
+                raise _Fallback
+            if size > _MAX_HEADER_LIST:
+                raise _Fallback  # hpack raises OversizedHeaderListError
+        return headers, (tuple(shape) if shape is not None else None)
+
+
+def _read_int(block: bytes, i: int, value: int) -> tuple[int, int]:
+    """The continuation bytes of an HPACK integer whose prefix was all ones."""
+    shift = 0
+    for _ in range(4):  # hpack refuses longer ones; so do we (via the fallback)
+        byte = block[i]
+        i += 1
+        value += (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+    raise _Fallback
+
+
+def _read_str(block: bytes, i: int) -> tuple[bytes, int]:
+    first = block[i]
+    i += 1
+    length = first & 0x7F
+    if length == 0x7F:
+        length, i = _read_int(block, i, length)
+    data = block[i:i + length]
+    if len(data) != length:
+        raise _Fallback
+    if first & 0x80:
+        try:
+            data = decode_huffman(data)
+        except HPACKError:
+            raise _Fallback from None
+    return data, i + length
+
+
+def _checked(headers: Headers, shape: tuple[_ShapeElement, ...] | None, validate: bool,
+             trailer: bool = False) -> Headers:
+    """``headers`` as h2 passes them on: normalised (cookies joined) and, with ``validate``,
+    validated (:class:`h2.exceptions.ProtocolError` if h2 would refuse them); the verdict is
+    cached per shape."""
+    flags = _TRAILER_FLAGS if trailer else _REQUEST_FLAGS
+    key = (validate, shape) if shape is not None and not trailer else None
+    if key is not None:
+        as_is = _validated.get(key)
+        if as_is is True:
+            return headers
+        if as_is is False:
+            out = normalize_inbound_headers(headers, flags)
+            return list(validate_headers(out, flags) if validate else out)
+    out = normalize_inbound_headers(headers, flags)
+    checked = [(n, v) for n, v in (validate_headers(out, flags) if validate else out)]
+    if key is not None:
+        if len(_validated) >= _VALIDATION_CACHE_MAX:
+            _validated.clear()
+        _validated[key] = checked == headers
+    return checked
+
+
+def _content_length(headers: Headers) -> int | None:
+    """h2's reading of ``content-length`` (``H2Stream._initialize_content_length``)."""
+    content_length = None
+    for n, v in headers:
+        if n == b"content-length":
+            if not v.isdigit():
+                raise h2.exceptions.ProtocolError(f"Invalid content-length header: {v!r}")
+            parsed = int(v, 10)
+            if content_length is None:
+                content_length = parsed
+            elif parsed != content_length:
+                raise h2.exceptions.ProtocolError(
+                    f"Conflicting content-length headers: {content_length} and {parsed}")
+    return content_length
+
+
+def _strip(flags: int, payload: bytes, headers_frame: bool) -> bytes:
+    """A DATA or HEADERS payload without its padding (and HEADERS' priority fields)."""
+    start = 0
+    end = len(payload)
+    if flags & _PADDED:
+        if not payload:
+            raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid")
+        start = 1
+        end -= payload[0]
+    if headers_frame and flags & _PRIORITY_FLAG:
+        start += 5
+    if end < start:
+        raise h2.exceptions.ProtocolError("Received frame with invalid padding.")
+    return payload if start == 0 and end == len(payload) else payload[start:end]
+
+
+# --------------------------------------------------------------------------- connection
+
+class _Stream:
+    """One request being received or waiting for its answer."""
+
+    __slots__ = ("id", "path", "request", "control", "silent", "ended", "expected",
+                 "received", "unacked", "send_window")
+
+    def __init__(self, stream_id: int, path: bytes | None, request: Request, control: bool,
+                 send_window: int) -> None:
+        self.id = stream_id
+        self.path = path  # the first :path, as the h2 path reads it
+        self.request = request
+        self.control = control  # GET/DELETE /stats: no fault, not counted
+        self.silent = False  # never_answer: stays open, never answered
+        self.ended = False  # END_STREAM received
+        self.expected: int | None = None  # content-length
+        self.received = 0  # body bytes received
+        self.unacked = 0  # flow-controlled bytes not yet credited back to the stream
+        self.send_window = send_window  # what we may send on it
+
+
+class FastConnection:
+    """Server side of one HTTP/2 connection on the fast path (see the module's docstring)."""
+
+    def __init__(self, mock: _Host, sock: trio.SocketStream, tls: ssl.SSLObject,
+                 incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, index: int) -> None:
+        self.mock = mock
+        self.sock = sock
+        self.index = index
+        self._tls = tls
+        self._in = incoming
+        self._tls_out = outgoing
+        stats = mock.stats
+        self._per_conn_streams = stats.streams_per_connection  # kept across stats.reset()
+        self._per_conn_concurrent = stats.max_concurrent
+        self._per_conn_rejected = stats.rejected_per_connection
+        cfg = mock.config
+        self._validate = cfg.validate
+        self.advertised_limit = cfg.initial_max_streams
+        # h2's local MAX_CONCURRENT_STREAMS: the first is current at once, each later one
+        # once a SETTINGS ACK pops the one before (h2.settings.Settings.acknowledge)
+        self._limits: deque[int] = deque([cfg.initial_max_streams])
+        self._authenticated = False
+        self._penalty = 0
+        self._tokens = ProviderTokens()
+        self._decoder = _RequestDecoder()
+
+        self._out = bytearray(_first_settings(cfg.initial_max_streams) + _frame(
+            _WINDOW_UPDATE, 0, 0, _U32.pack(_CONN_WINDOW - _WINDOW)))
+        self._inbuf = bytearray()
+        self._preface_done = False
+        self._streams: dict[int, _Stream] = {}
+        self._highest = 0  # highest stream id opened (h2's highest_inbound_stream_id)
+        self._max_sid = 0  # highest stream id seen in a HEADERS frame (refused ones too)
+        self._reset: set[int] = set()  # streams closed by a reset (either side)
+        self._cont_sid = 0  # stream whose header block awaits CONTINUATION frames
+        self._cont_parts: list[bytes] = []
+        self._cont_end = False
+        # flow control: what the client may still send, and what we may send
+        self._recv_window = _CONN_WINDOW
+        self._recv_unacked = 0
+        self._send_window = _WINDOW
+        self._peer_initial_window = _WINDOW
+        self._peer_max_frame = _MAX_FRAME_SIZE
+
+        self._goaway_last: int | None = None
+        self._goaway_acked = False
+        self._dead = False  # stop processing frames (protocol error, the client's GOAWAY)
+        self._stats_only: bool | None = None
+        self._close_mode: Literal["graceful"] | None = None
+        self._wake = trio.Event()
+        self._reader_scope = trio.CancelScope()
+        self._reader_done = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._debug = log.isEnabledFor(logging.DEBUG)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._write_loop)
+            self._kick()  # our SETTINGS
+            with self._reader_scope:
+                await self._read_loop()
+            self._reader_done.set()
+            if self._close_mode is None:  # the client went away
+                nursery.cancel_scope.cancel()
+
+    async def _read_loop(self) -> None:
+        tls = self._tls
+        incoming = self._in
+        try:
+            while True:
+                data = await self.sock.receive_some(_READ_SIZE)
+                if not data:
+                    return
+                incoming.write(data)
+                chunks = []
+                closed = False
+                try:
+                    while True:
+                        chunk = tls.read(_READ_SIZE)
+                        if not chunk:
+                            closed = True
+                            break
+                        chunks.append(chunk)
+                except ssl.SSLWantReadError:
+                    pass
+                except ssl.SSLZeroReturnError:  # the client's close_notify
+                    closed = True
+                except ssl.SSLError as exc:
+                    log.debug("connection %d: TLS error: %s", self.index, exc)
+                    return
+                if chunks and not self._dead:
+                    self._receive(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                if self._out or self._tls_out.pending:
+                    self._kick()
+                if closed:
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError,
+                OSError):
+            return
+
+    async def _write_loop(self) -> None:
+        tls, outgoing, out = self._tls, self._tls_out, self._out
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                while True:  # more may be queued while we send: flush it all before closing
+                    if out:
+                        data = bytes(out)
+                        out.clear()
+                        tls.write(data)
+                    if not outgoing.pending:
+                        break
+                    await self.sock.send_all(outgoing.read())
+                if self._close_mode is not None:
+                    await self._finish_close()
+                    break
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError,
+                OSError, ssl.SSLError):
+            pass
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+
+    async def _finish_close(self) -> None:
+        """Close after everything queued was sent, letting the client read it first."""
+        with trio.move_on_after(_LINGER):
+            await self._reader_done.wait()
+        self._reader_scope.cancel()
+        await self._reader_done.wait()
+        with trio.move_on_after(_LINGER):
+            try:
+                self._tls.unwrap()
+            except ssl.SSLError:  # SSLWantReadError: the close_notify is written
+                pass
+            if self._tls_out.pending:
+                await self.sock.send_all(self._tls_out.read())
+
+    def _kick(self) -> None:
+        self._wake.set()
+
+    def _close(self) -> None:
+        if self._close_mode is None:
+            self._close_mode = "graceful"
+            self._kick()
+
+    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    # ---------------------------------------------------------------- inbound frames
+
+    def _receive(self, data: bytes) -> None:
+        """Handle every complete frame in the buffer, one at a time as the h2 path feeds h2."""
+        if self._inbuf:
+            self._inbuf += data
+            buf = bytes(self._inbuf)
+            self._inbuf.clear()
+        else:
+            buf = data
+        pos = 0
+        size = len(buf)
+        try:
+            if not self._preface_done:
+                if size < len(_PREFACE):
+                    if _PREFACE[:size] != buf:
+                        raise h2.exceptions.ProtocolError("Invalid HTTP/2 preamble.")
+                    self._inbuf += buf
+                    return
+                if buf[:len(_PREFACE)] != _PREFACE:
+                    raise h2.exceptions.ProtocolError("Invalid HTTP/2 preamble.")
+                pos = len(_PREFACE)
+                self._preface_done = True
+            unpack = _HDR.unpack_from
+            while size - pos >= 9:
+                hi, lo, ftype, flags, sid = unpack(buf, pos)
+                length = (hi << 16) | lo
+                if length > _MAX_FRAME_SIZE:
+                    raise h2.exceptions.FrameTooLargeError(
+                        f"Received overlong frame: length {length}, max {_MAX_FRAME_SIZE}")
+                end = pos + 9 + length
+                if end > size:
+                    break
+                payload = buf[pos + 9:end]
+                pos = end
+                sid &= 0x7FFF_FFFF
+                if sid and self._goaway_last is not None and sid > self._goaway_last:
+                    # after our GOAWAY: ignored, as the h2 path does not feed them to h2
+                    if ftype == _HEADERS and sid > self._max_sid:
+                        self._max_sid = sid
+                        if self._goaway_acked:
+                            self.mock.stats.streams_after_goaway += 1
+                    continue
+                if self._cont_sid and (ftype != _CONTINUATION or sid != self._cont_sid):
+                    raise h2.exceptions.ProtocolError(
+                        f"Expected CONTINUATION frame on stream {self._cont_sid}")
+                if ftype == _HEADERS:
+                    self._on_headers(flags, sid, payload)
+                elif ftype == _DATA:
+                    self._on_data(flags, sid, payload)
+                elif ftype == _CONTINUATION:
+                    self._on_continuation(flags, sid, payload)
+                else:
+                    self._on_control(ftype, flags, sid, payload)
+                if self._dead:
+                    return
+        except h2.exceptions.ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        if pos < size:
+            self._inbuf += buf[pos:]
+
+    def _protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:
+        """h2's answer to a violation (a GOAWAY with its error code), then close."""
+        stats = self.mock.stats
+        stats.protocol_errors.append(f"connection {self.index}: {type(exc).__name__}: {exc}")
+        stats.goaways_sent += 1
+        self._out += _frame(_GOAWAY, 0, 0, _U32.pack(self._highest) + _U32.pack(exc.error_code))
+        self._dead = True
+        self._close()
+
+    def _on_headers(self, flags: int, sid: int, payload: bytes) -> None:
+        if not sid:
+            raise h2.exceptions.ProtocolError("Received HEADERS frame on stream 0")
+        if sid > self._max_sid:  # opens a new stream (after our GOAWAY it was dropped)
+            self._max_sid = sid
+            limit = self._limits[0]
+            if len(self._streams) >= limit:
+                self.mock.stats.protocol_errors.append(
+                    f"connection {self.index}: stream {sid} opened with {len(self._streams)}"
+                    f" streams open, MAX_CONCURRENT_STREAMS={limit}"
+                )
+                self._goaway(self._highest, ErrorCodes.REFUSED_STREAM,
+                             STREAM_LIMIT_VIOLATION.encode())
+                return
+        block = _strip(flags, payload, True)
+        if flags & _END_HEADERS:
+            self._on_block(sid, block, bool(flags & _END_STREAM))
+        else:
+            self._cont_sid = sid
+            self._cont_parts = [block]
+            self._cont_end = bool(flags & _END_STREAM)
+
+    def _on_continuation(self, flags: int, sid: int, payload: bytes) -> None:
+        if not self._cont_sid:
+            raise h2.exceptions.ProtocolError("Received unexpected CONTINUATION frame")
+        self._cont_parts.append(payload)
+        if flags & _END_HEADERS:
+            block = b"".join(self._cont_parts)
+            self._cont_sid = 0
+            self._cont_parts = []
+            self._on_block(sid, block, self._cont_end)
+
+    def _on_block(self, sid: int, block: bytes, end_stream: bool) -> None:
+        """A complete header block: a request, or trailers."""
+        stream = self._streams.get(sid)
+        if stream is not None:  # trailers
+            headers, _ = self._decoder.decode(block)
+            if stream.ended:
+                raise h2.exceptions.StreamClosedError(sid)
+            if not end_stream:
+                raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set")
+            _checked(headers, None, self._validate, trailer=True)
+            self._end(stream)
+            return
+        if sid <= self._highest:  # a closed stream (the table must follow the block still)
+            self._decoder.decode(block)
+            if sid in self._reset:
+                self._out += _frame(_RST_STREAM, 0, sid, _U32.pack(ErrorCodes.STREAM_CLOSED))
+                return
+            raise h2.exceptions.StreamClosedError(sid)
+        headers, shape = self._decoder.decode(block)
+        if not sid & 1:
+            raise h2.exceptions.ProtocolError("Invalid stream ID for peer.")
+        self._highest = sid  # h2 opens the stream before it checks its headers
+        request = Request(headers, bytearray())
+        expected = None
+        if b"content-length" in request.fields:  # h2 reads it before validating
+            expected = _content_length(headers)
+        checked = _checked(headers, shape, self._validate)
+        if checked is not headers and checked != headers:  # normalised (cookies joined)
+            headers = checked
+            request = Request(headers, request.body)
+        self._open(sid, headers, request, expected, end_stream)
+
+    def _open(self, sid: int, headers: Headers, request: Request, expected: int | None,
+              end_stream: bool) -> None:
+        path = None
+        for name, value in headers:  # the first :path, as the h2 path reads it
+            if name == b":path":
+                path = value
+                break
+        control = path == _STATS_PATH
+        stream = _Stream(sid, path, request, control, self._peer_initial_window)
+        stream.expected = expected
+        self._streams[sid] = stream
+        self._highest = sid
+        self._note_kind(control)
+        if not control:
+            index = self.index
+            self._per_conn_streams[index] += 1
+            if len(self._streams) > self._per_conn_concurrent[index]:
+                self._per_conn_concurrent[index] = len(self._streams)
+        if end_stream:
+            self._end(stream)
+
+    def _on_data(self, flags: int, sid: int, payload: bytes) -> None:
+        if not sid:
+            raise h2.exceptions.ProtocolError("Received DATA frame on stream 0")
+        flow = len(payload)
+        self._recv_window -= flow
+        if self._recv_window < 0:
+            raise h2.exceptions.FlowControlError(
+                f"Flow control window shrunk below 0: {self._recv_window}")
+        stream = self._streams.get(sid)
+        if stream is None or stream.ended:
+            if sid > self._highest:
+                raise h2.exceptions.NoSuchStreamError(sid)
+            # a closed stream: h2 credits the connection window and resets the stream
+            self._credit(flow)
+            self._out += _frame(_RST_STREAM, 0, sid, _U32.pack(ErrorCodes.STREAM_CLOSED))
+            return
+        stream.unacked += flow
+        if stream.unacked > _WINDOW:
+            raise h2.exceptions.FlowControlError(
+                f"Flow control window shrunk below 0: {_WINDOW - stream.unacked}")
+        data = _strip(flags, payload, False)
+        body = stream.request.body
+        if len(body) <= _BODY_CAP:
+            body += data
+        stream.received += len(data)
+        end_stream = bool(flags & _END_STREAM)
+        expected = stream.expected
+        if expected is not None and (expected < stream.received
+                                     or (end_stream and expected != stream.received)):
+            raise h2.exceptions.InvalidBodyLengthError(expected, stream.received)
+        self._credit(flow)
+        if end_stream:
+            self._end(stream)
+        elif stream.unacked >= _WINDOW // 2:  # h2's window manager: half the window used
+            self._out += _frame(_WINDOW_UPDATE, 0, sid, _U32.pack(stream.unacked))
+            stream.unacked = 0
+
+    def _credit(self, flow: int) -> None:
+        """The connection window: credited back once half of it is consumed, as h2 does."""
+        if not flow:
+            return
+        unacked = self._recv_unacked + flow
+        if unacked >= _CONN_WINDOW // 2:
+            self._out += _frame(_WINDOW_UPDATE, 0, 0, _U32.pack(unacked))
+            self._recv_window += unacked
+            unacked = 0
+        self._recv_unacked = unacked
+
+    def _on_control(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
+        if ftype == _SETTINGS:
+            self._on_settings(flags, sid, payload)
+        elif ftype == _WINDOW_UPDATE:
+            self._on_window_update(sid, payload)
+        elif ftype == _PING:
+            if sid:
+                raise h2.exceptions.ProtocolError("PING frame on a non-zero stream")
+            if len(payload) != 8:
+                raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid")
+            if flags & _ACK:
+                if payload == _GOAWAY_PING:
+                    self._goaway_acked = True
+            else:
+                self._out += _frame(_PING, _ACK, 0, payload)
+        elif ftype == _RST_STREAM:
+            if not sid:
+                raise h2.exceptions.ProtocolError("RST_STREAM frame on stream 0")
+            if len(payload) != 4:
+                raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid")
+            if sid in self._streams:
+                self._on_reset(sid)
+            elif sid > self._highest:
+                raise h2.exceptions.ProtocolError(f"RST_STREAM on idle stream {sid}")
+        elif ftype == _GOAWAY:  # the client's: nothing more can be answered; close
+            self._dead = True
+            self._close()
+        elif ftype == _PRIORITY:
+            if not sid:
+                raise h2.exceptions.ProtocolError("PRIORITY frame on stream 0")
+            if len(payload) != 5:
+                raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid")
+        elif ftype == _PUSH_PROMISE:
+            raise h2.exceptions.ProtocolError("Received pushed stream")
+        # other types: extensions, ignored
+
+    def _on_settings(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid:
+            raise h2.exceptions.ProtocolError("SETTINGS frame on a non-zero stream")
+        if flags & _ACK:
+            if payload:
+                raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid")
+            if len(self._limits) > 1:
+                self._limits.popleft()
+            return
+        if len(payload) % 6:
+            raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid")
+        for code, value in _SETTING.iter_unpack(payload):
+            if code == _S_INITIAL_WINDOW_SIZE:
+                if value > _MAX_WINDOW:
+                    raise h2.exceptions.FlowControlError(
+                        f"Setting {code} has invalid value {value}")
+                delta = value - self._peer_initial_window
+                self._peer_initial_window = value
+                for stream in self._streams.values():
+                    stream.send_window += delta
+            elif code == _S_MAX_FRAME_SIZE:
+                if not _MAX_FRAME_SIZE <= value <= 2**24 - 1:
+                    raise h2.exceptions.ProtocolError(
+                        f"Setting {code} has invalid value {value}")
+                self._peer_max_frame = value
+            elif code == _S_ENABLE_PUSH and value not in (0, 1):
+                raise h2.exceptions.ProtocolError(f"Setting {code} has invalid value {value}")
+        self._out += _SETTINGS_ACK
+
+    def _on_window_update(self, sid: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid")
+        increment = _U32.unpack(payload)[0] & 0x7FFF_FFFF
+        if not increment:
+            raise h2.exceptions.ProtocolError("WINDOW_UPDATE with an increment of 0")
+        if not sid:
+            self._send_window += increment
+            if self._send_window > _MAX_WINDOW:
+                raise h2.exceptions.FlowControlError(
+                    f"Flow control window mustn't exceed {_MAX_WINDOW}")
+            return
+        stream = self._streams.get(sid)
+        if stream is not None:
+            stream.send_window += increment
+        elif sid > self._highest:
+            raise h2.exceptions.ProtocolError(f"WINDOW_UPDATE on idle stream {sid}")
+
+    def _on_reset(self, sid: int) -> None:
+        self._streams.pop(sid, None)
+        self._remember_reset(sid)
+        self._check_drain()
+
+    def _remember_reset(self, sid: int) -> None:
+        if len(self._reset) >= _MAX_RESET_KEPT:
+            self._reset.clear()
+        self._reset.add(sid)
+
+    def _note_kind(self, stats_request: bool) -> None:
+        """``stats.stats_only_connections``, as the h2 path keeps it."""
+        stats = self.mock.stats
+        current = self._per_conn_streams is stats.streams_per_connection
+        if self._stats_only is None:
+            self._stats_only = stats_request
+            if stats_request and current:
+                stats.stats_only_connections += 1
+        elif self._stats_only and not stats_request:
+            self._stats_only = False
+            if current:
+                stats.stats_only_connections -= 1
+
+    def _end(self, stream: _Stream) -> None:
+        """END_STREAM: the request is complete (the h2 path's ``_on_complete``)."""
+        stream.ended = True
+        if stream.control:
+            self._answer_stats(stream)
+            return
+        mock = self.mock
+        stats = mock.stats
+        stats.requests += 1
+        path = stream.path
+        if path is not None and len(path) > 10 and path.startswith(DEVICE_PREFIX):
+            stats.seen[path[10:].decode("ascii", "replace")] += 1
+        cfg = mock.config
+        rng = mock.rng
+        if cfg.never_answer and _faults.never_answers(cfg, rng):
+            stats.never_answered += 1
+            stream.silent = True
+            self._check_drain()
+            return
+        delay = _faults.answer_delay(cfg, rng) if cfg.latency or cfg.jitter else 0.0
+        if delay > 0:
+            self._spawn(self._answer_later, stream, delay)
+        else:
+            self._answer(stream)
+
+    # ---------------------------------------------------------------- GOAWAY
+
+    def _goaway(self, last_stream_id: int, code: int, debug: bytes) -> None:
+        """Our GOAWAY, then a PING whose ACK proves the client saw it (as the h2 path)."""
+        if self._goaway_last is not None:
+            return
+        self._goaway_last = last_stream_id
+        self._out += _frame(_GOAWAY, 0, 0, _U32.pack(last_stream_id) + _U32.pack(code) + debug)
+        self._out += _frame(_PING, 0, 0, _GOAWAY_PING)
+        self.mock.stats.goaways_sent += 1
+        if self._debug:
+            log.debug("connection %d: GOAWAY last-stream-id=%d code=%d", self.index,
+                      last_stream_id, code)
+        self._spawn(self._drain_deadline)
+        self._check_drain()
+        self._kick()
+
+    def _check_drain(self) -> None:
+        """After our GOAWAY, close once every stream at or below last-stream-id is answered."""
+        last = self._goaway_last
+        if last is None or self._close_mode is not None:
+            return
+        if all(sid > last or s.silent for sid, s in self._streams.items()):
+            self._close()
+
+    async def _drain_deadline(self) -> None:
+        await trio.sleep(_DRAIN_TIMEOUT)
+        self._close()
+
+    # ---------------------------------------------------------------- answers
+
+    async def _answer_later(self, stream: _Stream, delay: float) -> None:
+        await trio.sleep(delay)
+        self._answer(stream)
+        self._kick()
+
+    def _answer(self, stream: _Stream) -> None:
+        if self._dead or self._close_mode is not None or self._streams.get(stream.id) is not stream:
+            return
+        mock = self.mock
+        request = stream.request
+        try:
+            path = request.path
+            if path is not None and path[:3] in (b"/1/", b"/4/"):
+                answer = evaluate_broadcast(mock, self._tokens, request)
+            else:
+                answer = evaluate_device(mock, self._tokens, request)
+        except Exception:  # a mock bug must not take the connection down
+            log.exception("connection %d: evaluating stream %d failed", self.index, stream.id)
+            answer = Answer(500, "InternalServerError", str(uuid.uuid4()).encode(), None, False)
+        headers, body = response(answer, mock.config)
+        sent = self._send(stream, headers, body)
+        del self._streams[stream.id]
+        if not sent:
+            return
+        stats = mock.stats
+        status, reason = answer.status, answer.reason
+        stats.by_status[status] += 1
+        if reason is not None:
+            stats.by_reason[reason] += 1
+        elif answer.token is not None:
+            stats.delivered[answer.token] += 1
+        if self._debug:
+            log.debug("connection %d stream %d token %s -> %d %s", self.index, stream.id,
+                      redact(answer.token), status, reason or "")
+        # the stream-limit consequences of the answer (the h2 path's _after_answer)
+        if answer.auth_ok:
+            self._authenticated = True
+        if status < 300:
+            if self._penalty:
+                self._penalty -= 1
+        elif 400 <= status < 500 and status != 410:
+            self._per_conn_rejected[self.index] += 1
+            if mock.config.drop_to_one_on_reject:
+                self._penalty = mock.config.penalty_accepts
+        self.retarget_limit()
+        if self._goaway_last is not None:
+            self._check_drain()
+
+    def _answer_stats(self, stream: _Stream) -> None:
+        """``GET /stats`` (and ``DELETE``: then reset them), as the h2 path answers them."""
+        if self._dead or self._close_mode is not None:
+            return
+        method = stream.request.method
+        if method in (b"GET", b"DELETE"):
+            stats = self.mock.stats
+            body = msgspec.json.encode(stats.summary())
+            if method == b"DELETE":
+                stats.reset()
+            headers = [(b":status", b"200"), *json_headers(body)]
+        else:
+            body = msgspec.json.encode({"reason": "MethodNotAllowed"})
+            headers = [(b":status", b"405"), (b"allow", b"GET, DELETE"), *json_headers(body)]
+        self._send(stream, headers, body)
+        self._streams.pop(stream.id, None)
+        self._check_drain()
+
+    def _send(self, stream: _Stream, headers: Headers, body: bytes) -> bool:
+        """Queue a response; ``False`` (and the stream reset after its HEADERS) if the client's
+        windows cannot take the body, as h2 refuses it on the h2 path."""
+        block = encode_response(headers)
+        out = self._out
+        sid = stream.id
+        n = len(block)
+        if not body:
+            out += _HDR.pack(n >> 16, n & 0xFFFF, _HEADERS, _END_HEADERS | _END_STREAM, sid)
+            out += block
+            return True
+        out += _HDR.pack(n >> 16, n & 0xFFFF, _HEADERS, _END_HEADERS, sid)
+        out += block
+        size = len(body)
+        if size > self._send_window or size > stream.send_window:
+            log.debug("connection %d: cannot answer stream %d: window too small", self.index,
+                      sid)
+            out += _frame(_RST_STREAM, 0, sid, _U32.pack(ErrorCodes.INTERNAL_ERROR))
+            self._remember_reset(sid)
+            return False
+        self._send_window -= size
+        step = self._peer_max_frame
+        for start in range(0, size, step):
+            chunk = body[start:start + step]
+            last = start + step >= size
+            m = len(chunk)
+            out += _HDR.pack(m >> 16, m & 0xFFFF, _DATA, _END_STREAM if last else 0, sid)
+            out += chunk
+        return True
+
+    def retarget_limit(self) -> None:
+        """Announce the stream limit the connection's state calls for, if it changed."""
+        cfg = self.mock.config
+        if self._penalty:
+            target = 1
+        elif self._authenticated:
+            target = cfg.max_streams
+        else:
+            target = cfg.initial_max_streams
+        if target != self.advertised_limit and self._close_mode is None and not self._dead:
+            self.advertised_limit = target
+            self._limits.append(target)
+            self._out += _frame(_SETTINGS, 0, 0, _SETTING.pack(_S_MAX_CONCURRENT_STREAMS, target))
+            self._kick()
+
+
+# --------------------------------------------------------------------------- listener
+
+async def _handshake(sock: trio.SocketStream, tls: ssl.SSLObject, incoming: ssl.MemoryBIO,
+                     outgoing: ssl.MemoryBIO) -> bool:
+    """The server side of the TLS handshake over the memory BIOs; ``False`` if it failed."""
+    with trio.move_on_after(_HANDSHAKE_TIMEOUT):
+        try:
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    if outgoing.pending:
+                        await sock.send_all(outgoing.read())
+                    data = await sock.receive_some(_READ_SIZE)
+                    if not data:
+                        return False
+                    incoming.write(data)
+            if outgoing.pending:
+                await sock.send_all(outgoing.read())
+            return True
+        except ssl.SSLError as exc:
+            log.debug("TLS handshake failed: %s", exc)
+            if outgoing.pending:  # the alert
+                try:
+                    await sock.send_all(outgoing.read())
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return False
+    return False
+
+
+class FastListener:
+    """Accepts TCP connections for a :class:`MockAPNs` and serves each on the fast path, or
+    hands it to the h2 path when the config asks for a fault the fast path lacks."""
+
+    def __init__(self, mock: _Host, ssl_context: ssl.SSLContext) -> None:
+        self.mock = mock
+        self.ssl_context = ssl_context
+        self._last_choice: str | None = None
+
+    async def handle(self, sock: trio.SocketStream) -> None:
+        mock = self.mock
+        reason = h2_reason(mock.config)
+        choice = "fast" if reason is None else f"h2 ({reason}: the fast path lacks it)"
+        mock.paths["fast" if reason is None else "h2"] += 1
+        level = logging.INFO if choice != self._last_choice else logging.DEBUG
+        self._last_choice = choice
+        log.log(level, "mock connection %d: served by the %s path",
+                len(mock.stats.streams_per_connection), choice)
+        if reason is not None:
+            await mock._handle(trio.SSLStream(sock, self.ssl_context, server_side=True,
+                                              https_compatible=False))
+            return
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = self.ssl_context.wrap_bio(incoming, outgoing, server_side=True)
+        try:
+            if not await _handshake(sock, tls, incoming, outgoing):
+                return
+            if not tls.selected_alpn_protocol() and mock.config.alpn:
+                log.debug("client negotiated no ALPN protocol; speaking h2 anyway")
+            stats = mock.stats
+            index = len(stats.streams_per_connection)
+            stats.connections += 1
+            stats.streams_per_connection.append(0)
+            stats.max_concurrent.append(0)
+            stats.rejected_per_connection.append(0)
+            connection = FastConnection(mock, sock, tls, incoming, outgoing, index)
+            mock._connections.add(connection)
+            try:
+                await connection.run()
+            except Exception:  # never let one connection take the server down
+                log.exception("mock connection %d failed", index)
+            finally:
+                mock._connections.discard(connection)
+        finally:
+            await trio.aclose_forcefully(sock)
+
+
+async def serve_fast(mock: _Host, listeners: list[trio.SocketListener],
+                     ssl_context: ssl.SSLContext) -> None:
+    """Serve ``listeners`` (plain TCP) for ``mock`` until cancelled (see :class:`FastListener`)."""
+    await trio.serve_listeners(FastListener(mock, ssl_context).handle, listeners)
