@@ -1,7 +1,7 @@
 """One long-lived HTTP/2 connection to APNs: the hot path, top to bottom.
 
 A connection is a state machine driven by one reader task (h2's model): it parses frames,
-decodes response headers with hpack's Decoder and hands each finished exchange to its
+decodes response headers (hpackdec, checked against hpack's Decoder) and hands each finished exchange to its
 :class:`StreamListener` (the client); its own lifecycle goes to a
 :class:`ConnectionObserver` (the pool). Streams are started synchronously by :meth:`Connection.start`, which
 encodes the request and appends its frames to an output list; a writer task encrypts all
@@ -36,6 +36,7 @@ import trio
 
 from ..errors import ConfigError, ProtocolError, TransportError
 from . import framer as fr
+from .hpackdec import make_decoder
 from .proxy import Proxy, open_tunnel
 from .tls import TLSStream
 
@@ -276,7 +277,7 @@ class Connection(Generic[E]):
 
         self._next_sid = first_stream_id | 1
         self._encoder = fr.RequestEncoder(4096)
-        self._decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_BLOCK)
+        self._decoder = make_decoder(MAX_HEADER_BLOCK)  # hpackdec; FANOUT_HPACK=hpack: hpack's
         self._reader = fr.FrameReader(fr.DEFAULT_MAX_FRAME)
         self._send_window = 65535
         self._initial_window = 65535
@@ -892,8 +893,7 @@ class Connection(Generic[E]):
 
     def _on_headers(self, sid: int, flags: int, block: bytes) -> None:
         try:
-            # hpack annotates an Iterable; it returns a list of (bytes, bytes) tuples
-            headers: Headers = self._decoder.decode(block, raw=True)  # type: ignore[assignment]
+            headers: Headers = self._decoder.decode(block)
         except hpack.HPACKError as exc:
             # hpack's messages may end with the repr of a memoryview: keep the words only
             why = str(exc).split(": <memory")[0]

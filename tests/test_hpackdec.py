@@ -1,0 +1,106 @@
+"""The engine's HPACK response decoder (fanout/_engine/hpackdec.py) against hpack's, an
+independent implementation: what hpack's Encoder writes (every representation, Huffman or
+not, table size updates, evictions) decodes to the same header lists through both, block
+after block on one connection's table; malformed blocks are errors hpack's callers catch."""
+
+from __future__ import annotations
+
+import random
+
+import hpack
+import pytest
+from hpack import HeaderTuple, NeverIndexedHeaderTuple
+from hpack.huffman import HuffmanEncoder
+from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fanout._engine.hpackdec import ResponseDecoder, huffman_decode, make_decoder
+
+HUFFMAN = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
+NAMES = [b":status", b"apns-id", b"apns-unique-id", b"server", b"date", b"content-type",
+         b"content-length", b"retry-after", b"x-custom", b"set-cookie"]
+VALUES = st.one_of(st.sampled_from([b"200", b"400", b"410", b"429", b"nginx/1.22.1", b"0",
+                                    b"application/json", b""]),
+                   st.binary(max_size=80),
+                   st.uuids().map(lambda u: str(u).encode()))
+
+
+@st.composite
+def header(draw: st.DrawFn) -> HeaderTuple:
+    name = draw(st.one_of(st.sampled_from(NAMES), st.binary(min_size=1, max_size=30)))
+    value = draw(VALUES)
+    kind = draw(st.sampled_from(["index", "never"]))
+    return HeaderTuple(name, value) if kind == "index" else NeverIndexedHeaderTuple(name, value)
+
+
+BLOCKS = st.lists(st.tuples(st.lists(header(), max_size=8), st.booleans(),
+                            st.one_of(st.none(), st.integers(0, 4096))), min_size=1, max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(BLOCKS)
+def test_the_decoder_agrees_with_hpack_block_after_block(blocks) -> None:
+    encoder = hpack.Encoder()
+    reference = hpack.Decoder(max_header_list_size=1 << 20)
+    ours = ResponseDecoder(max_header_list_size=1 << 20)
+    for headers, huffman, resize in blocks:
+        if resize is not None:
+            encoder.header_table_size = resize  # a size update opens the next block
+        block = encoder.encode(headers, huffman=huffman)
+        expected = [tuple(h) for h in reference.decode(block, raw=True)]
+        assert ours.decode(block) == expected
+        assert ours.header_table_size == reference.header_table_size
+
+
+def test_a_repeated_block_is_decoded_again_after_the_table_changed() -> None:
+    encoder = hpack.Encoder()
+    ours = ResponseDecoder()
+    first = encoder.encode([(b"x-a", b"1")])  # adds x-a: 1 at index 62
+    assert ours.decode(first) == [(b"x-a", b"1")]
+    refer = bytes([0x80 | 62])
+    assert ours.decode(refer) == [(b"x-a", b"1")]
+    ours.decode(encoder.encode([(b"x-b", b"2")]))  # now index 62 is x-b: 2
+    assert ours.decode(refer) == [(b"x-b", b"2")]
+
+
+def test_huffman_strings_of_every_byte_and_length() -> None:
+    rng = random.Random(7)
+    for n in list(range(0, 70)) + [300, 1000]:
+        for _ in range(20):
+            s = bytes(rng.randrange(256) for _ in range(n))
+            assert huffman_decode(HUFFMAN.encode(s)) == s
+    for s in (b"", b"0", b"a", b"\xff" * 5, b"\x00\x01\x02", bytes(range(256))):
+        assert huffman_decode(HUFFMAN.encode(s)) == s
+
+
+@pytest.mark.parametrize("block", [
+    b"\x80",                    # index 0
+    b"\xff\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01",  # an integer that never ends
+    bytes([0x80 | 62]),         # a dynamic index into an empty table
+    b"\x40\x05ab",              # a literal name shorter than its length
+    b"\x00\x01a\x85\xff",       # a Huffman value shorter than its length
+    b"\x00\x01a\x81\x00",       # Huffman padding of zeros
+    b"\x00\x01a\x84\xff\xff\xff\xff",  # the EOS code inside a string
+    b"\x88\x3f\xe1\x1f",        # a size update after a field
+    b"\x3f\xe2\x1f",            # a size update above the allowed maximum (4096)
+    b"\x0f",                    # a name index that never ends
+])
+def test_malformed_blocks_are_hpack_errors(block: bytes) -> None:
+    with pytest.raises(hpack.HPACKError):
+        ResponseDecoder().decode(block)
+
+
+def test_an_oversized_header_list_is_refused() -> None:
+    block = hpack.Encoder().encode([(b"x-big", b"v" * 200)], huffman=False)
+    with pytest.raises(hpack.OversizedHeaderListError):
+        ResponseDecoder(max_header_list_size=100).decode(block)
+
+
+def test_fanout_hpack_selects_hpacks_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    block = hpack.Encoder().encode([(b":status", b"200"), (b"apns-id", b"x")])
+    assert isinstance(make_decoder(1 << 16), ResponseDecoder)
+    monkeypatch.setenv("FANOUT_HPACK", "hpack")
+    theirs = make_decoder(1 << 16)
+    assert not isinstance(theirs, ResponseDecoder)
+    assert [tuple(h) for h in theirs.decode(block)] == [(b":status", b"200"), (b"apns-id", b"x")]
