@@ -8,7 +8,10 @@ returns the same ``(name, value)`` byte pairs with far fewer Python steps:
   step; built on first use, about 10 ms), and decoded strings are remembered by their
   encoded bytes (``server``, ``date`` and header names repeat on every response);
 - a block that changes nothing in the dynamic table (a response of indexed fields and
-  literals without indexing) is remembered whole, valid until the table next changes;
+  literals without indexing, or nginx's, which empties the table and then indexes every
+  field into it in vain) is remembered whole, valid until the table next changes (a
+  response that carries a fresh ``apns-id``, as APNs' do, is decoded each time, its
+  Huffman strings but the id from the string cache);
 - integers take a one-byte fast path.
 
 hpack's ``Decoder`` stays the reference: ``tests/test_hpackdec.py`` decodes what hpack's
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from collections.abc import Sequence
 
 from hpack import (
     HPACKDecodingError,
@@ -136,17 +140,17 @@ class ResponseDecoder:
         self._dyn_size = 0
         self._generation = 0  # bumped at every change of the dynamic table
         self._strings: dict[bytes, bytes] = {}
-        self._blocks: dict[bytes, tuple[int, list[Header]]] = {}
+        self._blocks: dict[bytes, tuple[int, Sequence[Header]]] = {}
 
     @property
     def header_table_size(self) -> int:
         return self._table_size
 
-    def decode(self, data: bytes) -> list[Header]:
+    def decode(self, data: bytes) -> Sequence[Header]:
         data = bytes(data)
         hit = self._blocks.get(data)
         if hit is not None and hit[0] == self._generation:
-            return list(hit[1])
+            return hit[1]
         generation = self._generation
         headers: list[Header] = []
         size = 0
@@ -213,8 +217,9 @@ class ResponseDecoder:
         if generation == self._generation:  # the table did not change: the block may repeat
             if len(self._blocks) >= _BLOCK_CACHE_MAX:
                 self._blocks.clear()
-            self._blocks[data] = (generation, headers)
-            return list(headers)
+            frozen = tuple(headers)
+            self._blocks[data] = (generation, frozen)
+            return frozen
         return headers
 
     def _string(self, data: bytes, i: int) -> tuple[bytes, int]:
@@ -243,11 +248,13 @@ class ResponseDecoder:
 
     def _add(self, header: Header) -> None:
         size = _ENTRY_OVERHEAD + len(header[0]) + len(header[1])
-        self._generation += 1
         if size > self._table_size:  # larger than the table: it empties the table (4.4)
-            self._dynamic.clear()
-            self._dyn_size = 0
+            if self._dynamic:  # (nginx sets the size to 0 and then indexes every field:
+                self._dynamic.clear()  # the table stays empty and its blocks cacheable)
+                self._dyn_size = 0
+                self._generation += 1
             return
+        self._generation += 1
         self._dynamic.appendleft(header)
         self._dyn_size += size
         self._evict()
