@@ -679,22 +679,35 @@ class Client:
                     scope: trio.CancelScope) -> None:
         with scope:
             try:
+                # per item: no coroutine unless it must wait (a full window, no free slot)
+                admit, dispatch = self._admit, self._dispatch
                 if hasattr(items, "__aiter__"):
                     async for item in items:
-                        await self._feed_one(item, convert, batch)
+                        while batch.outstanding >= batch.window:
+                            batch.space = trio.Event()
+                            await batch.space.wait()
+                        push = admit(item, convert, batch)
+                        if push is not None:
+                            await dispatch(push)
                 else:
                     for item in items:
-                        await self._feed_one(item, convert, batch)
+                        while batch.outstanding >= batch.window:
+                            batch.space = trio.Event()
+                            await batch.space.wait()
+                        push = admit(item, convert, batch)
+                        if push is not None:
+                            await dispatch(push)
             except Exception as exc:  # the caller's iterable failed: surface it
                 batch.error = exc
             finally:
                 batch.done_feeding = True
                 batch.readable.set()
 
-    async def _feed_one(self, item: Any, convert: Callable[[Any], Prepared], batch: _Batch) -> None:
-        while batch.outstanding >= batch.window:
-            batch.space = trio.Event()
-            await batch.space.wait()
+    def _admit(self, item: Any, convert: Callable[[Any], Prepared],
+               batch: _Batch) -> Push | None:
+        """Take ``item`` into ``batch`` (a slot of its window is free): started at once when
+        nothing needs waiting for, ended at once when it fails validation (None either way);
+        else the push that :meth:`_dispatch` must send."""
         batch.outstanding += 1
         try:
             prepared = convert(item)
@@ -703,7 +716,7 @@ class Client:
             batch.deliver(None, Result(outcome=Outcome.REJECTED, id=getattr(item, "id", None),
                                        token=token if isinstance(token, str) else None,
                                        error=str(exc)))
-            return
+            return None
         push = Push(prepared, batch)
         batch.live.add(push)
         self.outstanding += 1
@@ -715,9 +728,9 @@ class Client:
                 and prepared.token not in self._invalid_seen:
             push.attempts = 1
             if self.pool.try_start(push):
-                return
+                return None
             push.attempts = 0
-        await self._dispatch(push)
+        return push
 
     # ------------------------------------------------------------------ dispatch and retry
 

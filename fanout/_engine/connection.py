@@ -263,6 +263,7 @@ class Connection(Generic[E]):
 
         self.streams: dict[int, E] = {}
         self.remote_max_streams: int = 0          # 0 until the server's first SETTINGS arrives
+        self._limit = 0  # min(remote_max_streams, max_streams_cap): read twice per push
         self.ready: bool = False
         self.retiring: bool = False
         self.closed: bool = False
@@ -315,12 +316,12 @@ class Connection(Generic[E]):
         """Streams it can start now (0 unless ready, not retiring and not suspect)."""
         if not self.ready or self.retiring or self.suspect:
             return 0
-        return min(self.remote_max_streams, self._cap) - len(self.streams)
+        return self._limit - len(self.streams)
 
     @property
     def stream_limit(self) -> int:
         """The server's SETTINGS_MAX_CONCURRENT_STREAMS, capped by ``max_streams_cap``."""
-        return min(self.remote_max_streams, self._cap)
+        return self._limit
 
     # ------------------------------------------------------------------ sending
 
@@ -849,6 +850,7 @@ class Connection(Generic[E]):
         for key, value in settings.items():
             if key == fr.S_MAX_CONCURRENT_STREAMS:
                 self.remote_max_streams = value
+                self._limit = min(value, self._cap)
             elif key == fr.S_INITIAL_WINDOW_SIZE:
                 if value > fr.MAX_WINDOW:
                     raise ProtocolError("SETTINGS_INITIAL_WINDOW_SIZE over 2**31-1")
@@ -863,7 +865,7 @@ class Connection(Generic[E]):
             elif key == fr.S_HEADER_TABLE_SIZE:
                 self._encoder.set_max_size(value)
         if fr.S_MAX_CONCURRENT_STREAMS not in settings and not self.ready:
-            self.remote_max_streams = self._cap  # RFC default: unlimited
+            self.remote_max_streams = self._limit = self._cap  # RFC default: unlimited
         self._send(fr.SETTINGS_ACK)
         if self._blocked:
             self._pump_blocked()
