@@ -44,6 +44,8 @@ _ENTRY_OVERHEAD = 32  # RFC 7541, 4.1
 _STRING_CACHE_MAX = 1024
 _BLOCK_CACHE_MAX = 256
 _VARINT_MAX_BYTES = 10  # as hpack: a longer integer is an error, not a loop
+#: headers whose value is new in every answer (APNs' ids): not worth remembering
+_UNIQUE = frozenset({b"apns-id", b"apns-unique-id", b"apns-request-id"})
 
 #: 12-bit Huffman table: prefix -> (decoded bytes, bits used, cumulative bits per symbol)
 _HUFF12: list[tuple[bytes, int, tuple[int, ...]]] = []
@@ -152,6 +154,7 @@ class ResponseDecoder:
         if hit is not None and hit[0] == self._generation:
             return hit[1]
         generation = self._generation
+        unique = False
         headers: list[Header] = []
         size = 0
         i = 0
@@ -190,7 +193,11 @@ class ResponseDecoder:
                         raise InvalidTableIndex(f"Invalid table index {index}")
                 else:
                     name, i = string(data, i)
-                value, i = string(data, i)
+                if name in _UNIQUE:  # a fresh id per answer: neither string nor block repeats
+                    value, i = string(data, i, False)
+                    unique = True
+                else:
+                    value, i = string(data, i)
                 header = (name, value)
                 if b & 0x40:
                     self._add(header)
@@ -214,7 +221,7 @@ class ResponseDecoder:
                     f"A header list larger than {self.max_header_list_size} has been received")
         if self._table_size > self.max_allowed_table_size:
             raise InvalidTableSizeError("Encoder did not shrink table size to within the max")
-        if generation == self._generation:  # the table did not change: the block may repeat
+        if generation == self._generation and not unique:  # the block may repeat
             if len(self._blocks) >= _BLOCK_CACHE_MAX:
                 self._blocks.clear()
             frozen = tuple(headers)
@@ -222,8 +229,9 @@ class ResponseDecoder:
             return frozen
         return headers
 
-    def _string(self, data: bytes, i: int) -> tuple[bytes, int]:
-        """A string literal at ``i`` (5.2): its bytes and the index after it."""
+    def _string(self, data: bytes, i: int, remember: bool = True) -> tuple[bytes, int]:
+        """A string literal at ``i`` (5.2): its bytes and the index after it; a Huffman
+        string is remembered by its encoded bytes unless ``remember`` is false."""
         try:
             b = data[i]
         except IndexError:
@@ -238,6 +246,8 @@ class ResponseDecoder:
         i += length
         if not b & 0x80:
             return raw, i
+        if not remember:
+            return huffman_decode(raw), i
         cached = self._strings.get(raw)
         if cached is None:
             cached = huffman_decode(raw)

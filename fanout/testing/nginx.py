@@ -20,6 +20,9 @@ error_log {d}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
   access_log off;
+  # as APNs: the request's apns-id echoed, or a fresh id when it had none (every answer
+  # carries one, so a benchmark pays for decoding it as it would against Apple)
+  map $http_apns_id $apns_id_answer {{ "" $request_id; default $http_apns_id; }}
   client_body_temp_path {d}/body;
   proxy_temp_path {d}/proxy;
   fastcgi_temp_path {d}/fastcgi;
@@ -36,7 +39,7 @@ http {{
       default_type application/json;
       return 410 '{{"reason":"Unregistered","timestamp":1700000000000}}';
     }}
-    location / {{ add_header apns-id $http_apns_id always; return 200; }}
+    location / {{ add_header apns-id $apns_id_answer always; return 200; }}
   }}
 }}
 """
@@ -61,7 +64,7 @@ def free_port() -> int:
 def start_nginx(directory: Path, cert_file: Path, key_file: Path, *, extra: str = "",
                 keepalive_requests: int = 10_000_000, prefix: list[str] | None = None,
                 timeout: float = 10.0) -> tuple[subprocess.Popen[bytes], int]:
-    """Start nginx answering 200 (echoing apns-id) and, for tokens starting with ``dead``,
+    """Start nginx answering 200 (echoing apns-id, or a fresh one) and, for tokens starting with ``dead``,
     410 Unregistered with an APNs-style body. Returns the process and its port."""
     binary = nginx_binary()
     if binary is None:
