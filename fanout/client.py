@@ -31,6 +31,7 @@ import trio
 
 from ._engine.backoff import Backoff
 from ._engine.connection import Connection, Exchange, Headers
+from ._engine.hpackdec import Encoded, plain
 from ._engine.pool import Pool
 from ._engine.proxy import Proxy, resolve
 from ._limiter import Limiter, parse_retry_after
@@ -196,6 +197,16 @@ def _window(window: int | None) -> int | None:
                                or window < 1):
         raise ConfigError(f"window must be a whole number >= 1 (or None), not {window!r}")
     return window
+
+
+def _apns_id(answered: bytes | None, sent: bytes | None) -> str | None:
+    """The push's apns-id: APNs echoes the one it was sent (docs/apns.md), so an answer
+    left Huffman-coded (hpackdec.Encoded) is that one, and is decoded only if none was."""
+    if answered is None or not answered:
+        return sent.decode() if sent else None
+    if type(answered) is Encoded:
+        return sent.decode() if sent else plain(answered).decode()
+    return answered.decode()
 
 
 def _header(headers: Headers, name: bytes) -> bytes | None:
@@ -851,7 +862,7 @@ class Client:
         result = Result(
             outcome=outcome, id=push.id, token=p.token if channel is None else None,
             channel_id=channel, status=status, reason=reason,
-            apns_id=apns_id.decode() if apns_id else (p.apns_id.decode() if p.apns_id else None),
+            apns_id=_apns_id(apns_id, push.sent_id or p.apns_id),
             timestamp=timestamp, attempts=push.attempts,
             latency_ms=latency * 1000.0 if latency is not None else None, error=error,
             resent=push.resent)

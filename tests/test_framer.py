@@ -11,6 +11,7 @@ import json
 import random
 import ssl
 import time
+import uuid
 
 import hpack
 import jwt
@@ -233,7 +234,11 @@ async def test_framer_frames_accepted_by_strict_h2_server(server_ssl, pki, signi
         token = h[b":path"].rsplit(b"/", 1)[1].decode()
         assert json.loads(rec.body) == sent[token]
         i = sent[token]["i"]
-        assert (b"apns-id" in h) == (i % 3 == 0)
+        # every device push carries an apns-id: the caller's, else a fresh canonical UUID
+        if i % 3 == 0:
+            assert h[b"apns-id"] == f"00000000-0000-4000-8000-{i:012d}".encode()
+        else:
+            assert str(uuid.UUID(h[b"apns-id"].decode())) == h[b"apns-id"].decode()
         assert (b"apns-collapse-id" in h) == (i % 5 == 0)
         assert (h.get(b"apns-expiration") == b"1900000000") == (i % 7 == 0)
     assert server.max_open <= 50

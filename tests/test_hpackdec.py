@@ -15,7 +15,7 @@ from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fanout._engine.hpackdec import ResponseDecoder, huffman_decode, make_decoder
+from fanout._engine.hpackdec import Encoded, ResponseDecoder, huffman_decode, make_decoder, plain
 
 HUFFMAN = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
 NAMES = [b":status", b"apns-id", b"apns-unique-id", b"server", b"date", b"content-type",
@@ -49,7 +49,7 @@ def test_the_decoder_agrees_with_hpack_block_after_block(blocks) -> None:
             encoder.header_table_size = resize  # a size update opens the next block
         block = encoder.encode(headers, huffman=huffman)
         expected = [tuple(h) for h in reference.decode(block, raw=True)]
-        assert list(ours.decode(block)) == expected
+        assert [(n, plain(v)) for n, v in ours.decode(block)] == expected
         assert ours.header_table_size == reference.header_table_size
 
 
@@ -120,3 +120,16 @@ def test_fanout_hpack_selects_hpacks_decoder(monkeypatch: pytest.MonkeyPatch) ->
     theirs = make_decoder(1 << 16)
     assert not isinstance(theirs, ResponseDecoder)
     assert [tuple(h) for h in theirs.decode(block)] == [(b":status", b"200"), (b"apns-id", b"x")]
+
+
+def test_apns_ids_are_left_encoded_until_asked_for() -> None:
+    """An answer's apns-id is the echo of the one sent: kept Huffman-coded (Encoded), and
+    decoded by plain() only when needed; a raw (not Huffman) one is plain bytes."""
+    ident = b"1b4e28ba-2fa1-41d2-883f-0016d3cca427"
+    encoder = hpack.Encoder()
+    block = encoder.encode([(b":status", b"200"), NeverIndexedHeaderTuple(b"apns-id", ident)])
+    (status, (name, value)) = ResponseDecoder().decode(block)
+    assert status == (b":status", b"200") and name == b"apns-id"
+    assert type(value) is Encoded and value != ident and plain(value) == ident
+    raw = hpack.Encoder().encode([NeverIndexedHeaderTuple(b"apns-id", ident)], huffman=False)
+    assert ResponseDecoder().decode(raw) == [(b"apns-id", ident)]

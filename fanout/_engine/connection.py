@@ -25,8 +25,11 @@ itself cancelled (:meth:`Connection.cancel`).
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import ssl
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, Protocol, Self, TypeVar
@@ -155,7 +158,7 @@ class Exchange:
     per-stream fields before anything reads them (a push costs no more than that)."""
 
     __slots__ = ("prepared", "sid", "conn", "sent_at", "window", "body_off", "status",
-                 "resp_headers", "resp_body", "auth_generation", "avoid")
+                 "resp_headers", "resp_body", "auth_generation", "avoid", "sent_id")
 
     prepared: Request
     sid: int                          # its stream id on ``conn``
@@ -168,6 +171,7 @@ class Exchange:
     resp_body: bytearray | None
     auth_generation: int              # the provider token's generation it was sent with
     avoid: Connection[Self] | None    # timed out there: resend elsewhere if possible
+    sent_id: bytes | None             # the apns-id its last attempt carried
 
     def __init__(self, prepared: Request) -> None:
         self.prepared = prepared
@@ -175,6 +179,7 @@ class Exchange:
         self.conn = None
         self.auth_generation = 0
         self.avoid = None
+        self.sent_id = None
 
 
 E = TypeVar("E", bound=Exchange)
@@ -216,6 +221,11 @@ class ConnectionObserver(Protocol[E]):
 _ANSWERED, _UNPROCESSED, _LOST, _TIMED_OUT, _CANCELLED = range(5)
 _NO_RESET = -1
 _NO_HEADERS: Headers = ()
+
+#: apns-ids of pushes that came without one: a random UUID's first 24 characters (version 4,
+#: variant bits) and a 48-bit counter, canonical 8-4-4-4-12 lowercase as APNs wants
+_ID_PREFIX = str(uuid.uuid4())[:24].encode()
+_ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4), "big"))
 
 
 class Connection(Generic[E]):
@@ -358,8 +368,14 @@ class Connection(Generic[E]):
         lead, rest = self._encoder.constant(consts)
         block = lead + fr.METHOD_POST + fr.SCHEME_HTTPS \
             + fr.literal_never_indexed(b":path", p.path) + rest
-        if p.apns_id is not None:
-            block += fr.literal_never_indexed(b"apns-id", p.apns_id)
+        # every device push carries an apns-id (the caller's, or one of ours): APNs echoes
+        # it, so the answer's need not be decoded (hpackdec.Encoded)
+        apns_id = p.apns_id
+        if apns_id is None and topic is not None:
+            apns_id = _ID_PREFIX + b"%012x" % (next(_ID_COUNTER) & 0xFFFFFFFFFFFF)
+        job.sent_id = apns_id
+        if apns_id is not None:
+            block += fr.literal_never_indexed(b"apns-id", apns_id)
         if p.expiration is not None:
             block += fr.literal_never_indexed(b"apns-expiration", p.expiration)
         if p.collapse_id is not None:

@@ -81,6 +81,19 @@ def _build_huffman() -> None:
     _HUFF12[:] = tables[12]
 
 
+class Encoded(bytes):
+    """A Huffman-coded header value left undecoded: an APNs id, new in every answer and,
+    when the request carried one, its echo (docs/apns.md: APNs returns the apns-id it was
+    sent), so usually never needed. :func:`plain` decodes it."""
+
+    __slots__ = ()
+
+
+def plain(value: bytes) -> bytes:
+    """``value`` as text bytes: an :class:`Encoded` one decoded, any other as it is."""
+    return huffman_decode(value) if type(value) is Encoded else value
+
+
 def huffman_decode(data: bytes) -> bytes:
     """The string that ``data`` Huffman-encodes (RFC 7541, 5.2 and Appendix B)."""
     if not _HUFF12:
@@ -193,8 +206,8 @@ class ResponseDecoder:
                         raise InvalidTableIndex(f"Invalid table index {index}")
                 else:
                     name, i = string(data, i)
-                if name in _UNIQUE:  # a fresh id per answer: neither string nor block repeats
-                    value, i = string(data, i, False)
+                if name in _UNIQUE:  # a fresh id per answer: left encoded (see Encoded);
+                    value, i = string(data, i, False)  # neither string nor block repeats
                     unique = True
                 else:
                     value, i = string(data, i)
@@ -230,8 +243,9 @@ class ResponseDecoder:
         return headers
 
     def _string(self, data: bytes, i: int, remember: bool = True) -> tuple[bytes, int]:
-        """A string literal at ``i`` (5.2): its bytes and the index after it; a Huffman
-        string is remembered by its encoded bytes unless ``remember`` is false."""
+        """A string literal at ``i`` (5.2): its bytes and the index after it. A Huffman
+        string is decoded and remembered by its encoded bytes; with ``remember`` false it
+        is returned undecoded, as :class:`Encoded`."""
         try:
             b = data[i]
         except IndexError:
@@ -247,7 +261,7 @@ class ResponseDecoder:
         if not b & 0x80:
             return raw, i
         if not remember:
-            return huffman_decode(raw), i
+            return Encoded(raw), i
         cached = self._strings.get(raw)
         if cached is None:
             cached = huffman_decode(raw)
