@@ -218,7 +218,7 @@ def es256_jwt(key: ec.EllipticCurvePrivateKey, key_id: str, team_id: str, iat: i
     with ECDSA P-256 / SHA-256 and the signature as raw ``r || s`` (RFC 7518, 3.4).
 
     The same bytes as ``jwt.encode(claims, key, "ES256", headers={"kid": ...})`` but for the
-    signature's random nonce (tests/test_signer.py checks it against pyjwt); done here with
+    signature's random nonce (tests/test_auth.py checks it against pyjwt); done here with
     cryptography because importing pyjwt costs ~40 ms of CPU at every start (issue 19)."""
     header = _b64url(json.dumps({"alg": "ES256", "kid": key_id, "typ": "JWT"},
                                 separators=(",", ":")).encode())

@@ -202,7 +202,7 @@ def _window(window: int | None) -> int | None:
 def _apns_id(answered: bytes | None, sent: bytes | None) -> str | None:
     """The push's apns-id: APNs echoes the one it was sent (docs/apns.md), so an answer
     left Huffman-coded (hpackdec.Encoded) is that one, and is decoded only if none was."""
-    if answered is None or not answered:
+    if not answered:
         return sent.decode() if sent else None
     if type(answered) is Encoded:
         return sent.decode() if sent else plain(answered).decode()

@@ -1,8 +1,8 @@
 """One long-lived HTTP/2 connection to APNs: the hot path, top to bottom.
 
 A connection is a state machine driven by one reader task (h2's model): it parses frames,
-decodes response headers (hpackdec, checked against hpack's Decoder) and hands each finished exchange to its
-:class:`StreamListener` (the client); its own lifecycle goes to a
+decodes response headers (hpackdec, checked against hpack's Decoder) and hands each
+finished exchange to its :class:`StreamListener` (the client); its own lifecycle goes to a
 :class:`ConnectionObserver` (the pool). Streams are started synchronously by :meth:`Connection.start`, which
 encodes the request and appends its frames to an output list; a writer task encrypts all
 pending frames in one TLS write per scheduler turn. There is no task per push.

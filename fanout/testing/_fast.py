@@ -60,6 +60,7 @@ from hpack.exceptions import HPACKError, OversizedHeaderListError
 from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 
+from .._engine.framer import encode_int, encode_str
 from ..errors import redact
 from . import _faults
 from ._apple import DEVICE_PREFIX, STREAM_LIMIT_VIOLATION
@@ -153,22 +154,6 @@ _SETTINGS_ACK = _frame(_SETTINGS, _ACK, 0)
 
 # --------------------------------------------------------------------------- HPACK (encode)
 
-def _int(value: int, prefix_bits: int, first: int) -> bytes:
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes((first | value,))
-    out = bytearray((first | limit,))
-    value -= limit
-    while value >= 128:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _str(data: bytes) -> bytes:
-    """A string literal without Huffman coding."""
-    return _int(len(data), 7, 0) + data
 
 
 _STATIC_NAME: dict[bytes, int] = {}
@@ -185,7 +170,7 @@ def _name_prefix(name: bytes) -> bytes:
     prefix = _NAME_PREFIX.get(name)
     if prefix is None:
         idx = _STATIC_NAME.get(name)
-        prefix = _int(idx, 4, 0x00) if idx is not None else b"\x00" + _str(name)
+        prefix = encode_int(idx, 4, 0x00) if idx is not None else b"\x00" + encode_str(name)
         if len(_NAME_PREFIX) < 1024:
             _NAME_PREFIX[name] = prefix
     return prefix
@@ -202,7 +187,7 @@ def encode_response(headers: Headers) -> bytes:
                 out += indexed
                 continue
         out += _name_prefix(name)
-        out += _int(len(value), 7, 0)
+        out += encode_int(len(value), 7, 0)
         out += value
     return bytes(out)
 
