@@ -867,7 +867,7 @@ def _ablate_read() -> None:
                     self._finished.set()
                     return
                 raise TransportError("connection closed by the server")
-            self._last_recv = trio.current_time()
+            self.last_recv = trio.current_time()
             buf += data
             pos, end, limit = 0, len(buf), reader.max_frame_size
             while end - pos >= 9:

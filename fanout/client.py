@@ -73,6 +73,7 @@ DEAD_REASONS = frozenset({"Unregistered", "BadDeviceToken", "ExpiredToken"})
 #: What APNs answers every token when the topic or the environment is wrong: a run of these
 #: with no success in between is held back, never reported as dead tokens (the topic guard).
 SUSPECT_REASONS = frozenset({"BadDeviceToken", "DeviceTokenNotForTopic"})
+_DELIVERED = Outcome.DELIVERED
 
 
 def _not_under_trio() -> RuntimeError | None:
@@ -144,7 +145,13 @@ class Push(Exchange):
     abandoned: bool           # finished or given up: never sent nor reported again
 
     def __init__(self, prepared: Prepared, sink: _Waiter | _Batch) -> None:
-        super().__init__(prepared)
+        # Exchange.__init__'s fields, set here without super(): once per push
+        self.prepared = prepared
+        self.sid = 0
+        self.conn = None
+        self.auth_generation = 0
+        self.avoid = None
+        self.sent_id = None
         self.id = prepared.id
         self.attempts = 0
         self.resends = 0
@@ -690,7 +697,8 @@ class Client:
                     scope: trio.CancelScope) -> None:
         with scope:
             try:
-                # per item: no coroutine unless it must wait (a full window, no free slot)
+                # per item: no coroutine unless it must wait (a full window, no free slot),
+                # hence the loop body twice (async and plain iterables) rather than a helper
                 admit, dispatch = self._admit, self._dispatch
                 if hasattr(items, "__aiter__"):
                     async for item in items:
@@ -910,19 +918,9 @@ class Client:
     def on_response(self, conn: Connection[Push], push: Push, status: int, headers: Headers,
                     body: bytes) -> None:
         """APNs answered ``push``: classify the answer and finish, hold or retry it."""
-        latency = trio.current_time() - push.sent_at
+        latency = conn.last_recv - push.sent_at  # the answer's read: trio's clock, once per read
         if status == 200:
-            guard = self._guards.get(push.prepared.topic)
-            if guard is None:  # the topic's first delivery: it is confirmed
-                guard = self._guards[push.prepared.topic] = _TopicGuard()
-            if guard.run or not guard.confirmed:
-                guard.confirmed = True
-                guard.run = 0
-                if guard.held:
-                    self._release(guard)
-            self._finish(push, Outcome.DELIVERED, status=200,
-                         apns_id=_header(headers, b"apns-id")
-                         or _header(headers, b"apns-request-id"), latency=latency)
+            self._delivered(push, headers, latency)
             return
         reason, timestamp = parse_error_body(body)
         action = classify(status, reason)
@@ -982,6 +980,50 @@ class Client:
             self._retry(push, "reconnect", 0.0, status=status, reason=reason)
         else:  # pragma: no cover - classify() is total
             self._finish(push, Outcome.REJECTED, status=status, reason=reason, latency=latency)
+
+    def _delivered(self, push: Push, headers: Headers, latency: float) -> None:
+        """The 200 path of :meth:`on_response`, with :meth:`_close` inlined (once per push):
+        the result carries only the fields that differ from their defaults."""
+        p = push.prepared
+        topic = p.topic
+        guard = self._guards.get(topic)
+        if guard is None:  # the topic's first delivery: it is confirmed
+            guard = self._guards[topic] = _TopicGuard()
+        if guard.run or not guard.confirmed:
+            guard.confirmed = True
+            guard.run = 0
+            if guard.held:
+                self._release(guard)
+        if push.abandoned:
+            return
+        push.abandoned = True
+        self.outstanding -= 1
+        out = self._topic_out
+        left = out[topic] - 1
+        if left and not self._held:
+            out[topic] = left
+        else:
+            out[topic] = left + 1
+            self._topic_done(topic)
+        answered = request_id = None
+        for name, value in headers:  # apns-id, else apns-request-id: one pass
+            if name == b"apns-id":
+                answered = value
+                break
+            if name == b"apns-request-id" and request_id is None:
+                request_id = value
+        apns_id = _apns_id(answered or request_id, push.sent_id or p.apns_id)
+        channel = p.channel_id
+        if channel is None:
+            result = Result(outcome=_DELIVERED, id=push.id, token=p.token, status=200,
+                            apns_id=apns_id, attempts=push.attempts,
+                            latency_ms=latency * 1000.0, resent=push.resent)
+        else:
+            result = Result(outcome=_DELIVERED, id=push.id, channel_id=channel, status=200,
+                            apns_id=apns_id, attempts=push.attempts,
+                            latency_ms=latency * 1000.0, resent=push.resent)
+        self.events.push_finished(result, p.push_type, latency)
+        push.sink.deliver(push, result)
 
     def on_unprocessed(self, conn: Connection[Push], push: Push, why: str) -> None:
         """APNs never saw ``push``: resend it, not counted as an attempt."""

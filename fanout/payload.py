@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 import uuid
 from collections.abc import Callable
 from functools import lru_cache
@@ -499,6 +500,8 @@ class Prepared:
 
 
 _DEVICE_PATH = b"/3/device/"
+_lower_hex = re.compile("[0-9a-f]+").fullmatch  # the common token, checked in one C call
+_new = object.__new__
 _PRIORITY_BYTES = {p: str(p).encode() for p in PRIORITIES}
 
 
@@ -656,21 +659,30 @@ class PushTemplate:
         self._push_type_b = pt.value.encode()
 
     def for_token(self, token: str, id: Any = None) -> Prepared:
-        """This push for one device token (checked and lowercased); the body is shared."""
-        tok = _check_token(token)
-        return Prepared(
-            token=tok,
-            path=_DEVICE_PATH + tok.encode(),
-            body=self.body,
-            push_type=self._push_type_b,
-            topic=self.topic,
-            priority=self.priority,
-            limit=self.limit,
-            expiration=self.expiration,
-            collapse_id=self.collapse_id,
-            apns_id=self.apns_id,
-            id=id,
-        )
+        """This push for one device token (checked and lowercased); the body is shared.
+
+        The fan-out hot path: a lowercase hex token passes one regex match (anything else
+        goes through :func:`_check_token`), and the Prepared is filled by slot stores
+        rather than an 11-keyword call (bench/README.md, "Where the CPU goes")."""
+        if type(token) is str and not len(token) & 1 and len(token) <= MAX_TOKEN_LENGTH \
+                and _lower_hex(token) is not None:
+            tok = token
+        else:
+            tok = _check_token(token)
+        p = _new(Prepared)
+        p.token = tok
+        p.path = _DEVICE_PATH + tok.encode()
+        p.body = self.body
+        p.push_type = self._push_type_b
+        p.topic = self.topic
+        p.priority = self.priority
+        p.limit = self.limit
+        p.expiration = self.expiration
+        p.collapse_id = self.collapse_id
+        p.apns_id = self.apns_id
+        p.id = id
+        p.stamp = p.extra = p.channel_id = p.environment = None
+        return p
 
 
 def check_environment(environment: object) -> Environment | None:

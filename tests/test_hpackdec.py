@@ -133,3 +133,66 @@ def test_apns_ids_are_left_encoded_until_asked_for() -> None:
     assert type(value) is Encoded and value != ident and plain(value) == ident
     raw = hpack.Encoder().encode([NeverIndexedHeaderTuple(b"apns-id", ident)], huffman=False)
     assert ResponseDecoder().decode(raw) == [(b"apns-id", ident)]
+
+
+ANSWERS = st.lists(st.tuples(st.uuids(), st.uuids(), st.integers(0, 59), st.booleans()),
+                   min_size=2, max_size=10)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ANSWERS, st.sampled_from(["nginx", "apns", "indexed"]), st.booleans())
+def test_answers_that_differ_only_in_their_ids_agree_with_hpack(answers, shape, huffman) -> None:
+    """The shape cache: a block equal to the latest one but for its apns-id values (one
+    or two holes) is not decoded again; a changed date second, a changed table (fields
+    indexed into it) or another id length must not be taken for it."""
+    encoder = hpack.Encoder()
+    if shape == "nginx":
+        encoder.header_table_size = 0  # nginx: size 0, then every field "indexed" in vain
+    reference = hpack.Decoder()
+    ours = ResponseDecoder()
+    for ident, unique, second, short in answers:
+        ids = [str(ident).encode(), str(unique).encode()[:20 if short else 36]]
+        headers = [(b":status", b"200")]
+        if shape != "apns":
+            headers += [(b"server", b"nginx/1.22.1"),
+                        (b"date", b"Mon, 07 Dec 2026 15:00:%02d GMT" % second)]
+        headers += [NeverIndexedHeaderTuple(b"apns-id", ids[0]),
+                    NeverIndexedHeaderTuple(b"apns-unique-id", ids[1])]
+        if shape == "indexed":
+            headers.append((b"x-seen", b"%d" % second))  # enters the table: generation moves
+        block = encoder.encode(headers, huffman=huffman)
+        expected = [tuple(h) for h in reference.decode(block, raw=True)]
+        assert [(n, plain(v)) for n, v in ours.decode(block)] == expected
+
+
+def test_the_shape_cache_answers_a_block_with_new_ids_without_decoding() -> None:
+    encoder = hpack.Encoder()
+    ours = ResponseDecoder()
+    a, b = (str(u).encode() for u in ("1b4e28ba-2fa1-41d2-883f-0016d3cca427",
+                                      "6f1d2e3c-0000-4000-8000-0123456789ab"))
+    first = encoder.encode([(b":status", b"200"), NeverIndexedHeaderTuple(b"apns-id", a)])
+    second = encoder.encode([(b":status", b"200"), NeverIndexedHeaderTuple(b"apns-id", b)])
+    assert len(first) == len(second) and first != second
+    ours.decode(first)
+    shape = ours._shape
+    assert shape is not None
+    got = ours.decode(second)
+    assert ours._shape is shape  # matched, not rebuilt by a second decoding
+    assert [(n, plain(v)) for n, v in got] == [(b":status", b"200"), (b"apns-id", b)]
+
+
+def test_an_indexed_id_enters_the_table_at_its_decoded_size() -> None:
+    """Found by hypothesis: an apns-unique-id literal *with* indexing was stored in the
+    table Huffman-coded (Encoded) and counted at its encoded length, so evictions drifted
+    from the encoder's and a later index pointed past the table."""
+    encoder = hpack.Encoder()
+    blocks = [encoder.encode([(b":status", b"200"), (b":status", b"200"),
+                              (b"apns-unique-id", b"\x00\x00"), (b"server", b"200"),
+                              (b"\x00", b"200"), (b"\x01", b"200")], huffman=True)]
+    encoder.header_table_size = 161
+    blocks.append(encoder.encode([(b":status", b"200"), (b"apns-unique-id", b"200")],
+                                 huffman=False))
+    reference, ours = hpack.Decoder(), ResponseDecoder()
+    for block in blocks:
+        expected = [tuple(h) for h in reference.decode(block, raw=True)]
+        assert [(n, plain(v)) for n, v in ours.decode(block)] == expected

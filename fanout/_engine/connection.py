@@ -226,6 +226,10 @@ _NO_HEADERS: Headers = ()
 #: variant bits) and a 48-bit counter, canonical 8-4-4-4-12 lowercase as APNs wants
 _ID_PREFIX = str(uuid.uuid4())[:24].encode()
 _ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4), "big"))
+_APNS_ID_36 = fr.literal_never_indexed(b"apns-id", b"")[:-1] + fr.encode_int(36, 7, 0)
+_PATH_PREFIX: dict[int, bytes] = {}  # :method, :scheme and the :path literal up to its value
+_pack_hdr = fr._HDR.pack  # a frame header: (length >> 16, length & 0xFFFF, type, flags, sid)
+_END_HEADERS_STREAM = fr.END_HEADERS | fr.END_STREAM
 
 
 class Connection(Generic[E]):
@@ -273,7 +277,7 @@ class Connection(Generic[E]):
 
         self.streams: dict[int, E] = {}
         self.remote_max_streams: int = 0          # 0 until the server's first SETTINGS arrives
-        self._limit = 0  # min(remote_max_streams, max_streams_cap): read twice per push
+        self.limit: int = 0  # min(remote_max_streams, max_streams_cap): read at every push
         self.ready: bool = False
         self.retiring: bool = False
         self.closed: bool = False
@@ -310,9 +314,11 @@ class Connection(Generic[E]):
         self.suspect: bool = False     # probed (a sibling died): no new streams until proven alive
         self._needs_answer = False  # ... by an answered stream, not just a PING
         self._probe_acked = False   # the probe's PING was answered
-        self._last_recv = 0.0
+        # trio.current_time without its three wrapping frames (set in run: the run's clock)
+        self._now: Callable[[], float] = trio.current_time
+        self.last_recv: float = 0.0  # trio clock at the latest read: an answer's arrival
         self._write_since = 0.0  # a write under way since (trio clock); 0.0: none
-        self._last_complete = float("-inf")  # _last_recv of the latest answered stream
+        self._last_complete = float("-inf")  # last_recv of the latest answered stream
         self._reset_tokens = float(RESET_BURST)
         self._reset_at = 0.0
         self._tls: TLSStream | None = None
@@ -326,12 +332,12 @@ class Connection(Generic[E]):
         """Streams it can start now (0 unless ready, not retiring and not suspect)."""
         if not self.ready or self.retiring or self.suspect:
             return 0
-        return self._limit - len(self.streams)
+        return self.limit - len(self.streams)
 
     @property
     def stream_limit(self) -> int:
         """The server's SETTINGS_MAX_CONCURRENT_STREAMS, capped by ``max_streams_cap``."""
-        return self._limit
+        return self.limit
 
     # ------------------------------------------------------------------ sending
 
@@ -366,8 +372,12 @@ class Connection(Generic[E]):
             consts = (b":authority", self._authority, b"apns-push-type", p.push_type,
                       b"apns-priority", p.priority)
         lead, rest = self._encoder.constant(consts)
-        block = lead + fr.METHOD_POST + fr.SCHEME_HTTPS \
-            + fr.literal_never_indexed(b":path", p.path) + rest
+        path = p.path
+        pre = _PATH_PREFIX.get(len(path))
+        if pre is None:
+            pre = _PATH_PREFIX[len(path)] = fr.METHOD_POST + fr.SCHEME_HTTPS \
+                + fr.literal_never_indexed(b":path", b"")[:-1] + fr.encode_int(len(path), 7, 0)
+        block = lead + pre + path + rest
         # every device push carries an apns-id (the caller's, or one of ours): APNs echoes
         # it, so the answer's need not be decoded (hpackdec.Encoded)
         apns_id = p.apns_id
@@ -375,7 +385,10 @@ class Connection(Generic[E]):
             apns_id = _ID_PREFIX + b"%012x" % (next(_ID_COUNTER) & 0xFFFFFFFFFFFF)
         job.sent_id = apns_id
         if apns_id is not None:
-            block += fr.literal_never_indexed(b"apns-id", apns_id)
+            if len(apns_id) == 36:
+                block += _APNS_ID_36 + apns_id
+            else:
+                block += fr.literal_never_indexed(b"apns-id", apns_id)
         if p.expiration is not None:
             block += fr.literal_never_indexed(b"apns-expiration", p.expiration)
         if p.collapse_id is not None:
@@ -387,7 +400,7 @@ class Connection(Generic[E]):
 
         job.sid = sid
         job.conn = self
-        job.sent_at = trio.current_time()
+        job.sent_at = self._now()
         job.status = 0
         job.resp_headers = _NO_HEADERS
         job.resp_body = None
@@ -400,20 +413,22 @@ class Connection(Generic[E]):
             p.body = p.stamp()
         body = p.body
         n = len(body)
-        if len(block) > self._max_frame_out:
+        k = len(block)
+        if k > self._max_frame_out:
             self._send_headers_split(sid, block, end_stream=not n)
         elif n == 0:
-            self._send(fr.frame_header(len(block), fr.HEADERS, fr.END_HEADERS | fr.END_STREAM,
-                                       sid) + block)
+            self._send(_pack_hdr(k >> 16, k & 0xFFFF, fr.HEADERS, _END_HEADERS_STREAM, sid)
+                       + block)
             return
         else:
-            hdr = fr.frame_header(len(block), fr.HEADERS, fr.END_HEADERS, sid) + block
+            hdr = _pack_hdr(k >> 16, k & 0xFFFF, fr.HEADERS, fr.END_HEADERS, sid) + block
             if n <= self._send_window and n <= self._initial_window and n <= self._max_frame_out \
                     and not self._blocked:
                 self._send_window -= n
                 job.window = self._initial_window - n
                 job.body_off = n
-                self._send(hdr + fr.frame_header(n, fr.DATA, fr.END_STREAM, sid) + body)
+                self._send(hdr + _pack_hdr(n >> 16, n & 0xFFFF, fr.DATA, fr.END_STREAM, sid)
+                           + body)
                 return
             self._send(hdr)
         if n:
@@ -514,7 +529,7 @@ class Connection(Generic[E]):
         del self.streams[sid]
         job.conn = None
         if how == _ANSWERED:
-            self._last_complete = self._last_recv
+            self._last_complete = self.last_recv
             status = job.status
             if status == 200:
                 self.successes += 1
@@ -543,6 +558,7 @@ class Connection(Generic[E]):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, serve until retired and drained. Errors before ready are raised."""
+        self._now = trio.lowlevel.current_clock().current_time  # trio.current_time's source
         tls = self._tls = await self._connect()
         tls.write(fr.PREFACE + fr.settings_frame({
             fr.S_ENABLE_PUSH: 0,
@@ -726,9 +742,9 @@ class Connection(Generic[E]):
                                      f"{now - since:.3g} s")
             if self.streams:
                 oldest = next(iter(self.streams.values())).sent_at
-                due = max(self._last_recv, oldest) + stall
+                due = max(self.last_recv, oldest) + stall
             else:
-                due = min(self._last_recv + self._ping_interval, now + stall)
+                due = min(self.last_recv + self._ping_interval, now + stall)
             if due > now and not self._probe_now.is_set():
                 with trio.move_on_at(due):
                     await self._probe_now.wait()
@@ -738,9 +754,9 @@ class Connection(Generic[E]):
                     continue
             elif self.streams:
                 oldest = next(iter(self.streams.values())).sent_at
-                if trio.current_time() - max(self._last_recv, oldest) < stall:
+                if trio.current_time() - max(self.last_recv, oldest) < stall:
                     continue
-            elif trio.current_time() - self._last_recv < self._ping_interval:
+            elif trio.current_time() - self.last_recv < self._ping_interval:
                 continue
             self._ping_ack = trio.Event()
             self.pings_sent += 1
@@ -775,10 +791,21 @@ class Connection(Generic[E]):
     # ------------------------------------------------------------------ receiving
 
     async def _read_loop(self) -> None:
+        """Receive, split into frames and act on them. The two frames every push brings
+        (a plain HEADERS answer, and nginx's connection WINDOW_UPDATE per DATA frame) are
+        handled inline; every other frame goes through :meth:`_handle`."""
         tls = self._tls
         assert tls is not None  # started once connected
         reader = self._reader
+        buf = reader.buf  # an incomplete frame carried to the next read
         handle = self._handle
+        on_headers = self._on_headers
+        streams = self.streams
+        now = self._now
+        unpack = fr._HDR.unpack_from
+        u32 = fr._U32.unpack_from
+        headers, window_update, max_sid = fr.HEADERS, fr.WINDOW_UPDATE, fr.MAX_STREAM_ID
+        mask, plain = fr.PADDED | fr.PRIORITY_FLAG | fr.END_HEADERS, fr.END_HEADERS
         while True:
             data = await tls.receive()
             if not data:
@@ -786,9 +813,45 @@ class Connection(Generic[E]):
                     self._finished.set()
                     return
                 raise TransportError("connection closed by the server")
-            self._last_recv = trio.current_time()
-            for f in reader.feed(data):
-                handle(*f)
+            self.last_recv = now()
+            if buf:
+                buf += data
+                data = bytes(buf)
+                del buf[:]
+            pos, end, limit = 0, len(data), reader.max_frame_size
+            while end - pos >= 9:
+                hi, lo, ftype, flags, sid = unpack(data, pos)
+                length = (hi << 16) | lo
+                if length > limit:
+                    raise ProtocolError(f"frame of {length} bytes exceeds "
+                                        f"SETTINGS_MAX_FRAME_SIZE {limit}")
+                stop = pos + 9 + length
+                if stop > end:
+                    break
+                sid &= max_sid
+                if ftype == headers and flags & mask == plain and sid and not self._cont_sid:
+                    on_headers(sid, flags, data[pos + 9:stop])
+                elif ftype == window_update and length == 4 and not self._cont_sid:
+                    inc = u32(data, pos + 9)[0] & max_sid
+                    if inc == 0:
+                        raise ProtocolError("WINDOW_UPDATE with zero increment")
+                    if not sid:
+                        self._send_window += inc
+                        if self._send_window > fr.MAX_WINDOW:
+                            raise ProtocolError("connection flow-control window over 2**31-1")
+                    else:
+                        job = streams.get(sid)
+                        if job is None:
+                            pos = stop
+                            continue  # the stream has ended
+                        job.window += inc
+                    if self._blocked:
+                        self._pump_blocked()
+                else:
+                    handle(ftype, flags, sid, data[pos + 9:stop])
+                pos = stop
+            if pos < end:
+                buf += data[pos:] if pos else data
 
     def _handle(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
         if self._cont_sid and ftype != fr.CONTINUATION:
@@ -866,7 +929,7 @@ class Connection(Generic[E]):
         for key, value in settings.items():
             if key == fr.S_MAX_CONCURRENT_STREAMS:
                 self.remote_max_streams = value
-                self._limit = min(value, self._cap)
+                self.limit = min(value, self._cap)
             elif key == fr.S_INITIAL_WINDOW_SIZE:
                 if value > fr.MAX_WINDOW:
                     raise ProtocolError("SETTINGS_INITIAL_WINDOW_SIZE over 2**31-1")
@@ -881,7 +944,7 @@ class Connection(Generic[E]):
             elif key == fr.S_HEADER_TABLE_SIZE:
                 self._encoder.set_max_size(value)
         if fr.S_MAX_CONCURRENT_STREAMS not in settings and not self.ready:
-            self.remote_max_streams = self._limit = self._cap  # RFC default: unlimited
+            self.remote_max_streams = self.limit = self._cap  # RFC default: unlimited
         self._send(fr.SETTINGS_ACK)
         if self._blocked:
             self._pump_blocked()

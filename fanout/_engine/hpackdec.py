@@ -144,7 +144,11 @@ class ResponseDecoder:
     block, raw=True)`` does."""
 
     __slots__ = ("max_header_list_size", "max_allowed_table_size", "_table_size", "_dynamic",
-                 "_dyn_size", "_generation", "_strings", "_blocks")
+                 "_dyn_size", "_generation", "_strings", "_blocks", "_shape")
+    #: names whose values are new in every block (APNs' ids): a Huffman-coded one is left
+    #: :class:`Encoded`, none is remembered, and theirs are the holes of the shape cache
+    #: (:class:`RequestDecoder` adds ``:path``)
+    unique_names: frozenset[bytes] = _UNIQUE
 
     def __init__(self, max_header_list_size: int = 65536,
                  max_allowed_table_size: int = 4096) -> None:
@@ -156,6 +160,9 @@ class ResponseDecoder:
         self._generation = 0  # bumped at every change of the dynamic table
         self._strings: dict[bytes, bytes] = {}
         self._blocks: dict[bytes, tuple[int, Sequence[Header]]] = {}
+        # the latest block with per-answer ids (apns-id ...): its other bytes, so that the
+        # next block that differs only in those values is not decoded again (see decode)
+        self._shape: _Shape | None = None
 
     @property
     def header_table_size(self) -> int:
@@ -166,8 +173,24 @@ class ResponseDecoder:
         hit = self._blocks.get(data)
         if hit is not None and hit[0] == self._generation:
             return hit[1]
+        shape = self._shape
+        if shape is not None and shape[0] == self._generation and len(data) == shape[1]:
+            # every answer carries a fresh apns-id: a block whose every other byte is the
+            # latest such block's decodes to its fields with the new id values (the same
+            # representations, so the same table effects: none, as the generation shows)
+            for at, segment in shape[2]:
+                if not data.startswith(segment, at):
+                    break
+            else:
+                fresh = list(shape[3])
+                for start, stop, k, name, huffman in shape[4]:
+                    raw = data[start:stop]
+                    fresh[k] = (name, Encoded(raw) if huffman else raw)
+                return fresh
         generation = self._generation
         unique = False
+        unique_names = self.unique_names
+        holes: list[tuple[int, int, int, bytes, bool]] | None = []
         headers: list[Header] = []
         size = 0
         i = 0
@@ -206,9 +229,19 @@ class ResponseDecoder:
                         raise InvalidTableIndex(f"Invalid table index {index}")
                 else:
                     name, i = string(data, i)
-                if name in _UNIQUE:  # a fresh id per answer: left encoded (see Encoded);
+                if name in unique_names:  # a fresh id per answer: left encoded (see Encoded);
                     value, i = string(data, i, False)  # neither string nor block repeats
                     unique = True
+                    if b & 0x40 and type(value) is Encoded and _ENTRY_OVERHEAD + len(name) \
+                            + len(value) * 8 // 30 <= self._table_size:
+                        # it may enter the table, where its decoded length counts (a
+                        # Huffman code is 5 to 30 bits: nginx's table of size 0 never
+                        # takes one)
+                        value = huffman_decode(value)
+                        holes = None
+                    elif holes is not None:
+                        holes.append((i - len(value), i, len(headers), name,
+                                      type(value) is Encoded))
                 else:
                     value, i = string(data, i)
                 header = (name, value)
@@ -240,6 +273,14 @@ class ResponseDecoder:
             frozen = tuple(headers)
             self._blocks[data] = (generation, frozen)
             return frozen
+        if generation == self._generation and holes:  # the shape of the next answers
+            segments = []
+            at = 0
+            for start, stop, _, _, _ in holes:
+                segments.append((at, data[at:start]))
+                at = stop
+            segments.append((at, data[at:]))
+            self._shape = (generation, end, segments, tuple(headers), holes)
         return headers
 
     def _string(self, data: bytes, i: int, remember: bool = True) -> tuple[bytes, int]:
@@ -290,6 +331,12 @@ class ResponseDecoder:
             self._dyn_size -= _ENTRY_OVERHEAD + len(name) + len(value)
 
 
+#: (table generation, block length, [(offset, bytes between the id values)], the fields,
+#: [(value start, value stop, field index, name, Huffman-coded)])
+_Shape = tuple[int, int, list[tuple[int, bytes]], tuple[Header, ...],
+               list[tuple[int, int, int, bytes, bool]]]
+
+
 def _integer(data: bytes, i: int, prefix_max: int) -> tuple[int, int]:
     """The rest of an integer whose prefix was all ones (5.1), from ``i``: value, index."""
     value = prefix_max
@@ -324,3 +371,14 @@ class _HpackDecoder:
 
     def decode(self, data: bytes) -> list[Header]:
         return self._decoder.decode(data, raw=True)  # type: ignore[return-value]
+
+
+class RequestDecoder(ResponseDecoder):
+    """The decoder of request blocks (the mock's fast path): :class:`ResponseDecoder` with
+    ``:path`` among the values new in every block, as each push names its device. So a
+    request that differs from the one before only in its path and ids (fanout's: its
+    constant fields indexed, ``:path`` and ``apns-id`` never-indexed literals) comes from
+    the shape cache, and a Huffman-coded path is left :class:`Encoded` too."""
+
+    __slots__ = ()
+    unique_names = _UNIQUE | {b":path"}

@@ -209,9 +209,20 @@ class Pool(Generic[E]):
         """Start ``job`` now if a slot is free and nobody is queued before it."""
         if self._lot or self.halt_error is not None:
             return False
-        best = self._best(job.avoid)
+        avoid = job.avoid
+        best = None
+        room = 0
+        for conn in self.conns:  # _best with Connection.capacity inlined: once per push
+            if conn is not avoid and conn.ready and not conn.retiring and not conn.suspect:
+                cap = conn.limit - len(conn.streams)
+                if cap > room:
+                    best, room = conn, cap
         if best is None:
-            return False
+            if avoid is None:
+                return False
+            best = self._best(avoid)  # the one it timed out on, if no other is up
+            if best is None:
+                return False
         best.start(job)
         return True
 
