@@ -234,6 +234,7 @@ class Raw:
         self.limit: int | None = None
         self.limits: list[int] = []
         self.status: dict[int, int] = {}
+        self.answers: dict[int, list[tuple[bytes, bytes]]] = {}
         self.bodies: dict[int, bytes] = {}
         self.ended: set[int] = set()
         self.goaway: tuple[int, int, bytes] | None = None
@@ -315,6 +316,7 @@ class Raw:
             return frame(4, 1, 0)
         if ftype == 1:
             for name, value in self.dec.decode(payload, raw=True):
+                self.answers.setdefault(sid, []).append((bytes(name), bytes(value)))
                 if name == b":status":
                     self.status[sid] = int(value)
         elif ftype == 0:
@@ -488,7 +490,8 @@ async def test_violations_get_the_same_goaway(pki: TestPKI, signing_key: TestSig
 
 
 def literal(headers: list[tuple[str, str]]) -> bytes:
-    """A header block of literals without indexing (the fast path reads those directly)."""
+    """A header block of literals without indexing (new names and values each block, none
+    entering the dynamic table)."""
     def text(value: str) -> bytes:
         data = value.encode()
         n = len(data)
@@ -541,6 +544,66 @@ async def test_invalid_headers_alike(pki: TestPKI, signing_key: TestSigningKey, 
     last = 5 if good is not None else 3
     assert a[1] == (last, ErrorCodes.PROTOCOL_ERROR, b"")
     assert len(sa["protocol_errors"]) == 1 and message in sa["protocol_errors"][0]
+
+
+async def test_huffman_paths_and_ids_are_read_plain(pki: TestPKI, signing_key: TestSigningKey
+                                                   ) -> None:
+    """Request blocks go through the engine's hpackdec, which leaves a Huffman-coded
+    :path and apns-id undecoded (Encoded) and answers a block that differs from the one
+    before only in those values from its shape cache: the mock still reads them plain
+    (the token seen, the id validated and echoed) as the h2 path does."""
+    key = signing_key
+    ids = ["c3eff96a-7c26-4cdf-8003-79789c2f8a41", "0b5ae2a4-9a2e-4e4e-8d7e-3f1c2b9a0d11",
+           "not-a-uuid-but-36-characters-long-xx", "7d1c55e0-4f8b-4f55-9a3e-2b6f4e8c9d01"]
+    tokens = [f"{i:064x}" for i in range(1, len(ids) + 1)]
+
+    def block(raw: Raw, token: str, ident: str) -> bytes:
+        headers = [(n, v) for n, v in push_headers(key) if n != ":path"]
+        headers.insert(3, hpack.NeverIndexedHeaderTuple(":path", f"/3/device/{token}"))
+        headers.append(hpack.NeverIndexedHeaderTuple("apns-id", ident))
+        return raw.enc.encode(headers, huffman=True)
+
+    async def probe(mock: MockAPNs) -> Any:
+        raw = await Raw.connect(pki, mock)
+        sids = []
+        for n, (token, ident) in enumerate(zip(tokens, ids, strict=True)):
+            sid = 2 * n + 1
+            await raw.send(frame(1, 0x4, sid, block(raw, token, ident)) + frame(0, 0x1, sid, BODY))
+            await raw.pump(lambda: sid in raw.ended)  # noqa: B023
+            sids.append(sid)
+        # the echo of a valid id (a refused one is answered with a random id)
+        return [(raw.status[s], dict(raw.answers[s])[b"apns-id"] if raw.status[s] == 200
+                 else None) for s in sids]
+
+    (a, sa), (b, sb) = await on_both(pki, lambda p: config(key, p), probe)
+    assert a == b and sa == sb
+    assert a == [(200, ids[0].encode()), (200, ids[1].encode()), (400, None),
+                 (200, ids[3].encode())]
+    assert sa["seen"] == {t: 1 for t in tokens} and sa["by_reason"] == {"BadMessageId": 1}
+
+
+@pytest.mark.parametrize("bad_block, code", [
+    (b"\x80", ErrorCodes.PROTOCOL_ERROR),                  # index 0
+    (b"\x00\x01a\x81\x00", ErrorCodes.PROTOCOL_ERROR),     # Huffman padding of zeros
+    (b"\x83\x20\x83", ErrorCodes.PROTOCOL_ERROR),           # a size update after a field
+    (hpack.Encoder().encode([("x-big", "v" * 9000)], huffman=False),
+     ErrorCodes.ENHANCE_YOUR_CALM),                        # over MAX_HEADER_LIST_SIZE
+], ids=["index-0", "huffman-padding", "late-size-update", "oversized"])
+async def test_malformed_header_blocks_alike(pki: TestPKI, signing_key: TestSigningKey,
+                                             bad_block: bytes, code: int) -> None:
+    """hpackdec's errors are h2's: the same GOAWAY and exception name as on the h2 path."""
+    async def probe(mock: MockAPNs) -> Any:
+        raw = await Raw.connect(pki, mock)
+        await raw.send(raw.request(1, signing_key))
+        await raw.pump(lambda: 1 in raw.ended)
+        await raw.send(frame(1, 0x5, 3, bad_block))
+        await raw.until_eof()
+        return raw.status, raw.goaway
+
+    (a, sa), (b, sb) = await on_both(pki, lambda p: config(signing_key, p), probe)
+    assert a == b == ({1: 200}, (1, code, b""))
+    names = [[e.split(": ")[1] for e in s["protocol_errors"]] for s in (sa, sb)]
+    assert names[0] == names[1] and len(names[0]) == 1
 
 
 # --------------------------------------------------------------------------- (2) fanout

@@ -20,52 +20,56 @@ to 16 MiB at the start, where h2 keeps 65,535, so that a fast client never waits
 credit), RST_STREAM, the client's GOAWAY (the connection closes), CONTINUATION, padding,
 content-length checked against the DATA, a client exceeding the stream limit refused with GOAWAY
 ``Maximum active streams violated``, other violations answered with h2's GOAWAY (its error codes;
-its exception names and, mostly, messages in ``stats.protocol_errors``). Faults drawn per
+its exception names and, mostly, messages in ``stats.protocol_errors``: a malformed header
+block is not always worded as hpack words it). Faults drawn per
 request (p429/p500/p503, never_answer, latency and jitter) and per token (unregistered, bad
 token, environment, token_topic) are those of :mod:`._faults`, in its order.
 
-Request headers are decoded by ``hpack``'s :class:`~hpack.Decoder` whenever a block changes the
-dynamic table (literals with incremental indexing, size updates) or looks unusual; blocks made
-only of indexed fields and literals without indexing (fanout's steady state: everything indexed
-but ``:path`` and ``apns-id``) are read directly against a copy of that decoder's table, which
-they cannot change. h2's header validation (:func:`h2.utilities.validate_headers`, and its
-normalisation) runs once per distinct *shape* of header list (the indexed fields, the literal
-names; literal values are checked for the characters h2 refuses) and its verdict is cached.
-Responses are encoded by hand: ``:status`` from the static table when it is there, everything
+Request headers are decoded by the engine's own decoder, :class:`.hpackdec.RequestDecoder` (its
+Huffman table and caches; a block that differs from the one before only in its ``:path`` and
+``apns-id`` values, as fanout's steady state does, everything else indexed, is not decoded
+again), with h2's errors. h2's header validation (:func:`h2.utilities.validate_headers`, and
+its normalisation) runs once per distinct *shape* of header list (the list itself but for the
+values new in every request, of which it keeps what h2 reads: whether they hold a character h2
+refuses, whether a ``:path`` is empty) and its verdict is cached. Responses are encoded by hand: ``:status`` from the static table when it is there, everything
 else as literals without indexing (no dynamic table, no Huffman coding).
 
 Not implemented here (a connection is served by the h2 path when the config asks for them, see
 :func:`h2_reason`): ``goaway_after``, ``close_after``, ``stop_reading_after``,
 ``server_ping_interval``, ``initial_window_size``.
+
+What a connection does alike on both paths (its stats, the stream limit it announces and what
+an answer does to it, the lifecycle, our GOAWAY and its drain, deciding and counting an answer,
+``/stats``) is :class:`ConnectionBase`, which the h2 path's connection builds on too: the server
+sits on top of both paths, so this module never imports :mod:`._server`.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import ssl
 import struct
 import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
+from operator import itemgetter
 from typing import Any, Literal, Protocol
 
 import h2.exceptions
-import hpack
 import msgspec
 import trio
 from h2.errors import ErrorCodes
 from h2.utilities import HeaderValidationFlags, normalize_inbound_headers, validate_headers
 from hpack.exceptions import HPACKError, OversizedHeaderListError
-from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 
 from .._engine.framer import encode_int, encode_str
+from .._engine.hpackdec import Encoded, RequestDecoder, plain
 from ..errors import redact
 from . import _faults
 from ._apple import DEVICE_PREFIX, STREAM_LIMIT_VIOLATION
 from ._broadcast import evaluate_broadcast
-from ._config import MockConfig
+from ._config import MockConfig, MockStats
 from ._device import evaluate_device
 from ._http import Answer, Headers, Request, json_headers, response
 from ._jwt import MockState, ProviderTokens
@@ -94,10 +98,12 @@ _WINDOW = 65_535  # our stream windows (SETTINGS_INITIAL_WINDOW_SIZE, as h2's)
 _CONN_WINDOW = 16 * 1024 * 1024
 _MAX_WINDOW = 2**31 - 1
 _HANDSHAKE_TIMEOUT = 10.0
-_LINGER = 0.5  # as _server._LINGER
-_DRAIN_TIMEOUT = 5.0  # as _server._DRAIN_TIMEOUT
-_GOAWAY_PING = b"fanoutGA"  # as _server._GOAWAY_PING
-_STATS_PATH = b"/stats"  # as _server.STATS_PATH
+_LINGER = 0.5  # seconds to wait for the client's EOF before closing our side
+_DRAIN_TIMEOUT = 5.0  # seconds after our GOAWAY before the connection is closed regardless
+_GOAWAY_PING = b"fanoutGA"  # PING sent right after our GOAWAY; its ACK proves the client saw it
+STATS_PATH = b"/stats"
+"""``GET`` answers :meth:`MockStats.summary` as JSON, ``DELETE`` the same and then
+:meth:`MockStats.reset`; no fault applies to them and no count includes them."""
 _MAX_RESET_KEPT = 65_536  # streams remembered as reset (h2 keeps 2**16 closed streams)
 _VALIDATION_CACHE_MAX = 4_096
 
@@ -194,9 +200,6 @@ def encode_response(headers: Headers) -> bytes:
 
 # --------------------------------------------------------------------------- HPACK (decode)
 
-_STATIC_ENTRIES: list[tuple[bytes, bytes] | None] = [None] + [
-    (n, v) for n, v in HeaderTable.STATIC_TABLE
-]
 #: Names whose value h2's validation reads beyond its characters: kept whole in the shape.
 _VALUE_SENSITIVE = frozenset({b"te", b":method", b":authority", b"host", b":path"})
 _BLANK = (0x20, 0x09)  # the whitespace h2 refuses at either end of a value
@@ -207,157 +210,67 @@ _TRAILER_FLAGS = HeaderValidationFlags(
 _ShapeElement = tuple[bytes, bytes] | bytes
 # shape of a header list -> True (valid as it is) or False (valid once normalised: cookies)
 _validated: dict[tuple[bool, tuple[_ShapeElement, ...]], bool] = {}
+#: Names whose values are new in every request: a shape keeps only what h2's validation
+#: reads of them (see :meth:`_RequestDecoder.decode`), where it keeps every other header
+#: whole. They include those whose Huffman-coded values hpackdec leaves Encoded.
+_VARYING = RequestDecoder.unique_names | {b"apns-expiration", b"apns-collapse-id"}
+#: the names of a header list -> the positions of its varying headers
+_layouts: dict[tuple[bytes, ...], tuple[int, ...]] = {}
+_LAYOUTS_MAX = 1_024
+_name_of = itemgetter(0)
 
 
-class _Fallback(Exception):
-    """The direct reader met something it leaves to hpack's Decoder."""
-
-
-_RUN = re.compile(rb"[\x80-\xfe]+")  # consecutive one-byte indexed fields
-_RUNS_MAX = 256
+def _layout(names: tuple[bytes, ...]) -> tuple[int, ...]:
+    varying = tuple(k for k, name in enumerate(names) if name in _VARYING)
+    if len(_layouts) >= _LAYOUTS_MAX:
+        _layouts.clear()
+    _layouts[names] = varying
+    return varying
 
 
 class _RequestDecoder:
-    """hpack's Decoder, with blocks that cannot change its table read directly."""
+    """One connection's request header decoding: hpackdec's (the engine's decoder, with its
+    dynamic table, Huffman table and caches), h2's errors, every value plain, and the shape
+    of the header list, which :func:`_checked` caches h2's verdict by."""
 
-    __slots__ = ("decoder", "table", "_runs")
+    __slots__ = ("decoder",)
 
     def __init__(self) -> None:
-        self.decoder = hpack.Decoder(max_header_list_size=_MAX_HEADER_LIST)
-        self.table = list(_STATIC_ENTRIES)  # index -> entry: static, then the dynamic table
-        # runs of one-byte indexed fields -> (their entries, their size); valid for the table
-        self._runs: dict[bytes, tuple[list[tuple[bytes, bytes]], int]] = {}
+        self.decoder = RequestDecoder(max_header_list_size=_MAX_HEADER_LIST)
 
     def decode(self, block: bytes) -> tuple[Headers, tuple[_ShapeElement, ...] | None]:
-        """The header list of ``block`` and its shape (``None``: validate it in full)."""
+        """The header list of ``block`` and its shape (``None``: validate it in full): the
+        list itself but for its varying headers (:data:`_VARYING`), of which it keeps the
+        name when h2's validation cannot tell the value from another (no character h2
+        refuses), the whole header when it reads the value (a ``:path`` only as non-empty)."""
         try:
-            return self._direct(block)
-        except (_Fallback, IndexError):
-            pass
-        try:
-            decoded = self.decoder.decode(block, raw=True)
+            decoded = self.decoder.decode(block)
         except OversizedHeaderListError as exc:  # as h2's _decode_headers
             raise h2.exceptions.DenialOfServiceError(f"Oversized header block: {exc}") from exc
         except (HPACKError, IndexError, TypeError, UnicodeDecodeError) as exc:
             raise h2.exceptions.ProtocolError(f"Error decoding header block: {exc}") from exc
-        finally:  # hpack may have changed its table (even if it then refused the block)
-            self.table = _STATIC_ENTRIES + list(self.decoder.header_table.dynamic_entries)
-            self._runs.clear()
-        headers: Headers = [(bytes(n), bytes(v)) for n, v in decoded]
-        return headers, None
-
-    def _run(self, run: bytes) -> tuple[list[tuple[bytes, bytes]], int]:
-        table = self.table
-        entries = []
-        size = 0
-        for b in run:
-            idx = b & 0x7F
-            if idx == 0 or idx >= len(table):
-                raise _Fallback
-            entry = table[idx]
-            assert entry is not None
-            entries.append(entry)
-            size += len(entry[0]) + len(entry[1]) + 32
-        if len(self._runs) >= _RUNS_MAX:
-            self._runs.clear()
-        out = self._runs[run] = (entries, size)
-        return out
-
-    def _direct(self, block: bytes) -> tuple[Headers, tuple[_ShapeElement, ...] | None]:
-        table = self.table
-        runs = self._runs
-        match = _RUN.match
-        headers: Headers = []
-        shape: list[_ShapeElement] | None = []
-        size = 0
-        i = 0
-        end = len(block)
-        while i < end:
-            b = block[i]
-            if b & 0x80:  # indexed fields
-                m = match(block, i)
-                if m is None:  # 0xff: an index of 127 or more
-                    idx, i = _read_int(block, i + 1, 0x7F)
-                    if idx >= len(table):
-                        raise _Fallback
-                    entry = table[idx]
-                    assert entry is not None
-                    found = [entry]
-                    size += len(entry[0]) + len(entry[1]) + 32
-                else:
-                    run = m.group()
-                    i = m.end()
-                    cached = runs.get(run)
-                    found, run_size = cached if cached is not None else self._run(run)
-                    size += run_size
-                headers += found
-                if shape is not None:
-                    shape += found
-            elif b < 0x20:  # literal without indexing (0000) or never indexed (0001)
-                i += 1
-                idx = b & 0x0F
-                if idx:
-                    if idx == 0x0F:
-                        idx, i = _read_int(block, i, idx)
-                    if idx >= len(table):
-                        raise _Fallback
-                    named = table[idx]
-                    assert named is not None
-                    name = named[0]
-                else:
-                    name, i = _read_str(block, i)
-                value, i = _read_str(block, i)
-                headers.append((name, value))
-                size += len(name) + len(value) + 32
-                if shape is not None:
-                    # h2 refuses NUL, CR and LF in a value, and a space or tab at either end
-                    clean = not value or (
-                        len(value.translate(None, b"\x00\r\n")) == len(value)
-                        and value[0] not in _BLANK and value[-1] not in _BLANK)
-                    if name in _VALUE_SENSITIVE:
-                        if name == b":path" and value and clean:
-                            shape.append(name)  # any non-empty clean path validates alike
-                        else:
-                            shape.append((name, value))
-                    elif clean:
-                        shape.append(name)
-                    else:
-                        shape = None  # h2 refuses it: validate in full for its message
-            else:  # incremental indexing or a table size update: the table changes
-                raise _Fallback
-            if size > _MAX_HEADER_LIST:
-                raise _Fallback  # hpack raises OversizedHeaderListError
-        return headers, (tuple(shape) if shape is not None else None)
-
-
-def _read_int(block: bytes, i: int, value: int) -> tuple[int, int]:
-    """The continuation bytes of an HPACK integer whose prefix was all ones."""
-    shift = 0
-    for _ in range(4):  # hpack refuses longer ones; so do we (via the fallback)
-        byte = block[i]
-        i += 1
-        value += (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, i
-        shift += 7
-    raise _Fallback
-
-
-def _read_str(block: bytes, i: int) -> tuple[bytes, int]:
-    first = block[i]
-    i += 1
-    length = first & 0x7F
-    if length == 0x7F:
-        length, i = _read_int(block, i, length)
-    data = block[i:i + length]
-    if len(data) != length:
-        raise _Fallback
-    if first & 0x80:
-        try:
-            data = decode_huffman(data)
-        except HPACKError:
-            raise _Fallback from None
-    return data, i + length
+        # a list is the decoder's own fresh one; a tuple, a block it remembered
+        headers: Headers = decoded if type(decoded) is list else list(decoded)
+        names = tuple(map(_name_of, headers))
+        varying = _layouts.get(names)
+        if varying is None:
+            varying = _layout(names)
+        shape: list[_ShapeElement] = list(headers)
+        valid = True
+        for k in varying:
+            name, value = headers[k]
+            if type(value) is Encoded:  # an id hpackdec left Huffman-coded
+                value = plain(value)
+                headers[k] = (name, value)
+            # h2 refuses NUL, CR and LF in a value, and a space or tab at either end
+            if value and (len(value.translate(None, b"\x00\r\n")) != len(value)
+                          or value[0] in _BLANK or value[-1] in _BLANK):
+                valid = False  # validate in full, for h2's message
+            elif name in _VALUE_SENSITIVE and (name != b":path" or not value):
+                shape[k] = (name, value)
+            else:
+                shape[k] = name  # any value validates alike (any non-empty :path)
+        return headers, (tuple(shape) if valid else None)
 
 
 def _checked(headers: Headers, shape: tuple[_ShapeElement, ...] | None, validate: bool,
@@ -437,30 +350,272 @@ class _Stream:
         self.send_window = send_window  # what we may send on it
 
 
-class FastConnection:
-    """Server side of one HTTP/2 connection on the fast path (see the module's docstring)."""
+# --------------------------------------------------------------------------- both paths
 
-    def __init__(self, mock: _Host, sock: trio.SocketStream, tls: ssl.SSLObject,
-                 incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, index: int) -> None:
+def _stats_answer(stats: MockStats, method: bytes | None) -> tuple[Headers, bytes]:
+    """The answer to a request for :data:`STATS_PATH`: ``GET`` the summary, ``DELETE`` the
+    summary and then :meth:`MockStats.reset`, anything else 405."""
+    if method in (b"GET", b"DELETE"):
+        body = msgspec.json.encode(stats.summary())
+        if method == b"DELETE":
+            stats.reset()
+        return [(b":status", b"200"), *json_headers(body)], body
+    body = msgspec.json.encode({"reason": "MethodNotAllowed"})
+    return [(b":status", b"405"), (b"allow", b"GET, DELETE"), *json_headers(body)], body
+
+
+def count_connection(stats: MockStats) -> int:
+    """Count a new connection (its handshake done) in ``stats``; its index there."""
+    index = len(stats.streams_per_connection)
+    stats.connections += 1
+    stats.streams_per_connection.append(0)
+    stats.max_concurrent.append(0)
+    stats.rejected_per_connection.append(0)
+    return index
+
+
+class ConnectionBase:
+    """What a connection of either path (:class:`FastConnection`, and the h2 path's
+    ``_server._Connection``) keeps and does alike: its per-connection stats, the stream limit
+    it announces (and what an answer does to it), a reader and a writer in one nursery and
+    the close after both, our GOAWAY and its drain, and how an answer is decided and counted.
+    Each path supplies the HTTP/2 side: the loops, :meth:`_answer`, :meth:`_send_goaway`,
+    :meth:`_announce_limit`, :meth:`_drained` and :meth:`_close`."""
+
+    _streams: dict[int, Any]  # open streams, as h2 counts them
+
+    def __init__(self, mock: _Host, index: int) -> None:
         self.mock = mock
-        self.sock = sock
         self.index = index
-        self._tls = tls
-        self._in = incoming
-        self._tls_out = outgoing
         stats = mock.stats
         self._per_conn_streams = stats.streams_per_connection  # kept across stats.reset()
         self._per_conn_concurrent = stats.max_concurrent
         self._per_conn_rejected = stats.rejected_per_connection
+        self.advertised_limit = mock.config.initial_max_streams
+        self._authenticated = False
+        self._penalty = 0  # accepted pushes still needed before the limit is restored
+        self._tokens = ProviderTokens()
+        self._goaway_last: int | None = None
+        self._goaway_acked = False
+        self._dead = False  # stop processing frames (a protocol error, the client's GOAWAY)
+        self._stats_only: bool | None = None  # None: no request yet; True: only /stats ones
+        self._close_mode: Literal["graceful", "abort"] | None = None
+        self._wake = trio.Event()
+        self._reader_scope = trio.CancelScope()
+        self._reader_done = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._debug = log.isEnabledFor(logging.DEBUG)
+
+    # ---------------------------------------------------------------- each path's
+
+    async def _read_loop(self) -> None:
+        raise NotImplementedError
+
+    async def _write_loop(self) -> None:
+        raise NotImplementedError
+
+    def _close(self, mode: Literal["graceful", "abort"] = "graceful") -> None:
+        raise NotImplementedError
+
+    def _answer(self, stream: Any) -> None:
+        raise NotImplementedError
+
+    def _send_goaway(self, last_stream_id: int, code: int, debug: bytes) -> None:
+        """Queue our GOAWAY, then a PING of :data:`_GOAWAY_PING`."""
+        raise NotImplementedError
+
+    def _announce_limit(self, limit: int) -> None:
+        """Queue a SETTINGS frame of MAX_CONCURRENT_STREAMS ``limit``."""
+        raise NotImplementedError
+
+    def _drained(self, last_stream_id: int) -> bool:
+        """Whether every stream at or below ``last_stream_id`` that will be answered was."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def serve(self) -> None:
+        """Run the connection as one of the mock's live ones until it is over."""
+        connections = self.mock._connections
+        connections.add(self)
+        try:
+            await self.run()
+        except Exception:  # never let one connection take the server down
+            log.exception("mock connection %d failed", self.index)
+        finally:
+            connections.discard(self)
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._write_loop)
+            self._start(nursery)
+            self._kick()  # our SETTINGS
+            with self._reader_scope:
+                await self._read_loop()
+            self._reader_done.set()
+            if self._close_mode is None:  # the client went away
+                nursery.cancel_scope.cancel()
+
+    def _start(self, nursery: trio.Nursery) -> None:
+        """Start the tasks a path runs besides its reader and writer."""
+
+    async def _stop_reader(self) -> None:
+        """Closing: give the reader a moment to see the client's EOF, then stop it."""
+        with trio.move_on_after(_LINGER):
+            await self._reader_done.wait()
+        self._reader_scope.cancel()
+        await self._reader_done.wait()
+
+    def _kick(self) -> None:
+        self._wake.set()
+
+    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    def _note_protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:
+        """Count a violation that h2 answers with a GOAWAY (its error code)."""
+        stats = self.mock.stats
+        stats.protocol_errors.append(f"connection {self.index}: {type(exc).__name__}: {exc}")
+        stats.goaways_sent += 1
+
+    # ---------------------------------------------------------------- streams
+
+    def _opened(self, control: bool) -> None:
+        """A request opened a stream (``control``: a /stats one, counted in no stream count).
+        Keeps ``stats.stats_only_connections`` (a connection counts in the current stats only
+        if it was accepted after their last reset: its per-connection list is theirs) and the
+        per-connection stream counts."""
+        stats = self.mock.stats
+        current = self._per_conn_streams is stats.streams_per_connection
+        if self._stats_only is None:
+            self._stats_only = control
+            if control and current:
+                stats.stats_only_connections += 1
+        elif self._stats_only and not control:
+            self._stats_only = False
+            if current:
+                stats.stats_only_connections -= 1
+        if not control:
+            index = self.index
+            self._per_conn_streams[index] += 1
+            if len(self._streams) > self._per_conn_concurrent[index]:
+                self._per_conn_concurrent[index] = len(self._streams)
+
+    def _refuse_stream(self, sid: int, limit: int, last_stream_id: int) -> None:
+        """Stream ``sid`` opened beyond our MAX_CONCURRENT_STREAMS ``limit``: GOAWAY."""
+        self.mock.stats.protocol_errors.append(
+            f"connection {self.index}: stream {sid} opened with {len(self._streams)}"
+            f" streams open, MAX_CONCURRENT_STREAMS={limit}"
+        )
+        self._goaway(last_stream_id, ErrorCodes.REFUSED_STREAM, STREAM_LIMIT_VIOLATION.encode())
+
+    # ---------------------------------------------------------------- GOAWAY
+
+    def _goaway(self, last_stream_id: int, code: int = ErrorCodes.NO_ERROR,
+                debug: bytes | None = None) -> None:
+        """Our GOAWAY, then a PING whose ACK proves the client saw it; the connection closes
+        once every stream at or below ``last_stream_id`` is answered (or at a deadline)."""
+        if self._goaway_last is not None:
+            return
+        if debug is None:
+            debug = msgspec.json.encode({"reason": self.mock.config.goaway_reason})
+        self._goaway_last = last_stream_id
+        self._send_goaway(last_stream_id, code, debug)
+        self.mock.stats.goaways_sent += 1
+        if self._debug:
+            log.debug("connection %d: GOAWAY last-stream-id=%d code=%d", self.index,
+                      last_stream_id, code)
+        self._spawn(self._drain_deadline)
+        self._check_drain()
+        self._kick()
+
+    def _check_drain(self) -> None:
+        """After our GOAWAY, close once every stream at or below last-stream-id is answered."""
+        last = self._goaway_last
+        if last is None or self._close_mode is not None:
+            return
+        if self._drained(last):
+            self._close("graceful")
+
+    async def _drain_deadline(self) -> None:
+        await trio.sleep(_DRAIN_TIMEOUT)
+        self._close("graceful")
+
+    # ---------------------------------------------------------------- answers
+
+    async def _answer_later(self, stream: Any, delay: float) -> None:
+        await trio.sleep(delay)
+        self._answer(stream)
+        self._kick()
+
+    def _decide(self, request: Request, stream_id: int) -> Answer:
+        """What a complete request is answered, in APNs' terms."""
+        try:
+            path = request.path
+            if path is not None and path[:3] in (b"/1/", b"/4/"):
+                return evaluate_broadcast(self.mock, self._tokens, request)
+            return evaluate_device(self.mock, self._tokens, request)
+        except Exception:  # a mock bug must not take the connection down
+            log.exception("connection %d: evaluating stream %d failed", self.index, stream_id)
+            return Answer(500, "InternalServerError", str(uuid.uuid4()).encode(), None, False)
+
+    def _answered(self, stream_id: int, answer: Answer) -> None:
+        """Count a sent answer, then its consequences for the stream limit (authenticated,
+        a penalty after a rejection, the limit restored)."""
+        mock = self.mock
+        stats = mock.stats
+        status, reason = answer.status, answer.reason
+        stats.by_status[status] += 1
+        if reason is not None:
+            stats.by_reason[reason] += 1
+        elif answer.token is not None:
+            stats.delivered[answer.token] += 1
+        if self._debug:
+            log.debug("connection %d stream %d token %s -> %d %s", self.index, stream_id,
+                      redact(answer.token), status, reason or "")
+        if answer.auth_ok:
+            self._authenticated = True
+        if status < 300:  # 200, or 201/204 from channel management
+            if self._penalty:
+                self._penalty -= 1
+        elif 400 <= status < 500 and status != 410:
+            self._per_conn_rejected[self.index] += 1
+            if mock.config.drop_to_one_on_reject:
+                self._penalty = mock.config.penalty_accepts
+        self.retarget_limit()
+
+    def retarget_limit(self) -> None:
+        """Announce the stream limit the connection's state calls for, if it changed."""
+        cfg = self.mock.config
+        if self._penalty:
+            target = 1
+        elif self._authenticated:
+            target = cfg.max_streams
+        else:
+            target = cfg.initial_max_streams
+        if target != self.advertised_limit and self._close_mode is None and not self._dead:
+            self.advertised_limit = target
+            self._announce_limit(target)
+            self._kick()
+
+
+class FastConnection(ConnectionBase):
+    """Server side of one HTTP/2 connection on the fast path (see the module's docstring)."""
+
+    def __init__(self, mock: _Host, sock: trio.SocketStream, tls: ssl.SSLObject,
+                 incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, index: int) -> None:
+        super().__init__(mock, index)
+        self.sock = sock
+        self._tls = tls
+        self._in = incoming
+        self._tls_out = outgoing
         cfg = mock.config
         self._validate = cfg.validate
-        self.advertised_limit = cfg.initial_max_streams
         # h2's local MAX_CONCURRENT_STREAMS: the first is current at once, each later one
         # once a SETTINGS ACK pops the one before (h2.settings.Settings.acknowledge)
         self._limits: deque[int] = deque([cfg.initial_max_streams])
-        self._authenticated = False
-        self._penalty = 0
-        self._tokens = ProviderTokens()
         self._decoder = _RequestDecoder()
 
         self._out = bytearray(_first_settings(cfg.initial_max_streams) + _frame(
@@ -481,29 +636,7 @@ class FastConnection:
         self._peer_initial_window = _WINDOW
         self._peer_max_frame = _MAX_FRAME_SIZE
 
-        self._goaway_last: int | None = None
-        self._goaway_acked = False
-        self._dead = False  # stop processing frames (protocol error, the client's GOAWAY)
-        self._stats_only: bool | None = None
-        self._close_mode: Literal["graceful"] | None = None
-        self._wake = trio.Event()
-        self._reader_scope = trio.CancelScope()
-        self._reader_done = trio.Event()
-        self._nursery: trio.Nursery | None = None
-        self._debug = log.isEnabledFor(logging.DEBUG)
-
     # ---------------------------------------------------------------- lifecycle
-
-    async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._write_loop)
-            self._kick()  # our SETTINGS
-            with self._reader_scope:
-                await self._read_loop()
-            self._reader_done.set()
-            if self._close_mode is None:  # the client went away
-                nursery.cancel_scope.cancel()
 
     async def _read_loop(self) -> None:
         tls = self._tls
@@ -565,10 +698,7 @@ class FastConnection:
 
     async def _finish_close(self) -> None:
         """Close after everything queued was sent, letting the client read it first."""
-        with trio.move_on_after(_LINGER):
-            await self._reader_done.wait()
-        self._reader_scope.cancel()
-        await self._reader_done.wait()
+        await self._stop_reader()
         with trio.move_on_after(_LINGER):
             try:
                 self._tls.unwrap()
@@ -577,17 +707,12 @@ class FastConnection:
             if self._tls_out.pending:
                 await self.sock.send_all(self._tls_out.read())
 
-    def _kick(self) -> None:
-        self._wake.set()
-
-    def _close(self) -> None:
+    def _close(self, mode: Literal["graceful", "abort"] = "graceful") -> None:
+        """Close once everything queued is sent (always gracefully: close_after's abort is
+        the h2 path's)."""
         if self._close_mode is None:
             self._close_mode = "graceful"
             self._kick()
-
-    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
-        assert self._nursery is not None
-        self._nursery.start_soon(fn, *args)
 
     # ---------------------------------------------------------------- inbound frames
 
@@ -653,9 +778,7 @@ class FastConnection:
 
     def _protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:
         """h2's answer to a violation (a GOAWAY with its error code), then close."""
-        stats = self.mock.stats
-        stats.protocol_errors.append(f"connection {self.index}: {type(exc).__name__}: {exc}")
-        stats.goaways_sent += 1
+        self._note_protocol_error(exc)
         self._out += _frame(_GOAWAY, 0, 0, _U32.pack(self._highest) + _U32.pack(exc.error_code))
         self._dead = True
         self._close()
@@ -667,12 +790,7 @@ class FastConnection:
             self._max_sid = sid
             limit = self._limits[0]
             if len(self._streams) >= limit:
-                self.mock.stats.protocol_errors.append(
-                    f"connection {self.index}: stream {sid} opened with {len(self._streams)}"
-                    f" streams open, MAX_CONCURRENT_STREAMS={limit}"
-                )
-                self._goaway(self._highest, ErrorCodes.REFUSED_STREAM,
-                             STREAM_LIMIT_VIOLATION.encode())
+                self._refuse_stream(sid, limit, self._highest)
                 return
         block = _strip(flags, payload, True)
         if flags & _END_HEADERS:
@@ -731,17 +849,12 @@ class FastConnection:
             if name == b":path":
                 path = value
                 break
-        control = path == _STATS_PATH
+        control = path == STATS_PATH
         stream = _Stream(sid, path, request, control, self._peer_initial_window)
         stream.expected = expected
         self._streams[sid] = stream
         self._highest = sid
-        self._note_kind(control)
-        if not control:
-            index = self.index
-            self._per_conn_streams[index] += 1
-            if len(self._streams) > self._per_conn_concurrent[index]:
-                self._per_conn_concurrent[index] = len(self._streams)
+        self._opened(control)
         if end_stream:
             self._end(stream)
 
@@ -886,19 +999,6 @@ class FastConnection:
             self._reset.clear()
         self._reset.add(sid)
 
-    def _note_kind(self, stats_request: bool) -> None:
-        """``stats.stats_only_connections``, as the h2 path keeps it."""
-        stats = self.mock.stats
-        current = self._per_conn_streams is stats.streams_per_connection
-        if self._stats_only is None:
-            self._stats_only = stats_request
-            if stats_request and current:
-                stats.stats_only_connections += 1
-        elif self._stats_only and not stats_request:
-            self._stats_only = False
-            if current:
-                stats.stats_only_connections -= 1
-
     def _end(self, stream: _Stream) -> None:
         """END_STREAM: the request is complete (the h2 path's ``_on_complete``)."""
         stream.ended = True
@@ -926,80 +1026,25 @@ class FastConnection:
 
     # ---------------------------------------------------------------- GOAWAY
 
-    def _goaway(self, last_stream_id: int, code: int, debug: bytes) -> None:
-        """Our GOAWAY, then a PING whose ACK proves the client saw it (as the h2 path)."""
-        if self._goaway_last is not None:
-            return
-        self._goaway_last = last_stream_id
+    def _send_goaway(self, last_stream_id: int, code: int, debug: bytes) -> None:
         self._out += _frame(_GOAWAY, 0, 0, _U32.pack(last_stream_id) + _U32.pack(code) + debug)
         self._out += _frame(_PING, 0, 0, _GOAWAY_PING)
-        self.mock.stats.goaways_sent += 1
-        if self._debug:
-            log.debug("connection %d: GOAWAY last-stream-id=%d code=%d", self.index,
-                      last_stream_id, code)
-        self._spawn(self._drain_deadline)
-        self._check_drain()
-        self._kick()
 
-    def _check_drain(self) -> None:
-        """After our GOAWAY, close once every stream at or below last-stream-id is answered."""
-        last = self._goaway_last
-        if last is None or self._close_mode is not None:
-            return
-        if all(sid > last or s.silent for sid, s in self._streams.items()):
-            self._close()
-
-    async def _drain_deadline(self) -> None:
-        await trio.sleep(_DRAIN_TIMEOUT)
-        self._close()
+    def _drained(self, last_stream_id: int) -> bool:
+        return all(sid > last_stream_id or s.silent for sid, s in self._streams.items())
 
     # ---------------------------------------------------------------- answers
-
-    async def _answer_later(self, stream: _Stream, delay: float) -> None:
-        await trio.sleep(delay)
-        self._answer(stream)
-        self._kick()
 
     def _answer(self, stream: _Stream) -> None:
         if self._dead or self._close_mode is not None or self._streams.get(stream.id) is not stream:
             return
-        mock = self.mock
-        request = stream.request
-        try:
-            path = request.path
-            if path is not None and path[:3] in (b"/1/", b"/4/"):
-                answer = evaluate_broadcast(mock, self._tokens, request)
-            else:
-                answer = evaluate_device(mock, self._tokens, request)
-        except Exception:  # a mock bug must not take the connection down
-            log.exception("connection %d: evaluating stream %d failed", self.index, stream.id)
-            answer = Answer(500, "InternalServerError", str(uuid.uuid4()).encode(), None, False)
-        headers, body = response(answer, mock.config)
+        answer = self._decide(stream.request, stream.id)
+        headers, body = response(answer, self.mock.config)
         sent = self._send(stream, headers, body)
         del self._streams[stream.id]
         if not sent:
             return
-        stats = mock.stats
-        status, reason = answer.status, answer.reason
-        stats.by_status[status] += 1
-        if reason is not None:
-            stats.by_reason[reason] += 1
-        elif answer.token is not None:
-            stats.delivered[answer.token] += 1
-        if self._debug:
-            log.debug("connection %d stream %d token %s -> %d %s", self.index, stream.id,
-                      redact(answer.token), status, reason or "")
-        # the stream-limit consequences of the answer (the h2 path's _after_answer)
-        if answer.auth_ok:
-            self._authenticated = True
-        if status < 300:
-            if self._penalty:
-                self._penalty -= 1
-        elif 400 <= status < 500 and status != 410:
-            self._per_conn_rejected[self.index] += 1
-            if mock.config.drop_to_one_on_reject:
-                self._penalty = mock.config.penalty_accepts
-        self.retarget_limit()
+        self._answered(stream.id, answer)
         if self._goaway_last is not None:
             self._check_drain()
 
@@ -1007,16 +1052,7 @@ class FastConnection:
         """``GET /stats`` (and ``DELETE``: then reset them), as the h2 path answers them."""
         if self._dead or self._close_mode is not None:
             return
-        method = stream.request.method
-        if method in (b"GET", b"DELETE"):
-            stats = self.mock.stats
-            body = msgspec.json.encode(stats.summary())
-            if method == b"DELETE":
-                stats.reset()
-            headers = [(b":status", b"200"), *json_headers(body)]
-        else:
-            body = msgspec.json.encode({"reason": "MethodNotAllowed"})
-            headers = [(b":status", b"405"), (b"allow", b"GET, DELETE"), *json_headers(body)]
+        headers, body = _stats_answer(self.mock.stats, stream.request.method)
         self._send(stream, headers, body)
         self._streams.pop(stream.id, None)
         self._check_drain()
@@ -1051,20 +1087,9 @@ class FastConnection:
             out += chunk
         return True
 
-    def retarget_limit(self) -> None:
-        """Announce the stream limit the connection's state calls for, if it changed."""
-        cfg = self.mock.config
-        if self._penalty:
-            target = 1
-        elif self._authenticated:
-            target = cfg.max_streams
-        else:
-            target = cfg.initial_max_streams
-        if target != self.advertised_limit and self._close_mode is None and not self._dead:
-            self.advertised_limit = target
-            self._limits.append(target)
-            self._out += _frame(_SETTINGS, 0, 0, _SETTING.pack(_S_MAX_CONCURRENT_STREAMS, target))
-            self._kick()
+    def _announce_limit(self, limit: int) -> None:
+        self._limits.append(limit)
+        self._out += _frame(_SETTINGS, 0, 0, _SETTING.pack(_S_MAX_CONCURRENT_STREAMS, limit))
 
 
 # --------------------------------------------------------------------------- listener
@@ -1130,20 +1155,8 @@ class FastListener:
                 return
             if not tls.selected_alpn_protocol() and mock.config.alpn:
                 log.debug("client negotiated no ALPN protocol; speaking h2 anyway")
-            stats = mock.stats
-            index = len(stats.streams_per_connection)
-            stats.connections += 1
-            stats.streams_per_connection.append(0)
-            stats.max_concurrent.append(0)
-            stats.rejected_per_connection.append(0)
-            connection = FastConnection(mock, sock, tls, incoming, outgoing, index)
-            mock._connections.add(connection)
-            try:
-                await connection.run()
-            except Exception:  # never let one connection take the server down
-                log.exception("mock connection %d failed", index)
-            finally:
-                mock._connections.discard(connection)
+            index = count_connection(mock.stats)
+            await FastConnection(mock, sock, tls, incoming, outgoing, index).serve()
         finally:
             await trio.aclose_forcefully(sock)
 

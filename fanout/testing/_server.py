@@ -1,6 +1,7 @@
 """The listener and the per-connection HTTP/2 driver: TLS with ALPN ``h2``, the ``h2`` state
 machine fed one frame at a time, stream limits, GOAWAY, closes, and :class:`MockStats` counting.
-What a request is answered is decided by :mod:`._device` and :mod:`._broadcast`."""
+What a request is answered is decided by :mod:`._device` and :mod:`._broadcast`; what a
+connection does alike on both paths is :class:`._fast.ConnectionBase`, which it builds on."""
 
 from __future__ import annotations
 
@@ -8,9 +9,7 @@ import ipaddress
 import logging
 import random
 import socket
-import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Literal, Protocol
 
@@ -19,20 +18,28 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
-import msgspec
 import trio
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame
 
-from ..errors import redact
 from . import _faults
-from ._apple import DEVICE_PREFIX, STREAM_LIMIT_VIOLATION
-from ._broadcast import evaluate_broadcast
+from ._apple import DEVICE_PREFIX
 from ._config import MockConfig, MockStats
-from ._device import evaluate_device
-from ._http import Answer, Headers, Request, json_headers, response
-from ._jwt import ProviderTokens, TokenCache, TokenInfo
+from ._fast import (
+    _BODY_CAP,
+    _GOAWAY_PING,
+    _LINGER,
+    _MAX_FRAME_SIZE,
+    _MAX_HEADER_LIST,
+    STATS_PATH,
+    ConnectionBase,
+    _stats_answer,
+    count_connection,
+    serve_fast,
+)
+from ._http import Headers, Request, response
+from ._jwt import TokenCache, TokenInfo
 from .devcerts import TestPKI, server_ssl_context
 
 log: logging.Logger = logging.getLogger("fanout.mock")
@@ -40,22 +47,14 @@ log: logging.Logger = logging.getLogger("fanout.mock")
 _PREFACE_LEN = 24
 _FRAME_HEADER_LEN = 9
 _FRAME_HEADERS = 0x1
-_MAX_FRAME_SIZE = 16_384  # h2's default SETTINGS_MAX_FRAME_SIZE, which the mock keeps
 _READ_SIZE = 65_536
-_BODY_CAP = 8_192  # bytes buffered per stream; anything longer is too large anyway
-_GOAWAY_PING = b"fanoutGA"  # PING sent right after our GOAWAY; its ACK proves the client saw it
 _SERVER_PING = b"fanoutSP"  # server_ping_interval's PINGs
 _STOPPED_POLL = 0.1  # stop_reading_after: how often a connection that stopped reading checks
 # whether the client went away (the socket's TCP state; it cannot read the EOF)
 _TCP_ESTABLISHED = 1  # tcpi_state in Linux's struct tcp_info
-_LINGER = 0.5  # seconds to wait for the client's EOF before closing our side
-_DRAIN_TIMEOUT = 5.0  # seconds after a GOAWAY before the connection is closed regardless
 _HOLD_FALLBACK = 0.05  # goaway_last_stream_low: GOAWAY this soon if the client stops sending
 _GOAWAY_HOLD = 10  # goaway_last_stream_low: at most this many streams (and at most half of
 # goaway_after) are left unanswered above the last-stream-id
-STATS_PATH = b"/stats"
-"""``GET`` answers :meth:`MockStats.summary` as JSON, ``DELETE`` the same and then
-:meth:`MockStats.reset`; no fault applies to them and no count includes them."""
 
 
 def _is_loopback(host: str) -> bool:
@@ -89,7 +88,7 @@ def _is_stats_request(headers: list[tuple[bytes, bytes]]) -> bool:
 
 
 
-class _Connection:
+class _Connection(ConnectionBase):
     """Server side of one HTTP/2 connection: a reader feeding h2 and a writer flushing it.
 
     The server's first SETTINGS are h2's ``local_settings`` built with ``initial_values``: h2
@@ -103,13 +102,8 @@ class _Connection:
     def __init__(
         self, mock: MockAPNs, stream: trio.SSLStream[trio.SocketStream], index: int
     ) -> None:
-        self.mock = mock
+        super().__init__(mock, index)
         self.stream = stream
-        self.index = index
-        stats = mock.stats
-        self._per_conn_streams = stats.streams_per_connection  # kept across stats.reset()
-        self._per_conn_concurrent = stats.max_concurrent
-        self._per_conn_rejected = stats.rejected_per_connection
         cfg = mock.config
         self.conn = h2.connection.H2Connection(
             h2.config.H2Configuration(
@@ -123,7 +117,7 @@ class _Connection:
         initial_values = {
             SettingCodes.HEADER_TABLE_SIZE: 4096,
             SettingCodes.MAX_CONCURRENT_STREAMS: cfg.initial_max_streams,
-            SettingCodes.MAX_HEADER_LIST_SIZE: 8000,
+            SettingCodes.MAX_HEADER_LIST_SIZE: _MAX_HEADER_LIST,
         }
         # initial_window_size: stream windows are never opened; a stream's bytes are credited
         # to the connection window once it is answered (stream id -> bytes held)
@@ -132,12 +126,8 @@ class _Connection:
             initial_values[SettingCodes.INITIAL_WINDOW_SIZE] = cfg.initial_window_size
             self._held_credit = {}
         self.conn.local_settings = h2.settings.Settings(client=False, initial_values=initial_values)
-        self.conn.decoder.max_header_list_size = 8000
+        self.conn.decoder.max_header_list_size = _MAX_HEADER_LIST
         self.conn.initiate_connection()
-        self.advertised_limit = cfg.initial_max_streams
-        self._authenticated = False
-        self._penalty = 0  # accepted pushes still needed before the limit is restored
-        self._tokens = ProviderTokens()
 
         self._inbuf = bytearray()
         self._out = bytearray()
@@ -148,34 +138,15 @@ class _Connection:
         self._max_sid = 0
         self._last_unheld = 0
         self._holding = False
-        self._goaway_last: int | None = None
-        self._goaway_acked = False
-        self._dead = False  # stop feeding h2 (protocol error or abort)
-        self._halt = False  # stop feeding frames: _dead, or stopped reading
+        self._halt = False  # stop feeding frames: _dead (abort too), or stopped reading
         self._stopped = False  # stop_reading_after reached: never read the socket again
         self._completed = 0  # complete requests received on this connection
-        self._stats_only: bool | None = None  # None: no request yet; True: only /stats ones
-        self._close_mode: Literal["graceful", "abort"] | None = None
-        self._wake = trio.Event()
-        self._reader_scope = trio.CancelScope()
-        self._reader_done = trio.Event()
-        self._nursery: trio.Nursery | None = None
-        self._debug = log.isEnabledFor(logging.DEBUG)
 
     # ---------------------------------------------------------------- lifecycle
 
-    async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._write_loop)
-            if self.mock.config.server_ping_interval is not None:
-                nursery.start_soon(self._ping_loop)
-            self._kick()  # our SETTINGS
-            with self._reader_scope:
-                await self._read_loop()
-            self._reader_done.set()
-            if self._close_mode is None:  # the client went away
-                nursery.cancel_scope.cancel()
+    def _start(self, nursery: trio.Nursery) -> None:
+        if self.mock.config.server_ping_interval is not None:
+            nursery.start_soon(self._ping_loop)
 
     async def _read_loop(self) -> None:
         try:
@@ -254,10 +225,7 @@ class _Connection:
                 await transport.send_eof()
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
                 pass
-        with trio.move_on_after(_LINGER):
-            await self._reader_done.wait()
-        self._reader_scope.cancel()
-        await self._reader_done.wait()
+        await self._stop_reader()
         if mode == "abort":
             await trio.aclose_forcefully(transport)
         else:
@@ -268,10 +236,7 @@ class _Connection:
                     pass
             await trio.aclose_forcefully(self.stream)
 
-    def _kick(self) -> None:
-        self._wake.set()
-
-    def _close(self, mode: Literal["graceful", "abort"]) -> None:
+    def _close(self, mode: Literal["graceful", "abort"] = "graceful") -> None:
         if self._close_mode is not None:
             return
         self._close_mode = mode
@@ -279,10 +244,6 @@ class _Connection:
             self._dead = self._halt = True
             self.mock.stats.closes += 1
         self._kick()
-
-    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
-        assert self._nursery is not None
-        self._nursery.start_soon(fn, *args)
 
     # ---------------------------------------------------------------- inbound frames
 
@@ -332,15 +293,7 @@ class _Connection:
                 return False
             limit = self.conn.local_settings.max_concurrent_streams
             if len(self._streams) >= limit:
-                self.mock.stats.protocol_errors.append(
-                    f"connection {self.index}: stream {stream_id} opened with {len(self._streams)}"
-                    f" streams open, MAX_CONCURRENT_STREAMS={limit}"
-                )
-                self._goaway(
-                    self.conn.highest_inbound_stream_id,
-                    ErrorCodes.REFUSED_STREAM,
-                    STREAM_LIMIT_VIOLATION.encode(),
-                )
+                self._refuse_stream(stream_id, limit, self.conn.highest_inbound_stream_id)
                 return False
             return True
         return self._goaway_last is None or stream_id <= self._goaway_last
@@ -350,10 +303,7 @@ class _Connection:
             events = self.conn.receive_data(frame)
         except h2.exceptions.ProtocolError as exc:
             # h2 has queued a GOAWAY with the right error code; send it and close.
-            self.mock.stats.protocol_errors.append(
-                f"connection {self.index}: {type(exc).__name__}: {exc}"
-            )
-            self.mock.stats.goaways_sent += 1
+            self._note_protocol_error(exc)
             self._dead = self._halt = True
             self._close("graceful")
             return
@@ -391,14 +341,11 @@ class _Connection:
         sid = event.stream_id
         stream = _Stream(sid, event.headers)
         self._streams[sid] = stream
-        self._note_kind(stream.control)
+        self._opened(stream.control)
         if stream.control:
             self._pending.add(sid)
             return
         self._count = n = self._count + 1
-        self._per_conn_streams[self.index] += 1
-        if len(self._streams) > self._per_conn_concurrent[self.index]:
-            self._per_conn_concurrent[self.index] = len(self._streams)
         cfg = self.mock.config
         if cfg.close_after is not None and n >= cfg.close_after:
             stream.abort_after = n == cfg.close_after
@@ -435,20 +382,6 @@ class _Connection:
         size = self._held_credit.pop(stream_id, 0)
         if size and not self._dead:
             self.conn.acknowledge_received_data(size, stream_id)
-
-    def _note_kind(self, stats_request: bool) -> None:
-        """Keep ``stats.stats_only_connections`` (a connection counts in the current stats
-        only if it was accepted after their last reset: its per-connection list is theirs)."""
-        stats = self.mock.stats
-        current = self._per_conn_streams is stats.streams_per_connection
-        if self._stats_only is None:
-            self._stats_only = stats_request
-            if stats_request and current:
-                stats.stats_only_connections += 1
-        elif self._stats_only and not stats_request:
-            self._stats_only = False
-            if current:
-                stats.stats_only_connections -= 1
 
     def _on_complete(self, stream: _Stream) -> None:
         if stream.control:
@@ -498,40 +431,16 @@ class _Connection:
 
     # ---------------------------------------------------------------- GOAWAY
 
-    def _goaway(
-        self, last_stream_id: int, code: int = ErrorCodes.NO_ERROR, debug: bytes | None = None
-    ) -> None:
-        """Send GOAWAY (crafted by hand so that h2 keeps serving streams <= last_stream_id)."""
-        if self._goaway_last is not None:
-            return
-        if debug is None:
-            debug = msgspec.json.encode({"reason": self.mock.config.goaway_reason})
-        self._goaway_last = last_stream_id
+    def _send_goaway(self, last_stream_id: int, code: int, debug: bytes) -> None:
+        """Crafted by hand so that h2 keeps serving streams <= last_stream_id."""
         self._out += self.conn.data_to_send()
         self._out += GoAwayFrame(
             0, last_stream_id=last_stream_id, error_code=code, additional_data=debug
         ).serialize()
         self.conn.ping(_GOAWAY_PING)
-        self.mock.stats.goaways_sent += 1
-        if self._debug:
-            log.debug(
-                "connection %d: GOAWAY last-stream-id=%d code=%d", self.index, last_stream_id, code
-            )
-        self._spawn(self._drain_deadline)
-        self._check_drain()
-        self._kick()
 
-    def _check_drain(self) -> None:
-        """After our GOAWAY, close once every stream at or below last-stream-id is answered."""
-        last = self._goaway_last
-        if last is None or self._close_mode is not None:
-            return
-        if all(sid > last for sid in self._pending):
-            self._close("graceful")
-
-    async def _drain_deadline(self) -> None:
-        await trio.sleep(_DRAIN_TIMEOUT)
-        self._close("graceful")
+    def _drained(self, last_stream_id: int) -> bool:
+        return all(sid > last_stream_id for sid in self._pending)
 
     async def _goaway_if_stalled(self) -> None:
         """goaway_last_stream_low: a client that waits for held streams still gets its GOAWAY."""
@@ -541,19 +450,10 @@ class _Connection:
 
     # ---------------------------------------------------------------- answers
 
-    async def _answer_later(self, stream: _Stream, delay: float) -> None:
-        await trio.sleep(delay)
-        self._answer(stream)
-        self._kick()
-
     def _answer(self, stream: _Stream) -> None:
         if self._dead or self._close_mode is not None or self._streams.get(stream.id) is not stream:
             return
-        try:
-            answer = self._evaluate(stream)
-        except Exception:  # a mock bug must not take the connection down
-            log.exception("connection %d: evaluating stream %d failed", self.index, stream.id)
-            answer = Answer(500, "InternalServerError", str(uuid.uuid4()).encode(), None, False)
+        answer = self._decide(Request(stream.headers, stream.body), stream.id)
         headers, body = response(answer, self.mock.config)
         sent = self._send(stream.id, headers, body)
         self._forget(stream.id)
@@ -561,8 +461,7 @@ class _Connection:
             self._release_credit(stream.id)
         if not sent:
             return
-        self._count_answer(stream, answer)
-        self._after_answer(answer)
+        self._answered(stream.id, answer)
         if stream.abort_after:
             self._close("abort")
         self._check_drain()
@@ -571,16 +470,7 @@ class _Connection:
         """``GET /stats`` (and ``DELETE``: then reset them); answered at once, counted nowhere."""
         if self._dead or self._close_mode is not None:
             return
-        method = Request(stream.headers, stream.body).method
-        if method in (b"GET", b"DELETE"):
-            stats = self.mock.stats
-            body = msgspec.json.encode(stats.summary())
-            if method == b"DELETE":
-                stats.reset()
-            headers = [(b":status", b"200"), *json_headers(body)]
-        else:
-            body = msgspec.json.encode({"reason": "MethodNotAllowed"})
-            headers = [(b":status", b"405"), (b"allow", b"GET, DELETE"), *json_headers(body)]
+        headers, body = _stats_answer(self.mock.stats, Request(stream.headers, stream.body).method)
         self._send(stream.id, headers, body)
         self._forget(stream.id)
         if self._held_credit:
@@ -602,64 +492,12 @@ class _Connection:
             return False
         return True
 
-    def _count_answer(self, stream: _Stream, answer: Answer) -> None:
-        stats = self.mock.stats
-        status, reason = answer.status, answer.reason
-        stats.by_status[status] += 1
-        if reason is not None:
-            stats.by_reason[reason] += 1
-        elif answer.token is not None:
-            stats.delivered[answer.token] += 1
-        if self._debug:
-            log.debug(
-                "connection %d stream %d token %s -> %d %s",
-                self.index,
-                stream.id,
-                redact(answer.token),
-                status,
-                reason or "",
-            )
-
-    def _after_answer(self, answer: Answer) -> None:
-        """The stream-limit consequences of an answer: authenticated, penalty, restore."""
-        cfg = self.mock.config
-        status = answer.status
-        if answer.auth_ok:
-            self._authenticated = True
-        if status < 300:  # 200, or 201/204 from channel management
-            if self._penalty:
-                self._penalty -= 1
-        elif 400 <= status < 500 and status != 410:
-            self._per_conn_rejected[self.index] += 1
-            if cfg.drop_to_one_on_reject:
-                self._penalty = cfg.penalty_accepts
-        self.retarget_limit()
-
     def _forget(self, stream_id: int) -> None:
         self._streams.pop(stream_id, None)
         self._pending.discard(stream_id)
 
-    def _evaluate(self, stream: _Stream) -> Answer:
-        """Decide the answer to a complete request, in APNs' terms."""
-        request = Request(stream.headers, stream.body)
-        path = request.path
-        if path is not None and path[:3] in (b"/1/", b"/4/"):
-            return evaluate_broadcast(self.mock, self._tokens, request)
-        return evaluate_device(self.mock, self._tokens, request)
-
-    def retarget_limit(self) -> None:
-        """Announce the stream limit the connection's state calls for, if it changed."""
-        cfg = self.mock.config
-        if self._penalty:
-            target = 1
-        elif self._authenticated:
-            target = cfg.max_streams
-        else:
-            target = cfg.initial_max_streams
-        if target != self.advertised_limit and self._close_mode is None and not self._dead:
-            self.advertised_limit = target
-            self.conn.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: target})
-            self._kick()
+    def _announce_limit(self, limit: int) -> None:
+        self.conn.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: limit})
 
 
 
@@ -759,8 +597,6 @@ class MockAPNs:
         log.info("mock APNs listening on %s:%d", host, self.port)
         task_status.started(self.port)
         if self.config.path == "fast":  # fanout.testing._fast; h2 for what it lacks
-            from ._fast import serve_fast
-
             await serve_fast(self, tcp_listeners, ssl_context)
             return
         await trio.serve_listeners(self._handle, listeners)
@@ -774,20 +610,10 @@ class MockAPNs:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             await trio.aclose_forcefully(stream)
             return
-        stats = self.stats
-        index = len(stats.streams_per_connection)
-        stats.connections += 1
-        stats.streams_per_connection.append(0)
-        stats.max_concurrent.append(0)
-        stats.rejected_per_connection.append(0)
-        connection = _Connection(self, stream, index)
-        self._connections.add(connection)
+        index = count_connection(self.stats)
         try:
-            await connection.run()
-        except Exception:  # never let one connection take the server down
-            log.exception("mock connection %d failed", index)
+            await _Connection(self, stream, index).serve()
         finally:
-            self._connections.discard(connection)
             await trio.aclose_forcefully(stream)
 
 
