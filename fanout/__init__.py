@@ -18,32 +18,49 @@ stream) and ends as a :class:`Result`. In the daemon a line is a ``PushLine`` an
 answer a ``ResultLine``.
 """
 
-from ._engine.backoff import Backoff
-from .auth import Auth, CertAuth, TokenAuth
-from .client import Client
-from .errors import (
-    ClosedError,
-    ConfigError,
-    FanoutError,
-    KeyFileError,
-    ProtocolError,
-    TransportError,
-    ValidationError,
-)
-from .events import Events
-from .outcome import Outcome, Reason, Result
-from .payload import (
-    Alert,
-    Aps,
-    CriticalSound,
-    Environment,
-    Notification,
-    Payload,
-    PushTemplate,
-    PushType,
-    bundle_of,
-    topic_for,
-)
+import gc as _gc
+
+# The imports below (trio, cryptography, msgspec, ours) create ~50,000 objects that live
+# as long as the process. Scanned as young objects they cost every start ~8 ms of CPU
+# (issue 19), so the collector is off while they are made and then they join the oldest
+# generation unscanned (freeze, unfreeze); unless a caller froze objects of its own, which
+# unfreeze would thaw. ``fanout`` as a command then freezes them for good (fanout._cli.main).
+_gc_was_enabled = _gc.isenabled()
+_gc.disable()
+try:
+    from ._engine.backoff import Backoff
+    from .auth import Auth, CertAuth, TokenAuth
+    from .client import Client
+    from .errors import (
+        ClosedError,
+        ConfigError,
+        FanoutError,
+        KeyFileError,
+        ProtocolError,
+        TransportError,
+        ValidationError,
+    )
+    from .events import Events
+    from .outcome import Outcome, Reason, Result
+    from .payload import (
+        Alert,
+        Aps,
+        CriticalSound,
+        Environment,
+        Notification,
+        Payload,
+        PushTemplate,
+        PushType,
+        bundle_of,
+        topic_for,
+    )
+finally:
+    if not _gc.get_freeze_count():
+        _gc.freeze()
+        _gc.unfreeze()
+    if _gc_was_enabled:
+        _gc.enable()
+    del _gc, _gc_was_enabled
 
 __version__ = "0.1.0"
 

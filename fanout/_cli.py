@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -416,14 +417,24 @@ async def _channels_main(args: argparse.Namespace) -> int:
 #: only when asked for, so that ``fanout send`` does not import the daemon, serve and the mock.
 _HEAVY = {"mock": "mock", "mock-credentials": "mock", "run": "run", "serve": "serve"}
 
+#: The one-line help of each command this module registers (``fanout -h`` lists them).
+_HELP = {
+    "demo": "fan out to the embedded mock APNs (no Apple account)",
+    "send": "one payload to a file of tokens",
+    "channels": "broadcast channels (iOS 18): create, list, show, delete",
+    "check": "one harmless push: are the credentials, topic and path good?",
+    "enqueue": "feed NDJSON push lines into a Redis Stream for a fleet",
+}
+
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The ``fanout`` command line: one subcommand per ``_add_<command>_parser``.
 
-    Given ``argv`` naming a command, the heavy commands other than that one get a bare
-    parser (their name only): start-up cost is what the command needs (issue 19)."""
+    Given ``argv`` naming a command, every other command gets a bare parser (its name and
+    help line only): start-up cost is what the command needs (issue 19); the heavy ones
+    would import their packages, the light ones cost their arguments (~3 ms)."""
     command = next((a for a in argv or () if not a.startswith("-")), None)
-    only = _HEAVY.get(command or "", "light") if command else None
+    only = _HEAVY.get(command or "", command) if command else None
 
     def full(group: str) -> bool:
         return only is None or only == group
@@ -435,8 +446,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", required=True, help="the command to run")
-    _add_demo_parser(sub, common)
-    _add_send_parser(sub, common)
+
+    def light(name: str, add: Callable[[], None]) -> None:
+        if full(name):
+            add()
+        else:
+            sub.add_parser(name, help=_HELP[name])
+
+    light("demo", lambda: _add_demo_parser(sub, common))
+    light("send", lambda: _add_send_parser(sub, common))
     if full("mock"):
         from .testing.command import add_mock_parser
 
@@ -444,8 +462,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     else:
         sub.add_parser("mock")
         sub.add_parser("mock-credentials")
-    _add_channels_parser(sub, common)
-    _add_check_parser(sub, common)
+    light("channels", lambda: _add_channels_parser(sub, common))
+    light("check", lambda: _add_check_parser(sub, common))
     # `run` registers itself: set_defaults(run_main=<async fn(args) -> int>), see main()
     if full("run"):
         from ._daemon.command import add_run_parser
@@ -453,7 +471,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         add_run_parser(sub, settings_args=add_settings_args)
     else:
         sub.add_parser("run")
-    _add_enqueue_parser(sub)
+    light("enqueue", lambda: _add_enqueue_parser(sub))
     if full("serve"):
         from ._serve.command import add_serve_parser
 
@@ -507,7 +525,7 @@ def _stop_child(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> float | 
 
 
 def _add_demo_parser(sub: _Subcommands[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
-    demo = sub.add_parser("demo", parents=[common], help="fan out to the embedded mock APNs (no Apple account)")
+    demo = sub.add_parser("demo", parents=[common], help=_HELP["demo"])
     demo.add_argument("--count", type=int, default=100_000, help="pushes to fan out (default 100,000)")
     demo.add_argument("--connections", type=int, default=2, help="HTTP/2 connections (default 2)")
     demo.add_argument("--latency", type=float, default=0.0, help="mock latency, seconds")
@@ -520,7 +538,7 @@ def _add_demo_parser(sub: _Subcommands[argparse.ArgumentParser], common: argpars
 
 
 def _add_send_parser(sub: _Subcommands[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
-    send = sub.add_parser("send", parents=[common], help="one payload to a file of tokens")
+    send = sub.add_parser("send", parents=[common], help=_HELP["send"])
     add_settings_args(send)
     target = send.add_mutually_exclusive_group(required=True)
     target.add_argument("--tokens", help="file with one token per line, or -")
@@ -551,8 +569,7 @@ def _add_send_parser(sub: _Subcommands[argparse.ArgumentParser], common: argpars
 
 
 def _add_channels_parser(sub: _Subcommands[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
-    channels = sub.add_parser("channels", parents=[common],
-                              help="broadcast channels (iOS 18): create, list, show, delete")
+    channels = sub.add_parser("channels", parents=[common], help=_HELP["channels"])
     channels_sub = channels.add_subparsers(dest="action", required=True, help="what to do")
     for action, text in (("create", "create a channel"), ("list", "list every channel"),
                          ("show", "show one channel"), ("delete", "delete a channel")):
@@ -568,8 +585,7 @@ def _add_channels_parser(sub: _Subcommands[argparse.ArgumentParser], common: arg
 
 
 def _add_check_parser(sub: _Subcommands[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
-    check_p = sub.add_parser("check", parents=[common],
-                             help="one harmless push: are the credentials, topic and path good?")
+    check_p = sub.add_parser("check", parents=[common], help=_HELP["check"])
     add_settings_args(check_p)
     check_p.add_argument("--teams", metavar="FILE",
                          help="check every team of a TOML file of [[team]] tables (those in "
@@ -583,7 +599,7 @@ async def _enqueue_main(args: argparse.Namespace) -> int:
 
 
 def _add_enqueue_parser(sub: _Subcommands[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("enqueue", help="feed NDJSON push lines into a Redis Stream for a fleet")
+    p = sub.add_parser("enqueue", help=_HELP["enqueue"])
     p.add_argument("inputs", nargs="*", default=["-"], help="NDJSON files; - or nothing: stdin")
     p.add_argument("--to", required=True, metavar="redis://HOST:PORT/STREAM", help="the fleet's stream")
     p.add_argument("--max-backlog", type=int, default=100_000, metavar="ENTRIES",
@@ -596,8 +612,15 @@ def _add_enqueue_parser(sub: _Subcommands[argparse.ArgumentParser]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``fanout ARGS``: run the command; its exit code (:mod:`fanout._exits`)."""
-    argv = sys.argv[1:] if argv is None else argv
+    """``fanout ARGS``: run the command; its exit code (:mod:`fanout._exits`).
+
+    Without ``argv`` (the process's own command line: the ``fanout`` script, ``python -m
+    fanout``) the objects of the imports are frozen out of the garbage collector (issue
+    19): they live as long as the process, and scanning them (at every full collection and
+    at exit) cost a small send ~25 ms of CPU."""
+    if argv is None:
+        gc.freeze()
+        argv = sys.argv[1:]
     parser = build_parser(argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the subcommand's usage, not the top level's: it is the one that was meant

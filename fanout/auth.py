@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
@@ -78,6 +78,51 @@ def _pem_labels(data: bytes) -> list[str]:
     return [m.decode("ascii") for m in _PEM_LABEL.findall(data)]
 
 
+#: The two DER layouts of an unencrypted PKCS#8 P-256 key (RFC 5208, 5915): Apple's .p8
+#: (the curve named again in the ECPrivateKey) and OpenSSL's or cryptography's (not):
+#: (bytes before the 32-byte secret, bytes between it and the 65-byte public point).
+_P8_LAYOUTS = (
+    (bytes.fromhex("308193020100301306072a8648ce3d020106082a8648ce3d030107047930770201010420"),
+     bytes.fromhex("a00a06082a8648ce3d030107a144034200")),
+    (bytes.fromhex("308187020100301306072a8648ce3d020106082a8648ce3d030107046d306b0201010420"),
+     bytes.fromhex("a144034200")),
+)
+_P8_BEGIN = b"-----BEGIN PRIVATE KEY-----"
+_P8_END = b"-----END PRIVATE KEY-----"
+
+
+def _load_p8(data: bytes) -> ec.EllipticCurvePrivateKey | None:
+    """The key of a .p8 as Apple and OpenSSL write it (one PEM block of 64-character lines,
+    one of the two :data:`_P8_LAYOUTS`, a public point that is the secret's), without
+    cryptography's serialization module (~3 ms of start-up, issue 19); None for any other
+    text (serialization then parses it, and :func:`_load_private_key` names what is wrong)."""
+    lines = data.strip().split(b"\n")
+    if len(lines) < 3 or lines[0].rstrip(b"\r") != _P8_BEGIN or lines[-1] != _P8_END:
+        return None
+    body = [line.rstrip(b"\r") for line in lines[1:-1]]
+    if any(len(line) != 64 for line in body[:-1]) or not 0 < len(body[-1]) <= 64:
+        return None
+    try:
+        der = base64.b64decode(b"".join(body), validate=True)
+    except ValueError:  # binascii.Error
+        return None
+    for before, between in _P8_LAYOUTS:
+        at = len(before) + 32
+        if (len(der) == at + len(between) + 65 and der.startswith(before)
+                and der.startswith(between, at) and der[at + len(between)] == 4):
+            break
+    else:
+        return None
+    try:
+        key = ec.derive_private_key(int.from_bytes(der[at - 32:at], "big"), ec.SECP256R1())
+    except ValueError:  # 0, or not below the group's order
+        return None
+    point = key.public_key().public_numbers()
+    if point.x.to_bytes(32, "big") + point.y.to_bytes(32, "big") != der[-64:]:
+        return None
+    return key
+
+
 def _load_private_key(data: bytes, source: str) -> ec.EllipticCurvePrivateKey:
     """Parse PEM bytes into a P-256 private key, classifying every way it can be wrong.
 
@@ -105,6 +150,11 @@ def _load_private_key(data: bytes, source: str) -> ec.EllipticCurvePrivateKey:
         raise KeyFileError(
             f"{source} contains {kind}, not a private key (token auth needs the .p8 signing key)"
         )
+    fast = _load_p8(data)
+    if fast is not None:
+        return fast
+    from cryptography.hazmat.primitives import serialization
+
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:  # "Password was not given but private key is encrypted"
@@ -212,6 +262,40 @@ def _b64url(data: bytes) -> bytes:
     return base64.urlsafe_b64encode(data).rstrip(b"=")
 
 
+class _ES256(ec.ECDSA):
+    """``ec.ECDSA(hashes.SHA256())`` but for its ``__init__``, which imports cryptography's
+    OpenSSL backend (~8 ms of a start, issue 19) only to check that deterministic signing,
+    not asked for here, is supported. A signature algorithm is its two properties."""
+
+    def __init__(self) -> None:  # ec.ECDSA.__init__ deliberately not called
+        pass
+
+    @property
+    def algorithm(self) -> hashes.HashAlgorithm:
+        return _SHA256
+
+    @property
+    def deterministic_signing(self) -> bool:
+        return False
+
+
+_SHA256 = hashes.SHA256()
+_es256: ec.ECDSA = _ES256()
+
+
+def _sign(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
+    """ECDSA P-256 / SHA-256 of ``data``, DER-encoded (cryptography's ``sign``)."""
+    global _es256
+    try:
+        return key.sign(data, _es256)
+    except (AttributeError, TypeError):
+        if type(_es256) is not _ES256:
+            raise
+        # a cryptography that wants more of a signature algorithm: its own, from now on
+        _es256 = ec.ECDSA(_SHA256)
+        return key.sign(data, _es256)
+
+
 def es256_jwt(key: ec.EllipticCurvePrivateKey, key_id: str, team_id: str, iat: int) -> bytes:
     """APNs' provider token (docs/apns.md, "Token-based authentication"): a JWS with header
     ``{"alg":"ES256","kid":...,"typ":"JWT"}`` and claims ``{"iss":...,"iat":...}``, signed
@@ -224,11 +308,11 @@ def es256_jwt(key: ec.EllipticCurvePrivateKey, key_id: str, team_id: str, iat: i
                                 separators=(",", ":")).encode())
     claims = _b64url(json.dumps({"iss": team_id, "iat": iat}, separators=(",", ":")).encode())
     signing_input = header + b"." + claims
-    r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
+    r, s = decode_dss_signature(_sign(key, signing_input))
     return signing_input + b"." + _b64url(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
 
 
-# (public key DER, key id, team, refresh_after, min_refresh_interval, clock) -> signer; the
+# (public point x, y, key id, team, refresh_after, min_refresh_interval, clock) -> signer; the
 # newest _MAX_SIGNERS are kept (a process holds a handful of keys), strongly, so a key loaded
 # per request finds the token minted for the previous request
 _MAX_SIGNERS = 256
@@ -239,9 +323,8 @@ _signers_lock = threading.Lock()
 def _signer_for(key: ec.EllipticCurvePrivateKey, key_id: str, team_id: str,
                 refresh_after: float, min_refresh_interval: float,
                 clock: Callable[[], float]) -> _Signer:
-    der = key.public_key().public_bytes(serialization.Encoding.DER,
-                                        serialization.PublicFormat.SubjectPublicKeyInfo)
-    ident = (der, key_id, team_id, refresh_after, min_refresh_interval, clock)
+    point = key.public_key().public_numbers()  # the key's identity (not its DER: issue 19)
+    ident = (point.x, point.y, key_id, team_id, refresh_after, min_refresh_interval, clock)
     with _signers_lock:
         signer = _signers.get(ident)
         if signer is not None:

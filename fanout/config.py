@@ -20,10 +20,8 @@ value came from. Nothing here reads, logs or prints key material or a JWT.
 from __future__ import annotations
 
 import argparse
-import difflib
 import math
 import os
-import tomllib
 from collections.abc import Mapping
 from typing import Any
 
@@ -245,6 +243,8 @@ def _parse_topic_rates(items: list[str], source: str) -> dict[str, float]:
 
 def _load_toml(path: str, where: str) -> dict[str, Any]:
     """The TOML file at ``path``; ConfigError naming ``where`` and what is wrong."""
+    import tomllib  # only with a settings file: ~2 ms of start-up otherwise (issue 19)
+
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -300,6 +300,8 @@ def _read_file(path: str) -> dict[str, Any]:
 
 
 def _unknown(where: str, key: str) -> None:
+    import difflib
+
     close = difflib.get_close_matches(key, list(_FIELDS), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise ConfigError(f"{where}: unknown key {key!r} ({hint}known: {', '.join(_FIELDS)})")
