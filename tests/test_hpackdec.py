@@ -196,3 +196,21 @@ def test_an_indexed_id_enters_the_table_at_its_decoded_size() -> None:
     for block in blocks:
         expected = [tuple(h) for h in reference.decode(block, raw=True)]
         assert [(n, plain(v)) for n, v in ours.decode(block)] == expected
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.binary(max_size=12), st.binary(max_size=40).map(HUFFMAN.encode)))
+def test_the_bit_by_bit_decoder_agrees_with_the_table(data: bytes) -> None:
+    """The first strings of a process are decoded without the 12-bit table (start-up):
+    both decoders give the same bytes, or the same error, for any input."""
+    from fanout._engine import hpackdec
+
+    hpackdec._build_huffman()
+
+    def result(decode):
+        try:
+            return decode(data)
+        except hpack.HPACKDecodingError as exc:
+            return str(exc)
+
+    assert result(hpackdec._slow_decode) == result(huffman_decode)
