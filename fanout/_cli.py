@@ -329,8 +329,6 @@ _CHECK_EXIT = {"usage": EXIT_USAGE, "config": EXIT_CONFIG, "unreachable": EXIT_U
 # --------------------------------------------------------------------------- demo
 
 async def _demo_main(args: argparse.Namespace) -> int:
-    from .auth import TokenAuth
-    from .client import Client
     from .testing.devcerts import make_pki, make_signing_key
 
     with tempfile.TemporaryDirectory(prefix="fanout-demo-") as tmp:
@@ -354,18 +352,9 @@ async def _demo_main(args: argparse.Namespace) -> int:
                         raise FanoutError(f"the mock exited with code {mock.returncode}")
                     await trio.sleep(0.05)
             port = int(port_file.read_text())
-            auth = TokenAuth.from_file(key.path, key.key_id, key.team_id)
             progress = Progress(args.count)
-            tokens = (os.urandom(32).hex() for _ in range(args.count))
-            print(f"fanout demo: {args.count:,} pushes over {args.connections} connections "
-                  f"to 127.0.0.1:{port}", file=sys.stderr)
-            async with Client(auth=auth, topic="com.example.fanout.demo", host="127.0.0.1",
-                              port=port, ca_file=str(pki.ca_file),
-                              connections=args.connections) as client:
-                async for result in client.fan_out({"aps": {"alert": {"title": "fanout",
-                                                                      "body": "Hello!"}}},
-                                                   tokens):
-                    progress.add(result)
+            await demo_fan_out(port, str(pki.ca_file), str(key.path), key.key_id, key.team_id,
+                               args.count, args.connections, progress=progress)
             summary = progress.summary()
         finally:
             mock_cpu = _stop_child(mock)
@@ -374,6 +363,30 @@ async def _demo_main(args: argparse.Namespace) -> int:
         summary["mock_cpu_us_per_push"] = round(mock_cpu / progress.done * 1e6, 1)
     print(json.dumps(summary), flush=True)
     return _exit(args, progress, None)
+
+
+async def demo_fan_out(port: int, ca_file: str, key_path: str, key_id: str, team_id: str,
+                       count: int, connections: int, *, progress: Progress | None = None,
+                       quiet: bool = False) -> dict[str, Any]:
+    """The demo's fan-out: one payload to ``count`` random tokens at 127.0.0.1:``port``;
+    returns its summary (``quiet``: no start line). bench/demo_rate.py runs it against
+    nginx beside ``fanout demo``."""
+    from .auth import TokenAuth
+    from .client import Client
+
+    auth = TokenAuth.from_file(key_path, key_id, team_id)
+    if progress is None:
+        progress = Progress(count)  # draws only on a TTY
+    tokens = (os.urandom(32).hex() for _ in range(count))
+    if not quiet:
+        print(f"fanout demo: {count:,} pushes over {connections} connections "
+              f"to 127.0.0.1:{port}", file=sys.stderr)
+    async with Client(auth=auth, topic="com.example.fanout.demo", host="127.0.0.1",
+                      port=port, ca_file=ca_file, connections=connections) as client:
+        async for result in client.fan_out({"aps": {"alert": {"title": "fanout",
+                                                              "body": "Hello!"}}}, tokens):
+            progress.add(result)
+    return progress.summary()
 
 
 async def _channels_main(args: argparse.Namespace) -> int:
