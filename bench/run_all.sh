@@ -67,11 +67,12 @@ else
     step doors      $PY bench/doors.py
 fi
 step serve      $PY bench/serve.py $QUICK   # in both sets (--quick when given)
+step demo_rate  $PY bench/demo_rate.py $QUICK   # fanout demo against the nginx sink's rate
 step plots $PY bench/plots.py
 
 echo
 echo "Targets (ratios from this run):"
-for f in throughput peers latency scaling rejections teams memory doors serve; do
+for f in throughput peers latency scaling rejections teams memory doors serve demo_rate; do
     md="$FANOUT_BENCH_RESULTS/$f.md"
     [ -f "$md" ] && grep -h -E 'target|\| (yes|NO) \|$' "$md" | sed "s/^/  [$f] /"
 done
