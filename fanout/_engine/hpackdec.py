@@ -148,11 +148,13 @@ def _slow_decode(data: bytes) -> bytes:
     out = bytearray()
     codes = _CODES
     while left:
+        sym = -1
         for length in range(5, min(30, left) + 1):  # the shortest code has 5 bits
-            sym = codes.get((length, (n >> (left - length)) & ((1 << length) - 1)))
-            if sym is not None:
+            found = codes.get((length, (n >> (left - length)) & ((1 << length) - 1)))
+            if found is not None:
+                sym = found
                 break
-        else:
+        if sym < 0:
             break
         if sym == 256:
             raise HPACKDecodingError("Invalid Huffman string: EOS in the string")
