@@ -11,6 +11,7 @@ import hashlib
 import json
 import shutil
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from h2.errors import ErrorCodes
 
+from fanout.testing import _fast
 from fanout.testing.devcerts import TestPKI, TestSigningKey, client_ssl_context
 from fanout.testing.mock import STREAM_LIMIT_VIOLATION, MockAPNs, MockConfig, open_mock
 
@@ -580,6 +582,168 @@ async def test_huffman_paths_and_ids_are_read_plain(pki: TestPKI, signing_key: T
     assert a == [(200, ids[0].encode()), (200, ids[1].encode()), (400, None),
                  (200, ids[3].encode())]
     assert sa["seen"] == {t: 1 for t in tokens} and sa["by_reason"] == {"BadMessageId": 1}
+
+
+def fanout_block(raw: Raw, key: TestSigningKey, token: str = TOKEN, ident: str | None = None,
+                 topic: str = TOPIC, extra: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """A request block as fanout's client encodes one: every constant field indexed (after
+    the first block), ``:path`` and ``apns-id`` never-indexed literals, no Huffman coding,
+    so that the fast path reads every block after the first two from its template."""
+    headers: list[Any] = [(":method", "POST"), (":scheme", "https"), (":authority", "localhost"),
+                          hpack.NeverIndexedHeaderTuple(":path", f"/3/device/{token}"),
+                          ("authorization", f"bearer {_JWTS[key.path]}"), ("apns-topic", topic),
+                          ("apns-push-type", "alert"), *extra]
+    if ident is not None:
+        headers.append(hpack.NeverIndexedHeaderTuple("apns-id", ident))
+    return raw.enc.encode(headers, huffman=False)
+
+
+def reasons(raw: Raw, sids: list[int]) -> list[tuple[int, str | None, bytes | None]]:
+    """Each stream's status, reason and apns-id (echoed for 200 and valid ids, else random)."""
+    out = []
+    for sid in sids:
+        body = json.loads(raw.bodies[sid]) if raw.bodies.get(sid) else {}
+        fields = dict(raw.answers.get(sid, []))
+        echo = fields.get(b"apns-id") if raw.status.get(sid) == 200 else None
+        out.append((raw.status.get(sid, 0), body.get("reason"), echo))
+    return out
+
+
+async def test_template_requests_answer_alike(pki: TestPKI, signing_key: TestSigningKey,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests encoded as fanout's client encodes them: the fast path reads them from a
+    template (a block of hpackdec's shape cache, read in place; the request line and
+    check_headers' verdict on it remembered; a whole request in one read answered without
+    storing its stream) and must answer them as the h2 path does: every kind of request,
+    configuration changed under a live connection, bodies split from their HEADERS."""
+    key = signing_key
+    other = ec.generate_private_key(ec.SECP256R1()).public_key()
+    decoded = []  # blocks the fast path decoded (the others it read from a template)
+    decode = _fast._RequestDecoder.decode
+
+    def counting(self: Any, block: bytes) -> Any:
+        decoded.append(block)
+        return decode(self, block)
+
+    monkeypatch.setattr(_fast._RequestDecoder, "decode", counting)
+
+    async def probe(mock: MockAPNs) -> Any:
+        ids = iter(str(uuid.UUID(int=n + 1, version=4)) for n in range(10_000))
+        tokens = iter(f"{n:064x}" for n in range(1, 10_000))
+        raw = await Raw.connect(pki, mock)
+        sids: list[int] = []
+        sid = -1
+
+        def next_sid() -> int:
+            nonlocal sid
+            sid += 2
+            sids.append(sid)
+            return sid
+
+        async def push(n: int = 1, body: bytes = BODY, **kw: Any) -> None:
+            """n requests, one at a time, each answered before the next is sent."""
+            for _ in range(n):
+                s = next_sid()
+                kw.setdefault("ident", None)
+                ident = kw["ident"] if kw["ident"] is not None else next(ids)
+                token = kw.get("token") or next(tokens)
+                block = fanout_block(raw, key, token, ident,
+                                     **{k: v for k, v in kw.items() if k not in ("ident", "token")})
+                await raw.send(frame(1, 0x4, s, block) + frame(0, 0x1, s, body))
+                await raw.pump(lambda: s in raw.ended)  # noqa: B023
+
+        await push(4)  # learnt from the second; the others read from the template
+        await push(2, token="zz" * 32)  # not a hex token: the general path
+        await push(2, token="abc")  # another length: another shape
+        await push(2)
+        await push(2, token="dead" + "00" * 30)  # unregistered: 410 on the template
+        await push(2, ident="not-a-uuid-but-36-characters-long-xx")
+        await push(2, ident="c3eff96a-7c26-4cdf-8003-79789c2f8a41")  # the same id twice
+        for body in (b"", b"not json", b"[1,2]", b'{"aps":{"alert":"' + b"x" * 4100 + b'"}}'):
+            await push(2, body=body)
+        await push(3, topic="com.other.app")
+        await push(3, extra=(("apns-push-type", "background"),))  # a duplicate header
+        await push(3, extra=(("apns-priority", "5"),))
+        await push(3, extra=(("apns-expiration", "soon"),))
+        await push(2)
+        # several requests in one write (and read): each answered as it is read
+        batch = []
+        for _ in range(5):
+            s = next_sid()
+            batch.append(frame(1, 0x4, s, fanout_block(raw, key, next(tokens), next(ids)))
+                         + frame(0, 0x1, s, BODY))
+        await raw.send(b"".join(batch))
+        await raw.pump(lambda: all(x in raw.ended for x in sids))
+        # HEADERS, then its DATA in a later read; a padded DATA; HEADERS ending the stream
+        for data in (frame(0, 0x1, 0, BODY), frame(0, 0x9, 0, bytes((3,)) + BODY + bytes(3))):
+            s = next_sid()
+            await raw.send(frame(1, 0x4, s, fanout_block(raw, key, next(tokens), next(ids))))
+            await raw.sync(b"hdrs%04d" % s)
+            await raw.send(data[:5] + s.to_bytes(4, "big") + data[9:])
+            await raw.pump(lambda: s in raw.ended)  # noqa: B023
+        s = next_sid()
+        await raw.send(frame(1, 0x5, s, fanout_block(raw, key, next(tokens), next(ids))))
+        await raw.pump(lambda: s in raw.ended)  # noqa: B023
+        await push(2)
+        # the configuration changed under the connection
+        mock.config.topics = {"com.other.app"}
+        await push(2)
+        mock.config.topics = {TOPIC}
+        await push(2)
+        mock.config.p503, mock.config.retry_after = 1.0, 7
+        await push(2)
+        mock.config.p503 = 0.0
+        mock.config.record_bodies = True
+        await push(2)
+        mock.config.record_bodies = False
+        mock.config.latency = 0.01  # answered later: the general path
+        await push(2)
+        mock.config.latency = 0.0
+        mock.config.validate = False
+        await push(2, token="zz" * 32)
+        mock.config.validate = True
+        await push(2)
+        mock.config.keys = {key.key_id: other}  # the key revoked
+        await push(2)
+        return reasons(raw, sids), raw.limits
+
+    (a, sa), (b, sb) = await on_both(pki, lambda p: config(key, p, unregistered={
+        "dead" + "00" * 30}), probe)
+    for n, (x, y) in enumerate(zip(a[0], b[0], strict=True)):
+        assert x == y, n
+    assert a == b
+    assert sa == sb
+    statuses = {x[0] for x in a[0]}
+    assert statuses >= {200, 400, 403, 410, 413, 503}
+    assert sa["by_reason"]["TopicDisallowed"] >= 5 and sa["bodies"]
+    assert len(decoded) < len(a[0]) // 2, (len(decoded), len(a[0]))
+
+
+async def test_template_refused_values_alike(pki: TestPKI, signing_key: TestSigningKey) -> None:
+    """A value h2 refuses in a block of a template (an apns-id hole learnt as a UUID or as
+    any value) gets h2's GOAWAY and message, as on the h2 path."""
+    key = signing_key
+
+    for learnt, bad in (("c3eff96a-7c26-4cdf-8003-79789c2f8a41",
+                         "c3eff96a-7c26-4cdf-8003-79789c2f8a4\n"),
+                        ("x" * 36, "x" * 17 + "\n" + "x" * 18),
+                        ("x" * 36, " " + "x" * 35)):
+
+        async def probe(mock: MockAPNs) -> Any:
+            raw = await Raw.connect(pki, mock)
+            for s in (1, 3, 5):
+                await raw.send(frame(1, 0x4, s, fanout_block(raw, key, ident=learnt))  # noqa: B023
+                               + frame(0, 0x1, s, BODY))
+                await raw.pump(lambda: s in raw.ended)  # noqa: B023
+            await raw.send(frame(1, 0x4, 7, fanout_block(raw, key, ident=bad))  # noqa: B023
+                           + frame(0, 0x1, 7, BODY))
+            await raw.until_eof()
+            return raw.status, raw.goaway
+
+        (a, sa), (b, sb) = await on_both(pki, lambda p: config(key, p), probe)
+        assert a == b and sa == sb
+        assert a[1] == (7, ErrorCodes.PROTOCOL_ERROR, b"")  # opened before it is validated
+        assert len(sa["protocol_errors"]) == 1
 
 
 @pytest.mark.parametrize("bad_block, code", [

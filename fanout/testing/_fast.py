@@ -10,7 +10,10 @@ by the same code as on the h2 path (:func:`._device.evaluate_device`,
 :func:`._broadcast.evaluate_broadcast`, :func:`._http.response`, the provider tokens of
 :mod:`._jwt`), drawing from the mock's seeded ``rng`` in the same order, and counted into the
 same :class:`MockStats` the same way, so both paths agree request for request
-(tests/test_fastmock.py).
+(tests/test_fastmock.py). One exception, the steady state of a client like fanout's (see
+below, templates): a device push read from a template is decided by
+:meth:`FastConnection._evaluate_device`, evaluate_device's steps in its order by its own
+helpers, with what the template alone decides worked out once.
 
 HTTP/2 is kept to what the h2 path does: the same first SETTINGS (stream limit 1 until the first
 valid JWT, 1 again after a rejection; a limit applies once the client ACKs it, as h2 applies
@@ -26,13 +29,25 @@ request (p429/p500/p503, never_answer, latency and jitter) and per token (unregi
 token, environment, token_topic) are those of :mod:`._faults`, in its order.
 
 Request headers are decoded by the engine's own decoder, :class:`.hpackdec.RequestDecoder` (its
-Huffman table and caches; a block that differs from the one before only in its ``:path`` and
-``apns-id`` values, as fanout's steady state does, everything else indexed, is not decoded
-again), with h2's errors. h2's header validation (:func:`h2.utilities.validate_headers`, and
-its normalisation) runs once per distinct *shape* of header list (the list itself but for the
-values new in every request, of which it keeps what h2 reads: whether they hold a character h2
-refuses, whether a ``:path`` is empty) and its verdict is cached. Responses are encoded by hand: ``:status`` from the static table when it is there, everything
-else as literals without indexing (no dynamic table, no Huffman coding).
+Huffman table and caches), with h2's errors. h2's header validation
+(:func:`h2.utilities.validate_headers`, and its normalisation) runs once per distinct *shape*
+of header list (the list itself but for the values new in every request, of which it keeps
+what h2 reads: whether they hold a character h2 refuses, whether a ``:path`` is empty) and its
+verdict is cached. Responses are encoded by hand: ``:status`` from the static table when it is
+there, everything else as literals without indexing (no dynamic table, no Huffman coding).
+
+Templates, fanout's steady state (about 8 µs of CPU per request, where reading every request
+as above costs 25): once a request whose block hpackdec keeps as the shape of the next ones
+(every field indexed but the ``:path`` and ``apns-id`` literals, nothing entering the table)
+passed h2's validation as it is, that block is the connection's template
+(:class:`_Template`), until the next block the decoder reads. The frame loop matches a
+HEADERS frame against it in place (one regular expression: the template's bytes, the hole
+values captured, a device path's hex token and a UUID apns-id checked as they were when
+learnt), with no decoding, no header list and no Request unless one is needed; when the
+request's DATA (all of its body, END_STREAM) follows in the same read and nothing delays the
+answer, the whole request is read, decided and answered without storing its stream
+(:meth:`FastConnection._request`). Anything else (another block, a value to check in full,
+padding, faults that delay or drop answers, another path) takes the general path above.
 
 Not implemented here (a connection is served by the h2 path when the config asks for them, see
 :func:`h2_reason`): ``goaway_after``, ``close_after``, ``stop_reading_after``,
@@ -47,6 +62,7 @@ sits on top of both paths, so this module never imports :mod:`._server`.
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 import struct
 import uuid
@@ -64,13 +80,13 @@ from hpack.exceptions import HPACKError, OversizedHeaderListError
 from hpack.table import HeaderTable
 
 from .._engine.framer import encode_int, encode_str
-from .._engine.hpackdec import Encoded, RequestDecoder, plain
+from .._engine.hpackdec import Encoded, RequestDecoder, huffman_decode, plain
 from ..errors import redact
 from . import _faults
-from ._apple import DEVICE_PREFIX, STREAM_LIMIT_VIOLATION
+from ._apple import DEVICE_PREFIX, HEX, STREAM_LIMIT_VIOLATION, UUID, VOIP_PAYLOAD_LIMIT
 from ._broadcast import evaluate_broadcast
 from ._config import MockConfig, MockStats
-from ._device import evaluate_device
+from ._device import _payload_reason, _request_line_failure, check_headers, evaluate_device
 from ._http import Answer, Headers, Request, json_headers, response
 from ._jwt import MockState, ProviderTokens
 
@@ -203,6 +219,7 @@ def encode_response(headers: Headers) -> bytes:
 #: Names whose value h2's validation reads beyond its characters: kept whole in the shape.
 _VALUE_SENSITIVE = frozenset({b"te", b":method", b":authority", b"host", b":path"})
 _BLANK = (0x20, 0x09)  # the whitespace h2 refuses at either end of a value
+_REFUSED = b"\x00\r\n"  # the characters h2 refuses in a value
 _REQUEST_FLAGS = HeaderValidationFlags(
     is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False)
 _TRAILER_FLAGS = HeaderValidationFlags(
@@ -228,42 +245,162 @@ def _layout(names: tuple[bytes, ...]) -> tuple[int, ...]:
     return varying
 
 
+class _Template:
+    """A request header block that hpackdec's shape cache stands for (see
+    :meth:`_RequestDecoder.learn`): a block of its length whose bytes outside the value holes
+    are its segments decodes to the same header list with the holes' values (each of a fixed
+    length: the bytes before it say so) and changes nothing in the dynamic table. What a
+    request of it is (its fields but the holes', method, duplicate flag, content-length; that
+    h2 finds it valid as it is when the hole values have no character h2 refuses) is known
+    once. :attr:`pattern` matches such a block and captures the hole values: a ``:path``
+    learnt as a device push's with a hex token (``/3/device/`` and an even number of hex
+    digits) must be one too, an ``apns-id`` learnt as a UUID one too (h2 finds nothing to
+    refuse in them, and :func:`._device.evaluate_device` nothing to refuse of them); any other
+    value is read whole and checked as h2 checks it (:func:`_checked_values`)."""
+
+    __slots__ = ("shape", "length", "pattern", "checks", "path_at", "device", "id_at",
+                 "id_valid", "names", "fields", "proto", "given_id", "authorization", "topic",
+                 "method", "duplicate", "expected", "line_failure", "verdicts")
+
+    def __init__(self, shape: object, length: int, segments: list[tuple[int, bytes]],
+                 holes: list[tuple[int, int, bytes, bool]], values: list[bytes],
+                 request: Request, expected: int | None) -> None:
+        self.shape = shape  # hpackdec's, for reuse while it stays current
+        self.length = length
+        names = [h[2] for h in holes]
+        self.names = tuple(names)
+        self.path_at = path_at = names.index(b":path")
+        self.id_at = id_at = names.index(b"apns-id") if b"apns-id" in names else -1
+        self.device = self.id_valid = False
+        parts = []
+        checks = []  # (hole index, Huffman-coded) of the values checked in Python
+        for k, ((_, segment), (start, stop, _, huffman), value) in enumerate(
+                zip(segments, holes, values, strict=False)):
+            parts.append(re.escape(segment))
+            n = stop - start
+            if k == path_at and not huffman and _is_device_path(value):
+                self.device = True
+                parts.append(b"(" + re.escape(DEVICE_PREFIX) + b"[0-9a-fA-F]{%d})" % (n - 10))
+            elif k == id_at and not huffman and UUID.fullmatch(value) is not None:
+                self.id_valid = True
+                parts.append(b"(" + UUID.pattern + b")")
+            else:
+                checks.append((k, huffman))
+                parts.append(b"(.{%d})" % n)
+        parts.append(re.escape(segments[-1][1]))
+        self.pattern = re.compile(b"".join(parts), re.DOTALL)
+        self.checks = tuple(checks)
+        fields = request.fields
+        self.fields = dict(fields)  # in order; the holes' values replaced per request
+        proto = Request([], bytearray())  # for _request_line_failure: its path set per call
+        proto.method, proto.duplicate, proto.fields = request.method, request.duplicate, fields
+        self.proto = proto
+        # with a device path of a hex token, what _request_line_failure says of every request
+        # of the template (its method, duplicate flag, a path that is no bare prefix, a token
+        # of an even number of hex digits): its verdict on the learnt one
+        proto.path = values[path_at]
+        self.line_failure = _request_line_failure(proto, values[path_at][10:]) \
+            if self.device else None
+        self.given_id = fields.get(b"apns-id")  # (without an apns-id hole)
+        self.authorization = fields.get(b"authorization")
+        self.topic = fields.get(b"apns-topic")
+        self.method = request.method
+        self.duplicate = request.duplicate
+        self.expected = expected
+        # (id valid, id given) -> (config, its topics, check_headers' verdict on a good
+        # body, push type): every header check_headers reads is one of the template's own
+        self.verdicts: dict[tuple[bool, bool], tuple[object, object, str | None, str | None]] = {}
+
+    def request(self, values: tuple[bytes, ...], body: bytearray) -> Request:
+        """The request of a block of this template whose hole values are ``values``."""
+        fields = self.fields.copy()
+        path = b""
+        for k, name in enumerate(self.names):
+            if k == self.path_at:
+                path = values[k]
+            else:
+                fields[name] = values[k]
+        request = _new_request(Request)
+        request.method = self.method
+        request.path = path
+        request.fields = fields
+        request.duplicate = self.duplicate
+        request.body = body
+        return request
+
+
+def _is_device_path(path: bytes) -> bool:
+    """``/3/device/`` and a token of an even number of hex digits (what
+    :func:`._device._request_line_failure` accepts of a path)."""
+    token = path[10:]
+    return path.startswith(DEVICE_PREFIX) and bool(token) and not len(token) % 2 \
+        and HEX.fullmatch(token) is not None
+
+
+def _checked_values(template: _Template, values: tuple[bytes, ...]) -> tuple[bytes, ...] | None:
+    """A template's hole values, the Huffman-coded ones decoded; ``None`` if one the pattern
+    does not check is not valid Huffman, has a character h2 refuses or is an empty
+    ``:path``: the general path reads that block (for h2's message)."""
+    out = list(values)
+    for k, coded in template.checks:
+        value = out[k]
+        if coded:
+            try:
+                value = out[k] = huffman_decode(value)
+            except HPACKError:
+                return None
+        if value:
+            if 0 in value or 13 in value or 10 in value or value[0] in _BLANK \
+                    or value[-1] in _BLANK:
+                return None
+        elif k == template.path_at:
+            return None
+    return tuple(out)
+
+
 class _RequestDecoder:
     """One connection's request header decoding: hpackdec's (the engine's decoder, with its
     dynamic table, Huffman table and caches), h2's errors, every value plain, and the shape
-    of the header list, which :func:`_checked` caches h2's verdict by."""
+    of the header list, which :func:`_checked` caches h2's verdict by. ``template`` is the
+    block hpackdec would answer from its shape cache, once a request of it was validated
+    (:meth:`learn`): the frame loop reads such blocks itself (:meth:`FastConnection._express`)
+    without decoding them again, until the next block that is not one of them."""
 
-    __slots__ = ("decoder",)
+    __slots__ = ("decoder", "template", "_last")
 
     def __init__(self) -> None:
         self.decoder = RequestDecoder(max_header_list_size=_MAX_HEADER_LIST)
+        self.template: _Template | None = None
+        self._last: _Template | None = None
 
     def decode(self, block: bytes) -> tuple[Headers, tuple[_ShapeElement, ...] | None]:
         """The header list of ``block`` and its shape (``None``: validate it in full): the
         list itself but for its varying headers (:data:`_VARYING`), of which it keeps the
         name when h2's validation cannot tell the value from another (no character h2
         refuses), the whole header when it reads the value (a ``:path`` only as non-empty)."""
+        self.template = None  # the table may change: see learn
         try:
             decoded = self.decoder.decode(block)
+            # a list is the decoder's own fresh one; a tuple, a block it remembered
+            headers: Headers = decoded if type(decoded) is list else list(decoded)
+            names = tuple(map(_name_of, headers))
+            varying = _layouts.get(names)
+            if varying is None:
+                varying = _layout(names)
+            for k in varying:
+                name, value = headers[k]
+                if type(value) is Encoded:  # an id hpackdec left Huffman-coded
+                    headers[k] = (name, plain(value))
         except OversizedHeaderListError as exc:  # as h2's _decode_headers
             raise h2.exceptions.DenialOfServiceError(f"Oversized header block: {exc}") from exc
         except (HPACKError, IndexError, TypeError, UnicodeDecodeError) as exc:
             raise h2.exceptions.ProtocolError(f"Error decoding header block: {exc}") from exc
-        # a list is the decoder's own fresh one; a tuple, a block it remembered
-        headers: Headers = decoded if type(decoded) is list else list(decoded)
-        names = tuple(map(_name_of, headers))
-        varying = _layouts.get(names)
-        if varying is None:
-            varying = _layout(names)
         shape: list[_ShapeElement] = list(headers)
         valid = True
         for k in varying:
             name, value = headers[k]
-            if type(value) is Encoded:  # an id hpackdec left Huffman-coded
-                value = plain(value)
-                headers[k] = (name, value)
             # h2 refuses NUL, CR and LF in a value, and a space or tab at either end
-            if value and (len(value.translate(None, b"\x00\r\n")) != len(value)
+            if value and (len(value.translate(None, _REFUSED)) != len(value)
                           or value[0] in _BLANK or value[-1] in _BLANK):
                 valid = False  # validate in full, for h2's message
             elif name in _VALUE_SENSITIVE and (name != b":path" or not value):
@@ -271,6 +408,39 @@ class _RequestDecoder:
             else:
                 shape[k] = name  # any value validates alike (any non-empty :path)
         return headers, (tuple(shape) if valid else None)
+
+    def learn(self, block: bytes, headers: Headers, request: Request,
+              expected: int | None) -> None:
+        """``block`` (decoded to ``headers``, ``request``) passed h2's validation as it is:
+        if it is an instance of the block hpackdec's shape cache holds (its bytes but the
+        value holes, while the dynamic table has not changed), make that the template.
+
+        Reads hpackdec's shape (``ResponseDecoder._shape``, its ``_Shape``) and table
+        generation, which it keeps private: the template is valid exactly when hpackdec
+        would answer a block from that shape, and only until the next :meth:`decode`."""
+        dec = self.decoder
+        shape = dec._shape
+        if shape is None or shape[0] != dec._generation or shape[1] != len(block):
+            return
+        last = self._last
+        if last is not None and last.shape is shape:
+            self.template = last
+            return
+        for at, segment in shape[2]:
+            if not block.startswith(segment, at):
+                return
+        holes = []
+        for start, stop, _, name, huffman in shape[4]:
+            # each hole's name once in the list (so its value is the field's, or the path)
+            if sum(1 for n, _ in headers if n == name) != 1:
+                return
+            holes.append((start, stop, name, huffman))
+        if not any(h[2] == b":path" for h in holes):
+            return
+        plain_values = dict(headers)
+        values = [plain_values[h[2]] for h in holes]
+        self.template = self._last = _Template(
+            shape, shape[1], shape[2], holes, values, request, expected)
 
 
 def _checked(headers: Headers, shape: tuple[_ShapeElement, ...] | None, validate: bool,
@@ -328,19 +498,68 @@ def _strip(flags: int, payload: bytes, headers_frame: bool) -> bytes:
     return payload if start == 0 and end == len(payload) else payload[start:end]
 
 
+# --------------------------------------------------------------------------- device pushes
+
+_BROADCAST_ROOTS = (b"/1/", b"/4/")  # paths _decide sends to evaluate_broadcast
+_UUID_FULLMATCH = UUID.fullmatch
+#: A body every payload check passes: with it, check_headers' verdict is the headers' alone.
+_GOOD_BODY = bytearray(b"{}")
+_PAYLOAD_VERDICTS_MAX = 256
+_PAYLOAD_MEMO_MAX = VOIP_PAYLOAD_LIMIT  # bodies remembered: up to the largest limit
+#: (body, push type) -> _payload_reason's verdict (a pure function of them)
+_payload_verdicts: dict[tuple[bytes, str | None], str | None] = {}
+#: the 200 answer's block but for the apns-id value: :status 200 indexed, the apns-id name
+#: and the value's length prefix (encode_response's encoding of response()'s headers)
+_OK_BLOCK_HEAD = _STATUS_INDEXED[b"200"] + _name_prefix(b"apns-id")
+_OK_BLOCK_HEAD_LEN = len(_OK_BLOCK_HEAD) + 1
+
+
+def _header_reason(template: _Template, cfg: MockConfig, id_ok: bool, id_given: bool,
+                   body: bytearray) -> str | None:
+    """``check_headers(cfg, fields, id_ok, id_given, body)`` for a request of ``template``:
+    its verdict on the headers (every field it reads but ``apns-id`` is the template's)
+    remembered per (id valid, id given) while the config and its topics are the same
+    objects, then the payload's (remembered per body and push type)."""
+    entry = template.verdicts.get((id_ok, id_given))
+    if entry is None or entry[0] is not cfg or entry[1] is not cfg.topics:
+        fields = template.fields
+        push_type_b = fields.get(b"apns-push-type")
+        push_type = None if push_type_b is None else push_type_b.decode("ascii", "replace")
+        entry = (cfg, cfg.topics, check_headers(cfg, fields, id_ok, id_given, _GOOD_BODY),
+                 push_type)
+        template.verdicts[(id_ok, id_given)] = entry
+    if entry[2] is not None:
+        return entry[2]
+    if len(body) > _PAYLOAD_MEMO_MAX:  # too large for any push type: not worth keeping
+        return _payload_reason(body, entry[3])
+    key = (bytes(body), entry[3])
+    try:
+        return _payload_verdicts[key]
+    except KeyError:
+        pass
+    if len(_payload_verdicts) >= _PAYLOAD_VERDICTS_MAX:
+        _payload_verdicts.clear()
+    reason = _payload_verdicts[key] = _payload_reason(body, entry[3])
+    return reason
+
+
 # --------------------------------------------------------------------------- connection
+
+_new_request = object.__new__  # a Request whose fields the caller sets (see _express)
+
 
 class _Stream:
     """One request being received or waiting for its answer."""
 
-    __slots__ = ("id", "path", "request", "control", "silent", "ended", "expected",
-                 "received", "unacked", "send_window")
+    __slots__ = ("id", "path", "_request", "body", "control", "silent", "ended", "expected",
+                 "received", "unacked", "send_window", "template", "values")
 
-    def __init__(self, stream_id: int, path: bytes | None, request: Request, control: bool,
-                 send_window: int) -> None:
+    def __init__(self, stream_id: int, path: bytes | None, request: Request | None,
+                 body: bytearray, control: bool, send_window: int) -> None:
         self.id = stream_id
         self.path = path  # the first :path, as the h2 path reads it
-        self.request = request
+        self._request = request  # None: read from a template, made when needed (request)
+        self.body = body  # the request's body
         self.control = control  # GET/DELETE /stats: no fault, not counted
         self.silent = False  # never_answer: stays open, never answered
         self.ended = False  # END_STREAM received
@@ -348,6 +567,16 @@ class _Stream:
         self.received = 0  # body bytes received
         self.unacked = 0  # flow-controlled bytes not yet credited back to the stream
         self.send_window = send_window  # what we may send on it
+        self.template: _Template | None = None  # the header block it was read from
+        self.values: tuple[bytes, ...] = ()  # and the values of that block's holes
+
+    @property
+    def request(self) -> Request:
+        request = self._request
+        if request is None:
+            assert self.template is not None
+            request = self._request = self.template.request(self.values, self.body)
+        return request
 
 
 # --------------------------------------------------------------------------- both paths
@@ -482,26 +711,29 @@ class ConnectionBase:
 
     # ---------------------------------------------------------------- streams
 
-    def _opened(self, control: bool) -> None:
-        """A request opened a stream (``control``: a /stats one, counted in no stream count).
-        Keeps ``stats.stats_only_connections`` (a connection counts in the current stats only
-        if it was accepted after their last reset: its per-connection list is theirs) and the
+    def _opened(self, control: bool, unstored: int = 0) -> None:
+        """A request opened a stream (``control``: a /stats one, counted in no stream count;
+        ``unstored``: 1 if it is open but not in ``_streams``). Keeps
+        ``stats.stats_only_connections`` (a connection counts in the current stats only if it
+        was accepted after their last reset: its per-connection list is theirs) and the
         per-connection stream counts."""
-        stats = self.mock.stats
-        current = self._per_conn_streams is stats.streams_per_connection
-        if self._stats_only is None:
-            self._stats_only = control
-            if control and current:
-                stats.stats_only_connections += 1
-        elif self._stats_only and not control:
-            self._stats_only = False
-            if current:
-                stats.stats_only_connections -= 1
+        if self._stats_only is not False:  # no request yet, or only /stats ones
+            stats = self.mock.stats
+            current = self._per_conn_streams is stats.streams_per_connection
+            if self._stats_only is None:
+                self._stats_only = control
+                if control and current:
+                    stats.stats_only_connections += 1
+            elif not control:
+                self._stats_only = False
+                if current:
+                    stats.stats_only_connections -= 1
         if not control:
             index = self.index
             self._per_conn_streams[index] += 1
-            if len(self._streams) > self._per_conn_concurrent[index]:
-                self._per_conn_concurrent[index] = len(self._streams)
+            n = len(self._streams) + unstored
+            if n > self._per_conn_concurrent[index]:
+                self._per_conn_concurrent[index] = n
 
     def _refuse_stream(self, sid: int, limit: int, last_stream_id: int) -> None:
         """Stream ``sid`` opened beyond our MAX_CONCURRENT_STREAMS ``limit``: GOAWAY."""
@@ -567,11 +799,13 @@ class ConnectionBase:
         mock = self.mock
         stats = mock.stats
         status, reason = answer.status, answer.reason
-        stats.by_status[status] += 1
-        if reason is not None:
+        by_status = stats.by_status
+        by_status[status] = by_status.get(status, 0) + 1  # (Counter's += 1, without a
+        if reason is not None:                            # __missing__ call per new key)
             stats.by_reason[reason] += 1
         elif answer.token is not None:
-            stats.delivered[answer.token] += 1
+            delivered = stats.delivered
+            delivered[answer.token] = delivered.get(answer.token, 0) + 1
         if self._debug:
             log.debug("connection %d stream %d token %s -> %d %s", self.index, stream_id,
                       redact(answer.token), status, reason or "")
@@ -738,18 +972,36 @@ class FastConnection(ConnectionBase):
                 pos = len(_PREFACE)
                 self._preface_done = True
             unpack = _HDR.unpack_from
+            streams = self._streams
             while size - pos >= 9:
                 hi, lo, ftype, flags, sid = unpack(buf, pos)
                 length = (hi << 16) | lo
                 if length > _MAX_FRAME_SIZE:
                     raise h2.exceptions.FrameTooLargeError(
                         f"Received overlong frame: length {length}, max {_MAX_FRAME_SIZE}")
-                end = pos + 9 + length
+                start = pos + 9
+                end = start + length
                 if end > size:
                     break
-                payload = buf[pos + 9:end]
                 pos = end
                 sid &= 0x7FFF_FFFF
+                if ftype <= _HEADERS and self._goaway_last is None and not self._cont_sid:
+                    # the steady state, read in place: a request's HEADERS, its DATA
+                    if ftype == _DATA:
+                        stream = streams.get(sid) if sid and not flags & _PADDED else None
+                        if stream is not None and not stream.ended:
+                            self._data(stream, flags, buf, start, length)
+                            if self._dead:
+                                return
+                            continue
+                    else:
+                        at = self._express(flags, sid, buf, start, length, size)
+                        if at:
+                            if self._dead:
+                                return
+                            pos = at
+                            continue
+                payload = buf[start:end]
                 if sid and self._goaway_last is not None and sid > self._goaway_last:
                     # after our GOAWAY: ignored, as the h2 path does not feed them to h2
                     if ftype == _HEADERS and sid > self._max_sid:
@@ -775,6 +1027,127 @@ class FastConnection(ConnectionBase):
             return
         if pos < size:
             self._inbuf += buf[pos:]
+
+    def _express(self, flags: int, sid: int, buf: bytes, start: int, length: int,
+                 size: int) -> int:
+        """A HEADERS frame (its payload of ``length`` bytes from ``start``) opening a stream
+        with a block of the decoder's template, read in place, with its DATA when the whole
+        request is in ``buf`` (up to ``size``): where the next frame starts. 0, nothing
+        done, for any other: the general path (:meth:`_on_headers`) reads it, errors
+        included."""
+        template = self._decoder.template
+        if (template is None or length != template.length
+                or flags & (_END_HEADERS | _PADDED | _PRIORITY_FLAG) != _END_HEADERS
+                or sid <= self._max_sid or not sid & 1
+                or len(self._streams) >= self._limits[0]):
+            return 0
+        end = start + length
+        match = template.pattern.match(buf, start, end)
+        if match is None:  # not the template's, or a value to check in full
+            return 0
+        values: tuple[bytes, ...] = match.groups()
+        if template.checks:
+            checked = _checked_values(template, values)
+            if checked is None:
+                return 0
+            values = checked
+        self._max_sid = self._highest = sid
+        if template.device and not flags & _END_STREAM and size - end >= 9:
+            # the whole request here: its DATA next, all of the body, END_STREAM
+            hi, n, ftype, data_flags, data_sid = _HDR.unpack_from(buf, end)
+            stop: int = end + 9 + n
+            cfg = self.mock.config
+            if (ftype == _DATA and data_flags == _END_STREAM and data_sid == sid and not hi
+                    and stop <= size and n <= _MAX_FRAME_SIZE
+                    and not (cfg.never_answer or cfg.latency or cfg.jitter)):
+                self._request(template, values, sid, buf, end + 9, n, cfg)
+                return stop
+        path = values[template.path_at]
+        control = path == STATS_PATH
+        stream = _Stream(sid, path, None, bytearray(), control, self._peer_initial_window)
+        stream.expected = template.expected
+        stream.template = template
+        stream.values = values
+        self._streams[sid] = stream
+        self._opened(control)
+        if flags & _END_STREAM:
+            self._end(stream)
+        return end
+
+    def _request(self, template: _Template, values: tuple[bytes, ...], sid: int, buf: bytes,
+                 start: int, n: int, cfg: MockConfig) -> None:
+        """A device push of a template read whole: its HEADERS (as :meth:`_express` opens a
+        stream), its one DATA frame of ``n`` bytes from ``start`` (as :meth:`_data`), its
+        answer (as :meth:`_finish`), the stream never stored."""
+        self._opened(False, 1)
+        window = self._recv_window - n
+        self._recv_window = window
+        if window < 0:
+            raise h2.exceptions.FlowControlError(f"Flow control window shrunk below 0: {window}")
+        if n > _WINDOW:
+            raise h2.exceptions.FlowControlError(
+                f"Flow control window shrunk below 0: {_WINDOW - n}")
+        body = bytearray(buf[start:start + n])
+        expected = template.expected
+        if expected is not None and expected != n:
+            raise h2.exceptions.InvalidBodyLengthError(expected, n)
+        if n:
+            credit = self._recv_unacked + n
+            if credit >= _CONN_WINDOW // 2:  # as _credit
+                self._credit(n)
+            else:
+                self._recv_unacked = credit
+        stats = self.mock.stats
+        stats.requests += 1
+        path = values[template.path_at]
+        token = path[10:].decode("ascii", "replace")
+        seen = stats.seen
+        seen[token] = seen.get(token, 0) + 1
+        if self._dead or self._close_mode is not None:
+            return
+        try:
+            answer = self._evaluate_device(template, values, body, cfg, path, token)
+        except Exception:  # a mock bug must not take the connection down (as _decide)
+            log.exception("connection %d: evaluating stream %d failed", self.index, sid)
+            answer = Answer(500, "InternalServerError", str(uuid.uuid4()).encode(), None, False)
+        self._reply(sid, answer, self._peer_initial_window, False)
+
+    def _data(self, stream: _Stream, flags: int, buf: bytes, start: int, length: int) -> None:
+        """An unpadded DATA frame of an open stream, read in place (as :meth:`_on_data`)."""
+        window = self._recv_window - length
+        self._recv_window = window
+        if window < 0:
+            raise h2.exceptions.FlowControlError(
+                f"Flow control window shrunk below 0: {window}")
+        unacked = stream.unacked + length
+        stream.unacked = unacked
+        if unacked > _WINDOW:
+            raise h2.exceptions.FlowControlError(
+                f"Flow control window shrunk below 0: {_WINDOW - unacked}")
+        body = stream.body
+        if len(body) <= _BODY_CAP:
+            body += buf[start:start + length]
+        received = stream.received + length
+        stream.received = received
+        end_stream = flags & _END_STREAM
+        expected = stream.expected
+        if expected is not None and (expected < received
+                                     or (end_stream and expected != received)):
+            raise h2.exceptions.InvalidBodyLengthError(expected, received)
+        if length:
+            credit = self._recv_unacked + length
+            if credit >= _CONN_WINDOW // 2:  # as _credit
+                self._credit(length)
+            else:
+                self._recv_unacked = credit
+        if end_stream:
+            if stream.template is not None:
+                self._finish(stream)
+            else:
+                self._end(stream)
+        elif unacked >= _WINDOW // 2:  # h2's window manager: half the window used
+            self._out += _frame(_WINDOW_UPDATE, 0, stream.id, _U32.pack(unacked))
+            stream.unacked = 0
 
     def _protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:
         """h2's answer to a violation (a GOAWAY with its error code), then close."""
@@ -840,6 +1213,8 @@ class FastConnection(ConnectionBase):
         if checked is not headers and checked != headers:  # normalised (cookies joined)
             headers = checked
             request = Request(headers, request.body)
+        elif shape is not None:  # valid as it is: the next blocks may be read in place
+            self._decoder.learn(block, headers, request, expected)
         self._open(sid, headers, request, expected, end_stream)
 
     def _open(self, sid: int, headers: Headers, request: Request, expected: int | None,
@@ -850,7 +1225,7 @@ class FastConnection(ConnectionBase):
                 path = value
                 break
         control = path == STATS_PATH
-        stream = _Stream(sid, path, request, control, self._peer_initial_window)
+        stream = _Stream(sid, path, request, request.body, control, self._peer_initial_window)
         stream.expected = expected
         self._streams[sid] = stream
         self._highest = sid
@@ -879,7 +1254,7 @@ class FastConnection(ConnectionBase):
             raise h2.exceptions.FlowControlError(
                 f"Flow control window shrunk below 0: {_WINDOW - stream.unacked}")
         data = _strip(flags, payload, False)
-        body = stream.request.body
+        body = stream.body
         if len(body) <= _BODY_CAP:
             body += data
         stream.received += len(data)
@@ -1010,19 +1385,21 @@ class FastConnection(ConnectionBase):
         stats.requests += 1
         path = stream.path
         if path is not None and len(path) > 10 and path.startswith(DEVICE_PREFIX):
-            stats.seen[path[10:].decode("ascii", "replace")] += 1
+            token = path[10:].decode("ascii", "replace")
+            seen = stats.seen
+            seen[token] = seen.get(token, 0) + 1
         cfg = mock.config
-        rng = mock.rng
-        if cfg.never_answer and _faults.never_answers(cfg, rng):
+        if cfg.never_answer and _faults.never_answers(cfg, mock.rng):
             stats.never_answered += 1
             stream.silent = True
             self._check_drain()
             return
-        delay = _faults.answer_delay(cfg, rng) if cfg.latency or cfg.jitter else 0.0
-        if delay > 0:
-            self._spawn(self._answer_later, stream, delay)
-        else:
-            self._answer(stream)
+        if cfg.latency or cfg.jitter:
+            delay = _faults.answer_delay(cfg, mock.rng)
+            if delay > 0:
+                self._spawn(self._answer_later, stream, delay)
+                return
+        self._answer(stream)
 
     # ---------------------------------------------------------------- GOAWAY
 
@@ -1036,33 +1413,118 @@ class FastConnection(ConnectionBase):
     # ---------------------------------------------------------------- answers
 
     def _answer(self, stream: _Stream) -> None:
-        if self._dead or self._close_mode is not None or self._streams.get(stream.id) is not stream:
+        sid = stream.id
+        if self._dead or self._close_mode is not None or self._streams.get(sid) is not stream:
             return
-        answer = self._decide(stream.request, stream.id)
-        headers, body = response(answer, self.mock.config)
-        sent = self._send(stream, headers, body)
-        del self._streams[stream.id]
-        if not sent:
-            return
-        self._answered(stream.id, answer)
+        self._reply(sid, self._decide(stream.request, sid), stream.send_window, True)
+
+    def _reply(self, sid: int, answer: Answer, send_window: int, stored: bool) -> None:
+        """Send ``answer`` on stream ``sid`` (its window ``send_window``), forget the stream
+        (``stored``: it is in ``_streams``), count the answer."""
+        apns_id = answer.apns_id
+        if answer.status == 200 and answer.extra is None and len(apns_id) < 127:
+            # response()'s [(:status, 200), (apns-id, id)], as encode_response writes it
+            out = self._out
+            n = len(apns_id)
+            out += _HDR.pack(0, _OK_BLOCK_HEAD_LEN + n, _HEADERS, _END_HEADERS | _END_STREAM,
+                             sid)
+            out += _OK_BLOCK_HEAD
+            out.append(n)
+            out += apns_id
+            if stored:
+                del self._streams[sid]
+        else:
+            headers, body = response(answer, self.mock.config)
+            sent = self._send(sid, send_window, headers, body)
+            if stored:
+                del self._streams[sid]
+            if not sent:
+                return
+        self._answered(sid, answer)
         if self._goaway_last is not None:
             self._check_drain()
+
+    def _finish(self, stream: _Stream) -> None:
+        """END_STREAM of a stream read from a template: :meth:`_end` and :meth:`_answer` in
+        one for a device push of a device template (see :meth:`_evaluate_device`) when
+        nothing delays the answer; otherwise :meth:`_end`."""
+        cfg = self.mock.config
+        template = stream.template
+        path = stream.path
+        assert template is not None and path is not None
+        if not template.device or cfg.never_answer or cfg.latency or cfg.jitter:
+            self._end(stream)
+            return
+        stream.ended = True
+        stats = self.mock.stats
+        stats.requests += 1
+        token = path[10:].decode("ascii", "replace")
+        seen = stats.seen
+        seen[token] = seen.get(token, 0) + 1
+        if self._dead or self._close_mode is not None:
+            return
+        try:
+            answer = self._evaluate_device(template, stream.values, stream.body, cfg, path,
+                                           token)
+        except Exception:  # a mock bug must not take the connection down (as _decide)
+            log.exception("connection %d: evaluating stream %d failed", self.index, stream.id)
+            answer = Answer(500, "InternalServerError", str(uuid.uuid4()).encode(), None, False)
+        self._reply(stream.id, answer, stream.send_window, True)
+
+    def _evaluate_device(self, template: _Template, values: tuple[bytes, ...],
+                         body: bytearray, cfg: MockConfig, path: bytes, token: str) -> Answer:
+        """:func:`._device.evaluate_device` for a device push read from a device template
+        (``values`` its hole values, ``path`` among them, ``token`` decoded from it): the
+        same checks, by the same helpers, in the same order, drawing from ``rng`` alike;
+        what only the template decides is its own (the request line's verdict; the id's
+        validity when the pattern checks it) and check_headers' verdict on its headers is
+        remembered (:func:`_header_reason`)."""
+        mock = self.mock
+        k = template.id_at
+        if k < 0:
+            given_id = template.given_id
+            id_ok = given_id is not None and _UUID_FULLMATCH(given_id) is not None
+        else:
+            given_id = values[k]
+            id_ok = template.id_valid or _UUID_FULLMATCH(given_id) is not None
+        apns_id = given_id if given_id is not None and id_ok else str(uuid.uuid4()).encode()
+        tokens = self._tokens
+        failure = _faults.server_fault(cfg, mock.rng, tokens.wedged)
+        if failure is not None:
+            return Answer(failure[0], failure[1], apns_id, token, False)
+        if cfg.validate:
+            failure = template.line_failure or tokens.authorize(template.authorization, mock)
+            if failure is not None:
+                return Answer(failure[0], failure[1], apns_id, token, False)
+            reason = _header_reason(template, cfg, id_ok, given_id is not None, body)
+            if reason is not None:
+                return Answer(413 if reason == "PayloadTooLarge" else 400, reason, apns_id,
+                              token, True)
+        failure = _faults.token_fault(cfg, token, template.topic)
+        if failure is not None:
+            return Answer(failure[0], failure[1], apns_id, token, True)
+        if _faults.throttled(cfg, mock.rng):
+            return Answer(429, "TooManyRequests", apns_id, token, True)
+        if cfg.record_bodies:
+            priority = int(template.fields.get(b"apns-priority", b"10"))
+            mock.stats.bodies.setdefault(token, []).append((priority, bytes(body)))
+        return Answer(200, None, apns_id, token, True)
 
     def _answer_stats(self, stream: _Stream) -> None:
         """``GET /stats`` (and ``DELETE``: then reset them), as the h2 path answers them."""
         if self._dead or self._close_mode is not None:
             return
         headers, body = _stats_answer(self.mock.stats, stream.request.method)
-        self._send(stream, headers, body)
+        self._send(stream.id, stream.send_window, headers, body)
         self._streams.pop(stream.id, None)
         self._check_drain()
 
-    def _send(self, stream: _Stream, headers: Headers, body: bytes) -> bool:
-        """Queue a response; ``False`` (and the stream reset after its HEADERS) if the client's
-        windows cannot take the body, as h2 refuses it on the h2 path."""
+    def _send(self, sid: int, send_window: int, headers: Headers, body: bytes) -> bool:
+        """Queue a response on stream ``sid`` (its window ``send_window``); ``False`` (and the
+        stream reset after its HEADERS) if the client's windows cannot take the body, as h2
+        refuses it on the h2 path."""
         block = encode_response(headers)
         out = self._out
-        sid = stream.id
         n = len(block)
         if not body:
             out += _HDR.pack(n >> 16, n & 0xFFFF, _HEADERS, _END_HEADERS | _END_STREAM, sid)
@@ -1071,7 +1533,7 @@ class FastConnection(ConnectionBase):
         out += _HDR.pack(n >> 16, n & 0xFFFF, _HEADERS, _END_HEADERS, sid)
         out += block
         size = len(body)
-        if size > self._send_window or size > stream.send_window:
+        if size > self._send_window or size > send_window:
             log.debug("connection %d: cannot answer stream %d: window too small", self.index,
                       sid)
             out += _frame(_RST_STREAM, 0, sid, _U32.pack(ErrorCodes.INTERNAL_ERROR))
