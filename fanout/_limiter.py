@@ -173,6 +173,36 @@ class Limiter:
         The client's per-push check before it starts a stream without awaiting."""
         return self._idle and not self._token_until
 
+    def try_acquire(self, topic: bytes | None) -> bool:
+        """Take a push's tokens now if nothing would make it wait (no pause, no waiter
+        queued before it, no token backing off, tokens in its buckets); else take nothing.
+
+        The paced sender's synchronous path: a push that need not wait starts without
+        a coroutine of its own. :meth:`give_back` returns what it took."""
+        if self._idle:
+            return not self._token_until
+        if self.waiting or self._token_until or self._paused_until > self._clock():
+            return False
+        bucket = self._topics.get(topic.decode()) if self._topics and topic else None
+        if bucket is not None:
+            if bucket.tokens < 1:
+                return False
+            if self._global is not None and self._global.tokens < 1:
+                return False
+            bucket.try_take()
+        if self._global is not None:
+            return self._global.try_take() == 0.0
+        return True
+
+    def give_back(self, topic: bytes | None) -> None:
+        """Return the tokens :meth:`try_acquire` took (the push could not start)."""
+        if self._idle:
+            return
+        bucket = self._topics.get(topic.decode()) if self._topics and topic else None
+        for b in (bucket, self._global):
+            if b is not None:
+                b._tokens = min(b.burst, b._tokens + 1)
+
     async def acquire(self, topic: str) -> float:
         """Wait for the global pause, then the topic bucket, then the global bucket.
 

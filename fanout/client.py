@@ -743,12 +743,15 @@ class Client:
         out[prepared.topic] = out.get(prepared.topic, 0) + 1
         # fast path: nothing to wait for, a slot is free: start without awaiting
         # (a halted pool declines too: then _dispatch ends it config_error)
-        if self.limiter.fast_path_ok() and not self._tripped \
-                and prepared.token not in self._invalid_seen:
-            push.attempts = 1
-            if self.pool.try_start(push):
-                return None
-            push.attempts = 0
+        # (paced: when its tokens are there, taken now, and given back if it cannot start)
+        if not self._tripped and prepared.token not in self._invalid_seen:
+            limiter = self.limiter
+            if limiter.try_acquire(prepared.topic):
+                push.attempts = 1
+                if self.pool.try_start(push):
+                    return None
+                push.attempts = 0
+                limiter.give_back(prepared.topic)
         return push
 
     # ------------------------------------------------------------------ dispatch and retry

@@ -331,17 +331,34 @@ async def test_rate_limited_sends_all_arrive(server_ssl, pki):
                           ca_file=str(pki.ca_file), rate=300.0,
                           topic_rates={"com.example.app": 1000.0}) as client:
             waited = []
-            original = client.limiter.acquire
+            taken = []
+            original, original_try = client.limiter.acquire, client.limiter.try_acquire
 
             async def spy(topic):
                 waited.append(await original(topic))
                 return waited[-1]
+
+            def try_spy(topic):
+                taken.append(original_try(topic))
+                return taken[-1]
+
+            def give_back_spy(topic):
+                taken.append(-1)  # taken, then returned: the push could not start
+                original_give_back(topic)
+            original_give_back = client.limiter.give_back
             client.limiter.acquire = spy
+            client.limiter.try_acquire = try_spy
+            client.limiter.give_back = give_back_spy
             results = []
+            start = trio.current_time()
             with trio.fail_after(20):
                 async for r in client.fan_out({"aps": {"alert": "x"}},
                                               (f"{i:064x}" for i in range(600))):
                     results.append(r)
+            elapsed = trio.current_time() - start
         nursery.cancel_scope.cancel()
     assert [r.outcome for r in results] == ["delivered"] * 600
-    assert len(waited) == 600 and sum(1 for w in waited if w > 0) > 100
+    # every push paid its tokens: taken at once (the burst, then each tick's share) or
+    # waited for in acquire(); 600 at 300/s with a burst of 300 cannot end within 1 s
+    assert sum(taken) + len(waited) == 600 and sum(1 for w in waited if w > 0) > 100
+    assert elapsed >= 0.95

@@ -367,3 +367,33 @@ def test_token_backoff_repeated_same_token_bounded():
         clock.now += 0.5
     assert lim.tracked_tokens == 1
     assert len(lim._heap) <= 3
+
+
+def test_try_acquire_takes_only_what_is_there():
+    """The paced sender's synchronous path: both buckets or neither, nothing while paused,
+    queued behind a waiter or with a token backing off; give_back returns the tokens."""
+    clock = FakeClock()
+    lim = Limiter(rate=2, per_topic={"a.b": 1}, clock=clock)
+    assert lim.try_acquire(b"a.b")           # topic 1 of 1, global 1 of 2
+    assert not lim.try_acquire(b"a.b")       # the topic bucket is empty: nothing taken
+    assert lim.try_acquire(b"c.d")           # the global bucket's second token
+    assert not lim.try_acquire(b"c.d")
+    lim.give_back(b"c.d")
+    assert lim.try_acquire(b"c.d")
+    clock.now += 1.0                         # both refill
+    lim.pause(5)
+    assert not lim.try_acquire(b"c.d")
+    clock.now += 5.0
+    assert lim.try_acquire(b"c.d")
+    lim.token_backoff("aa", 1)
+    assert not lim.try_acquire(b"c.d")
+    clock.now += 1.0
+    lim.token_ready_in("aa")                 # pruned once due
+    lim.waiting = 1                          # someone queued in acquire() goes first
+    assert not lim.try_acquire(b"c.d")
+    lim.waiting = 0
+    assert lim.try_acquire(b"c.d")
+    unlimited = Limiter(clock=clock)
+    assert unlimited.try_acquire(None) and unlimited.try_acquire(b"x")
+    unlimited.token_backoff("aa", 1)
+    assert not unlimited.try_acquire(b"x")
