@@ -1313,6 +1313,16 @@ def has_hpackdec() -> bool:
     return (Path(TREE["root"]) / "fanout" / "_engine" / "hpackdec.py").exists()
 
 
+#: ideas the engine took up at 9f91819: measured only on trees from before (on a later one
+#: their sketches would replace the engine's own code with an older copy of it)
+ADOPTED = ("h2-start", "h2-read", "h2-both", "prepare", "engine-200")
+
+
+def has_adopted() -> bool:
+    conn = Path(TREE["root"]) / "fanout" / "_engine" / "connection.py"
+    return conn.exists() and "_PATH_PREFIX" in conn.read_text()
+
+
 def hpack_shapes(args: argparse.Namespace, work: Path, hook_dir: Path) -> dict[str, float]:
     """Instructions per response header block decoded, by decoder and shape."""
     n = 2_000
@@ -1478,6 +1488,7 @@ def main() -> None:
             # the hpack ideas patch hpack's Decoder: only where the engine still uses it
             # (the earlier commit: those only, the rest is measured on the code as it is now)
             todo = [a for a in ablations if not (a.startswith("hpack-") and has_hpackdec())
+                    and not (a in ADOPTED and has_adopted())
                     and (label == "now" or a.startswith("hpack-"))]
             print(f"== {label}: fanout at {TREE['commit'][:7]} ({ref}); ideas: "
                   f"{', '.join(todo) or 'none'}", file=sys.stderr, flush=True)

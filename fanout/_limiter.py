@@ -78,6 +78,11 @@ class TokenBucket:
             return 0.0
         return (n - tokens) / self.rate
 
+    def put_back(self, n: float = 1) -> None:
+        """Return ``n`` tokens taken by :meth:`try_take` or :meth:`take` (never above
+        ``burst``)."""
+        self._tokens = min(self.burst, self._tokens + n)
+
     async def take(self, n: float = 1) -> float:
         """Take ``n`` tokens, sleeping until they are ours; returns the seconds waited.
 
@@ -95,7 +100,8 @@ class TokenBucket:
             await trio.sleep(wait)
         except BaseException:
             # Give the reservation back. Later waiters keep their (now conservative) slots.
-            self._tokens = min(self.burst, self._refill() + n)
+            self._refill()
+            self.put_back(n)
             raise
         return wait
 
@@ -184,14 +190,12 @@ class Limiter:
         if self.waiting or self._token_until or self._paused_until > self._clock():
             return False
         bucket = self._topics.get(topic.decode()) if self._topics and topic else None
-        if bucket is not None:
-            if bucket.tokens < 1:
-                return False
-            if self._global is not None and self._global.tokens < 1:
-                return False
-            bucket.try_take()
-        if self._global is not None:
-            return self._global.try_take() == 0.0
+        if bucket is not None and bucket.try_take():
+            return False
+        if self._global is not None and self._global.try_take():
+            if bucket is not None:
+                bucket.put_back()
+            return False
         return True
 
     def give_back(self, topic: bytes | None) -> None:
@@ -201,7 +205,7 @@ class Limiter:
         bucket = self._topics.get(topic.decode()) if self._topics and topic else None
         for b in (bucket, self._global):
             if b is not None:
-                b._tokens = min(b.burst, b._tokens + 1)
+                b.put_back()
 
     async def acquire(self, topic: str) -> float:
         """Wait for the global pause, then the topic bucket, then the global bucket.

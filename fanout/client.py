@@ -859,16 +859,8 @@ class Client:
                timestamp: int | None = None, latency: float | None = None,
                error: str | None = None) -> Result:
         """Mark ``push`` finished (never again) and build its result."""
-        push.abandoned = True
-        self.outstanding -= 1
+        self._retire_push(push)
         p = push.prepared
-        out = self._topic_out  # _topic_done, inlined: this runs once per push
-        left = out[p.topic] - 1
-        if left and not self._held:
-            out[p.topic] = left
-        else:
-            out[p.topic] = left + 1
-            self._topic_done(p.topic)
         channel = p.channel_id
         result = Result(
             outcome=outcome, id=push.id, token=p.token if channel is None else None,
@@ -879,6 +871,19 @@ class Client:
             resent=push.resent)
         self.events.push_finished(result, p.push_type, latency)
         return result
+
+    def _retire_push(self, push: Push) -> None:
+        """``push`` has ended (never sent nor reported again): off the counts."""
+        push.abandoned = True
+        self.outstanding -= 1
+        topic = push.prepared.topic
+        out = self._topic_out  # _topic_done's common case inlined: once per push
+        left = out[topic] - 1
+        if left and not self._held:
+            out[topic] = left
+        else:
+            out[topic] = left + 1
+            self._topic_done(topic)
 
     def _topic_done(self, topic: bytes | None) -> None:
         out = self._topic_out
@@ -999,15 +1004,7 @@ class Client:
                 self._release(guard)
         if push.abandoned:
             return
-        push.abandoned = True
-        self.outstanding -= 1
-        out = self._topic_out
-        left = out[topic] - 1
-        if left and not self._held:
-            out[topic] = left
-        else:
-            out[topic] = left + 1
-            self._topic_done(topic)
+        self._retire_push(push)
         answered = request_id = None
         for name, value in headers:  # apns-id, else apns-request-id: one pass
             if name == b"apns-id":

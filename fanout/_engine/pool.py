@@ -194,13 +194,14 @@ class Pool(Generic[E]):
         best = None
         room = 0
         others = False
-        for conn in self.conns:
+        for conn in self.conns:  # Connection.capacity inlined: this runs once per push
             if conn is avoid:
                 continue
             others = True
-            cap = conn.capacity
-            if cap > room:
-                best, room = conn, cap
+            if conn.ready and not conn.retiring and not conn.suspect:
+                cap = conn.limit - len(conn.streams)
+                if cap > room:
+                    best, room = conn, cap
         if best is None and not others and avoid is not None and avoid.capacity > 0:
             best = avoid
         return best
@@ -209,20 +210,9 @@ class Pool(Generic[E]):
         """Start ``job`` now if a slot is free and nobody is queued before it."""
         if self._lot or self.halt_error is not None:
             return False
-        avoid = job.avoid
-        best = None
-        room = 0
-        for conn in self.conns:  # _best with Connection.capacity inlined: once per push
-            if conn is not avoid and conn.ready and not conn.retiring and not conn.suspect:
-                cap = conn.limit - len(conn.streams)
-                if cap > room:
-                    best, room = conn, cap
+        best = self._best(job.avoid)
         if best is None:
-            if avoid is None:
-                return False
-            best = self._best(avoid)  # the one it timed out on, if no other is up
-            if best is None:
-                return False
+            return False
         best.start(job)
         return True
 
