@@ -17,6 +17,7 @@ from typing import Any
 
 import trio
 
+from fanout._daemon.workers import MAX_LINES_PER_WORKER
 from fanout.testing.devcerts import TestPKI, TestSigningKey
 
 from .helpers import (
@@ -270,10 +271,48 @@ async def test_workers_a_worker_killed_hands_its_lines_to_the_other(
     assert all(r["outcome"] == "delivered" for rs in per_line.values() for r in rs)
     duplicates = [rs for rs in per_line.values() if len(rs) > 1]
     assert all(any(r.get("resent") for r in rs) for rs in duplicates)
-    assert len(duplicates) <= 4096  # at most the dead worker's window
+    assert len(duplicates) <= MAX_LINES_PER_WORKER  # at most the dead worker's window
     assert len(mock.stats.delivered) == 20_000
     cp = json.loads((tmp_path / "in.ndjson.checkpoint").read_text())
     assert cp["line"] == 20_000 and cp["offset"] == inp.stat().st_size
+
+
+async def test_workers_a_worker_killed_after_the_whole_input_was_handed_out(
+        tmp_path: Path, pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
+    """kill -9 of a worker once the coordinator has handed out the whole input (a small
+    one: it fits in the pipes) and closed the workers' stdin: the dead worker's unfinished
+    blocks still go through the other worker. They used to be lost: the survivor's stdin
+    was already closed, so the hand-over went nowhere and the run exited 0 without those
+    lines' results."""
+    inp = tmp_path / "in.ndjson"
+    lines = 800  # two 64 KiB blocks at most: one for each worker, at once
+    write_input(inp, lines)
+    assert inp.stat().st_size < 2 * 64 * 1024
+    out = tmp_path / "results.ndjson"
+    # 20 in flight per worker x 0.05 s: at most 400 results/s each, so the victim's
+    # half takes about a second however fast the machine
+    async with mock_server(pki, signing_key, latency=0.05) as mock:
+        cmd = daemon_cmd(mock, pki, signing_key, str(inp), "--results", str(out),
+                         "--workers", "2", "--max-in-flight", "20")
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        await wait_until(lambda: len(_children(proc.pid)) == 2 and count_lines(out) >= 60,
+                         60, "both workers up and 60 results written")
+        os.kill(_children(proc.pid)[0], signal.SIGKILL)
+        assert count_lines(out) < lines  # mid-run
+        await wait_exit(proc, 120)
+        stderr = stderr_of(proc)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "marked resent" in stderr, stderr[-2000:]
+    per_line = defaultdict(list)
+    for r in read_results(out):
+        per_line[r["line"]].append(r)
+    assert set(range(1, lines + 1)) - set(per_line) == set(), stderr[-2000:]
+    assert all(r["outcome"] == "delivered" for rs in per_line.values() for r in rs)
+    assert all(any(r.get("resent") for r in rs) for rs in per_line.values() if len(rs) > 1)
+    assert len(mock.stats.delivered) >= lines
+    cp = json.loads((tmp_path / "in.ndjson.checkpoint").read_text())
+    assert cp["line"] == lines and cp["offset"] == inp.stat().st_size
 
 
 async def test_workers_sigterm_drains_then_kill9_then_finish(
