@@ -209,6 +209,14 @@ class ResponseDecoder:
     def header_table_size(self) -> int:
         return self._table_size
 
+    def current_shape(self) -> _Shape | None:
+        """The shape cache's entry (``(generation, length, segments, fields, holes)``) while
+        it still describes the next block: the dynamic table has not changed since. A block
+        of that length with those segments decodes to those fields with its own hole values
+        (the fast mock makes its request templates of it)."""
+        shape = self._shape
+        return shape if shape is not None and shape[0] == self._generation else None
+
     def decode(self, data: bytes) -> Sequence[Header]:
         data = bytes(data)
         hit = self._blocks.get(data)

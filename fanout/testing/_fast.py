@@ -415,12 +415,11 @@ class _RequestDecoder:
         if it is an instance of the block hpackdec's shape cache holds (its bytes but the
         value holes, while the dynamic table has not changed), make that the template.
 
-        Reads hpackdec's shape (``ResponseDecoder._shape``, its ``_Shape``) and table
-        generation, which it keeps private: the template is valid exactly when hpackdec
-        would answer a block from that shape, and only until the next :meth:`decode`."""
-        dec = self.decoder
-        shape = dec._shape
-        if shape is None or shape[0] != dec._generation or shape[1] != len(block):
+        The template is hpackdec's current shape (:meth:`ResponseDecoder.current_shape`):
+        valid exactly when hpackdec would answer a block from that shape, and only until
+        the next :meth:`decode`."""
+        shape = self.decoder.current_shape()
+        if shape is None or shape[1] != len(block):
             return
         last = self._last
         if last is not None and last.shape is shape:
