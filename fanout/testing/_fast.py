@@ -1090,12 +1090,7 @@ class FastConnection(ConnectionBase):
         expected = template.expected
         if expected is not None and expected != n:
             raise h2.exceptions.InvalidBodyLengthError(expected, n)
-        if n:
-            credit = self._recv_unacked + n
-            if credit >= _CONN_WINDOW // 2:  # as _credit
-                self._credit(n)
-            else:
-                self._recv_unacked = credit
+        self._credit(n)
         stats = self.mock.stats
         stats.requests += 1
         path = values[template.path_at]
@@ -1133,12 +1128,7 @@ class FastConnection(ConnectionBase):
         if expected is not None and (expected < received
                                      or (end_stream and expected != received)):
             raise h2.exceptions.InvalidBodyLengthError(expected, received)
-        if length:
-            credit = self._recv_unacked + length
-            if credit >= _CONN_WINDOW // 2:  # as _credit
-                self._credit(length)
-            else:
-                self._recv_unacked = credit
+        self._credit(length)
         if end_stream:
             if stream.template is not None:
                 self._finish(stream)
