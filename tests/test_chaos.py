@@ -124,8 +124,7 @@ _CTX = ssl.create_default_context()  # never used to connect; one for all exampl
 
 def _feed(conn: Connection, data: bytes) -> None:
     try:
-        for frame in conn._reader.feed(data):
-            conn._handle(*frame)
+        conn._receive(data)
     except FanoutError:
         pass  # a protocol error is the right answer to garbage: the connection closes
 

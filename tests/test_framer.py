@@ -92,22 +92,36 @@ def test_integer_encoding_matches_rfc_examples():
     assert fr.encode_int(42, 8, 0) == bytes([42])
 
 
-# ---------------------------------------------------------------- frame reader (unit)
+# ---------------------------------------------------------------- frame splitting (unit)
 
-def test_frame_reader_splits_across_reads():
-    data = fr.ping(b"12345678") + fr.settings_frame({1: 4096, 3: 100}) + fr.window_update(0, 5)
-    reader = fr.FrameReader()
-    frames = []
+def _ready_connection() -> Connection:
+    """A connection that has had the server's (empty) SETTINGS, never connected."""
+    ends = _Ends()
+    conn = Connection("127.0.0.1", 1, _CTX, ends, ends)
+    conn._handle(fr.SETTINGS, 0, 0, b"")
+    return conn
+
+
+def test_frames_split_across_reads_are_acted_on_whole():
+    """Connection._receive (what the read loop runs on every read) keeps a frame begun in
+    one read for the next: fed one byte at a time, PING, SETTINGS and WINDOW_UPDATE each
+    take effect once, when whole."""
+    conn = _ready_connection()
+    window = conn._send_window
+    data = fr.ping(b"12345678") + fr.settings_frame({3: 100}) + fr.window_update(0, 5)
     for i in range(len(data)):
-        frames += reader.feed(data[i:i + 1])
-    assert [f[0] for f in frames] == [fr.PING, fr.SETTINGS, fr.WINDOW_UPDATE]
-    assert fr.parse_settings(frames[1][3]) == {1: 4096, 3: 100}
+        conn._receive(data[i:i + 1])
+    assert conn._send_window == window + 5
+    assert conn.remote_max_streams == conn.limit == 100
+    sent = b"".join(conn._out)
+    assert sent.count(fr.ping(b"12345678", ack=True)) == 1  # answered once, when whole
+    assert not conn._reader.buf
 
 
-def test_frame_reader_rejects_oversized_frame():
-    reader = fr.FrameReader(16384)
+def test_an_oversized_frame_is_refused():
+    conn = _ready_connection()
     with pytest.raises(ProtocolError):
-        reader.feed(fr.frame_header(16385, fr.DATA, 0, 1))
+        conn._receive(fr.frame_header(conn._reader.max_frame_size + 1, fr.DATA, 0, 1))
 
 
 class _Ends:
@@ -150,8 +164,7 @@ async def _each_stream_ends_once(data: bytes) -> None:
     for i in range(3):
         conn.start(Exchange(template.for_token(f"{i:064x}")))
     try:
-        for frame in conn._reader.feed(data):
-            conn._handle(*frame)
+        conn._receive(data)
     except FanoutError:
         pass  # the connection closes
     conn._fail_all("closed")  # what run() does then
@@ -160,18 +173,7 @@ async def _each_stream_ends_once(data: bytes) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
-def test_frame_reader_random_bytes_never_crash(data):
-    reader = fr.FrameReader()
-    try:
-        for ftype, flags, _sid, payload in reader.feed(data):
-            if ftype == fr.SETTINGS and not flags & fr.ACK:
-                fr.parse_settings(payload)
-            elif ftype == fr.GOAWAY:
-                fr.parse_goaway(payload)
-            elif ftype in (fr.DATA, fr.HEADERS):
-                fr.strip_padding(flags, payload, ftype)
-    except ProtocolError:
-        pass
+def test_random_bytes_never_crash_the_connection(data):
     trio.run(_each_stream_ends_once, data)
 
 

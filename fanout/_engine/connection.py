@@ -230,6 +230,12 @@ _APNS_ID_36 = fr.literal_never_indexed(b"apns-id", b"")[:-1] + fr.encode_int(36,
 _PATH_PREFIX: dict[int, bytes] = {}  # :method, :scheme and the :path literal up to its value
 _pack_hdr = fr._HDR.pack  # a frame header: (length >> 16, length & 0xFFFF, type, flags, sid)
 _END_HEADERS_STREAM = fr.END_HEADERS | fr.END_STREAM
+# what Connection._receive reads per frame, as module constants
+_HDR_UNPACK = fr._HDR.unpack_from
+_U32_UNPACK = fr._U32.unpack_from
+_HEADERS, _WINDOW_UPDATE, _MAX_SID = fr.HEADERS, fr.WINDOW_UPDATE, fr.MAX_STREAM_ID
+_END_HEADERS = fr.END_HEADERS
+_HEADERS_MASK = fr.PADDED | fr.PRIORITY_FLAG | fr.END_HEADERS
 
 
 class Connection(Generic[E]):
@@ -791,21 +797,11 @@ class Connection(Generic[E]):
     # ------------------------------------------------------------------ receiving
 
     async def _read_loop(self) -> None:
-        """Receive, split into frames and act on them. The two frames every push brings
-        (a plain HEADERS answer, and nginx's connection WINDOW_UPDATE per DATA frame) are
-        handled inline; every other frame goes through :meth:`_handle`."""
+        """Receive and act on what the server sends (:meth:`_receive`), until it closes."""
         tls = self._tls
         assert tls is not None  # started once connected
-        reader = self._reader
-        buf = reader.buf  # an incomplete frame carried to the next read
-        handle = self._handle
-        on_headers = self._on_headers
-        streams = self.streams
+        receive = self._receive
         now = self._now
-        unpack = fr._HDR.unpack_from
-        u32 = fr._U32.unpack_from
-        headers, window_update, max_sid = fr.HEADERS, fr.WINDOW_UPDATE, fr.MAX_STREAM_ID
-        mask, plain = fr.PADDED | fr.PRIORITY_FLAG | fr.END_HEADERS, fr.END_HEADERS
         while True:
             data = await tls.receive()
             if not data:
@@ -814,44 +810,58 @@ class Connection(Generic[E]):
                     return
                 raise TransportError("connection closed by the server")
             self.last_recv = now()
-            if buf:
-                buf += data
-                data = bytes(buf)
-                del buf[:]
-            pos, end, limit = 0, len(data), reader.max_frame_size
-            while end - pos >= 9:
-                hi, lo, ftype, flags, sid = unpack(data, pos)
-                length = (hi << 16) | lo
-                if length > limit:
-                    raise ProtocolError(f"frame of {length} bytes exceeds "
-                                        f"SETTINGS_MAX_FRAME_SIZE {limit}")
-                stop = pos + 9 + length
-                if stop > end:
-                    break
-                sid &= max_sid
-                if ftype == headers and flags & mask == plain and sid and not self._cont_sid:
-                    on_headers(sid, flags, data[pos + 9:stop])
-                elif ftype == window_update and length == 4 and not self._cont_sid:
-                    inc = u32(data, pos + 9)[0] & max_sid
-                    if inc == 0:
-                        raise ProtocolError("WINDOW_UPDATE with zero increment")
-                    if not sid:
-                        self._send_window += inc
-                        if self._send_window > fr.MAX_WINDOW:
-                            raise ProtocolError("connection flow-control window over 2**31-1")
-                    else:
-                        job = streams.get(sid)
-                        if job is None:
-                            pos = stop
-                            continue  # the stream has ended
-                        job.window += inc
-                    if self._blocked:
-                        self._pump_blocked()
+            receive(data)
+
+    def _receive(self, data: bytes) -> None:
+        """The server's bytes: split into frames (a frame begun here is kept for the next
+        call) and act on each. The two frames every push brings (a plain HEADERS answer,
+        and nginx's connection WINDOW_UPDATE per DATA frame) are handled inline; every
+        other frame goes through :meth:`_handle`. Raises :class:`ProtocolError` for bytes
+        that break the protocol."""
+        reader = self._reader
+        buf = reader.buf
+        if buf:
+            buf += data
+            data = bytes(buf)
+            del buf[:]
+        handle = self._handle
+        on_headers = self._on_headers
+        unpack = _HDR_UNPACK
+        pos, end, limit = 0, len(data), reader.max_frame_size
+        while end - pos >= 9:
+            hi, lo, ftype, flags, sid = unpack(data, pos)
+            length = (hi << 16) | lo
+            if length > limit:
+                raise ProtocolError(f"frame of {length} bytes exceeds "
+                                    f"SETTINGS_MAX_FRAME_SIZE {limit}")
+            stop = pos + 9 + length
+            if stop > end:
+                break
+            sid &= _MAX_SID
+            if ftype == _HEADERS and flags & _HEADERS_MASK == _END_HEADERS and sid \
+                    and not self._cont_sid:
+                on_headers(sid, flags, data[pos + 9:stop])
+            elif ftype == _WINDOW_UPDATE and length == 4 and not self._cont_sid:
+                inc = _U32_UNPACK(data, pos + 9)[0] & _MAX_SID
+                if inc == 0:
+                    raise ProtocolError("WINDOW_UPDATE with zero increment")
+                if not sid:
+                    self._send_window += inc
+                    if self._send_window > fr.MAX_WINDOW:
+                        raise ProtocolError("connection flow-control window over 2**31-1")
                 else:
-                    handle(ftype, flags, sid, data[pos + 9:stop])
-                pos = stop
-            if pos < end:
-                buf += data[pos:] if pos else data
+                    job = self.streams.get(sid)
+                    if job is None:
+                        pos = stop
+                        continue  # the stream has ended
+                    job.window += inc
+                if self._blocked:
+                    self._pump_blocked()
+            else:
+                handle(ftype, flags, sid, data[pos + 9:stop])
+            pos = stop
+        if pos < end:
+            buf += data[pos:] if pos else data
 
     def _handle(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
         if self._cont_sid and ftype != fr.CONTINUATION:

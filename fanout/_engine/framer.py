@@ -218,36 +218,15 @@ class RequestEncoder:
 # --------------------------------------------------------------------------- frame reader
 
 class FrameReader:
-    """Splits received bytes into frames; rejects frames over our SETTINGS_MAX_FRAME_SIZE."""
+    """What a connection's receive side keeps between reads: the bytes of a frame not yet
+    whole, and our SETTINGS_MAX_FRAME_SIZE (bigger frames are refused). The splitting is
+    :meth:`fanout._engine.connection.Connection._receive`, on the hot path."""
 
     __slots__ = ("buf", "max_frame_size")
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME) -> None:
         self.buf = bytearray()
         self.max_frame_size = max_frame_size
-
-    def feed(self, data: bytes) -> list[tuple[int, int, int, bytes]]:
-        """Append ``data``; return every complete frame as (type, flags, stream_id, payload)."""
-        buf = self.buf
-        buf += data
-        frames = []
-        pos = 0
-        end = len(buf)
-        unpack = _HDR.unpack_from
-        limit = self.max_frame_size
-        while end - pos >= 9:
-            hi, lo, ftype, flags, sid = unpack(buf, pos)
-            length = (hi << 16) | lo
-            if length > limit:
-                raise ProtocolError(f"frame of {length} bytes exceeds SETTINGS_MAX_FRAME_SIZE {limit}")
-            stop = pos + 9 + length
-            if stop > end:
-                break
-            frames.append((ftype, flags, sid & MAX_STREAM_ID, bytes(buf[pos + 9:stop])))
-            pos = stop
-        if pos:
-            del buf[:pos]
-        return frames
 
 
 def strip_padding(flags: int, payload: bytes, ftype: int) -> bytes:
