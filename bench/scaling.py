@@ -15,7 +15,11 @@ sink shares those cores with the workers, so its CPU is reported beside: whateve
 is taken from the workers. Each round also measures the machine itself: N CPU-bound
 Python processes against one (``cpu_rate``). On a shared host two vCPUs may give well
 under 2x, and no program scales past what the machine gives; the report prints both
-ratios and their quotient (the share of the machine's scaling the daemon gets).
+ratios and their quotient (the share of the machine's scaling the daemon gets), and the
+ceiling this sink leaves: the machine's ratio x d1 / (d1 + s), with d1 the single daemon's
+CPU per push and s the sink's in the N-worker run (N workers whose pushes cost what one
+daemon's do, plus the sink's, on the machine's effective cores; a free coordinator). The
+cheaper the daemon per push, the larger the sink's share and the lower that ceiling.
 
     python bench/scaling.py                    # 200,000 lines, workers 1,2, 3 rounds
     python bench/scaling.py --quick            # 30,000 lines, 2 rounds
@@ -207,9 +211,24 @@ def main() -> None:
             machine_ratios[f"{w}/1"] = {
                 "ratio": round(pr[0], 3), "per_round": [round(x, 3) for x in pr[1]],
                 "daemon_share": round(statistics.median(share), 3) if share else None}
+    # the most any coordinator could give: the machine's own ratio, less what the sink
+    # takes from the same cores (2 workers' pushes cost the single daemon's CPU plus the
+    # sink's, on M effective cores; 1 worker runs on one core, the sink beside it)
+    ceilings = {}
+    for w in counts[1:]:
+        per_round = []
+        for one, many, mach1, machw in zip(runs[1], runs[w], machine_runs[1],
+                                           machine_runs[w], strict=False):
+            if "error" in one or "error" in many:
+                continue
+            d1, s_w = one["cpu"] / args.lines, many["server_cpu"] / args.lines
+            per_round.append(machw["rate"] / mach1["rate"] * d1 / (d1 + s_w))
+        if per_round:
+            ceilings[f"{w}/1"] = {"ceiling": round(statistics.median(per_round), 3),
+                                  "per_round": [round(x, 3) for x in per_round]}
     report = {"lines": args.lines, "rounds": args.rounds, "machine": machine(), "when": now(),
               "workers": {str(k): v for k, v in summary.items()}, "ratios": ratios,
-              "machine_ratios": machine_ratios}
+              "machine_ratios": machine_ratios, "ceilings": ceilings}
     m = report["machine"]
     lines = [f"Scaling: `fanout run --workers N` over {args.lines:,} NDJSON lines (checkpointing, "
              f"results to a file) against nginx, {args.rounds} rounds interleaved, nothing "
@@ -240,6 +259,14 @@ def main() -> None:
                      f"one, median of the same rounds: **{v['ratio']}** (rounds: "
                      f"{', '.join(map(str, v['per_round']))}); the daemon's wall-clock ratio is "
                      f"{v['daemon_share']:.0%} of it (median of per-round quotients).")
+    for k, v in ceilings.items():
+        steady = ratios.get(f"{k} (steady)", {}).get("ratio")
+        lines.append(f"- Ceiling for {k.split('/')[0]} workers with this sink on these cores "
+                     f"(the machine's ratio x d1 / (d1 + s), d1 the single daemon's CPU per "
+                     f"push, s the sink's): **{v['ceiling']}** (rounds: "
+                     f"{', '.join(map(str, v['per_round']))})"
+                     + (f"; the steady ratio is {steady / v['ceiling']:.0%} of it"
+                        if steady else "") + ".")
     lines.append(f"- The sink runs on the same {m['cpus']} cores as the daemon: the sink busy "
                  "column is CPU the daemon could not use (the coordinator process counts in "
                  "the daemon's CPU).")
