@@ -32,6 +32,7 @@ from common import (  # noqa: E402
     interleave,
     machine,
     now,
+    paired_ratio,
     proc_cpu,
     run_json,
     sink_session,
@@ -110,10 +111,8 @@ def main() -> None:
             f"  {r.get('mock_path', 'nginx')}"))
 
     good = {k: [r for r in v if "error" not in r] for k, v in runs.items()}
-    ratios = [d["pushes_per_s"] / g["pushes_per_s"]
-              for d, g in zip(runs["demo"], runs["nginx"], strict=True)
-              if "error" not in d and "error" not in g]
-    ratio = round(statistics.median(ratios), 3) if ratios else None
+    paired = paired_ratio(runs["demo"], runs["nginx"], key="pushes_per_s")
+    ratio, ratios = (round(paired[0], 3), paired[1]) if paired else (None, [])
     rows = {}
     for name, rs in good.items():
         if rs:
