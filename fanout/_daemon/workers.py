@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import trio
 
-from .._exits import EXIT_CONFIG, EXIT_FAILED, EXIT_FORCED, EXIT_UNREACHABLE, most_serious
+from .._exits import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_FORCED,
+    EXIT_UNREACHABLE,
+    exit_code,
+    most_serious,
+)
 from .control import Control
 from .core import HIGH_WATER_STEP, Daemon
 from .files import FileSink, end_identity, note_identity, open_input
@@ -122,6 +129,8 @@ class Coordinator:
         # a fresh Event per waiter, as before, lost the wake-up of a waiter it replaced)
         self._changed = trio.lowlevel.ParkingLot()
         self._by_number: dict[int, Sent] = {}
+        self._writes: set[trio.CancelScope] = set()  # writes to a worker's stdin, now
+        self._abandoned = False  # input left unread or unfinished: no worker to take it
 
     async def run(self) -> int:
         """Start the workers, hand them the input, wait for them; the exit code."""
@@ -155,8 +164,14 @@ class Coordinator:
             return EXIT_CONFIG
         if self.control.forced:
             return EXIT_FORCED
-        # the most serious of the workers' own codes (fanout._exits): unreachable, failed
-        return most_serious(c for c in codes if c in (EXIT_UNREACHABLE, EXIT_FAILED))
+        if self._abandoned:
+            print("fanout run: every worker stopped before the input was done; the rest "
+                  "is left to the next run", file=sys.stderr)
+            return EXIT_FAILED
+        # the results' own code (a killed worker's -9 says nothing of what it reported)
+        # and the most serious of the workers' codes (fanout._exits): unreachable, failed
+        return most_serious([exit_code(self.control.counts), *(
+            c for c in codes if c in (EXIT_UNREACHABLE, EXIT_FAILED))])
 
     async def _run(self, cmd: list[str], env: dict[str, str], metrics_dir: str | None) -> None:
         control = self.control
@@ -293,6 +308,7 @@ class Coordinator:
             live = [w for w in self.workers if w.alive]
             if not live:
                 log.error("every worker has stopped: no more input is read")
+                self._abandoned = True
                 self.control.reader_scope.cancel()
                 return
             worker = min(live, key=lambda w: w.outstanding)
@@ -307,11 +323,20 @@ class Coordinator:
                                                     len(block.data)) + block.data)
 
     async def _send(self, worker: Worker, data: bytes) -> None:
-        async with worker.lock:
+        """Write ``data`` whole: a drain (the reader cancelled) must not leave a block
+        entered in the books unsent, or half written with the next block after it; only a
+        forced stop (the workers are stopping) cuts a write short."""
+        with trio.CancelScope(shield=True) as scope:
+            self._writes.add(scope)
+            if self.control.forced:
+                scope.cancel()
             try:
-                await worker.stdin.send_all(data)
+                async with worker.lock:
+                    await worker.stdin.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 log.error("worker %d stopped taking input", worker.index)
+            finally:
+                self._writes.discard(scope)
 
     # ----------------------------------------------------------------- output
 
@@ -333,7 +358,9 @@ class Coordinator:
                     self.out.results.write(bytes(buf[nl + 1:stop]))
                     for item in counts.split(b","):
                         if item:
-                            outcome, _, n = item.partition(b"=")
+                            outcome, sep, n = item.partition(b"=")
+                            if not sep:  # "-": no counts in this frame
+                                continue
                             control.counts[outcome.decode()] += int(n)
                             control.results_written += int(n)
                             worker.results += int(n)
@@ -357,6 +384,11 @@ class Coordinator:
         orphans = [s for s in self._by_number.values() if s.worker is worker]
         self._changed.unpark_all()
         forced = self.control.forced
+        if code == EXIT_CONFIG and self.args.on_config_error == "stop":
+            # as one process does: sending stops, the others end what they have
+            log.error("worker %d stopped on a configuration error: no more input is read",
+                      worker.index)
+            self.control.reader_scope.cancel()
         if not orphans and code and not forced and code != EXIT_CONFIG:
             log.error("worker %d exited (code %s) with no lines unfinished", worker.index, code)
         if not orphans:
@@ -380,6 +412,8 @@ class Coordinator:
         for worker in self.workers:
             if worker.proc.returncode is None:
                 worker.proc.send_signal(signal.SIGTERM)
+        for scope in self._writes:
+            scope.cancel()
         self._changed.unpark_all()
 
     def reopen(self) -> None:
