@@ -495,6 +495,62 @@ class _Chunks:
         return chunk
 
 
+async def test_a_forced_stop_ends_with_a_worker_that_no_longer_runs(
+        tmp_path: Path, pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
+    """A worker alive but no longer running (SIGSTOP here; a wedged process, a disk in D
+    state alike): it stops reading its stdin. SIGTERM: the drain deadline (2 s) forces the
+    stop, a further SIGTERM too. The coordinator sends the workers SIGTERM, which a
+    stopped process never acts on; it waited for every worker under a shielded scope that
+    nothing cancelled, and the run never ended. Now a worker has WORKER_EXIT_S to exit
+    after a forced stop, then it is killed."""
+    inp = tmp_path / "in.ndjson"
+    padded_input(inp, 8000)
+    out = tmp_path / "results.ndjson"
+    async with mock_server(pki, signing_key, latency=0.05) as mock:
+        cmd = daemon_cmd(mock, pki, signing_key, str(inp), "--results", str(out),
+                         "--workers", "2", "--max-in-flight", "20",
+                         "--drain-timeout", "2", "--checkpoint-interval", "0.05")
+        err = tmp_path / "stderr"
+        with coordinator(cmd, err) as proc:
+            victim, _ = await both_workers(proc)
+            await wait_until(lambda: count_lines(out) >= 200, 30, "200 results")
+            os.kill(victim, signal.SIGSTOP)
+            proc.send_signal(signal.SIGTERM)
+            await wait_until(lambda: b"drain timeout" in err.read_bytes(), 30,
+                             "the drain deadline's forced stop")
+            proc.send_signal(signal.SIGTERM)  # "a second signal stops at once"
+            code = await wait_exit(proc, 20)
+    assert code == 130, f"exit {code}: {err.read_text()[-2000:]}"
+    by = per_line(out)
+    checkpoint_covers_only_results(inp, by)
+    no_silent_duplicates(by)
+
+
+async def test_a_worker_that_could_not_write_the_dead_tokens_fails_the_run_with_5(
+        tmp_path: Path, pki: TestPKI, signing_key: TestSigningKey,
+) -> None:
+    """--invalid-tokens on a full disk (/dev/full): one process exits 5 (fanout._exits:
+    the output could not be written). With --workers each worker writes the dead tokens
+    and exits 5; the coordinator kept only 3, 4 and 1 of its workers' codes and exited 0
+    (every block done before the worker failed) or 1 ("every worker stopped"): the dead
+    token was written nowhere and the exit code did not say so."""
+    inp = tmp_path / "in.ndjson"
+    toks = write_input(inp, 40)
+    out = tmp_path / "results.ndjson"
+    async with mock_server(pki, signing_key, unregistered={toks[40]}) as mock:
+        base = daemon_cmd(mock, pki, signing_key, str(inp), "--invalid-tokens", "/dev/full",
+                          "--max-in-flight", "1", "--no-checkpoint")
+        single = await run_daemon(base + ["--results", str(tmp_path / "single.ndjson")],
+                                  timeout=60)
+        assert single.returncode == 5, single.stderr.decode()[-1500:]
+        proc = await run_daemon(base + ["--results", str(out), "--workers", "2"],
+                                timeout=60)
+    stderr = proc.stderr.decode()
+    assert "/dev/full" in stderr, stderr[-1500:]  # a worker did fail to write it
+    assert proc.returncode == 5, f"exit {proc.returncode}: {stderr[-1500:]}"
+
+
 async def test_frames_split_anywhere_and_a_frame_cut_by_a_kill() -> None:
     """The coordinator's parser: frames split at every possible read boundary give the
     same results and books; a frame cut at EOF (a kill mid-write) is dropped whole (its

@@ -32,6 +32,7 @@ from .._exits import (
     EXIT_CONFIG,
     EXIT_FAILED,
     EXIT_FORCED,
+    EXIT_OUTPUT,
     EXIT_UNREACHABLE,
     exit_code,
     most_serious,
@@ -67,6 +68,7 @@ MAX_LINES_PER_WORKER = 8192   # lines handed to a worker and not yet done (>= 3 
 BLOCK_BYTES = 256 * 1024      # input read (and handed on) this much at a time
 FRAME_BYTES = 64 * 1024       # a worker sends its results at least this often
 PIPE_BYTES = 1 << 20          # each worker's stdin and stdout, where Linux allows it
+WORKER_EXIT_S = 5.0           # after a forced stop: how long a worker has to exit (then SIGKILL)
 
 
 def widen_pipe(stream: object) -> None:
@@ -131,6 +133,7 @@ class Coordinator:
         self._by_number: dict[int, Sent] = {}
         self._writes: set[trio.CancelScope] = set()  # writes to a worker's stdin, now
         self._abandoned = False  # input left unread or unfinished: no worker to take it
+        self._reaping: trio.CancelScope | None = None  # waiting for the workers to exit
 
     async def run(self) -> int:
         """Start the workers, hand them the input, wait for them; the exit code."""
@@ -158,6 +161,10 @@ class Coordinator:
             if metrics_dir is not None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
         codes = [w.proc.returncode for w in self.workers]
+        if EXIT_OUTPUT in codes:  # as one process: the results or dead tokens not written
+            print("fanout run: a worker could not write its output (see above)",
+                  file=sys.stderr)
+            return EXIT_OUTPUT
         if EXIT_CONFIG in codes:
             print("fanout run: a worker stopped on a configuration error (see above)",
                   file=sys.stderr)
@@ -197,12 +204,30 @@ class Coordinator:
             for worker in self.workers:  # drain: no more input
                 async with worker.lock:
                     await worker.stdin.aclose()
-            with trio.CancelScope(shield=True):
-                for worker in self.workers:
-                    await worker.proc.wait()
-                    self._worker_dead(worker, metrics_dir)
+            await self._reap(metrics_dir)
             await control.flush_at_exit()
             nursery.cancel_scope.cancel()
+
+    async def _reap(self, metrics_dir: str | None) -> None:
+        """Wait for every worker to exit: as long as they take after a drain, but only
+        ``WORKER_EXIT_S`` after a forced stop (a worker that does not run any more, stopped
+        or wedged, would hold the run forever); then SIGKILL."""
+        with trio.CancelScope(shield=True) as scope:
+            self._reaping = scope
+            if self.control.forced:
+                scope.deadline = trio.current_time() + WORKER_EXIT_S
+            for worker in self.workers:
+                await worker.proc.wait()
+        self._reaping = None
+        for worker in self.workers:
+            if worker.proc.returncode is None:
+                log.error("worker %d did not exit %g s after the forced stop: killed",
+                          worker.index, WORKER_EXIT_S)
+                worker.proc.kill()
+        with trio.CancelScope(shield=True):
+            for worker in self.workers:
+                await worker.proc.wait()
+                self._worker_dead(worker, metrics_dir)
 
     # ----------------------------------------------------------------- metrics
 
@@ -414,6 +439,9 @@ class Coordinator:
                 worker.proc.send_signal(signal.SIGTERM)
         for scope in self._writes:
             scope.cancel()
+        if self._reaping is not None:
+            self._reaping.deadline = min(self._reaping.deadline,
+                                         trio.current_time() + WORKER_EXIT_S)
         self._changed.unpark_all()
 
     def reopen(self) -> None:
