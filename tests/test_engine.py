@@ -206,6 +206,57 @@ async def test_cancellation_mid_flight_frees_every_slot_and_task(pki, signing_ke
     assert mock.stats.protocol_errors == []  # h2 accepted our RST_STREAM frames
 
 
+class _CountingLot:
+    """A pool's ParkingLot with its parks counted (trio's class is final)."""
+
+    def __init__(self, lot: trio.lowlevel.ParkingLot) -> None:
+        self.lot, self.parks = lot, 0
+
+    async def park(self) -> None:
+        self.parks += 1
+        await self.lot.park()
+
+    def unpark(self, *, count: int = 1) -> list[trio.lowlevel.Task]:
+        return self.lot.unpark(count=count)
+
+    def unpark_all(self) -> list[trio.lowlevel.Task]:
+        return self.lot.unpark_all()
+
+    def __len__(self) -> int:
+        return len(self.lot)
+
+    def __bool__(self) -> bool:
+        return bool(self.lot)
+
+
+async def test_a_backlog_of_sends_wakes_one_waiter_per_free_slot(pki, signing_key):
+    """2,000 concurrent send() calls on 2 x 25 streams. Every completion used to wake as
+    many parked senders as its connection had free slots, counting again the slots it had
+    promised to senders woken before and not yet run: 34,100 parks for 2,000 sends on one
+    connection (a woken sender that found no slot parked again, at the back), and an open
+    loop past the client's rate collapsed to ~700 pushes/s (bench/serve.py). Now each
+    sender parks at most once, and newcomers queue behind the senders already waiting."""
+    n = 2000
+    async with running(pki, signing_key, max_streams=25, initial_max_streams=25) \
+            as (mock, client):
+        await client.send(Notification(token="ab" * 32, payload=PAYLOAD))
+        await wait_until(lambda: len(client.pool.conns) == 2, 10, "both connections up")
+        lot = _CountingLot(client.pool._lot)
+        client.pool._lot = lot  # type: ignore[assignment]
+        results = []
+
+        async def one(token: str) -> None:
+            results.append(await client.send(Notification(token=token, payload=PAYLOAD)))
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for token in tokens(n):
+                    nursery.start_soon(one, token)
+        assert by_outcome(results) == {"delivered": n}
+        assert lot.parks <= n, f"{lot.parks} parks for {n} sends"
+        assert client.pool._woken == 0 and client.pool.waiting == 0
+
+
 async def test_per_push_deadline_on_a_server_that_answers_nothing(pki, signing_key):
     # nothing answered on the connection since the stream was sent: the connection is
     # wedged and closed (no RST per stream); the push is resent on a new one, and says so
