@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the whole benchmark set, one benchmark at a time (never two at once: they pin cores).
 #
-#   bash bench/run_all.sh           # full set, about 10 minutes on 2 cores (< 15)
+#   bash bench/run_all.sh           # full set, about 28 minutes on 2 cores
 #   bash bench/run_all.sh --quick   # quick subset, under 2 minutes; results in bench/results/quick/
 #
 # Needs nginx (apt-get install nginx-light), the bench extra (pip install -e '.[bench]':
