@@ -261,7 +261,10 @@ class Pool(Generic[E]):
 
     def _wake_spare(self) -> int:
         """Wake parked jobs for the free slots nobody woken has yet; the slots left."""
-        spare = sum(c.capacity for c in self.conns) - self._woken
+        spare = -self._woken
+        for c in self.conns:  # Connection.capacity inlined: this runs once per completion
+            if c.ready and not c.retiring and not c.suspect:
+                spare += c.limit - len(c.streams)
         if spare > 0 and self._lot:
             woken = len(self._lot.unpark(count=spare))
             self._woken += woken
