@@ -85,6 +85,19 @@ async def both_workers(proc: subprocess.Popen[bytes]) -> list[int]:
     return _children(proc.pid)
 
 
+async def worker_once(proc: subprocess.Popen[bytes], out: Path, results: int) -> int:
+    """A worker's pid, once both workers run and ``results`` results are written."""
+    victim, _ = await both_workers(proc)
+    await wait_until(lambda: count_lines(out) >= results, 30, f"{results} results")
+    return victim
+
+
+async def kill_mid_handover(proc: subprocess.Popen[bytes], out: Path, err: Path) -> None:
+    """kill -9 of a worker mid-run; back once its blocks are being handed to the other."""
+    os.kill(await worker_once(proc, out, 200), signal.SIGKILL)
+    await wait_until(lambda: b"marked resent" in err.read_bytes(), 30, "the hand-over started")
+
+
 def padded_input(path: Path, n: int, first: int = 1) -> None:
     """``n`` lines of ~1 KiB (a padded payload), ids p<line>."""
     payload = {**PAYLOAD, "pad": PAD}
@@ -163,8 +176,7 @@ async def test_worker_killed_while_the_coordinator_is_blocked_writing_to_it(
                          "--workers", "2", "--max-in-flight", "20")
         err = tmp_path / "stderr"
         with coordinator(cmd, err) as proc:
-            victim, _ = await both_workers(proc)
-            await wait_until(lambda: count_lines(out) >= 200, 30, "200 results")
+            victim = await worker_once(proc, out, 200)
             os.kill(victim, signal.SIGKILL)
             assert count_lines(out) < lines
             code = await wait_exit(proc, 60)
@@ -270,8 +282,7 @@ async def test_worker_killed_during_a_sigterm_drain(
                          "--drain-timeout", "50", "--checkpoint-interval", "0.05")
         err = tmp_path / "stderr"
         with coordinator(cmd, err) as proc:
-            victim, _ = await both_workers(proc)
-            await wait_until(lambda: count_lines(out) >= 500, 30, "500 results")
+            victim = await worker_once(proc, out, 500)
             proc.send_signal(signal.SIGTERM)
             await wait_until(lambda: b"draining" in err.read_bytes(), 30, "the drain")
             at_term = count_lines(out)
@@ -307,11 +318,7 @@ async def test_sigterm_during_a_redispatch_leaves_no_wrong_results(
                          "--drain-timeout", "40", "--checkpoint-interval", "0.05")
         err = tmp_path / "stderr"
         with coordinator(cmd, err) as proc:
-            victim, _ = await both_workers(proc)
-            await wait_until(lambda: count_lines(out) >= 200, 30, "200 results")
-            os.kill(victim, signal.SIGKILL)
-            await wait_until(lambda: b"marked resent" in err.read_bytes(), 30,
-                             "the hand-over started")
+            await kill_mid_handover(proc, out, err)
             proc.send_signal(signal.SIGTERM)
             code = await wait_exit(proc, 50)
     stderr = err.read_text()
@@ -341,11 +348,7 @@ async def test_forced_stop_during_a_redispatch_then_a_rerun_finishes(
                          "--drain-timeout", "50", "--checkpoint-interval", "0.05")
         err = tmp_path / "stderr"
         with coordinator(cmd, err) as proc:
-            victim, _ = await both_workers(proc)
-            await wait_until(lambda: count_lines(out) >= 200, 30, "200 results")
-            os.kill(victim, signal.SIGKILL)
-            await wait_until(lambda: b"marked resent" in err.read_bytes(), 30,
-                             "the hand-over started")
+            await kill_mid_handover(proc, out, err)
             proc.send_signal(signal.SIGTERM)
             await wait_until(lambda: b"draining" in err.read_bytes(), 30, "the drain")
             proc.send_signal(signal.SIGTERM)
@@ -380,8 +383,7 @@ async def test_labelled_inputs_worker_killed_during_the_first_file(
                          "--workers", "2", "--max-in-flight", "20")
         err = tmp_path / "stderr"
         with coordinator(cmd, err) as proc:
-            victim, _ = await both_workers(proc)
-            await wait_until(lambda: count_lines(out) >= 500, 30, "500 results")
+            victim = await worker_once(proc, out, 500)
             os.kill(victim, signal.SIGKILL)
             code = await wait_exit(proc, 60)
     stderr = err.read_text()
@@ -513,8 +515,7 @@ async def test_a_forced_stop_ends_with_a_worker_that_no_longer_runs(
                          "--drain-timeout", "2", "--checkpoint-interval", "0.05")
         err = tmp_path / "stderr"
         with coordinator(cmd, err) as proc:
-            victim, _ = await both_workers(proc)
-            await wait_until(lambda: count_lines(out) >= 200, 30, "200 results")
+            victim = await worker_once(proc, out, 200)
             os.kill(victim, signal.SIGSTOP)
             proc.send_signal(signal.SIGTERM)
             await wait_until(lambda: b"drain timeout" in err.read_bytes(), 30,
