@@ -705,6 +705,8 @@ class Client:
                         while batch.outstanding >= batch.window:
                             batch.space = trio.Event()
                             await batch.space.wait()
+                            # woken, then the caller left: start nothing after its cleanup
+                            await trio.lowlevel.checkpoint_if_cancelled()
                         push = admit(item, convert, batch)
                         if push is not None:
                             await dispatch(push)
@@ -713,6 +715,8 @@ class Client:
                         while batch.outstanding >= batch.window:
                             batch.space = trio.Event()
                             await batch.space.wait()
+                            # woken, then the caller left: start nothing after its cleanup
+                            await trio.lowlevel.checkpoint_if_cancelled()
                         push = admit(item, convert, batch)
                         if push is not None:
                             await dispatch(push)

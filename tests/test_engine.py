@@ -257,6 +257,61 @@ async def test_a_backlog_of_sends_wakes_one_waiter_per_free_slot(pki, signing_ke
         assert client.pool._woken == 0 and client.pool.waiting == 0
 
 
+async def test_a_sender_cancelled_after_its_wake_up_starts_nothing(pki, signing_key):
+    """A send() parked for a slot is woken (a slot freed) and cancelled before it runs:
+    its wake-up had already come, so park() returned normally and the push was started
+    (HEADERS and DATA on the wire, then a reset): a push the caller had given up on
+    reached the server. Now a job whose waiter was cancelled meanwhile starts nothing and
+    the slot goes to the next waiter."""
+    async with running(pki, signing_key, max_streams=2, initial_max_streams=2,
+                       client_kw={"connections": 1}) as (mock, client):
+        await client.send(Notification(token="ab" * 32, payload=PAYLOAD))
+        mock.config.latency = 30.0  # nothing answers now
+        toks = tokens(4)
+        scopes = [trio.CancelScope() for _ in toks]
+
+        async def one(i: int) -> None:
+            with scopes[i]:
+                await client.send(Notification(token=toks[i], payload=PAYLOAD))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(one, i)
+            await wait_until(lambda: client.pool.in_flight == 2 and client.pool.waiting == 1,
+                             10, "two in flight, one parked")
+            nursery.start_soon(one, 3)
+            await wait_until(lambda: client.pool.waiting == 2, 10, "two parked")
+            seen = set(mock.stats.seen)
+            parked = next(i for i in range(3) if toks[i] not in seen)
+            conn = client.pool.conns[0]
+            first = next(iter(conn.streams.values()))
+            conn.cancel(first)      # a slot frees: the first parked sender is woken ...
+            scopes[parked].cancel()  # ... and its caller gives up before it runs
+            await wait_until(lambda: toks[3] in mock.stats.seen, 10,
+                             "the slot passed to the next sender")
+            assert toks[parked] not in mock.stats.seen
+            nursery.cancel_scope.cancel()
+        await wait_until(lambda: client.pool.in_flight == 0 and client.outstanding == 0, 10,
+                         "every stream reset")
+        assert client.pool._woken == 0
+
+
+async def test_a_fan_out_closed_as_its_window_frees_starts_nothing_more(pki, signing_key):
+    """window=2: taking a result wakes the feeder for the freed place; the caller then
+    closes the stream before the feeder runs. The feeder's wake-up had already come, so it
+    went on and started the next push after the stream's cleanup had abandoned the rest:
+    a push nobody would hear of, on the wire. Now it starts nothing more."""
+    async with running(pki, signing_key, client_kw={"connections": 1}) as (mock, client):
+        await client.send(Notification(token="ab" * 32, payload=PAYLOAD))
+        toks = tokens(50)
+        stream = client.fan_out(PAYLOAD, toks, window=2)
+        await stream.__anext__()
+        await stream.aclose()
+        anchor = await client.send(Notification(token="cd" * 32, payload=PAYLOAD))
+        assert anchor.ok  # one connection: what the feeder sent is ahead of it
+        assert toks[2] not in mock.stats.seen
+
+
 async def test_per_push_deadline_on_a_server_that_answers_nothing(pki, signing_key):
     # nothing answered on the connection since the stream was sent: the connection is
     # wedged and closed (no RST per stream); the push is resent on a new one, and says so

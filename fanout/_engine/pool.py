@@ -236,6 +236,11 @@ class Pool(Generic[E]):
             best = None if behind else self._best(avoid)
             behind = False
             if best is not None:
+                try:  # a waiter cancelled while its wake-up was pending starts nothing
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                except trio.Cancelled:
+                    self._wake_spare()  # its slot goes to the next in line
+                    raise
                 best.start(job)
                 return
             if self.fatal_error is not None and not self.conns:
